@@ -1,0 +1,106 @@
+import 'reflect-metadata';
+import * as asn1js from 'asn1js';
+import { X509Certificate } from '@peculiar/x509';
+import { InvalidIdentityError } from './errors.js';
+import { hasControlCharacter } from './permission.js';
+
+export const MAX_IDENTITY_BYTES = 255;
+const UTF8_STRING_TAG = 0x0c;
+const DOTTED_OID = /^[0-2](?:\.(?:0|[1-9][0-9]*))+$/;
+
+/** What the gateway learns from a client's leaf certificate, once per TLS session. */
+export type PeerIdentity =
+  | { readonly ok: true; readonly identity: string; readonly spkiDer: Buffer }
+  | { readonly ok: false; readonly reason: string; readonly spkiDer?: Buffer };
+
+export function isDottedOid(oid: string): boolean {
+  if (!DOTTED_OID.test(oid)) return false;
+  const [first, second] = oid.split('.').map(Number);
+  return first === 2 || (second !== undefined && second < 40);
+}
+
+/**
+ * Decodes an identity extension value: exactly one DER UTF8String of 1–255 bytes of valid
+ * UTF-8 without control characters, and nothing after it.
+ */
+export function decodeIdentityExtensionValue(value: Uint8Array): string {
+  const bytes = Buffer.from(value);
+  if (bytes.length < 2) throw new InvalidIdentityError('identity extension is empty');
+  if (bytes[0] !== UTF8_STRING_TAG) throw new InvalidIdentityError('identity extension is not a UTF8String');
+  let length = bytes[1] ?? 0;
+  let header = 2;
+  if (length === 0x81) {
+    length = bytes[2] ?? 0;
+    header = 3;
+    if (length < 0x80) throw new InvalidIdentityError('identity extension length is not minimal DER');
+  } else if (length > 0x81) {
+    throw new InvalidIdentityError(`identity is longer than ${MAX_IDENTITY_BYTES} bytes`);
+  } else if (length === 0x80) {
+    throw new InvalidIdentityError('identity extension uses an indefinite length');
+  }
+  if (length === 0) throw new InvalidIdentityError('identity is empty');
+  if (bytes.length < header + length) throw new InvalidIdentityError('identity extension is truncated');
+  if (bytes.length > header + length) throw new InvalidIdentityError('identity extension has trailing bytes');
+  let identity: string;
+  try {
+    identity = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes.subarray(header));
+  } catch {
+    throw new InvalidIdentityError('identity is not valid UTF-8');
+  }
+  if (hasControlCharacter(identity)) throw new InvalidIdentityError('identity contains a control character');
+  return identity;
+}
+
+/** DER encoding of an identity as the extension value (for carrier certificates and tests). */
+export function encodeIdentityExtensionValue(identity: string): Buffer {
+  const body = Buffer.from(identity, 'utf8');
+  if (body.length === 0 || body.length > MAX_IDENTITY_BYTES) {
+    throw new InvalidIdentityError(`identity must be 1-${MAX_IDENTITY_BYTES} bytes of UTF-8`);
+  }
+  if (hasControlCharacter(identity)) throw new InvalidIdentityError('identity contains a control character');
+  const length = body.length < 0x80 ? Buffer.from([body.length]) : Buffer.from([0x81, body.length]);
+  return Buffer.concat([Buffer.from([UTF8_STRING_TAG]), length, body]);
+}
+
+/** The exact SubjectPublicKeyInfo bytes of a certificate, as they appear in its DER. */
+export function exactSpkiDer(certificateDer: Uint8Array): Buffer {
+  const parsed = asn1js.fromBER(Buffer.from(certificateDer));
+  const certificate = parsed.result;
+  if (parsed.offset === -1 || parsed.offset !== certificateDer.length || !(certificate instanceof asn1js.Sequence)) {
+    throw new InvalidIdentityError('certificate is not DER');
+  }
+  const tbs = certificate.valueBlock.value[0];
+  if (!(tbs instanceof asn1js.Sequence)) throw new InvalidIdentityError('certificate has no TBSCertificate');
+  const fields = tbs.valueBlock.value;
+  // version [0] is optional; then serial, signature, issuer, validity, subject, subjectPublicKeyInfo.
+  const first = fields[0];
+  const hasVersion = first !== undefined && first.idBlock.tagClass === 3 && first.idBlock.tagNumber === 0;
+  const spki = fields[(hasVersion ? 1 : 0) + 5];
+  if (!(spki instanceof asn1js.Sequence)) throw new InvalidIdentityError('certificate has no SubjectPublicKeyInfo');
+  return Buffer.from(spki.valueBeforeDecodeView);
+}
+
+/**
+ * Reads the identity and exact SPKI from a leaf certificate. Never throws: a certificate the
+ * gateway cannot use yields `{ ok: false, reason }`, and every CONNECT on that session gets 403.
+ */
+export function readPeerIdentity(certificateDer: Uint8Array | undefined, extensionOid: string): PeerIdentity {
+  if (!certificateDer || certificateDer.length === 0) return { ok: false, reason: 'no client certificate' };
+  let spkiDer: Buffer;
+  let certificate: X509Certificate;
+  try {
+    spkiDer = exactSpkiDer(certificateDer);
+    certificate = new X509Certificate(Buffer.from(certificateDer));
+  } catch (error) {
+    return { ok: false, reason: `client certificate does not parse: ${(error as Error).message}` };
+  }
+  const matches = certificate.extensions.filter((extension) => extension.type === extensionOid);
+  if (matches.length === 0) return { ok: false, reason: `no identity extension ${extensionOid}`, spkiDer };
+  if (matches.length > 1) return { ok: false, reason: `identity extension ${extensionOid} appears ${matches.length} times`, spkiDer };
+  try {
+    const identity = decodeIdentityExtensionValue(new Uint8Array(matches[0]!.value));
+    return { ok: true, identity, spkiDer };
+  } catch (error) {
+    return { ok: false, reason: (error as Error).message, spkiDer };
+  }
+}

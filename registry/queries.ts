@@ -1,0 +1,49 @@
+import { sqlCanonicalTimestamp } from './timestamp.js';
+
+/** The registry schema this build reads and writes; `schema_version` must hold exactly this. */
+export const SCHEMA_VERSION = 1;
+
+export const SCHEMA_VERSION_QUERY = 'SELECT version FROM schema_version';
+
+/** Most candidate rows one lookup reads; active rows for the presented key sort first. */
+export const MAX_CANDIDATE_ROWS = 32;
+
+const active = (alias: string, nullableEnd: boolean) =>
+  `(${alias}.revoked_at IS NULL AND ${alias}.not_before <= now() AND ${nullableEnd ? `(${alias}.not_after IS NULL OR now() < ${alias}.not_after)` : `now() < ${alias}.not_after`})`;
+
+/**
+ * The one indexed lookup per CONNECT ($1 identity, $2 normalised destination, $3 SPKI DER).
+ * Every time comparison is made here, in the database's clock; the verdict, including the
+ * signature check, is computed by registry/authorize.ts from these flags. Rows for other keys
+ * are returned too (sorted last) so a denial can be explained in the log as a key mismatch.
+ */
+export const CANDIDATE_ROWS_QUERY = `
+SELECT p.permission_id,
+       p.signing_key_id,
+       p.subject_identity,
+       p.subject_public_key_spki_der,
+       p.destination,
+       ${sqlCanonicalTimestamp('p.not_before')} AS not_before,
+       ${sqlCanonicalTimestamp('p.not_after')} AS not_after,
+       p.signature,
+       p.not_before <= now() AS permission_started,
+       now() < p.not_after AS permission_unexpired,
+       p.revoked_at IS NOT NULL AS permission_revoked,
+       k.algorithm AS key_algorithm,
+       k.public_key_spki_der AS key_spki_der,
+       k.not_before <= now() AS key_started,
+       (k.not_after IS NULL OR now() < k.not_after) AS key_unexpired,
+       k.revoked_at IS NOT NULL AS key_revoked,
+       d.signing_key_id IS NOT NULL AS delegation_exists,
+       d.not_before <= now() AS delegation_started,
+       (d.not_after IS NULL OR now() < d.not_after) AS delegation_unexpired,
+       d.revoked_at IS NOT NULL AS delegation_revoked
+  FROM permission_registry p
+  JOIN principal_signing_keys k ON k.key_id = p.signing_key_id
+  LEFT JOIN principal_key_permissions d ON d.signing_key_id = p.signing_key_id AND d.destination = p.destination
+ WHERE p.subject_identity = $1
+   AND p.destination = $2
+ ORDER BY p.subject_public_key_spki_der = $3 DESC,
+          coalesce(${active('p', false)} AND ${active('k', true)} AND ${active('d', true)}, false) DESC,
+          p.not_after DESC
+ LIMIT ${MAX_CANDIDATE_ROWS}`;
