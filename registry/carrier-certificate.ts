@@ -1,9 +1,7 @@
-import 'reflect-metadata';
 import { webcrypto } from 'node:crypto';
-import * as x509 from '@peculiar/x509';
+import * as x509 from './x509.js';
 import { encodeIdentityExtensionValue } from './identity.js';
 
-x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
 
 export interface CarrierCertificateOptions {
   /** SubjectPublicKeyInfo DER of the key that will sign TLS handshakes (a TPM key in production). */

@@ -1,6 +1,5 @@
-import 'reflect-metadata';
 import * as asn1js from 'asn1js';
-import { X509Certificate } from '@peculiar/x509';
+import { X509Certificate } from './x509.js';
 import { InvalidIdentityError } from './errors.js';
 import { hasControlCharacter } from './permission.js';
 

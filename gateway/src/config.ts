@@ -1,0 +1,223 @@
+import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import { resolve as resolvePath } from 'node:path';
+import { parse as parseToml, TomlError } from 'smol-toml';
+import { z } from 'zod';
+import { normaliseDestination } from '../../registry/destination.js';
+import { ConfigError } from '../../registry/errors.js';
+import { isDottedOid } from '../../registry/identity.js';
+import { parseLogFilter } from './logger.js';
+
+/**
+ * The gateway's configuration: one zod schema is the only source of its type and its checks.
+ * `loadConfig` reads TOML, validates, resolves the database URL, and returns a frozen value the
+ * rest of the code trusts.
+ */
+
+const HOST_PORT = /^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/;
+
+/** `host:port` for a listener; port 0 picks a free port (tests). */
+export function parseListenAddress(text: string): { host: string; port: number } {
+  const m = HOST_PORT.exec(text);
+  const port = Number(m?.[3]);
+  const host = m?.[1] ?? m?.[2];
+  if (!m || !host || port > 65535 || (m[1] !== undefined && isIP(m[1]) !== 6)) {
+    throw new Error('must be host:port, e.g. 127.0.0.1:8443 or [::1]:8443');
+  }
+  return { host, port };
+}
+
+const listenAddress = z.string().superRefine((value, ctx) => {
+  try {
+    parseListenAddress(value);
+  } catch (error) {
+    ctx.addIssue({ code: 'custom', message: (error as Error).message });
+  }
+});
+
+const millis = (defaultValue: number) => z.number().int().min(1).max(3_600_000).default(defaultValue);
+
+const postgresUrl = z.string().superRefine((value, ctx) => {
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    ctx.addIssue({ code: 'custom', message: 'is not a URL (expected postgres://user:password@host:port/database)' });
+    return;
+  }
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') {
+    ctx.addIssue({ code: 'custom', message: `must be a postgres:// or postgresql:// URL, not ${url.protocol}//` });
+  }
+});
+
+const serverSchema = z.strictObject({
+  listen_addr: listenAddress.default('127.0.0.1:8443'),
+  tls_cert_path: z.string().min(1),
+  tls_key_path: z.string().min(1),
+  /** How long SIGINT/SIGTERM lets open tunnels run before closing them. */
+  shutdown_grace_ms: millis(10_000),
+});
+
+const policySchema = z
+  .strictObject({
+    client_ext_oid: z.string().refine(isDottedOid, 'must be a dotted OID such as 1.3.6.1.4.1.57264.1.1'),
+    database_url: postgresUrl.optional(),
+    database_url_env: z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be an environment variable name').optional(),
+    max_connections: z.number().int().min(1).max(1000).default(5),
+    connect_timeout_ms: millis(5000),
+    pool_acquire_timeout_ms: millis(1000),
+    query_timeout_ms: millis(500),
+  })
+  .superRefine((policy, ctx) => {
+    if (policy.database_url === undefined && policy.database_url_env === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['database_url'], message: 'set database_url or database_url_env' });
+    }
+    if (policy.database_url !== undefined && policy.database_url_env !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['database_url_env'], message: 'set only one of database_url and database_url_env' });
+    }
+  });
+
+const observabilitySchema = z.strictObject({
+  log_level: z.string().superRefine((value, ctx) => {
+    try {
+      parseLogFilter(value);
+    } catch (error) {
+      ctx.addIssue({ code: 'custom', message: (error as Error).message });
+    }
+  }),
+  otlp_endpoint: z.url({ protocol: /^https?$/ }).optional(),
+});
+
+const limitsSchema = z.strictObject({
+  /** Bound on dialling a destination; past it the CONNECT gets 502 connection_timeout. */
+  dial_timeout_ms: millis(10_000),
+  /** TLS handshakes that take longer are dropped. */
+  handshake_timeout_ms: millis(10_000),
+  /** HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: open tunnels per session. */
+  max_streams_per_session: z.number().int().min(1).max(100_000).default(1000),
+});
+
+/** `[resolve]`: normalised destination → address actually dialled. Authorization never sees it. */
+const resolveSchema = z.record(z.string(), z.string()).superRefine((entries, ctx) => {
+  const seen = new Map<string, string>();
+  for (const [key, value] of Object.entries(entries)) {
+    try {
+      const normalised = normaliseDestination(key).authority;
+      const previous = seen.get(normalised);
+      if (previous !== undefined) ctx.addIssue({ code: 'custom', path: [key], message: `same destination as "${previous}"` });
+      seen.set(normalised, key);
+    } catch (error) {
+      ctx.addIssue({ code: 'custom', path: [key], message: `key ${(error as Error).message}` });
+    }
+    try {
+      normaliseDestination(value);
+    } catch (error) {
+      ctx.addIssue({ code: 'custom', path: [key], message: `value ${(error as Error).message}` });
+    }
+  }
+});
+
+export const configSchema = z.strictObject({
+  server: serverSchema,
+  policy: policySchema,
+  observability: observabilitySchema,
+  limits: limitsSchema.prefault({}),
+  resolve: resolveSchema.default({}),
+});
+
+export type ConfigFile = z.infer<typeof configSchema>;
+
+export interface Dialable {
+  readonly host: string;
+  readonly port: number;
+}
+
+export type GatewayConfig = Readonly<{
+  server: Readonly<ConfigFile['server']>;
+  policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string };
+  observability: Readonly<ConfigFile['observability']>;
+  limits: Readonly<ConfigFile['limits']>;
+  /** `[resolve]` with normalised keys, ready to look up by normalised destination. */
+  resolve: ReadonlyMap<string, Dialable>;
+}>;
+
+function describeIssues(error: z.ZodError, source: string): string {
+  const lines = error.issues.map((issue) => {
+    const path = issue.path.map(String).join('.');
+    let message = issue.message;
+    if (issue.code === 'unrecognized_keys') {
+      const keys = issue.keys;
+      return keys.map((key) => `${path ? `${path}.` : ''}${key}: unknown key`).join('\n');
+    }
+    if (issue.code === 'invalid_type' && /received undefined/.test(message)) message = 'is required';
+    return `${path || '(top level)'}: ${message}`;
+  });
+  return `${source}: invalid configuration\n${lines.map((line) => `  ${line}`).join('\n')}`;
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
+    for (const inner of Object.values(value)) deepFreeze(inner);
+    Object.freeze(value);
+  }
+  return value;
+}
+
+export interface ParseOptions {
+  /** Where the values came from, for messages. */
+  readonly source?: string;
+  /** Relative TLS paths resolve against this directory; default the working directory, as the original gateway did. */
+  readonly baseDir?: string;
+  readonly env?: NodeJS.ProcessEnv;
+}
+
+/** Validates an already-parsed config object. Throws ConfigError naming each bad field. */
+export function parseConfig(input: unknown, options: ParseOptions = {}): GatewayConfig {
+  const source = options.source ?? 'config';
+  const result = configSchema.safeParse(input);
+  if (!result.success) throw new ConfigError(describeIssues(result.error, source));
+  const file = result.data;
+  let databaseUrl = file.policy.database_url;
+  if (file.policy.database_url_env !== undefined) {
+    databaseUrl = (options.env ?? process.env)[file.policy.database_url_env];
+    if (!databaseUrl) {
+      throw new ConfigError(`${source}: invalid configuration\n  policy.database_url_env: environment variable ${file.policy.database_url_env} is not set`);
+    }
+    const check = postgresUrl.safeParse(databaseUrl);
+    if (!check.success) {
+      throw new ConfigError(`${source}: invalid configuration\n  policy.database_url_env: ${file.policy.database_url_env} ${check.error.issues[0]?.message}`);
+    }
+  }
+  const baseDir = options.baseDir ?? process.cwd();
+  const resolve = new Map<string, Dialable>();
+  for (const [key, value] of Object.entries(file.resolve)) {
+    const target = normaliseDestination(value);
+    resolve.set(normaliseDestination(key).authority, { host: target.host, port: target.port });
+  }
+  return deepFreeze({
+    server: { ...file.server, tls_cert_path: resolvePath(baseDir, file.server.tls_cert_path), tls_key_path: resolvePath(baseDir, file.server.tls_key_path) },
+    policy: { ...file.policy, databaseUrl: databaseUrl! },
+    observability: file.observability,
+    limits: file.limits,
+    resolve,
+  }) as GatewayConfig;
+}
+
+/** Reads and validates a TOML config file. Throws ConfigError with one clear message. */
+export function loadConfig(path: string, env: NodeJS.ProcessEnv = process.env): GatewayConfig {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new ConfigError(`${path}: cannot read config file (${code === 'ENOENT' ? 'no such file' : code ?? (error as Error).message})`);
+  }
+  let parsed: unknown;
+  try {
+    parsed = parseToml(text);
+  } catch (error) {
+    const where = error instanceof TomlError ? ` at line ${error.line}, column ${error.column}` : '';
+    throw new ConfigError(`${path}: not valid TOML${where}: ${(error as Error).message.split('\n')[0]}`);
+  }
+  return parseConfig(parsed, { source: path, env });
+}

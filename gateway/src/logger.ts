@@ -1,0 +1,76 @@
+import { pino, type DestinationStream, type Logger } from 'pino';
+
+/**
+ * `observability.log_level` is a tracing-style filter as in the original gateway: `info`,
+ * `debug`, `agent_gateway=debug`, or a comma list such as `warn,agent_gateway=debug`.
+ * Every line this process writes belongs to the `agent_gateway` target, so a directive for
+ * that target (or one of its modules) wins over the bare default; directives for other targets
+ * are accepted and have nothing to filter here.
+ */
+const LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'off'] as const;
+type Level = (typeof LEVELS)[number];
+const OUR_TARGETS = /^agent[_-]gateway(?:::[A-Za-z0-9_:]+)?$/;
+
+function asLevel(text: string, directive: string): Level {
+  const level = text.trim().toLowerCase();
+  if (level === 'warning') return 'warn';
+  if (!(LEVELS as readonly string[]).includes(level)) {
+    throw new Error(`unknown level "${text}" in "${directive}" (expected one of ${LEVELS.join(', ')}, optionally target=level)`);
+  }
+  return level as Level;
+}
+
+export function parseLogFilter(filter: string): Level {
+  const directives = filter.split(',').map((d) => d.trim()).filter(Boolean);
+  if (directives.length === 0) throw new Error('must not be empty (e.g. "info" or "agent_gateway=debug")');
+  let fallback: Level = 'error';
+  let ours: Level | undefined;
+  for (const directive of directives) {
+    const eq = directive.indexOf('=');
+    if (eq < 0) {
+      // A bare word is either a level or a target enabled at trace, as tracing's EnvFilter reads it.
+      if ((LEVELS as readonly string[]).includes(directive.toLowerCase()) || directive.toLowerCase() === 'warning') fallback = asLevel(directive, directive);
+      else if (OUR_TARGETS.test(directive)) ours = 'trace';
+      else if (!/^[A-Za-z_][A-Za-z0-9_:]*$/.test(directive)) throw new Error(`cannot read "${directive}"`);
+      continue;
+    }
+    const target = directive.slice(0, eq).trim();
+    const level = asLevel(directive.slice(eq + 1), directive);
+    if (!/^[A-Za-z_][A-Za-z0-9_:-]*$/.test(target)) throw new Error(`cannot read target "${target}" in "${directive}"`);
+    if (OUR_TARGETS.test(target)) ours = level;
+  }
+  return ours ?? fallback;
+}
+
+export interface LoggerOptions {
+  readonly filter: string;
+  /** Where lines go; default stdout, or nowhere when AGENT_GATEWAY_LOG_STDOUT=false. */
+  readonly destination?: DestinationStream;
+  readonly name?: string;
+}
+
+export function createLogger(options: LoggerOptions): Logger {
+  const level = parseLogFilter(options.filter);
+  const quiet = process.env.AGENT_GATEWAY_LOG_STDOUT === 'false' && options.destination === undefined;
+  return pino(
+    {
+      name: options.name ?? 'agent_gateway',
+      level: level === 'off' || quiet ? 'silent' : level,
+      base: { pid: process.pid },
+      timestamp: pino.stdTimeFunctions.isoTime,
+      redact: { paths: ['databaseUrl', '*.databaseUrl', 'database_url', '*.database_url', 'pin', '*.pin', 'userPin', 'soPin'], censor: '[redacted]' },
+    },
+    options.destination,
+  );
+}
+
+/** Removes the password from a database URL before it reaches a message. */
+export function redactUrl(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.password) parsed.password = 'redacted';
+    return parsed.toString();
+  } catch {
+    return '[unparseable url]';
+  }
+}

@@ -1,0 +1,115 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
+import type { Logger } from 'pino';
+import { authorize, PrincipalKeyCache, type AuthorizationRequest, type AuthorizationResult } from '../../registry/authorize.js';
+import { RegistryUnavailableError, SchemaVersionError } from '../../registry/errors.js';
+import { CANDIDATE_ROWS_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
+import type { GatewayConfig } from './config.js';
+import { redactUrl } from './logger.js';
+
+/**
+ * The gateway's read-only view of the registry: a bounded pool, every wait bounded by a
+ * `[policy]` timeout, and every failure to ask turned into RegistryUnavailableError (503).
+ */
+export class RegistryClient {
+  readonly #pool: pg.Pool;
+  readonly #keys = new PrincipalKeyCache();
+  readonly #log: Logger;
+  readonly #policy: GatewayConfig['policy'];
+
+  constructor(policy: GatewayConfig['policy'], log: Logger) {
+    this.#policy = policy;
+    this.#log = log;
+    this.#pool = new pg.Pool({
+      connectionString: policy.databaseUrl,
+      max: policy.max_connections,
+      // pg uses one timeout for waiting on the pool and for opening a connection inside that wait.
+      connectionTimeoutMillis: Math.min(policy.pool_acquire_timeout_ms, policy.connect_timeout_ms),
+      query_timeout: policy.query_timeout_ms,
+      statement_timeout: policy.query_timeout_ms,
+      idleTimeoutMillis: 30_000,
+      keepAlive: true,
+      application_name: 'agent-gateway',
+    });
+    // An idle client whose server went away emits here; without a listener it would crash the process.
+    this.#pool.on('error', (error) => this.#log.warn({ err: error.message }, 'registry connection lost'));
+  }
+
+  /** Rows for (identity, destination), or RegistryUnavailableError. */
+  async candidateRows(request: AuthorizationRequest): Promise<unknown[]> {
+    try {
+      const result = await this.#pool.query({
+        name: 'agent_gateway_candidate_rows',
+        text: CANDIDATE_ROWS_QUERY,
+        values: [request.identity, request.destination, Buffer.from(request.spkiDer)],
+      });
+      return result.rows;
+    } catch (error) {
+      throw new RegistryUnavailableError(`registry lookup failed: ${(error as Error).message}`, { cause: error });
+    }
+  }
+
+  /** The spec's checks 3–5: one indexed query, then signature verification in process. */
+  async authorize(request: AuthorizationRequest): Promise<AuthorizationResult> {
+    return authorize(await this.candidateRows(request), request, this.#keys);
+  }
+
+  /** Throws SchemaVersionError unless schema_version holds exactly one row equal to SCHEMA_VERSION. */
+  async checkSchemaVersion(): Promise<void> {
+    let rows: { version: unknown }[];
+    try {
+      rows = (await this.#pool.query(SCHEMA_VERSION_QUERY)).rows;
+    } catch (error) {
+      if ((error as { code?: string }).code === '42P01') {
+        throw new SchemaVersionError('the registry database is not migrated (no schema_version table): apply migrations/0001_signed_authorization_registry.sql first');
+      }
+      throw new RegistryUnavailableError(`cannot read schema_version: ${(error as Error).message}`, { cause: error });
+    }
+    if (rows.length !== 1) throw new SchemaVersionError(`schema_version must hold exactly one row, found ${rows.length}`);
+    if (rows[0]!.version !== SCHEMA_VERSION) {
+      throw new SchemaVersionError(`registry schema version is ${String(rows[0]!.version)}, this gateway needs ${SCHEMA_VERSION}`);
+    }
+  }
+
+  /**
+   * Start-up: retries until the database answers or `connect_timeout_ms` has passed, then checks
+   * the schema. A schema mismatch is not retried: it will not fix itself.
+   */
+  async waitUntilReady(): Promise<void> {
+    const deadline = Date.now() + this.#policy.connect_timeout_ms;
+    let lastError: unknown;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.checkSchemaVersion();
+        return;
+      } catch (error) {
+        if (error instanceof SchemaVersionError) throw error;
+        lastError = error;
+      }
+      if (Date.now() >= deadline) break;
+      await sleep(Math.min(100 * 2 ** attempt, 1000, Math.max(0, deadline - Date.now())));
+    }
+    throw new RegistryUnavailableError(
+      `cannot reach the registry database ${redactUrl(this.#policy.databaseUrl)} within connect_timeout_ms=${this.#policy.connect_timeout_ms}: ${(lastError as Error)?.message}`,
+      { cause: lastError },
+    );
+  }
+
+  /** True when the database answers and the schema matches (for readiness). */
+  async isReady(): Promise<boolean> {
+    try {
+      await this.checkSchemaVersion();
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  get poolStats(): { total: number; idle: number; waiting: number } {
+    return { total: this.#pool.totalCount, idle: this.#pool.idleCount, waiting: this.#pool.waitingCount };
+  }
+
+  async close(): Promise<void> {
+    await this.#pool.end();
+  }
+}
