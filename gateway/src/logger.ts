@@ -28,10 +28,10 @@ export function parseLogFilter(filter: string): Level {
   for (const directive of directives) {
     const eq = directive.indexOf('=');
     if (eq < 0) {
-      // A bare word is either a level or a target enabled at trace, as tracing's EnvFilter reads it.
-      if ((LEVELS as readonly string[]).includes(directive.toLowerCase()) || directive.toLowerCase() === 'warning') fallback = asLevel(directive, directive);
-      else if (OUR_TARGETS.test(directive)) ours = 'trace';
-      else if (!/^[A-Za-z_][A-Za-z0-9_:]*$/.test(directive)) throw new Error(`cannot read "${directive}"`);
+      // tracing reads a bare target name as "that target at trace"; only ours can matter here, and
+      // any other bare word is far more likely a mistyped level, so it is an error.
+      if (OUR_TARGETS.test(directive)) ours = 'trace';
+      else fallback = asLevel(directive, directive);
       continue;
     }
     const target = directive.slice(0, eq).trim();

@@ -1,0 +1,80 @@
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { after, before, test } from 'node:test';
+import { gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, serverTls, TEST_OID, type ServerTls } from '../helpers/pki.js';
+import { createDatabase, testServer } from '../helpers/postgres.js';
+import { RegistryFixture } from '../helpers/registry-fixture.js';
+
+const BIN = resolve(import.meta.dirname, '../../bin/agent-gateway.js');
+const dir = mkdtempSync(join(tmpdir(), 'agw-cli-'));
+let pgServer: Awaited<ReturnType<typeof testServer>>;
+let tls: ServerTls;
+
+function configFile(databaseUrl: string, extra = ''): string {
+  const path = join(dir, `config-${Math.random().toString(36).slice(2)}.toml`);
+  writeFileSync(
+    path,
+    `[server]\nlisten_addr = "127.0.0.1:0"\ntls_cert_path = "${tls.certPath}"\ntls_key_path = "${tls.keyPath}"\n\n` +
+      `[policy]\nclient_ext_oid = "${TEST_OID}"\ndatabase_url_env = "AGW_TEST_DB"\nconnect_timeout_ms = 1500\n\n[observability]\nlog_level = "info"\n${extra}`,
+  );
+  process.env.AGW_TEST_DB = databaseUrl;
+  return path;
+}
+
+before(async () => {
+  pgServer = await testServer();
+  tls = await serverTls();
+});
+after(() => pgServer?.close());
+
+test('--config with a missing file exits 2 with a clear message', () => {
+  const result = spawnSync(process.execPath, [BIN, '--config', join(dir, 'nope.toml')], { encoding: 'utf8' });
+  assert.equal(result.status, 2);
+  assert.match(result.stderr, /nope\.toml: cannot read config file \(no such file\)/);
+});
+
+test('an invalid config exits 2 naming the field', () => {
+  const path = configFile('postgres://x@127.0.0.1:1/x', '\n[limits]\nmax_streams = 3\n');
+  const result = spawnSync(process.execPath, [BIN, '--config', path], { encoding: 'utf8', env: process.env });
+  assert.equal(result.status, 2);
+  assert.match(result.stderr, /limits\.max_streams: unknown key/);
+});
+
+test('a database at another schema version: exits 1 without listening', async () => {
+  const url = await createDatabase(pgServer.url);
+  const fixture = await RegistryFixture.connect(url);
+  await fixture.db.query('INSERT INTO schema_version VALUES (1)');
+  await fixture.close();
+  const result = spawnSync(process.execPath, [BIN, '--config', configFile(url)], { encoding: 'utf8', env: process.env });
+  assert.equal(result.status, 1);
+  assert.match(result.stderr, /schema_version must hold exactly one row, found 2/);
+});
+
+test('serves CONNECT against a migrated database, then SIGTERM exits 0', async () => {
+  const url = await createDatabase(pgServer.url);
+  const child = spawn(process.execPath, [BIN, '--config', configFile(url)], { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  const port = await new Promise<number>((resolvePort, reject) => {
+    child.stdout.on('data', (chunk: Buffer) => {
+      output += chunk.toString();
+      const m = /"address":"127\.0\.0\.1:(\d+)"/.exec(output);
+      if (m) resolvePort(Number(m[1]));
+    });
+    child.once('exit', (code) => reject(new Error(`gateway exited ${code}: ${output}`)));
+  });
+  const client = await clientCredentials({ identity: 'agent-cli' });
+  const session = await gatewaySession(port, { caPem: tls.caPem, certPem: client.certPem, privateKeyPem: client.privateKeyPem });
+  const response = await request(session, 'example.com:443');
+  assert.equal(response.status, 403);
+  session.destroy();
+  child.kill('SIGTERM');
+  const [code] = await once(child, 'exit');
+  assert.equal(code, 0);
+  assert.match(output, /"event":"connect_decision".*"status":403/);
+  assert.match(output, /"event":"stopped"/);
+});

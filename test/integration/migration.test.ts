@@ -1,0 +1,69 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { SCHEMA_VERSION } from '../../registry/queries.js';
+import { createDatabase, MIGRATIONS_DIR, testServer } from '../helpers/postgres.js';
+
+const FILE = join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql');
+let pgServer: Awaited<ReturnType<typeof testServer>>;
+before(async () => {
+  pgServer = await testServer();
+});
+after(() => pgServer?.close());
+
+function psql(url: string) {
+  return spawnSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', FILE], { encoding: 'utf8' });
+}
+
+async function snapshot(url: string) {
+  const db = new pg.Client({ connectionString: url });
+  await db.connect();
+  try {
+    const tables = await db.query(`SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1`);
+    const versions = await db.query('SELECT version FROM schema_version');
+    return { tables: tables.rows.map((r) => r.table_name), versions: versions.rows.map((r) => r.version) };
+  } finally {
+    await db.end();
+  }
+}
+
+test('0001 applies to an empty database with psql -v ON_ERROR_STOP=1', async () => {
+  const url = await createDatabase(pgServer.url, { migrate: false });
+  const result = psql(url);
+  assert.equal(result.status, 0, result.stderr);
+  assert.deepEqual(await snapshot(url), {
+    tables: ['permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'schema_version'],
+    versions: [SCHEMA_VERSION],
+  });
+});
+
+test('applying 0001 twice fails loudly and changes nothing', async () => {
+  const url = await createDatabase(pgServer.url, { migrate: false });
+  assert.equal(psql(url).status, 0);
+  const before = await snapshot(url);
+  const second = psql(url);
+  assert.notEqual(second.status, 0);
+  assert.match(second.stderr, /already exists/);
+  assert.deepEqual(await snapshot(url), before);
+});
+
+test('the schema refuses rows that break its checks', async () => {
+  const url = await createDatabase(pgServer.url);
+  const db = new pg.Client({ connectionString: url });
+  await db.connect();
+  try {
+    await assert.rejects(db.query(`INSERT INTO principal_signing_keys (key_id, algorithm, public_key_spki_der, not_before) VALUES ('k', 'rsa', '\\x01', now())`), /check constraint/);
+    await assert.rejects(
+      db.query(`INSERT INTO principal_key_permissions (signing_key_id, destination, not_before) VALUES ('missing', 'a:443', now())`),
+      /foreign key/,
+    );
+    const plan = await db.query(`EXPLAIN SELECT * FROM permission_registry WHERE subject_identity = 'a' AND destination = 'b:443'`);
+    assert.ok(plan.rows.length > 0);
+    const index = await db.query(`SELECT indexdef FROM pg_indexes WHERE indexname = 'permission_registry_lookup'`);
+    assert.match(index.rows[0].indexdef, /\(subject_identity, destination\)/);
+  } finally {
+    await db.end();
+  }
+});

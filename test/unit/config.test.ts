@@ -1,0 +1,107 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { loadConfig, parseConfig } from '../../gateway/src/config.js';
+import { parseLogFilter } from '../../gateway/src/logger.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'agw-config-'));
+const valid = `
+[server]
+tls_cert_path = "certs/server.pem"
+tls_key_path = "certs/server-key.pem"
+
+[policy]
+client_ext_oid = "1.3.6.1.4.1.57264.1.1"
+database_url = "postgres://gw:secret@127.0.0.1:5432/registry"
+
+[observability]
+log_level = "info"
+`;
+
+function writeConfig(text: string): string {
+  const path = join(dir, `config-${Math.random().toString(36).slice(2)}.toml`);
+  writeFileSync(path, text);
+  return path;
+}
+
+test('the example config validates (with its database_url_env set)', () => {
+  const config = loadConfig(join(import.meta.dirname, '../../config.example.toml'), { AGENT_GATEWAY_DATABASE_URL: 'postgres://x@127.0.0.1/db' });
+  assert.equal(config.policy.databaseUrl, 'postgres://x@127.0.0.1/db');
+  assert.equal(config.server.listen_addr, '127.0.0.1:8443');
+});
+
+test("the spec's defaults apply", () => {
+  const config = loadConfig(writeConfig(valid));
+  assert.equal(config.server.listen_addr, '127.0.0.1:8443');
+  assert.equal(config.policy.max_connections, 5);
+  assert.equal(config.policy.connect_timeout_ms, 5000);
+  assert.equal(config.policy.pool_acquire_timeout_ms, 1000);
+  assert.equal(config.policy.query_timeout_ms, 500);
+  assert.equal(config.limits.dial_timeout_ms, 10000);
+  assert.ok(Object.isFrozen(config) && Object.isFrozen(config.policy), 'config is frozen');
+});
+
+test('database_url_env is read from the environment', () => {
+  const text = valid.replace('database_url = "postgres://gw:secret@127.0.0.1:5432/registry"', 'database_url_env = "MY_DB"');
+  assert.equal(loadConfig(writeConfig(text), { MY_DB: 'postgresql://a@b/c' }).policy.databaseUrl, 'postgresql://a@b/c');
+  assert.throws(() => loadConfig(writeConfig(text), {}), { code: 'ERR_CONFIG', message: /policy\.database_url_env: environment variable MY_DB is not set/ });
+});
+
+test('[resolve] keys are normalised', () => {
+  const config = loadConfig(writeConfig(`${valid}\n[resolve]\n"DocStore" = "127.0.0.1:9443"\n`));
+  assert.deepEqual(config.resolve.get('docstore:443'), { host: '127.0.0.1', port: 9443 });
+});
+
+const errors: { name: string; text: string | null; message: RegExp }[] = [
+  { name: 'missing file', text: null, message: /cannot read config file \(no such file\)/ },
+  { name: 'not TOML', text: '[server\n', message: /not valid TOML at line 1/ },
+  { name: 'unknown key', text: valid.replace('[observability]', '[observability]\nlog_lvl = "x"'), message: /observability\.log_lvl: unknown key/ },
+  { name: 'unknown section', text: `${valid}\n[extra]\na = 1\n`, message: /extra: unknown key/ },
+  { name: 'bad OID', text: valid.replace('1.3.6.1.4.1.57264.1.1', '1.3.six'), message: /policy\.client_ext_oid: must be a dotted OID/ },
+  { name: 'OID with a second arc over 39 under arc 1', text: valid.replace('1.3.6.1.4.1.57264.1.1', '1.40.1'), message: /policy\.client_ext_oid/ },
+  { name: 'bad URL', text: valid.replace('postgres://gw:secret@127.0.0.1:5432/registry', 'mysql://x@y/z'), message: /policy\.database_url: must be a postgres:\/\/ or postgresql:\/\/ URL/ },
+  { name: 'not a URL', text: valid.replace('postgres://gw:secret@127.0.0.1:5432/registry', 'not a url'), message: /policy\.database_url: is not a URL/ },
+  { name: 'no database URL at all', text: valid.replace('database_url = "postgres://gw:secret@127.0.0.1:5432/registry"', ''), message: /policy\.database_url: set database_url or database_url_env/ },
+  { name: 'missing tls_cert_path', text: valid.replace('tls_cert_path = "certs/server.pem"', ''), message: /server\.tls_cert_path: is required/ },
+  { name: 'missing log_level', text: valid.replace('log_level = "info"', ''), message: /observability\.log_level: is required/ },
+  { name: 'bad log level', text: valid.replace('log_level = "info"', 'log_level = "loud"'), message: /observability\.log_level: unknown level "loud"/ },
+  { name: 'bad listen address', text: valid.replace('[server]', '[server]\nlisten_addr = "8443"'), message: /server\.listen_addr: must be host:port/ },
+  { name: 'wrong type', text: valid.replace('[policy]', '[policy]\nmax_connections = "five"'), message: /policy\.max_connections/ },
+  { name: 'bad resolve key', text: `${valid}\n[resolve]\n"bad_host" = "127.0.0.1:1"\n`, message: /resolve\.bad_host: key invalid destination/ },
+];
+
+for (const { name, text, message } of errors) {
+  test(`config error: ${name}`, () => {
+    const path = text === null ? join(dir, 'absent.toml') : writeConfig(text);
+    assert.throws(() => loadConfig(path, {}), (error: Error & { code?: string }) => {
+      assert.equal(error.code, 'ERR_CONFIG');
+      assert.match(error.message, message);
+      assert.doesNotMatch(error.message, /secret/, 'the database password never appears in messages');
+      return true;
+    });
+  });
+}
+
+test('parseConfig accepts an object (embedding) and reports every bad field at once', () => {
+  assert.throws(() => parseConfig({ server: {}, policy: {}, observability: {} }), (error: Error) => {
+    assert.match(error.message, /server\.tls_cert_path/);
+    assert.match(error.message, /policy\.client_ext_oid/);
+    assert.match(error.message, /observability\.log_level/);
+    return true;
+  });
+});
+
+const filters: [string, string][] = [
+  ['info', 'info'],
+  ['debug', 'debug'],
+  ['agent_gateway=debug', 'debug'],
+  ['warn,agent_gateway=trace', 'trace'],
+  ['warn,hyper=debug', 'warn'],
+  ['agent_gateway::proxy=error', 'error'],
+  ['off', 'off'],
+];
+for (const [filter, level] of filters) {
+  test(`log filter ${JSON.stringify(filter)} → ${level}`, () => assert.equal(parseLogFilter(filter), level));
+}
