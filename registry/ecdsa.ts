@@ -17,6 +17,11 @@ export function p256PublicKeyFromSpki(spkiDer: Uint8Array): KeyObject {
   if (key.asymmetricKeyType !== 'ec' || key.asymmetricKeyDetails?.namedCurve !== 'prime256v1') {
     throw new InvalidKeyMaterialError('public key is not ECDSA P-256');
   }
+  // One encoding per key: registry rows are compared byte for byte, so trailing bytes or a
+  // compressed point would make the same key look like two.
+  if (!key.export({ type: 'spki', format: 'der' }).equals(Buffer.from(spkiDer))) {
+    throw new InvalidKeyMaterialError('public key is not canonical DER SubjectPublicKeyInfo with an uncompressed point');
+  }
   return key;
 }
 

@@ -96,6 +96,8 @@ export function readPeerIdentity(certificateDer: Uint8Array | undefined, extensi
   const matches = certificate.extensions.filter((extension) => extension.type === extensionOid);
   if (matches.length === 0) return { ok: false, reason: `no identity extension ${extensionOid}`, spkiDer };
   if (matches.length > 1) return { ok: false, reason: `identity extension ${extensionOid} appears ${matches.length} times`, spkiDer };
+  // DESIGN §3: the identity is a non-critical extension.
+  if (matches[0]!.critical) return { ok: false, reason: `identity extension ${extensionOid} is marked critical`, spkiDer };
   try {
     const identity = decodeIdentityExtensionValue(new Uint8Array(matches[0]!.value));
     return { ok: true, identity, spkiDer };

@@ -9,5 +9,5 @@ npx --no-install tsc --noEmit
 echo "== tests"
 mapfile -t files < <(find test -name '*.test.ts' -not -path '*/node_modules/*' | sort)
 start=$(date +%s)
-node --import tsx --test --test-concurrency=2 --test-timeout=300000 "${files[@]}"
+node --import tsx --test --test-concurrency=2 --test-timeout=180000 "${files[@]}"
 echo "test suite wall time: $(( $(date +%s) - start ))s"

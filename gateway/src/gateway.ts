@@ -19,10 +19,8 @@ import { denialResponse, dialFailureResponse, type ReasonCode, type Response } f
 import { createLogger } from './logger.js';
 import { RegistryClient } from './registry-client.js';
 import { dial, pipeTunnel } from './tunnel.js';
+import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 
-/** DESIGN §5b: 64 KiB windows halve a tunnel's throughput; these roughly double it. */
-export const STREAM_WINDOW_BYTES = 16 * 1024 * 1024;
-export const SESSION_WINDOW_BYTES = 32 * 1024 * 1024;
 const MAX_SESSION_MEMORY_MB = 256;
 
 export interface GatewayOptions {

@@ -1,6 +1,7 @@
 import { connect as h2connect, type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders } from 'node:http2';
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { once } from 'node:events';
+import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 
 export interface TlsClientMaterial {
   readonly certPem?: string;
@@ -16,11 +17,11 @@ export async function gatewaySession(port: number, tls: TlsClientMaterial, host 
     ca: tls.caPem,
     ...(tls.certPem ? { cert: tls.certPem } : {}),
     ...(tls.privateKeyPem ? { key: tls.privateKeyPem } : {}),
-    settings: { initialWindowSize: 16 * 1024 * 1024 },
+    settings: { initialWindowSize: STREAM_WINDOW_BYTES },
   });
   session.on('error', () => {});
   await once(session, 'connect');
-  session.setLocalWindowSize(32 * 1024 * 1024);
+  session.setLocalWindowSize(SESSION_WINDOW_BYTES);
   return session;
 }
 

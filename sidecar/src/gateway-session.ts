@@ -1,0 +1,186 @@
+import { EventEmitter, once } from 'node:events';
+import {
+  connect as h2connect,
+  constants as h2,
+  type ClientHttp2Session,
+  type ClientHttp2Stream,
+  type IncomingHttpHeaders,
+  type OutgoingHttpHeaders,
+} from 'node:http2';
+import type { SecureContext } from 'node:tls';
+import type { Logger } from 'pino';
+import { AgentGatewayError } from '../../registry/errors.js';
+import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
+
+
+export class GatewayUnavailableError extends AgentGatewayError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_GATEWAY_UNAVAILABLE', message, options);
+  }
+}
+
+export interface GatewaySessionOptions {
+  /** `https://host:port` of the gateway. */
+  readonly url: string;
+  /** One context for every (re)connect: it holds the TPM-backed key handle. */
+  readonly secureContext: SecureContext;
+  readonly servername?: string;
+  /** How long a CONNECT waits for a session while (re)connecting before it gets 503. */
+  readonly connectWaitMs: number;
+  readonly pingIntervalMs: number;
+  readonly backoffInitialMs: number;
+  readonly backoffMaxMs: number;
+  readonly log: Logger;
+}
+
+export interface TunnelResponse {
+  readonly status: number;
+  readonly headers: IncomingHttpHeaders;
+  readonly stream: ClientHttp2Stream;
+}
+
+/**
+ * The sidecar's one HTTP/2 session to the gateway, shared by every agent connection. It
+ * reconnects with capped exponential back-off; a GOAWAY lets the old session drain while new
+ * streams go to a fresh one; PINGs find dead peers that never closed the socket.
+ */
+export class GatewaySession extends EventEmitter {
+  readonly #options: GatewaySessionOptions;
+  #current: ClientHttp2Session | undefined;
+  #connecting = false;
+  #closed = false;
+  #attempt = 0;
+  #retryTimer: NodeJS.Timeout | undefined;
+  #pingTimer: NodeJS.Timeout | undefined;
+  /** TLS sessions established so far (each one is a TPM-signed handshake). */
+  handshakes = 0;
+
+  constructor(options: GatewaySessionOptions) {
+    super();
+    this.#options = options;
+  }
+
+  get connected(): boolean {
+    const s = this.#current;
+    return !!s && !s.closed && !s.destroyed && s.socket?.readyState === 'open';
+  }
+
+  start(): void {
+    this.#connect();
+  }
+
+  #connect(): void {
+    if (this.#closed || this.#connecting || this.connected) return;
+    this.#connecting = true;
+    const { url, secureContext, servername, log } = this.#options;
+    const session = h2connect(url, {
+      secureContext,
+      ...(servername ? { servername } : {}),
+      settings: { initialWindowSize: STREAM_WINDOW_BYTES, enablePush: false },
+      maxSessionMemory: 256,
+    });
+    let established = false;
+    const lost = (why: string) => {
+      if (this.#current === session) this.#current = undefined;
+      if (!established) this.#connecting = false;
+      if (!this.#closed) {
+        log.warn({ event: 'gateway_session_lost', reason: why }, 'gateway session lost');
+        this.#scheduleReconnect();
+      }
+      this.emit('disconnected');
+    };
+    session.once('connect', () => {
+      established = true;
+      this.#connecting = false;
+      this.#attempt = 0;
+      this.handshakes++;
+      session.setLocalWindowSize(SESSION_WINDOW_BYTES);
+      this.#current = session;
+      log.info({ event: 'gateway_session_up', url }, 'gateway session established');
+      this.emit('connected');
+    });
+    session.once('goaway', () => {
+      // Streams already open finish on the old session; new ones need a new session now.
+      if (this.#current === session) this.#current = undefined;
+      this.#connect();
+    });
+    session.on('error', (error: Error) => log.debug({ err: error.message }, 'gateway session error'));
+    session.once('close', () => lost(established ? 'closed' : 'connect failed'));
+  }
+
+  #scheduleReconnect(): void {
+    if (this.#retryTimer || this.#closed) return;
+    const { backoffInitialMs, backoffMaxMs } = this.#options;
+    const delay = Math.min(backoffMaxMs, backoffInitialMs * 2 ** this.#attempt++);
+    this.#retryTimer = setTimeout(() => {
+      this.#retryTimer = undefined;
+      this.#connect();
+    }, delay);
+    this.#retryTimer.unref();
+  }
+
+  #startPings(): void {
+    this.#pingTimer = setInterval(() => {
+      const session = this.#current;
+      if (!session || !this.connected) return;
+      const timeout = setTimeout(() => session.destroy(new Error('PING timeout')), this.#options.pingIntervalMs);
+      session.ping((error) => {
+        clearTimeout(timeout);
+        if (error && !session.destroyed) session.destroy(error);
+      });
+    }, this.#options.pingIntervalMs);
+    this.#pingTimer.unref();
+  }
+
+  /** The live session, waiting up to `connectWaitMs` for one while (re)connecting. */
+  async session(): Promise<ClientHttp2Session> {
+    if (this.connected) return this.#current!;
+    if (this.#closed) throw new GatewayUnavailableError('sidecar is shutting down');
+    this.#connect();
+    const signal = AbortSignal.timeout(this.#options.connectWaitMs);
+    try {
+      while (!this.connected) await once(this, 'connected', { signal });
+    } catch {
+      throw new GatewayUnavailableError(`no session to the gateway within ${this.#options.connectWaitMs} ms`);
+    }
+    return this.#current!;
+  }
+
+  /** Opens a CONNECT stream and resolves with the gateway's response headers. */
+  async openTunnel(authority: string, extraHeaders: OutgoingHttpHeaders = {}): Promise<TunnelResponse> {
+    const session = await this.session();
+    const stream = session.request({ ':method': 'CONNECT', ':authority': authority, ...extraHeaders });
+    return new Promise((resolve, reject) => {
+      const onClose = () => reject(new GatewayUnavailableError(`gateway closed the stream before answering (code ${stream.rstCode})`));
+      stream.once('response', (headers) => {
+        stream.removeListener('close', onClose);
+        resolve({ status: Number(headers[':status']), headers, stream });
+      });
+      stream.once('error', (error) => reject(new GatewayUnavailableError(`CONNECT stream failed: ${error.message}`, { cause: error })));
+      stream.once('close', onClose);
+    });
+  }
+
+  run(): this {
+    this.start();
+    this.#startPings();
+    return this;
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#retryTimer);
+    clearInterval(this.#pingTimer);
+    const session = this.#current;
+    this.#current = undefined;
+    if (session && !session.closed) {
+      const closed = once(session, 'close');
+      session.close();
+      const timer = setTimeout(() => session.destroy(), 2000);
+      await closed;
+      clearTimeout(timer);
+    }
+  }
+}
+
+export const CANCEL = h2.NGHTTP2_CANCEL;

@@ -1,0 +1,182 @@
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { ClientHttp2Stream } from 'node:http2';
+import type { AddressInfo, Socket } from 'node:net';
+import type { Logger } from 'pino';
+import { GatewayUnavailableError, type GatewaySession } from './gateway-session.js';
+
+const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/;
+
+/**
+ * W3C trace context for the CONNECT sent to the gateway: continue the agent's trace when its
+ * request carried one, else start a new one. A fresh parent id marks the sidecar's own span.
+ */
+export function traceparentFor(incoming: string | string[] | undefined): string {
+  const m = typeof incoming === 'string' ? TRACEPARENT.exec(incoming) : null;
+  const traceId = m && !/^0+$/.test(m[1]!) ? m[1]! : randomBytes(16).toString('hex');
+  return `00-${traceId}-${randomBytes(8).toString('hex')}-${m ? m[2] : '01'}`;
+}
+
+export interface LocalProxyOptions {
+  readonly hosts: readonly string[];
+  readonly port: number;
+  readonly gateway: GatewaySession;
+  readonly log: Logger;
+}
+
+/** Relays bytes both ways; each side's end half-closes the other (END_STREAM ⇄ FIN). */
+function relay(agent: Socket, stream: ClientHttp2Stream): void {
+  agent.pipe(stream);
+  stream.pipe(agent);
+  // The gateway or destination failed: the agent sees its connection reset, as with a direct dial.
+  stream.on('close', () => {
+    if (stream.rstCode !== 0) agent.destroy();
+    else if (!agent.writableEnded) agent.end();
+  });
+  stream.on('error', () => agent.destroy());
+  // The agent vanished: cancel the stream. Only here do we reset; normal ends use END_STREAM so
+  // nghttp2's rapid-reset defence never counts us.
+  agent.on('error', () => {
+    if (!stream.closed) stream.close(8 /* CANCEL */);
+  });
+  agent.on('close', () => {
+    if (!stream.closed && !stream.writableEnded) stream.close(8 /* CANCEL */);
+  });
+}
+
+function writeHead(agent: Socket, status: number, headers: Record<string, string | undefined>): void {
+  const lines = [`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Unknown'}`];
+  for (const [name, value] of Object.entries(headers)) if (value !== undefined) lines.push(`${name}: ${value}`);
+  agent.write(`${lines.join('\r\n')}\r\n\r\n`);
+}
+
+/** Local HTTP/1.1 proxy for agents: each CONNECT becomes a stream on the one gateway session. */
+export class LocalProxy {
+  readonly #options: LocalProxyOptions;
+  readonly #servers: Server[] = [];
+  readonly #agents = new Set<Socket>();
+  readonly addresses: AddressInfo[] = [];
+
+  constructor(options: LocalProxyOptions) {
+    this.#options = options;
+  }
+
+  async listen(): Promise<number> {
+    let port = this.#options.port;
+    for (const host of this.#options.hosts) {
+      const server = createServer();
+      server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => void this.#onConnect(req, socket, head));
+      server.on('request', (req: IncomingMessage, res: ServerResponse) => void this.#onRequest(req, res));
+      server.on('connection', (socket: Socket) => {
+        this.#agents.add(socket);
+        socket.once('close', () => this.#agents.delete(socket));
+      });
+      server.on('clientError', (_error, socket: Socket) => {
+        if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n');
+      });
+      try {
+        server.listen({ host, port, ipv6Only: host.includes(':') });
+        await once(server, 'listening');
+      } catch (error) {
+        // A host without ::1 (IPv6 disabled) must not stop the sidecar when 127.0.0.1 works.
+        if (host.includes(':') && this.#servers.length > 0) {
+          this.#options.log.warn({ host, err: (error as Error).message }, 'local listener not available');
+          continue;
+        }
+        throw error;
+      }
+      const address = server.address() as AddressInfo;
+      port = address.port; // both listeners share the port picked by the first
+      this.addresses.push(address);
+      this.#servers.push(server);
+    }
+    return port;
+  }
+
+  async #onConnect(req: IncomingMessage, agent: Socket, head: Buffer): Promise<void> {
+    const { gateway, log } = this.#options;
+    const authority = req.url ?? '';
+    agent.on('error', () => {});
+    let tunnel;
+    try {
+      tunnel = await gateway.openTunnel(authority, { traceparent: traceparentFor(req.headers.traceparent) });
+    } catch (error) {
+      const unavailable = error instanceof GatewayUnavailableError;
+      log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
+      if (agent.writable) {
+        writeHead(agent, unavailable ? 503 : 502, { 'proxy-status': `agent-gateway-sidecar; error=proxy_internal_error; details="gateway_unavailable"`, connection: 'close' });
+        agent.end();
+      }
+      return;
+    }
+    const { status, headers, stream } = tunnel;
+    log.debug({ event: 'local_connect', authority, status }, 'CONNECT answered');
+    if (agent.destroyed) {
+      stream.close(8);
+      return;
+    }
+    if (status !== 200) {
+      // The gateway's answer is the agent's answer: 403 stays 403 with its reason.
+      writeHead(agent, status, { 'proxy-status': headers['proxy-status'] as string | undefined, 'content-length': '0', connection: 'close' });
+      agent.end();
+      stream.close();
+      return;
+    }
+    writeHead(agent, 200, {});
+    if (head.length > 0) stream.write(head);
+    relay(agent, stream);
+  }
+
+  /** Absolute-URI plain HTTP (`GET http://host/path`) goes through a CONNECT to host:80. */
+  async #onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const { gateway, log } = this.#options;
+    let target: URL;
+    try {
+      target = new URL(req.url ?? '');
+      if (target.protocol !== 'http:') throw new Error('only http:// URLs can be proxied without CONNECT');
+    } catch (error) {
+      res.writeHead(400, { 'content-type': 'text/plain' }).end(`agent-gateway sidecar: ${(error as Error).message}\n`);
+      return;
+    }
+    const authority = `${target.hostname}:${target.port || '80'}`;
+    let tunnel;
+    try {
+      tunnel = await gateway.openTunnel(authority, { traceparent: traceparentFor(req.headers.traceparent) });
+    } catch (error) {
+      res.writeHead(503, { 'proxy-status': 'agent-gateway-sidecar; error=proxy_internal_error; details="gateway_unavailable"' }).end();
+      log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');
+      return;
+    }
+    if (tunnel.status !== 200) {
+      tunnel.stream.close();
+      res.writeHead(tunnel.status, { 'proxy-status': tunnel.headers['proxy-status'] as string }).end();
+      return;
+    }
+    const headers = { ...req.headers };
+    for (const hop of ['proxy-connection', 'proxy-authorization', 'connection', 'keep-alive']) delete headers[hop];
+    const upstream = httpRequest({
+      createConnection: () => tunnel.stream as unknown as Socket,
+      method: req.method,
+      path: `${target.pathname}${target.search}`,
+      headers: { ...headers, host: target.host, connection: 'close' },
+    });
+    upstream.on('response', (response) => {
+      res.writeHead(response.statusCode ?? 502, response.headers);
+      response.pipe(res);
+    });
+    upstream.on('error', (error) => {
+      if (!res.headersSent) res.writeHead(502).end();
+      else res.destroy();
+      log.debug({ err: error.message }, 'proxied request failed');
+    });
+    req.pipe(upstream);
+  }
+
+  async close(): Promise<void> {
+    // server.close() waits for every open connection, so stop accepting first, then end them.
+    const closed = Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    for (const socket of this.#agents) socket.destroy();
+    await closed;
+  }
+}

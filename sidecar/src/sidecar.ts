@@ -1,0 +1,57 @@
+import type { SecureContext } from 'node:tls';
+import { pino, type Logger } from 'pino';
+import { GatewaySession } from './gateway-session.js';
+import { LocalProxy } from './local-proxy.js';
+
+export interface SidecarOptions {
+  readonly gatewayUrl: string;
+  /** Built by tls-identity.ts around the TPM key (or any key, in embedding tests). */
+  readonly secureContext: SecureContext;
+  readonly servername?: string;
+  /** Default 127.0.0.1 and ::1: Node clients may try ::1 first for `localhost`. */
+  readonly listenHosts?: readonly string[];
+  readonly listenPort?: number;
+  readonly connectWaitMs?: number;
+  readonly pingIntervalMs?: number;
+  readonly backoffInitialMs?: number;
+  readonly backoffMaxMs?: number;
+  readonly logger?: Logger;
+}
+
+export interface Sidecar {
+  readonly port: number;
+  readonly gateway: GatewaySession;
+  close(): Promise<void>;
+}
+
+/** Starts the gateway session and the local proxy; resolves once the proxy listens. */
+export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
+  const log = options.logger ?? pino({ name: 'agent_gateway_sidecar' });
+  const gateway = new GatewaySession({
+    url: options.gatewayUrl,
+    secureContext: options.secureContext,
+    ...(options.servername ? { servername: options.servername } : {}),
+    connectWaitMs: options.connectWaitMs ?? 5000,
+    pingIntervalMs: options.pingIntervalMs ?? 15_000,
+    backoffInitialMs: options.backoffInitialMs ?? 100,
+    backoffMaxMs: options.backoffMaxMs ?? 5000,
+    log,
+  }).run();
+  const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0, gateway, log });
+  let port: number;
+  try {
+    port = await proxy.listen();
+  } catch (error) {
+    await gateway.close();
+    throw error;
+  }
+  log.info({ event: 'sidecar_listening', port, hosts: proxy.addresses.map((a) => a.address) }, 'sidecar proxy listening');
+  return {
+    port,
+    gateway,
+    async close() {
+      await proxy.close();
+      await gateway.close();
+    },
+  };
+}
