@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# agent-gateway demo on one machine, no container engine needed.
+#
+#   demo/demo.sh setup      install what is missing and bring everything up (idempotent)
+#   demo/demo.sh status     each component with its PID and port
+#   demo/demo.sh teardown   stop everything this demo started; remove certs, config.toml and state
+#
+# State lives under $AGENT_STATE (default ./.demo-state). See README.md "Demo" for the variables.
+set -euo pipefail
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+start_postgres() {
+  if [ -n "$EXTERNAL_DB" ]; then
+    say "postgres: using AGENT_GATEWAY_DATABASE_URL (not starting a local cluster)"
+    return
+  fi
+  [ -n "$PG_BIN" ] || die "PostgreSQL server binaries not found; run scripts/setup.sh"
+  pg_dir_resolve
+  if [ ! -s "$PG_DIR/data/PG_VERSION" ]; then
+    mkdir -p "$PG_DIR"
+    [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PG_DIR"
+    local pwfile="$PG_DIR/.pw"
+    printf '%s\n' "$DB_PASSWORD" >"$pwfile"
+    [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$pwfile"
+    as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres -A scram-sha-256 --pwfile="$pwfile" -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$pwfile"
+  fi
+  if ! as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    port_open "$PG_PORT" && die "port $PG_PORT is in use (set AGENT_GATEWAY_DEMO_PG_PORT)"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 30 \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR" start >/dev/null
+  fi
+  local su="postgres://postgres:${DB_PASSWORD}@127.0.0.1:${PG_PORT}/postgres"
+  psql -X -q -v ON_ERROR_STOP=1 -d "$su" -v pw="$DB_PASSWORD" >/dev/null <<'SQL'
+SELECT format('CREATE ROLE agent_gateway_admin LOGIN CREATEROLE PASSWORD %L', :'pw')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'agent_gateway_admin') \gexec
+SELECT format('CREATE ROLE agent_gateway_runtime LOGIN PASSWORD %L', :'pw')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'agent_gateway_runtime') \gexec
+SELECT 'CREATE DATABASE agent_gateway OWNER agent_gateway_admin'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'agent_gateway') \gexec
+SQL
+}
+
+migrate_and_grant_roles() {
+  registry_cli migrate >/dev/null
+  if [ -z "$EXTERNAL_DB" ]; then
+    # The migration creates the read-only group role(s); the gateway's login role joins them.
+    psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" >/dev/null <<'SQL'
+SELECT format('GRANT %I TO agent_gateway_runtime', rolname) FROM pg_roles
+ WHERE rolname IN ('agent_gateway_reader', 'agent_gateway_auditor') \gexec
+SQL
+  fi
+}
+
+write_config() {
+  [ -f "$CONFIG" ] && return
+  cat >"$CONFIG" <<TOML
+# Written by demo/demo.sh setup. See config.example.toml for every field.
+[server]
+listen_addr = "127.0.0.1:$GATEWAY_PORT"
+tls_cert_path = "$CERTS/server.pem"
+tls_key_path = "$CERTS/server-key.pem"
+
+[policy]
+client_ext_oid = "1.3.6.1.4.1.57264.1.1"
+database_url_env = "AGENT_GATEWAY_RUNTIME_DATABASE_URL"
+
+[observability]
+log_level = "info"
+
+[resolve]
+"docstore:443" = "127.0.0.1:$DOCSTORE_PORT"
+"messaging:443" = "127.0.0.1:$MESSAGING_PORT"
+TOML
+  say "config: wrote $CONFIG"
+}
+
+start_mocks() {
+  pid_alive "$(pid_of mocks)" && return
+  port_open "$DOCSTORE_PORT" && die "port $DOCSTORE_PORT is in use (set AGENT_GATEWAY_DEMO_DOCSTORE_PORT)"
+  start_bg mocks "$LOG_DIR/mock-services.log" node --import tsx "$ROOT/demo/mock-services.ts" \
+    --cert "$CERTS/mock-services.pem" --key "$CERTS/mock-services-key.pem" \
+    --docstore-port "$DOCSTORE_PORT" --messaging-port "$MESSAGING_PORT"
+  wait_for "mock services" 30 port_open "$MESSAGING_PORT" || die "mock services did not start (see $LOG_DIR/mock-services.log)"
+}
+
+start_gateway() {
+  pid_alive "$(pid_of gateway)" && return
+  port_open "$GATEWAY_PORT" && die "port $GATEWAY_PORT is in use (set AGENT_GATEWAY_DEMO_GATEWAY_PORT)"
+  AGENT_GATEWAY_RUNTIME_DATABASE_URL="$RUNTIME_URL" start_bg gateway "$LOG_DIR/gateway.log" \
+    node "$ROOT/bin/agent-gateway.js" --config "$CONFIG"
+  if ! wait_for "gateway" 30 port_open "$GATEWAY_PORT"; then
+    tail -n 20 "$LOG_DIR/gateway.log" >&2 || true
+    die "gateway did not start (see $LOG_DIR/gateway.log)"
+  fi
+}
+
+enrol_principal() {
+  tpm_start "$PRINCIPAL_TPM_DIR" "$PRINCIPAL_SWTPM_PORT" principal "${AGENT_GATEWAY_DEMO_TPM2_PKCS11_STORE:-}"
+  # shellcheck disable=SC1091
+  (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/register-principal-key.sh" "$PRINCIPAL" >/dev/null)
+  AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/grant-principal-scope.sh" "$PRINCIPAL" docstore messaging >/dev/null
+}
+
+cmd_setup() {
+  local started=$SECONDS
+  bash "$ROOT/scripts/setup.sh"
+  mkdir -p "$AGENT_STATE" "$LOG_DIR" "$PID_DIR"
+  "$ROOT/demo/generate-server-certs.sh" "$CERTS"
+  write_config
+  say "postgres: starting"; start_postgres
+  say "registry: migrating"; migrate_and_grant_roles
+  say "mock services: starting docstore and messaging"; start_mocks
+  say "gateway: starting"; start_gateway
+  say "principal: enrolling TPM-backed key $PRINCIPAL, scope docstore + messaging"; enrol_principal
+  if [ ! -d "$AGENTS_DIR/agent-alpha" ]; then
+    say "agent: creating agent-alpha with grants docstore, messaging"
+    "$ROOT/demo/demo-agent.sh" create --identity agent-alpha --grant docstore --grant messaging >/dev/null
+  else
+    "$ROOT/demo/demo-agent.sh" start agent-alpha >/dev/null
+  fi
+  say "check: https://docstore/health through agent-alpha's sidecar"
+  local out
+  out="$("$ROOT/demo/demo-agent.sh" run agent-alpha -- curl -sS --fail --max-time 15 https://docstore/health)" \
+    || die "the end-to-end check failed (logs under $LOG_DIR)"
+  say "  -> $out"
+  cmd_status
+  cat >&2 <<EOF
+
+The demo is up ($((SECONDS - started)) s). Logs: $LOG_DIR
+Try:
+  ./demo/demo-agent.sh run agent-alpha -- curl -sS https://docstore/documents
+  ./demo/demo-agent.sh run agent-alpha -- curl -sS https://messaging/messages
+  H=\$(./demo/demo-agent.sh create --identity agent-beta --grant messaging)
+  ./demo/demo-agent.sh run "\$H" -- curl -sS https://docstore/documents   # refused: 403 at CONNECT
+  ./demo/demo-agent.sh prompt agent-alpha --prompt "Access https://docstore/documents using curl"
+  ./demo/demo.sh status | teardown
+EOF
+}
+
+row() { printf '%-22s %-9s %-8s %s\n' "$@"; }
+
+cmd_status() {
+  local pid state
+  [ -L "$PG_DIR" ] && PG_DIR="$(readlink "$PG_DIR")"
+  row COMPONENT STATE PID WHERE
+  status_row() { # NAME WHERE
+    pid="$(pid_of "$1")"
+    if pid_alive "$pid"; then state=running; else state=stopped; pid=-; fi
+    row "$1" "$state" "$pid" "$2"
+  }
+  if [ -n "$EXTERNAL_DB" ]; then
+    row postgres external - "AGENT_GATEWAY_DATABASE_URL"
+  elif [ -s "$PG_DIR/data/postmaster.pid" ] && pid_alive "$(head -n 1 "$PG_DIR/data/postmaster.pid")"; then
+    row postgres running "$(head -n 1 "$PG_DIR/data/postmaster.pid")" "127.0.0.1:$PG_PORT"
+  else
+    row postgres stopped - "127.0.0.1:$PG_PORT"
+  fi
+  status_row gateway "127.0.0.1:$GATEWAY_PORT"
+  status_row mocks "docstore 127.0.0.1:$DOCSTORE_PORT, messaging 127.0.0.1:$MESSAGING_PORT"
+  status_row principal-swtpm "127.0.0.1:$PRINCIPAL_SWTPM_PORT (key $PRINCIPAL)"
+  status_row principal-abrmd "$PRINCIPAL_TPM_DIR/dbus.sock"
+  local dir handle
+  for dir in "$AGENTS_DIR"/*/; do
+    [ -d "$dir" ] || continue
+    handle="$(basename "$dir")"
+    status_row "$handle-sidecar" "127.0.0.1:$(cat "$dir/port" 2>/dev/null || echo '?') (identity $(cat "$dir/identity" 2>/dev/null))"
+    status_row "$handle-swtpm" "127.0.0.1:$(cat "$dir/swtpm-port" 2>/dev/null || echo '?')"
+  done
+}
+
+cmd_teardown() {
+  local dir
+  [ -L "$PG_DIR" ] && PG_DIR="$(readlink "$PG_DIR")"
+  for dir in "$AGENTS_DIR"/*/; do
+    [ -d "$dir" ] || continue
+    "$ROOT/demo/demo-agent.sh" delete "$(basename "$dir")" || say "teardown: could not delete $(basename "$dir") cleanly"
+  done
+  stop_pid gateway
+  stop_pid mocks
+  tpm_stop principal
+  if [ -z "$EXTERNAL_DB" ] && [ -n "$PG_BIN" ] && [ -d "$PG_DIR/data" ]; then
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  [[ "$PG_DIR" == /var/lib/postgresql/agent-gateway-demo-* ]] && rm -rf "$PG_DIR"
+  rm -rf "$AGENT_STATE"
+  rm -f "$CONFIG"
+  find "$CERTS" -maxdepth 1 -type f \( -name '*.pem' -o -name '*.srl' \) -delete 2>/dev/null || true
+  say "teardown: stopped the demo and removed $AGENT_STATE, $CONFIG and generated certificates"
+}
+
+case "${1:-}" in
+  setup) cmd_setup ;;
+  status) cmd_status ;;
+  teardown) cmd_teardown ;;
+  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
