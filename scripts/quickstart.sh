@@ -24,9 +24,12 @@ fi
 trap 'as_pg "$PG_BIN/pg_ctl" -D "$STATE/pg/data" -m fast stop >/dev/null 2>&1 || true' EXIT
 
 export AGENT_GATEWAY_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
-if ! psql -X -q -d "$AGENT_GATEWAY_DATABASE_URL" -tAc 'SELECT 1 FROM schema_version' >/dev/null 2>&1; then
-  psql -X -q -v ON_ERROR_STOP=1 -d "$AGENT_GATEWAY_DATABASE_URL" -f migrations/0001_signed_authorization_registry.sql
-fi
+# Apply the migrations newer than the database's schema_version, in order.
+version=$(psql -X -q -d "$AGENT_GATEWAY_DATABASE_URL" -tAc 'SELECT version FROM schema_version' 2>/dev/null || echo 0)
+for file in migrations/[0-9][0-9][0-9][0-9]_*.sql; do
+  n=$((10#$(basename "$file" | cut -c1-4)))
+  if [ "$n" -gt "${version:-0}" ]; then psql -X -q -v ON_ERROR_STOP=1 -d "$AGENT_GATEWAY_DATABASE_URL" -f "$file"; fi
+done
 
 if [ ! -f certs/server.pem ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \

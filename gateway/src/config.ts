@@ -88,14 +88,73 @@ const observabilitySchema = z.strictObject({
   otlp_endpoint: z.url({ protocol: /^https?$/ }).optional(),
 });
 
-const limitsSchema = z.strictObject({
-  /** Bound on dialling a destination; past it the CONNECT gets 502 connection_timeout. */
-  dial_timeout_ms: millis(10_000),
-  /** TLS handshakes that take longer are dropped. */
-  handshake_timeout_ms: millis(10_000),
-  /** HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: open tunnels per session. */
-  max_streams_per_session: z.number().int().min(1).max(100_000).default(1000),
+/** 0 switches a limit off; otherwise at least 1 ms. */
+const millisOrOff = (defaultValue: number) => z.number().int().min(0).max(86_400_000).default(defaultValue);
+
+const limitsSchema = z
+  .strictObject({
+    /** Bound on dialling a destination; past it the CONNECT gets 502 connection_timeout. */
+    dial_timeout_ms: millis(10_000),
+    /** TLS handshakes that take longer are dropped. */
+    handshake_timeout_ms: millis(10_000),
+    /** HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: open tunnels per session. */
+    max_streams_per_session: z.number().int().min(1).max(100_000).default(1000),
+    /** Token bucket refill per identity (CONNECTs per second, fractions allowed); 0 = unlimited. */
+    connect_rate_per_second: z.number().min(0).max(1_000_000).default(0),
+    /** Token bucket size: CONNECTs an idle identity may send at once. Default: one second's worth (at least 1). Ignored at rate 0. */
+    connect_burst: z.number().int().min(1).max(1_000_000).optional(),
+    /** Open tunnels (plus CONNECTs being decided) per identity; 0 = unlimited. */
+    max_tunnels_per_identity: z.number().int().min(0).max(1_000_000).default(0),
+    /** A tunnel with no bytes either way for this long is closed; 0 = never. */
+    idle_timeout_ms: millisOrOff(600_000),
+  })
+  // connect_burst is kept (and ignored) when the rate is 0, so switching the rate off is a one-line change.
+  .transform((limits) => ({
+    ...limits,
+    connect_burst: limits.connect_burst ?? Math.max(1, Math.ceil(limits.connect_rate_per_second)),
+  }));
+
+/**
+ * `[admin]`: plain HTTP for probes and scrapes. On by default, on loopback only: it reveals
+ * counts, not secrets, but it is unauthenticated, so exposing it is a deliberate choice.
+ */
+const adminSchema = z.strictObject({
+  enabled: z.boolean().default(true),
+  listen_addr: listenAddress.default('127.0.0.1:9090'),
+  /**
+   * Label metrics with the client identity / destination. Off by default: label values are
+   * series, and only values the registry has authorised are ever used (see README).
+   */
+  per_identity_metrics: z.boolean().default(false),
+  per_destination_metrics: z.boolean().default(false),
+  /** prom-client's default process and Node.js runtime metrics (process_*, nodejs_*). */
+  process_metrics: z.boolean().default(true),
 });
+
+/** `[audit]`: one row per decision and per tunnel close, written in batches off the hot path. */
+const auditSchema = z
+  .strictObject({
+    enabled: z.boolean().default(true),
+    /** Default: the `[policy]` database. Set one of these to write as an insert-only role. */
+    database_url: postgresUrl.optional(),
+    database_url_env: z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be an environment variable name').optional(),
+    /** Rows per INSERT; a full batch is written at once. */
+    batch_size: z.number().int().min(1).max(10_000).default(500),
+    /** A partial batch waits at most this long. */
+    flush_interval_ms: millis(1000),
+    /** Rows held in memory while the database is slow or down; beyond it new rows are dropped (counted). */
+    queue_size: z.number().int().min(1).max(1_000_000).default(10_000),
+    /** Per INSERT (client side and statement_timeout). */
+    write_timeout_ms: millis(5000),
+  })
+  .superRefine((audit, ctx) => {
+    if (audit.database_url !== undefined && audit.database_url_env !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['database_url_env'], message: 'set only one of database_url and database_url_env' });
+    }
+    if (audit.batch_size > audit.queue_size) {
+      ctx.addIssue({ code: 'custom', path: ['batch_size'], message: `must not exceed queue_size (${audit.queue_size})` });
+    }
+  });
 
 /** `[resolve]`: normalised destination → address actually dialled. Authorization never sees it. */
 const resolveSchema = z.record(z.string(), z.string()).superRefine((entries, ctx) => {
@@ -122,6 +181,8 @@ export const configSchema = z.strictObject({
   policy: policySchema,
   observability: observabilitySchema,
   limits: limitsSchema.prefault({}),
+  admin: adminSchema.prefault({}),
+  audit: auditSchema.prefault({}),
   resolve: resolveSchema.default({}),
 });
 
@@ -137,6 +198,9 @@ export type GatewayConfig = Readonly<{
   policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string };
   observability: Readonly<ConfigFile['observability']>;
   limits: Readonly<ConfigFile['limits']>;
+  admin: Readonly<ConfigFile['admin']>;
+  /** `databaseUrl`: where audit rows go (the policy database unless `[audit]` names another). */
+  audit: Readonly<ConfigFile['audit']> & { readonly databaseUrl: string };
   /** `[resolve]` with normalised keys, ready to look up by normalised destination. */
   resolve: ReadonlyMap<string, Dialable>;
 }>;
@@ -177,17 +241,20 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
   const result = configSchema.safeParse(input);
   if (!result.success) throw new ConfigError(describeIssues(result.error, source));
   const file = result.data;
+  const env = options.env ?? process.env;
+  const invalid = (field: string, message: string) => new ConfigError(`${source}: invalid configuration\n  ${field}: ${message}`);
+  /** A URL named by an environment variable gets the same checks as one written in the file. */
+  const urlFromEnv = (field: string, name: string): string => {
+    const value = env[name];
+    if (!value) throw invalid(field, `environment variable ${name} is not set`);
+    const check = postgresUrl.safeParse(value);
+    if (!check.success) throw invalid(field, `${name} ${check.error.issues[0]?.message}`);
+    return value;
+  };
   let databaseUrl = file.policy.database_url;
-  if (file.policy.database_url_env !== undefined) {
-    databaseUrl = (options.env ?? process.env)[file.policy.database_url_env];
-    if (!databaseUrl) {
-      throw new ConfigError(`${source}: invalid configuration\n  policy.database_url_env: environment variable ${file.policy.database_url_env} is not set`);
-    }
-    const check = postgresUrl.safeParse(databaseUrl);
-    if (!check.success) {
-      throw new ConfigError(`${source}: invalid configuration\n  policy.database_url_env: ${file.policy.database_url_env} ${check.error.issues[0]?.message}`);
-    }
-  }
+  if (file.policy.database_url_env !== undefined) databaseUrl = urlFromEnv('policy.database_url_env', file.policy.database_url_env);
+  let auditUrl = file.audit.database_url ?? databaseUrl!;
+  if (file.audit.database_url_env !== undefined && file.audit.enabled) auditUrl = urlFromEnv('audit.database_url_env', file.audit.database_url_env);
   const baseDir = options.baseDir ?? process.cwd();
   const resolve = new Map<string, Dialable>();
   for (const [key, value] of Object.entries(file.resolve)) {
@@ -199,6 +266,8 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
     policy: { ...file.policy, databaseUrl: databaseUrl! },
     observability: file.observability,
     limits: file.limits,
+    admin: file.admin,
+    audit: { ...file.audit, databaseUrl: auditUrl },
     resolve,
   }) as GatewayConfig;
 }

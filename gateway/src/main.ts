@@ -23,8 +23,28 @@ try {
   const config = loadConfig(configPath);
   const log = createLogger({ filter: config.observability.log_level });
   const gateway = createGateway(config, { logger: log });
-  await gateway.listen();
+  let listening = false;
   let stopping = false;
+  // SIGHUP (systemctl reload): re-read the config file, then the certificate and [limits]. A bad
+  // file or pair is logged and changes nothing; open tunnels are untouched. The handler is
+  // installed before listen() so a reload during start-up does not kill the process (SIGHUP's
+  // default action); such a reload is skipped, since start-up has just read everything.
+  let reloading = Promise.resolve();
+  process.on('SIGHUP', () => {
+    if (stopping || !listening) return;
+    reloading = reloading.then(async () => {
+      let next;
+      try {
+        next = loadConfig(configPath);
+      } catch (error) {
+        log.error({ event: 'reload_failed', err: (error as Error).message }, 'reload refused: the config file is invalid; keeping the current certificate and limits');
+        return;
+      }
+      await gateway.reload(next).catch(() => {}); // reload() logs why it refused
+    });
+  });
+  await gateway.listen();
+  listening = true;
   const stop = (signal: string) => {
     if (stopping) return;
     stopping = true;

@@ -1,4 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
+import { SpanKind, SpanStatusCode, type Context } from '@opentelemetry/api';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { authorize, PrincipalKeyCache, type AuthorizationRequest, type AuthorizationResult } from '../../registry/authorize.js';
@@ -6,6 +7,16 @@ import { RegistryUnavailableError, SchemaVersionError } from '../../registry/err
 import { CANDIDATE_ROWS_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
 import type { GatewayConfig } from './config.js';
 import { redactUrl } from './logger.js';
+import type { GatewayTracing } from './tracing.js';
+
+/** Where a traced CONNECT wants the database span. */
+export interface QueryTrace {
+  readonly tracing: GatewayTracing;
+  readonly parent: Context;
+}
+
+/** /readyz's view of the registry. */
+export type RegistryReadiness = { readonly ready: true } | { readonly ready: false; readonly reason: 'unavailable' | 'schema_mismatch'; readonly message: string };
 
 /**
  * The gateway's read-only view of the registry: a bounded pool, every wait bounded by a
@@ -36,7 +47,8 @@ export class RegistryClient {
   }
 
   /** Rows for (identity, destination), or RegistryUnavailableError. */
-  async candidateRows(request: AuthorizationRequest): Promise<unknown[]> {
+  async candidateRows(request: AuthorizationRequest, traced?: QueryTrace): Promise<unknown[]> {
+    if (traced?.tracing.enabled) return this.#tracedRows(request, traced);
     try {
       const result = await this.#pool.query({
         name: 'agent_gateway_candidate_rows',
@@ -49,9 +61,31 @@ export class RegistryClient {
     }
   }
 
+  /** The database span: pool wait plus the query, as the CONNECT experiences it. */
+  async #tracedRows(request: AuthorizationRequest, { tracing, parent }: QueryTrace): Promise<unknown[]> {
+    const span = tracing.tracer.startSpan(
+      'agent_gateway.registry_lookup',
+      {
+        kind: SpanKind.CLIENT,
+        attributes: { 'db.system.name': 'postgresql', 'db.operation.name': 'SELECT', 'db.query.summary': 'SELECT permission_registry', 'agent_gateway.destination': request.destination },
+      },
+      parent,
+    );
+    try {
+      const rows = await this.candidateRows(request);
+      span.setAttribute('db.response.returned_rows', rows.length);
+      return rows;
+    } catch (error) {
+      span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+      throw error;
+    } finally {
+      span.end();
+    }
+  }
+
   /** The spec's checks 3–5: one indexed query, then signature verification in process. */
-  async authorize(request: AuthorizationRequest): Promise<AuthorizationResult> {
-    return authorize(await this.candidateRows(request), request, this.#keys);
+  async authorize(request: AuthorizationRequest, traced?: QueryTrace): Promise<AuthorizationResult> {
+    return authorize(await this.candidateRows(request, traced), request, this.#keys);
   }
 
   /** Throws SchemaVersionError unless schema_version holds exactly one row equal to SCHEMA_VERSION. */
@@ -61,13 +95,14 @@ export class RegistryClient {
       rows = (await this.#pool.query(SCHEMA_VERSION_QUERY)).rows;
     } catch (error) {
       if ((error as { code?: string }).code === '42P01') {
-        throw new SchemaVersionError('the registry database is not migrated (no schema_version table): apply migrations/0001_signed_authorization_registry.sql first');
+        throw new SchemaVersionError('the registry database is not migrated (no schema_version table): apply the files in migrations/ in order first');
       }
       throw new RegistryUnavailableError(`cannot read schema_version: ${(error as Error).message}`, { cause: error });
     }
     if (rows.length !== 1) throw new SchemaVersionError(`schema_version must hold exactly one row, found ${rows.length}`);
     if (rows[0]!.version !== SCHEMA_VERSION) {
-      throw new SchemaVersionError(`registry schema version is ${String(rows[0]!.version)}, this gateway needs ${SCHEMA_VERSION}`);
+      const hint = typeof rows[0]!.version === 'number' && rows[0]!.version < SCHEMA_VERSION ? ' (apply the newer files in migrations/)' : '';
+      throw new SchemaVersionError(`registry schema version is ${String(rows[0]!.version)}, this gateway needs ${SCHEMA_VERSION}${hint}`);
     }
   }
 
@@ -97,11 +132,17 @@ export class RegistryClient {
 
   /** True when the database answers and the schema matches (for readiness). */
   async isReady(): Promise<boolean> {
+    return (await this.readiness()).ready;
+  }
+
+  /** Like isReady, with the reason for /readyz. Bounded by the pool and query timeouts. */
+  async readiness(): Promise<RegistryReadiness> {
     try {
       await this.checkSchemaVersion();
-      return true;
-    } catch {
-      return false;
+      return { ready: true };
+    } catch (error) {
+      const message = (error as Error).message.slice(0, 300);
+      return { ready: false, reason: error instanceof SchemaVersionError ? 'schema_mismatch' : 'unavailable', message };
     }
   }
 

@@ -30,6 +30,12 @@ export interface GatewaySessionOptions {
   readonly pingIntervalMs: number;
   readonly backoffInitialMs: number;
   readonly backoffMaxMs: number;
+  /**
+   * HTTP/2 receive windows (downloads are bounded by them). Default: registry/flow-control.ts,
+   * shared with the gateway; overridable to measure alternatives (bench/sidecar.ts).
+   */
+  readonly streamWindowBytes?: number;
+  readonly sessionWindowBytes?: number;
   readonly log: Logger;
 }
 
@@ -76,15 +82,17 @@ export class GatewaySession extends EventEmitter {
     const session = h2connect(url, {
       secureContext,
       ...(servername ? { servername } : {}),
-      settings: { initialWindowSize: STREAM_WINDOW_BYTES, enablePush: false },
+      settings: { initialWindowSize: this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES, enablePush: false },
       maxSessionMemory: 256,
     });
     let established = false;
+    // Why a connect failed (TLS verification, refused, …): the warning below is what operators see.
+    let lastError: string | undefined;
     const lost = (why: string) => {
       if (this.#current === session) this.#current = undefined;
       if (!established) this.#connecting = false;
       if (!this.#closed) {
-        log.warn({ event: 'gateway_session_lost', reason: why }, 'gateway session lost');
+        log.warn({ event: 'gateway_session_lost', reason: why, ...(lastError ? { err: lastError } : {}) }, 'gateway session lost');
         this.#scheduleReconnect();
       }
       this.emit('disconnected');
@@ -94,7 +102,7 @@ export class GatewaySession extends EventEmitter {
       this.#connecting = false;
       this.#attempt = 0;
       this.handshakes++;
-      session.setLocalWindowSize(SESSION_WINDOW_BYTES);
+      session.setLocalWindowSize(this.#options.sessionWindowBytes ?? SESSION_WINDOW_BYTES);
       this.#current = session;
       log.info({ event: 'gateway_session_up', url }, 'gateway session established');
       this.emit('connected');
@@ -104,7 +112,10 @@ export class GatewaySession extends EventEmitter {
       if (this.#current === session) this.#current = undefined;
       this.#connect();
     });
-    session.on('error', (error: Error) => log.debug({ err: error.message }, 'gateway session error'));
+    session.on('error', (error: Error) => {
+      lastError = error.message;
+      log.debug({ err: error.message }, 'gateway session error');
+    });
     session.once('close', () => lost(established ? 'closed' : 'connect failed'));
   }
 

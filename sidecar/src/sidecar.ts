@@ -15,6 +15,9 @@ export interface SidecarOptions {
   readonly pingIntervalMs?: number;
   readonly backoffInitialMs?: number;
   readonly backoffMaxMs?: number;
+  /** HTTP/2 receive windows towards the gateway; default registry/flow-control.ts. */
+  readonly streamWindowBytes?: number;
+  readonly sessionWindowBytes?: number;
   readonly logger?: Logger;
 }
 
@@ -35,6 +38,8 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
     pingIntervalMs: options.pingIntervalMs ?? 15_000,
     backoffInitialMs: options.backoffInitialMs ?? 100,
     backoffMaxMs: options.backoffMaxMs ?? 5000,
+    ...(options.streamWindowBytes !== undefined ? { streamWindowBytes: options.streamWindowBytes } : {}),
+    ...(options.sessionWindowBytes !== undefined ? { sessionWindowBytes: options.sessionWindowBytes } : {}),
     log,
   }).run();
   const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0, gateway, log });

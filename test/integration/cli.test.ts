@@ -20,7 +20,7 @@ function configFile(databaseUrl: string, extra = ''): string {
   writeFileSync(
     path,
     `[server]\nlisten_addr = "127.0.0.1:0"\ntls_cert_path = "${tls.certPath}"\ntls_key_path = "${tls.keyPath}"\n\n` +
-      `[policy]\nclient_ext_oid = "${TEST_OID}"\ndatabase_url_env = "AGW_TEST_DB"\nconnect_timeout_ms = 1500\n\n[observability]\nlog_level = "info"\n${extra}`,
+      `[policy]\nclient_ext_oid = "${TEST_OID}"\ndatabase_url_env = "AGW_TEST_DB"\nconnect_timeout_ms = 1500\n\n[observability]\nlog_level = "info"\n\n[admin]\nlisten_addr = "127.0.0.1:0"\n${extra}`,
   );
   process.env.AGW_TEST_DB = databaseUrl;
   return path;
@@ -62,7 +62,7 @@ test('serves CONNECT against a migrated database, then SIGTERM exits 0', async (
   const port = await new Promise<number>((resolvePort, reject) => {
     child.stdout.on('data', (chunk: Buffer) => {
       output += chunk.toString();
-      const m = /"address":"127\.0\.0\.1:(\d+)"/.exec(output);
+      const m = /"event":"listening","address":"127\.0\.0\.1:(\d+)"/.exec(output);
       if (m) resolvePort(Number(m[1]));
     });
     child.once('exit', (code) => reject(new Error(`gateway exited ${code}: ${output}`)));

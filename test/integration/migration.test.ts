@@ -7,14 +7,15 @@ import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { createDatabase, MIGRATIONS_DIR, testServer } from '../helpers/postgres.js';
 
 const FILE = join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql');
+const AUDIT_FILE = join(MIGRATIONS_DIR, '0002_audit_log.sql');
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 before(async () => {
   pgServer = await testServer();
 });
 after(() => pgServer?.close());
 
-function psql(url: string) {
-  return spawnSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', FILE], { encoding: 'utf8' });
+function psql(url: string, file = FILE) {
+  return spawnSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', file], { encoding: 'utf8' });
 }
 
 async function snapshot(url: string) {
@@ -35,8 +36,52 @@ test('0001 applies to an empty database with psql -v ON_ERROR_STOP=1', async () 
   assert.equal(result.status, 0, result.stderr);
   assert.deepEqual(await snapshot(url), {
     tables: ['permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'schema_version'],
+    versions: [1],
+  });
+});
+
+test('0002 after 0001 adds audit_log and sets the version this build needs', async () => {
+  const url = await createDatabase(pgServer.url, { migrate: false });
+  assert.equal(psql(url).status, 0);
+  const result = psql(url, AUDIT_FILE);
+  assert.equal(result.status, 0, result.stderr);
+  assert.deepEqual(await snapshot(url), {
+    tables: ['audit_log', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'schema_version'],
     versions: [SCHEMA_VERSION],
   });
+  assert.equal(SCHEMA_VERSION, 2);
+  const db = new pg.Client({ connectionString: url });
+  await db.connect();
+  try {
+    const indexes = (await db.query(`SELECT indexdef FROM pg_indexes WHERE tablename = 'audit_log' ORDER BY indexname`)).rows.map((r) => r.indexdef);
+    for (const columns of ['(at)', '(identity, at)', '(destination, at)', '(status, at)']) {
+      assert.ok(indexes.some((d: string) => d.endsWith(columns)), `an index on ${columns}`);
+    }
+    const grants = await db.query(
+      `SELECT privilege_type FROM information_schema.role_table_grants WHERE grantee = 'agent_gateway_auditor' AND table_name = 'audit_log' ORDER BY 1`,
+    );
+    assert.deepEqual(grants.rows.map((r) => r.privilege_type), ['INSERT']);
+    const role = await db.query(`SELECT rolcanlogin FROM pg_roles WHERE rolname = 'agent_gateway_auditor'`);
+    assert.equal(role.rows[0]?.rolcanlogin, false);
+    const sequence = await db.query(`SELECT has_sequence_privilege('agent_gateway_auditor', 'audit_log_id_seq', 'USAGE') AS usage`);
+    assert.equal(sequence.rows[0]?.usage, true);
+  } finally {
+    await db.end();
+  }
+});
+
+test('0002 refuses a database that is not at version 1, and a second application, changing nothing', async () => {
+  const empty = await createDatabase(pgServer.url, { migrate: false });
+  const unmigrated = psql(empty, AUDIT_FILE);
+  assert.notEqual(unmigrated.status, 0);
+  assert.match(unmigrated.stderr, /schema_version/);
+
+  const url = await createDatabase(pgServer.url);
+  const before = await snapshot(url);
+  const second = psql(url, AUDIT_FILE);
+  assert.notEqual(second.status, 0);
+  assert.match(second.stderr, /migration 0002 needs schema_version 1, found 2/);
+  assert.deepEqual(await snapshot(url), before);
 });
 
 test('applying 0001 twice fails loudly and changes nothing', async () => {

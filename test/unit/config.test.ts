@@ -54,7 +54,55 @@ test('[resolve] keys are normalised', () => {
   assert.deepEqual(config.resolve.get('docstore:443'), { host: '127.0.0.1', port: 9443 });
 });
 
+test('[admin], [audit] and the new [limits] keys: defaults', () => {
+  const config = loadConfig(writeConfig(valid));
+  assert.deepEqual(config.admin, { enabled: true, listen_addr: '127.0.0.1:9090', per_identity_metrics: false, per_destination_metrics: false, process_metrics: true });
+  assert.equal(config.limits.connect_rate_per_second, 0);
+  assert.equal(config.limits.connect_burst, 1);
+  assert.equal(config.limits.max_tunnels_per_identity, 0);
+  assert.equal(config.limits.idle_timeout_ms, 600_000);
+  assert.equal(config.limits.handshake_timeout_ms, 10_000);
+  assert.equal(config.limits.max_streams_per_session, 1000);
+  const { databaseUrl, ...audit } = config.audit;
+  assert.deepEqual(audit, { enabled: true, batch_size: 500, flush_interval_ms: 1000, queue_size: 10_000, write_timeout_ms: 5000 });
+  assert.equal(databaseUrl, config.policy.databaseUrl, 'audit rows go to the policy database by default');
+  assert.ok(Object.isFrozen(config.admin) && Object.isFrozen(config.audit));
+});
+
+test('[limits] connect_burst defaults to one second of the rate (at least 1)', () => {
+  assert.equal(loadConfig(writeConfig(`${valid}\n[limits]\nconnect_rate_per_second = 5\n`)).limits.connect_burst, 5);
+  assert.equal(loadConfig(writeConfig(`${valid}\n[limits]\nconnect_rate_per_second = 2.5\n`)).limits.connect_burst, 3);
+  assert.equal(loadConfig(writeConfig(`${valid}\n[limits]\nconnect_rate_per_second = 0.2\n`)).limits.connect_burst, 1);
+  const explicit = loadConfig(writeConfig(`${valid}\n[limits]\nconnect_rate_per_second = 5\nconnect_burst = 2\nmax_tunnels_per_identity = 10\nidle_timeout_ms = 0\n`));
+  assert.deepEqual([explicit.limits.connect_burst, explicit.limits.max_tunnels_per_identity, explicit.limits.idle_timeout_ms], [2, 10, 0]);
+  // A burst without a rate is kept and ignored: turning the rate off is a one-line change.
+  assert.equal(loadConfig(writeConfig(`${valid}\n[limits]\nconnect_burst = 5\n`)).limits.connect_burst, 5);
+});
+
+test('[audit] database_url_env is read from the environment; absent, the policy URL is used', () => {
+  const text = `${valid}\n[audit]\ndatabase_url_env = "AUDIT_DB"\nbatch_size = 10\n`;
+  const config = loadConfig(writeConfig(text), { AUDIT_DB: 'postgres://auditor@127.0.0.1/registry' });
+  assert.equal(config.audit.databaseUrl, 'postgres://auditor@127.0.0.1/registry');
+  assert.equal(config.policy.databaseUrl, 'postgres://gw:secret@127.0.0.1:5432/registry');
+  assert.throws(() => loadConfig(writeConfig(text), {}), { code: 'ERR_CONFIG', message: /audit\.database_url_env: environment variable AUDIT_DB is not set/ });
+  assert.throws(() => loadConfig(writeConfig(text), { AUDIT_DB: 'http://x' }), { code: 'ERR_CONFIG', message: /audit\.database_url_env: AUDIT_DB must be a postgres/ });
+  // A disabled audit trail needs no URL.
+  assert.doesNotThrow(() => loadConfig(writeConfig(`${valid}\n[audit]\nenabled = false\ndatabase_url_env = "AUDIT_DB"\n`), {}));
+});
+
 const errors: { name: string; text: string | null; message: RegExp }[] = [
+  { name: 'negative rate', text: `${valid}\n[limits]\nconnect_rate_per_second = -1\n`, message: /limits\.connect_rate_per_second/ },
+  { name: 'zero burst', text: `${valid}\n[limits]\nconnect_rate_per_second = 1\nconnect_burst = 0\n`, message: /limits\.connect_burst/ },
+  { name: 'fractional tunnel cap', text: `${valid}\n[limits]\nmax_tunnels_per_identity = 1.5\n`, message: /limits\.max_tunnels_per_identity/ },
+  { name: 'negative idle timeout', text: `${valid}\n[limits]\nidle_timeout_ms = -1\n`, message: /limits\.idle_timeout_ms/ },
+  { name: 'unknown [limits] key', text: `${valid}\n[limits]\nrate = 5\n`, message: /limits\.rate: unknown key/ },
+  { name: 'bad admin address', text: `${valid}\n[admin]\nlisten_addr = "9090"\n`, message: /admin\.listen_addr: must be host:port/ },
+  { name: 'admin flag not a boolean', text: `${valid}\n[admin]\nper_identity_metrics = "yes"\n`, message: /admin\.per_identity_metrics/ },
+  { name: 'unknown [admin] key', text: `${valid}\n[admin]\nport = 9090\n`, message: /admin\.port: unknown key/ },
+  { name: 'audit URL and env both', text: `${valid}\n[audit]\ndatabase_url = "postgres://a@b/c"\ndatabase_url_env = "X"\n`, message: /audit\.database_url_env: set only one/ },
+  { name: 'audit URL not postgres', text: `${valid}\n[audit]\ndatabase_url = "mysql://a@b/c"\n`, message: /audit\.database_url: must be a postgres/ },
+  { name: 'audit batch over queue', text: `${valid}\n[audit]\nbatch_size = 100\nqueue_size = 10\n`, message: /audit\.batch_size: must not exceed queue_size \(10\)/ },
+  { name: 'audit flush interval 0', text: `${valid}\n[audit]\nflush_interval_ms = 0\n`, message: /audit\.flush_interval_ms/ },
   { name: 'missing file', text: null, message: /cannot read config file \(no such file\)/ },
   { name: 'not TOML', text: '[server\n', message: /not valid TOML at line 1/ },
   { name: 'unknown key', text: valid.replace('[observability]', '[observability]\nlog_lvl = "x"'), message: /observability\.log_lvl: unknown key/ },

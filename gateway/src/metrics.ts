@@ -1,0 +1,235 @@
+import type { Socket } from 'node:net';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+/**
+ * The gateway's Prometheus metrics, in a Registry of its own (never prom-client's global one),
+ * so several gateways in one process (tests, embedding) keep separate counts.
+ *
+ * Cheap on the hot path: a decision is one counter increment; tunnel bytes, open sessions, pool
+ * use and audit counts are read only when /metrics is scraped (collect callbacks).
+ *
+ * Cardinality: no label takes a client-chosen value. With `per_identity_metrics` /
+ * `per_destination_metrics` on, the identity / destination labels are filled only for CONNECTs
+ * the registry authorised (200 and 502), whose values the registry bounds; every other decision
+ * (including identities nobody granted anything) is counted under "". A client can put any
+ * string in its carrier certificate, so labelling denials would let it grow the series without
+ * bound.
+ */
+export const METRIC_PREFIX = 'agent_gateway_';
+
+export interface MetricsOptions {
+  readonly perIdentity: boolean;
+  readonly perDestination: boolean;
+  readonly processMetrics: boolean;
+}
+
+/** Read at scrape time. */
+export interface MetricsSources {
+  openSessions(): number;
+  pools(): readonly { readonly pool: string; readonly total: number; readonly idle: number; readonly waiting: number }[];
+  audit(): { readonly queued: number; readonly written: number; readonly dropped: Readonly<Record<string, number>> } | undefined;
+}
+
+export interface TunnelHandle {
+  readonly socket: Socket;
+  readonly labels: Record<string, string>;
+  /** Bytes already added to the counters. */
+  reportedUp: number;
+  reportedDown: number;
+}
+
+export class GatewayMetrics {
+  readonly registry = new Registry();
+  readonly #perIdentity: boolean;
+  readonly #perDestination: boolean;
+  readonly #decisions: Counter;
+  readonly #authorization: Histogram;
+  readonly #openTunnels: Gauge;
+  readonly #bytes: Counter;
+  readonly #handshakeFailures: Counter;
+  readonly #idleTimeouts: Counter;
+  readonly #reloads: Counter;
+  readonly #tunnels = new Set<TunnelHandle>();
+  readonly #auditDropped: Counter;
+  /** Audit totals already added to the counters (the writer keeps running totals). */
+  #auditReported = { written: 0, dropped: {} as Record<string, number> };
+
+  constructor(options: MetricsOptions, sources: MetricsSources) {
+    this.#perIdentity = options.perIdentity;
+    this.#perDestination = options.perDestination;
+    const registers = [this.registry];
+    const who = [...(options.perIdentity ? ['identity'] : []), ...(options.perDestination ? ['destination'] : [])];
+
+    this.#decisions = new Counter({
+      name: `${METRIC_PREFIX}connect_decisions_total`,
+      help: 'CONNECT requests answered, by HTTP status and reason code (allowed, not_authorized, rate_limited, ...).',
+      labelNames: ['status', 'reason', ...who],
+      registers,
+    });
+    this.#authorization = new Histogram({
+      name: `${METRIC_PREFIX}authorization_duration_seconds`,
+      help: 'Registry authorization time per CONNECT: the database lookup plus signature verification.',
+      labelNames: ['outcome'],
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers,
+    });
+    this.#openTunnels = new Gauge({
+      name: `${METRIC_PREFIX}open_tunnels`,
+      help: 'Tunnels currently open.',
+      labelNames: who,
+      registers,
+    });
+    const tunnels = this.#tunnels;
+    const bytes = (this.#bytes = new Counter({
+      name: `${METRIC_PREFIX}tunnel_bytes_total`,
+      help: 'Bytes carried by tunnels; direction="up" is client to destination, "down" the other way. Includes open tunnels.',
+      labelNames: ['direction', ...who],
+      registers,
+      // Open tunnels' bytes are added when scraped, so long-lived tunnels show up before they close.
+      collect() {
+        for (const tunnel of tunnels) GatewayMetrics.#addBytes(bytes, tunnel);
+      },
+    }));
+    this.#handshakeFailures = new Counter({
+      name: `${METRIC_PREFIX}tls_handshake_failures_total`,
+      help: 'TLS handshakes that failed or timed out (reason="timeout" or "error").',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.#idleTimeouts = new Counter({
+      name: `${METRIC_PREFIX}tunnel_idle_timeouts_total`,
+      help: 'Tunnels closed by limits.idle_timeout_ms.',
+      registers,
+    });
+    this.#reloads = new Counter({
+      name: `${METRIC_PREFIX}reloads_total`,
+      help: 'Reloads of the server certificate and [limits] (SIGHUP), by result.',
+      labelNames: ['result'],
+      registers,
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}open_sessions`,
+      help: 'HTTP/2 client sessions currently open.',
+      registers,
+      collect() {
+        this.set(sources.openSessions());
+      },
+    });
+    const poolGauge = (name: string, help: string, pick: (stats: ReturnType<MetricsSources['pools']>[number]) => number) =>
+      new Gauge({
+        name: `${METRIC_PREFIX}${name}`,
+        help,
+        labelNames: ['pool'],
+        registers,
+        collect() {
+          for (const stats of sources.pools()) this.set({ pool: stats.pool }, pick(stats));
+        },
+      });
+    poolGauge('db_pool_connections', 'PostgreSQL connections open in the pool (pool="registry" or "audit").', (s) => s.total);
+    poolGauge('db_pool_idle_connections', 'PostgreSQL connections idle in the pool.', (s) => s.idle);
+    poolGauge('db_pool_waiting_requests', 'Queries waiting for a pooled connection.', (s) => s.waiting);
+
+    const reported = () => this.#auditReported;
+    const written: Counter = new Counter({
+      name: `${METRIC_PREFIX}audit_rows_written_total`,
+      help: 'Audit rows inserted into audit_log.',
+      registers,
+      collect() {
+        const audit = sources.audit();
+        if (!audit) return;
+        written.inc(audit.written - reported().written);
+        reported().written = audit.written;
+      },
+    });
+    const dropped = (this.#auditDropped = new Counter({
+      name: `${METRIC_PREFIX}audit_rows_dropped_total`,
+      help: 'Audit rows given up: queue_full (database slower than traffic), write_failed (INSERT failed and no room to retry), shutdown (not written by close).',
+      labelNames: ['reason'],
+      registers,
+      collect() {
+        const audit = sources.audit();
+        if (!audit) return;
+        for (const [reason, total] of Object.entries(audit.dropped)) {
+          const before = reported().dropped[reason] ?? 0;
+          if (total > before) dropped.inc({ reason }, total - before);
+          reported().dropped[reason] = total;
+        }
+      },
+    }));
+    new Gauge({
+      name: `${METRIC_PREFIX}audit_queue_rows`,
+      help: 'Audit rows waiting to be written.',
+      registers,
+      collect() {
+        this.set(sources.audit()?.queued ?? 0);
+      },
+    });
+    // Zero the series dashboards divide by, so they exist before the first event.
+    for (const reason of ['queue_full', 'write_failed', 'shutdown']) this.#auditDropped.inc({ reason }, 0);
+    for (const reason of ['timeout', 'error']) this.#handshakeFailures.inc({ reason }, 0);
+    for (const result of ['success', 'failure']) this.#reloads.inc({ result }, 0);
+    if (who.length === 0) for (const direction of ['up', 'down']) this.#bytes.inc({ direction }, 0);
+
+    if (options.processMetrics) collectDefaultMetrics({ register: this.registry });
+  }
+
+  static #addBytes(counter: Counter, tunnel: TunnelHandle): void {
+    // bytesWritten toward the destination is what the client sent up; bytesRead is what came down.
+    const up = tunnel.socket.bytesWritten;
+    const down = tunnel.socket.bytesRead;
+    if (up > tunnel.reportedUp) counter.inc({ direction: 'up', ...tunnel.labels }, up - tunnel.reportedUp);
+    if (down > tunnel.reportedDown) counter.inc({ direction: 'down', ...tunnel.labels }, down - tunnel.reportedDown);
+    tunnel.reportedUp = up;
+    tunnel.reportedDown = down;
+  }
+
+  #who(identity: string | undefined, destination: string | undefined): Record<string, string> {
+    const labels: Record<string, string> = {};
+    if (this.#perIdentity) labels.identity = identity ?? '';
+    if (this.#perDestination) labels.destination = destination ?? '';
+    return labels;
+  }
+
+  /**
+   * One answered CONNECT. `authorised` says the registry vouched for (identity, destination), the
+   * only case where they may become label values.
+   */
+  decision(status: number, reason: string, identity: string | undefined, destination: string | undefined, authorised: boolean): void {
+    if (!this.#perIdentity && !this.#perDestination) {
+      this.#decisions.inc({ status, reason });
+      return;
+    }
+    this.#decisions.inc({ status, reason, ...(authorised ? this.#who(identity, destination) : this.#who('', '')) });
+  }
+
+  authorization(seconds: number, outcome: 'allowed' | 'denied' | 'unavailable'): void {
+    this.#authorization.observe({ outcome }, seconds);
+  }
+
+  tunnelOpened(socket: Socket, identity: string, destination: string): TunnelHandle {
+    const tunnel: TunnelHandle = { socket, labels: this.#who(identity, destination), reportedUp: 0, reportedDown: 0 };
+    this.#tunnels.add(tunnel);
+    this.#openTunnels.inc(tunnel.labels);
+    return tunnel;
+  }
+
+  tunnelClosed(tunnel: TunnelHandle, idleTimeout: boolean): void {
+    if (!this.#tunnels.delete(tunnel)) return;
+    GatewayMetrics.#addBytes(this.#bytes, tunnel);
+    this.#openTunnels.dec(tunnel.labels);
+    if (idleTimeout) this.#idleTimeouts.inc();
+  }
+
+  handshakeFailure(reason: 'timeout' | 'error'): void {
+    this.#handshakeFailures.inc({ reason });
+  }
+
+  reload(result: 'success' | 'failure'): void {
+    this.#reloads.inc({ result });
+  }
+
+  /** The text format for /metrics. */
+  async render(): Promise<{ contentType: string; body: string }> {
+    return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+  }
+}

@@ -1,0 +1,64 @@
+import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { createSecureContext, type SecureContextOptions } from 'node:tls';
+import { ConfigError } from '../../registry/errors.js';
+
+/**
+ * The server's TLS certificate chain and key, read and checked together so a reload can refuse a
+ * bad pair before it replaces a good one.
+ */
+
+/**
+ * Secure-context options besides cert and key. One constant for start-up and reload alike:
+ * tls.Server#setSecureContext resets every option it is not given.
+ */
+export const TLS_CONTEXT_OPTIONS: SecureContextOptions = Object.freeze({ minVersion: 'TLSv1.2' });
+
+export interface ServerCredentials {
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  /** SHA-256 of the leaf certificate's DER, colon-separated hex (what `openssl x509 -fingerprint -sha256` prints). */
+  readonly fingerprint: string;
+  readonly subject: string;
+  readonly notAfter: Date;
+}
+
+function read(path: string, field: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new ConfigError(`${field}: cannot read ${path} (${code === 'ENOENT' ? 'no such file' : code ?? (error as Error).message})`);
+  }
+}
+
+/**
+ * Reads and checks the pair: the first PEM certificate parses, the key parses and is the
+ * certificate's key, and Node builds a secure context from them. Throws ConfigError naming the
+ * field and the reason; never returns a pair that would fail handshakes.
+ */
+export function loadServerCredentials(certPath: string, keyPath: string): ServerCredentials {
+  const cert = read(certPath, 'server.tls_cert_path');
+  const key = read(keyPath, 'server.tls_key_path');
+  let leaf: X509Certificate;
+  try {
+    leaf = new X509Certificate(cert);
+  } catch (error) {
+    throw new ConfigError(`server.tls_cert_path: ${certPath} is not a PEM certificate (${(error as Error).message})`);
+  }
+  let privateKey;
+  try {
+    privateKey = createPrivateKey(key);
+  } catch (error) {
+    throw new ConfigError(`server.tls_key_path: ${keyPath} is not a PEM private key (${(error as Error).message})`);
+  }
+  if (!leaf.checkPrivateKey(privateKey)) {
+    throw new ConfigError(`server.tls_key_path: ${keyPath} is not the key of the certificate in ${certPath}`);
+  }
+  try {
+    createSecureContext({ ...TLS_CONTEXT_OPTIONS, cert, key });
+  } catch (error) {
+    throw new ConfigError(`server.tls_cert_path: Node cannot use ${certPath} with ${keyPath} (${(error as Error).message})`);
+  }
+  return { cert, key, fingerprint: leaf.fingerprint256, subject: leaf.subject.replaceAll('\n', ', '), notAfter: new Date(leaf.validTo) };
+}

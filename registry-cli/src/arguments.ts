@@ -1,0 +1,68 @@
+import { normaliseAuthority } from '../../registry/destination.js';
+import { AgentGatewayError } from '../../registry/errors.js';
+import { hasControlCharacter } from '../../registry/permission.js';
+import { formatTimestampMicros, parseTimestampMicros, type CanonicalTimestamp } from '../../registry/timestamp.js';
+import { RefusedError, UsageError } from './errors.js';
+
+/** Pure checks of command-line values, shared by the subcommands. */
+
+/** An RFC 3339 option value as canonical text; a malformed one is a usage error. */
+export function timestampOption(option: string, value: string | undefined): CanonicalTimestamp | undefined {
+  if (value === undefined) return undefined;
+  try {
+    return formatTimestampMicros(parseTimestampMicros(value));
+  } catch (error) {
+    throw new UsageError(`${option}: ${(error as Error).message}`, { cause: error });
+  }
+}
+
+export interface ValidityWindow {
+  readonly notBefore: CanonicalTimestamp;
+  /** Undefined: no expiry (keys and delegations only). */
+  readonly notAfter: CanonicalTimestamp | undefined;
+}
+
+/**
+ * Refuses a window the gateway could never treat as active: `not_after` not after `not_before`,
+ * or already over at `now` (the database's clock).
+ */
+export function checkValidityWindow(window: ValidityWindow, now: CanonicalTimestamp, what: string): void {
+  if (window.notAfter === undefined) return;
+  const notBefore = parseTimestampMicros(window.notBefore);
+  const notAfter = parseTimestampMicros(window.notAfter);
+  if (notAfter <= notBefore) {
+    throw new RefusedError('ERR_REFUSED_VALIDITY', `${what}: not_after (${window.notAfter}) must be after not_before (${window.notBefore})`);
+  }
+  if (notAfter <= parseTimestampMicros(now)) {
+    throw new RefusedError('ERR_REFUSED_VALIDITY', `${what}: not_after (${window.notAfter}) is not in the future (database time ${now}); the gateway would treat it as expired`);
+  }
+}
+
+/**
+ * A value that becomes a registry text field (key id, identity): refused when the gateway could
+ * never match or verify it. Control characters would make the signed text ambiguous.
+ */
+export function checkTextField(name: string, value: string, maxBytes?: number): string {
+  if (value.length === 0) throw new UsageError(`${name} must not be empty`);
+  if (hasControlCharacter(value)) throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} ${JSON.stringify(value)} contains a control character; the gateway would deny it`);
+  if (/[\ud800-\udfff]/u.test(value)) throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} is not valid Unicode`);
+  if (maxBytes !== undefined && Buffer.byteLength(value, 'utf8') > maxBytes) {
+    throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} is longer than ${maxBytes} bytes of UTF-8; no certificate could carry it`);
+  }
+  return value;
+}
+
+/** Normalised, de-duplicated destinations in the order given; any malformed one fails them all. */
+export function normaliseDestinations(values: readonly string[], options: { required?: boolean } = {}): string[] {
+  if (options.required && values.length === 0) throw new UsageError('at least one destination is required');
+  const seen = new Set<string>();
+  for (const value of values) {
+    try {
+      seen.add(normaliseAuthority(value));
+    } catch (error) {
+      if (error instanceof AgentGatewayError) throw error;
+      throw new UsageError(`invalid destination ${JSON.stringify(value)}`, { cause: error });
+    }
+  }
+  return [...seen];
+}

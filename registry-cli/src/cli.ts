@@ -1,0 +1,198 @@
+import { Argument, Command, CommanderError, Option } from 'commander';
+import type { CommandContext, CommandResult } from './context.js';
+import {
+  DEFAULT_IDENTITY_OID,
+  DEFAULT_TOKEN_LABEL,
+  PRINCIPAL_KEY_ID_VARIABLE,
+  SO_PIN_VARIABLE,
+  TOKEN_LABEL_VARIABLE,
+  USER_PIN_VARIABLE,
+} from './environment.js';
+import { EXIT, UsageError, type ExitCode } from './errors.js';
+import { Output, type CliIo } from './output.js';
+
+/**
+ * The `agent-gateway-registry` command line: commander wiring only. Each subcommand lives in
+ * commands/ and is loaded when it runs, so `migrate` never loads the TPM binding or X.509 code
+ * (keep this module's imports light for the same reason).
+ */
+
+const GLOBAL_HELP = `
+Environment:
+  AGENT_GATEWAY_DATABASE_URL, DATABASE_URL   registry database (admin role), first one set wins;
+                                             --database-url-env NAME reads another variable
+  ${USER_PIN_VARIABLE.padEnd(42)} TPM token user PIN (or --user-pin-file FILE)
+  ${SO_PIN_VARIABLE.padEnd(42)} TPM token SO PIN, to create the token (or --so-pin-file FILE)
+  ${TOKEN_LABEL_VARIABLE.padEnd(42)} TPM token label (default ${DEFAULT_TOKEN_LABEL})
+  ${PRINCIPAL_KEY_ID_VARIABLE.padEnd(42)} default for grant-permission --principal
+  TPM2_PKCS11_TCTI, TPM2_PKCS11_STORE        how tpm2-pkcs11 reaches the TPM and where it keeps
+                                             token metadata (read by tpm2-pkcs11 itself)
+
+Exit codes:
+  0  success (explain: the gateway would allow)
+  1  runtime error: database, TPM, file system
+  2  usage error: bad option, argument or value
+  3  refused: the result would be denied by the gateway, or contradicts the registry;
+     nothing was written (explain: the gateway would deny)
+  4  schema: database not migrated, another schema version, edited or out-of-order migration
+
+PINs and database passwords are never accepted as argument values and never printed.`;
+
+/** Commander collector for repeatable options such as `--grant DEST`. */
+function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+/** `--user-pin=1234` is an unknown option whose value must not be echoed back. */
+function scrubOptionValues(text: string): string {
+  return text.replace(/(unknown option '--[^=' ]+=)[^']*'/g, "$1[redacted]'");
+}
+
+interface RunState {
+  result?: CommandResult;
+  /** `migrate`, `revoke scope`, ...: the `command` field of JSON output. */
+  name?: string;
+}
+
+type Loader<A extends unknown[]> = (context: CommandContext, ...args: A) => Promise<CommandResult>;
+
+function timeOptions(command: Command, what: string): Command {
+  return command
+    .option('--not-before <time>', `start of the ${what}'s validity, RFC 3339 (default: now, database clock)`)
+    .option('--not-after <time>', `end of the ${what}'s validity, RFC 3339`);
+}
+
+function tokenOptions(command: Command): Command {
+  return command
+    .option('--token <label>', `TPM token label (default: $${TOKEN_LABEL_VARIABLE}, else ${DEFAULT_TOKEN_LABEL})`)
+    .option('--user-pin-file <file>', `file holding the token's user PIN (default: $${USER_PIN_VARIABLE})`);
+}
+
+function subjectOptions(command: Command, required: boolean): Command {
+  const suffix = required ? ' (one of --cert, --public-key, --spki is required)' : '';
+  return command
+    .option('--cert <pem-file>', `agent carrier certificate; its exact SubjectPublicKeyInfo is used${suffix}`)
+    .option('--public-key <pem-file>', 'agent public key (PEM "PUBLIC KEY")')
+    .option('--spki <hex>', 'agent SubjectPublicKeyInfo DER as hex');
+}
+
+export function buildProgram(io: CliIo, output: Output, state: RunState): Command {
+  const program = new Command()
+    .name('agent-gateway-registry')
+    .description('Operate the signed authorization registry of agent-gateway: migrations, TPM-backed principal keys, delegations and signed agent permissions.')
+    .option('--json', 'machine-readable output: one JSON document on stdout')
+    .option('--database-url-env <name>', 'read the database URL from this environment variable')
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride()
+    .configureOutput({ writeOut: (text) => io.stdout.write(text), writeErr: (text) => io.stderr.write(output.redact(scrubOptionValues(text))) })
+    .addHelpText('after', GLOBAL_HELP);
+
+  /** Wraps a subcommand: builds its context from the global options and keeps its result. */
+  const run = <A extends unknown[]>(load: () => Promise<Loader<A>>) =>
+    async (...args: unknown[]) => {
+      const command = args.at(-1) as Command;
+      const globals = command.optsWithGlobals<{ json?: boolean; databaseUrlEnv?: string }>();
+      output.json = Boolean(globals.json);
+      const context: CommandContext = { env: io.env, output, databaseUrlEnv: globals.databaseUrlEnv };
+      // commander passes (...arguments, options, command); handlers take (context, ...arguments, options).
+      const handler = await load();
+      const parent = command.parent && command.parent !== program ? `${command.parent.name()} ` : '';
+      state.name = `${parent}${command.name()}`;
+      state.result = await handler(context, ...(args.slice(0, -1) as A));
+    };
+
+  program
+    .command('migrate')
+    .description('apply migrations/NNNN_*.sql in order under an advisory lock, recording each file\'s SHA-256; a database migrated with plain psql is recognised and baselined')
+    .option('--dir <dir>', 'migrations directory (default: the repository\'s migrations/)')
+    .option('--dry-run', 'show what would be applied; write nothing')
+    .action(run(async () => (await import('./commands/migrate.js')).migrate));
+
+  tokenOptions(timeOptions(program.command('register-principal'), 'principal key'))
+    .description('create (or reuse) a non-exportable P-256 key labelled KEY_ID in the TPM token and register only its public key')
+    .argument('<key-id>', 'principal key id, e.g. org-alice (also the key label in the TPM, at most 32 bytes)')
+    .option('--so-pin-file <file>', `file holding the token's SO PIN, needed to create the token (default: $${SO_PIN_VARIABLE})`)
+    .action(run(async () => (await import('./commands/register-principal.js')).registerPrincipal));
+
+  timeOptions(program.command('grant-scope'), 'delegation')
+    .description('admin: allow principal KEY_ID to delegate these destinations (stored normalised: docstore -> docstore:443); re-granting reactivates')
+    .argument('<key-id>', 'principal key id')
+    .argument('<destinations...>', 'host[:port] destinations')
+    .action(run(async () => (await import('./commands/grant-scope.js')).grantScope));
+
+  subjectOptions(tokenOptions(timeOptions(program.command('grant-permission'), 'permission')), true)
+    .description('sign, inside the principal\'s TPM, one permission row per destination for an agent identity and key (default validity: 30 days)')
+    .argument('[destinations...]', 'host[:port] destinations (or --grant)')
+    .option('--principal <key-id>', `signing principal key id (default: $${PRINCIPAL_KEY_ID_VARIABLE})`)
+    .requiredOption('--identity <identity>', 'agent identity, as its certificate extension carries it')
+    .option('--grant <destination>', 'destination to grant (repeatable)', collect)
+    .option('--oid <oid>', 'OID of the identity extension checked in --cert', DEFAULT_IDENTITY_OID)
+    .action(run(async () => (await import('./commands/grant-permission.js')).grantPermission));
+
+  subjectOptions(program.command('delete-permission'), false)
+    .description('revoke the active (and not yet valid) permissions of an identity, narrowed by key, principal and destinations when given')
+    .argument('[destinations...]', 'only these destinations')
+    .requiredOption('--identity <identity>', 'agent identity')
+    .option('--principal <key-id>', 'only permissions signed by this principal')
+    .action(run(async () => (await import('./commands/delete-permission.js')).deletePermission));
+
+  const revoke = program.command('revoke').description('revoke a principal key, a delegation or permissions by id (sets revoked_at; nothing is deleted)');
+  revoke
+    .command('principal')
+    .description('revoke a principal key: everything it signed is denied from now on')
+    .argument('<key-id>')
+    .action(run(async () => (await import('./commands/revoke.js')).revokePrincipal));
+  revoke
+    .command('scope')
+    .description('revoke delegations of a principal key')
+    .argument('<key-id>')
+    .argument('<destinations...>')
+    .action(run(async () => (await import('./commands/revoke.js')).revokeScope));
+  revoke
+    .command('permission')
+    .description('revoke permissions by permission id')
+    .argument('<permission-ids...>')
+    .action(run(async () => (await import('./commands/revoke.js')).revokePermissionIds));
+
+  program
+    .command('list')
+    .description('list registry rows with their state in the database clock: active, not-yet-valid, expired, revoked')
+    .addArgument(new Argument('[kind]', 'principals, scopes or permissions (default: all)').choices(['principals', 'scopes', 'permissions']))
+    .option('--identity <identity>', 'only permissions of this identity')
+    .option('--principal <key-id>', 'only rows of this principal key')
+    .addOption(new Option('--state <state>', 'only rows in this state').choices(['active', 'not-yet-valid', 'expired', 'revoked']))
+    .action(run(async () => (await import('./commands/list.js')).list));
+
+  subjectOptions(program.command('explain'), true)
+    .description('show, check by check, whether the gateway would allow IDENTITY with this key to CONNECT to DESTINATION, and why (exit 0 allow, 3 deny)')
+    .argument('<identity>', 'agent identity')
+    .argument('<destination>', 'CONNECT authority, host[:port]')
+    .option('--oid <oid>', 'OID of the identity extension read from --cert', DEFAULT_IDENTITY_OID)
+    .action(run(async () => (await import('./commands/explain.js')).explainCommand));
+
+  return program;
+}
+
+/** Runs one command line; returns the exit code instead of exiting, so tests can call it in-process. */
+export async function runCli(argv: readonly string[], io: CliIo): Promise<ExitCode> {
+  // --json is looked at before parsing so that even a usage error is reported as JSON.
+  const output = new Output(io, argv.includes('--json'));
+  const state: RunState = {};
+  const program = buildProgram(io, output, state);
+  try {
+    await program.parseAsync([...argv], { from: 'user' });
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      if (error.exitCode === 0 || error.code === 'commander.helpDisplayed' || error.code === 'commander.version') return EXIT.ok;
+      return output.failure(new UsageError(scrubOptionValues(error.message).replace(/^error: /, '')), { printed: true });
+    }
+    return output.failure(error);
+  }
+  if (!state.result) {
+    output.failure(new UsageError('no command given'), { printed: true });
+    program.outputHelp({ error: true });
+    return EXIT.usage;
+  }
+  output.result(state.name ?? '', state.result.data, state.result.human);
+  return state.result.exitCode ?? EXIT.ok;
+}

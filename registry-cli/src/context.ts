@@ -1,0 +1,25 @@
+import { databasePassword, databaseTarget, type DatabaseTarget } from './environment.js';
+import type { ExitCode } from './errors.js';
+import type { Output } from './output.js';
+
+/** What every subcommand gets: the environment, global options, and the output. */
+export interface CommandContext {
+  readonly env: NodeJS.ProcessEnv;
+  readonly output: Output;
+  /** `--database-url-env NAME`. */
+  readonly databaseUrlEnv: string | undefined;
+}
+
+/** A subcommand's result: `data` for `--json`, `human` lines otherwise, and an exit code when not 0. */
+export interface CommandResult {
+  readonly data: Record<string, unknown>;
+  readonly human: readonly string[];
+  readonly exitCode?: ExitCode;
+}
+
+/** The registry URL for this run; its password is registered as a secret before anything can print it. */
+export function registryTarget(context: CommandContext): DatabaseTarget {
+  const target = databaseTarget(context.env, context.databaseUrlEnv);
+  context.output.secret(databasePassword(target.url));
+  return target;
+}
