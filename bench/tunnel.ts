@@ -98,6 +98,7 @@ try {
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath },
       policy: { client_ext_oid: TEST_OID, database_url: databaseUrl },
       observability: { log_level: 'warn' },
+      admin: { listen_addr: '127.0.0.1:0' },
     }),
     { logger: pino({ level: 'warn' }) },
   );

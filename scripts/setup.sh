@@ -34,7 +34,7 @@ if [ "${AGENT_GATEWAY_KEEP_DEFAULT_PG:-}" != "1" ] && command -v pg_lsclusters >
 fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund --allow-scripts=esbuild,pkcs11js 2>&1 | grep -v 'Unknown user config' >&2 || true
+  npm ci --no-audit --no-fund 2>&1 | grep -v 'Unknown user config' >&2 || true
   test -d node_modules/pkcs11js || { echo "setup: npm ci failed" >&2; exit 1; }
 fi
 # Install scripts may be skipped by npm's allow-list: make sure the native PKCS#11 binding exists.

@@ -170,6 +170,18 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .option('--oid <oid>', 'OID of the identity extension read from --cert', DEFAULT_IDENTITY_OID)
     .action(run(async () => (await import('./commands/explain.js')).explainCommand));
 
+  program
+    .command('audit')
+    .description("read the gateway's audit trail (every CONNECT decision and tunnel close), newest first")
+    .option('--identity <identity>', 'only this client identity')
+    .option('--destination <host[:port]>', 'only this destination (normalised like the gateway does)')
+    .option('--status <code>', 'only this HTTP status, e.g. 403')
+    .option('--reason <code>', 'only this reason code, e.g. not_authorized or tunnel_closed')
+    .option('--since <time>', 'rows at or after this RFC 3339 time (with a zone)')
+    .option('--until <time>', 'rows before this RFC 3339 time (with a zone)')
+    .option('--limit <n>', 'at most this many rows (default 100)')
+    .action(run(async () => (await import('./commands/audit.js')).audit));
+
   return program;
 }
 

@@ -33,7 +33,7 @@ const sessions: ClientHttp2Session[] = [];
 function gatewayConfig(overrides: Record<string, unknown> = {}) {
   return parseConfig({
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath, shutdown_grace_ms: 2000 },
-    policy: { client_ext_oid: TEST_OID, database_url: databaseUrl, connect_timeout_ms: 2000, pool_acquire_timeout_ms: 1000, query_timeout_ms: 1000 },
+    policy: { client_ext_oid: TEST_OID, database_url: databaseUrl, connect_timeout_ms: 2000, pool_acquire_timeout_ms: 5000, query_timeout_ms: 5000 },
     observability: { log_level: 'info' },
     admin: { listen_addr: '127.0.0.1:0' },
     ...overrides,
