@@ -194,6 +194,30 @@ function findEmptySlot(pkcs11: PKCS11): Handle | undefined {
 }
 
 /**
+ * Asks the TPM behind a token for a few random bytes through a fresh PKCS#11 session, without
+ * logging in: a real round trip through tpm2-pkcs11 and the TCTI, for readiness checks. Shares
+ * the module with any other user in the process (the sidecar's OpenSSL engine) and leaves its
+ * login state alone. Throws TpmError when the token or the TPM does not answer.
+ */
+export function probeToken(options: { readonly modulePath?: string; readonly tokenLabel: string }): void {
+  const module = acquireModule(options.modulePath ?? DEFAULT_TPM2_PKCS11_MODULE, { tokenLabel: options.tokenLabel, userPin: 'unused' });
+  try {
+    const match = findSlot(module.pkcs11, options.tokenLabel);
+    if (!match) throw new TpmError('ERR_TPM_TOKEN_NOT_FOUND', `no initialised token labelled ${JSON.stringify(options.tokenLabel)}`);
+    const session = module.pkcs11.C_OpenSession(match.slot, pkcs11js.CKF_SERIAL_SESSION);
+    try {
+      module.pkcs11.C_GenerateRandom(session, Buffer.alloc(8));
+    } finally {
+      module.pkcs11.C_CloseSession(session);
+    }
+  } catch (error) {
+    throw error instanceof TpmError ? error : toTpmError(error, 'the TPM did not answer');
+  } finally {
+    releaseModule(module);
+  }
+}
+
+/**
  * Opens (or creates) a token and logs in as the user. One handle per token and process: a second
  * C_Login on a token already logged in succeeds without checking the PIN, so it is refused here.
  */

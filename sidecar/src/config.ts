@@ -45,6 +45,7 @@ export interface SidecarCliOptions {
   readonly certOut?: string;
   readonly connectWaitMs?: string;
   readonly portFile?: string;
+  readonly healthPort?: string;
 }
 
 interface FieldSource {
@@ -72,6 +73,7 @@ export const FIELD_SOURCES = {
   certOut: { flag: '--cert-out', env: ['AGENT_GATEWAY_SIDECAR_CERT_OUT'] },
   connectWaitMs: { flag: '--connect-wait-ms', env: ['AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS'] },
   portFile: { flag: '--port-file', env: ['AGENT_GATEWAY_SIDECAR_PORT_FILE'] },
+  healthPort: { flag: '--health-port', env: ['AGENT_GATEWAY_SIDECAR_HEALTH_PORT'] },
   logLevel: { env: ['AGENT_GATEWAY_SIDECAR_LOG', 'RUST_LOG'] },
   logQuiet: { env: ['AGENT_GATEWAY_LOG_STDOUT'] },
 } as const satisfies Record<string, FieldSource>;
@@ -151,6 +153,7 @@ const configSchema = z.strictObject({
   certOut: path.transform((value) => resolvePath(value)),
   connectWaitMs: wholeNumber(1, 600_000),
   portFile: path.transform((value) => resolvePath(value)).optional(),
+  healthPort: wholeNumber(0, 65535).optional(),
   logLevel: z.string().transform((value, ctx) => {
     try {
       return parseLogFilter(value);
@@ -236,6 +239,7 @@ export function loadSidecarConfig(cli: SidecarCliOptions, env: NodeJS.ProcessEnv
     certOut: pick(cli.certOut, 'certOut') ?? DEFAULT_CERT_OUT,
     connectWaitMs: pick(cli.connectWaitMs, 'connectWaitMs') ?? String(DEFAULT_CONNECT_WAIT_MS),
     portFile: pick(cli.portFile, 'portFile'),
+    healthPort: pick(cli.healthPort, 'healthPort'),
     logLevel: pick(undefined, 'logLevel') ?? 'info',
     logQuiet: quietValue !== undefined && /^(false|0|no|off)$/i.test(quietValue.trim()),
   };

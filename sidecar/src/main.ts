@@ -13,6 +13,8 @@ import {
   type SidecarCliOptions,
 } from './config.js';
 import { createSidecarLogger } from './logger.js';
+import { probeToken } from '../../tpm/token.js';
+import { startHealthServer } from './health.js';
 import { startSidecar, type Sidecar } from './sidecar.js';
 import { loadTlsIdentity, type TlsIdentity } from './tls-identity.js';
 
@@ -61,6 +63,7 @@ const program = new Command()
   .option('--cert-out <file>', `where to write the carrier certificate [env AGENT_GATEWAY_SIDECAR_CERT_OUT] (default ./${DEFAULT_CERT_OUT})`)
   .option('--connect-wait-ms <ms>', `how long a CONNECT waits for the gateway session before 503 [env AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS] (default ${DEFAULT_CONNECT_WAIT_MS})`)
   .option('--port-file <file>', 'write the listening port to this file once the proxy listens (for scripts) [env AGENT_GATEWAY_SIDECAR_PORT_FILE]')
+  .option('--health-port <port>', 'serve /healthz and /readyz (gateway session up and TPM answering) on this loopback port; 0 picks one [env AGENT_GATEWAY_SIDECAR_HEALTH_PORT] (default: off)')
   .addHelpText(
     'after',
     `
@@ -197,6 +200,26 @@ if (config.portFile !== undefined) {
   }
 }
 
+let healthPort: number | undefined;
+if (config.healthPort !== undefined) {
+  try {
+    const health = await startHealthServer({
+      host: config.listenHosts[0]!,
+      port: config.healthPort,
+      checks: [
+        { name: 'gateway_session', check: () => sidecar.gateway.connected },
+        // A real PKCS#11 round trip to the TPM, beside the engine's own session.
+        { name: 'tpm', check: () => (probeToken({ modulePath: config.pkcs11Module, tokenLabel: config.tokenLabel }), true) },
+      ],
+    });
+    healthPort = health.port;
+  } catch (error) {
+    await sidecar.close();
+    identity.close();
+    fail(new AgentGatewayError('ERR_LISTEN', `cannot serve --health-port ${config.healthPort}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`));
+  }
+}
+
 // The one line on stdout: scripts read the port (and what the gateway will see) from here.
 process.stdout.write(
   `${JSON.stringify({
@@ -208,5 +231,6 @@ process.stdout.write(
     identity: identity.identity,
     spki_fingerprint: identity.spkiFingerprint,
     cert: identity.certPath,
+    ...(healthPort !== undefined ? { health_port: healthPort } : {}),
   })}\n`,
 );
