@@ -84,25 +84,9 @@ export async function startTracing(config: GatewayConfig, options: TracingOption
   let provider = options.tracerProvider;
   let shutdown = async () => {};
   if (!provider) {
-    const [{ BasicTracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([
-      import('@opentelemetry/sdk-trace-base'),
-      import('@opentelemetry/exporter-trace-otlp-grpc'),
-      import('@opentelemetry/resources'),
-    ]);
-    const sdk = new BasicTracerProvider({
-      resource: resourceFromAttributes({ 'service.name': process.env.OTEL_SERVICE_NAME || 'agent-gateway' }),
-      // Batches leave on a timer; a slow or absent collector costs dropped spans, never CONNECT latency.
-      spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter({ url: endpoint! }))],
-    });
-    provider = sdk;
-    // Bounded: an unreachable collector must not hold up the gateway's exit.
-    shutdown = async () => {
-      let timer: NodeJS.Timeout | undefined;
-      const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, SHUTDOWN_TIMEOUT_MS)));
-      await Promise.race([sdk.shutdown().catch((error: unknown) => options.log.warn({ err: (error as Error).message }, 'tracing shutdown failed')), timeout]);
-      clearTimeout(timer);
-    };
-    options.log.info({ event: 'tracing', otlp_endpoint: endpoint }, 'exporting traces over OTLP gRPC');
+    const otlp = await createOtlpTracerProvider(endpoint!, process.env.OTEL_SERVICE_NAME || 'agent-gateway', options.log);
+    provider = otlp.provider;
+    shutdown = otlp.shutdown;
   }
   return {
     enabled: true,
@@ -110,5 +94,34 @@ export async function startTracing(config: GatewayConfig, options: TracingOption
     extract: (headers) => propagator.extract(ROOT_CONTEXT, headers, headerGetter),
     withSpan: (parent, span) => trace.setSpan(parent, span),
     shutdown,
+  };
+}
+
+/**
+ * A tracer provider exporting over OTLP gRPC in batches, shared by the gateway and the sidecar.
+ * The SDK and exporter are imported here, only when an endpoint is set. Nothing is registered
+ * globally, so several providers can live in one process.
+ */
+export async function createOtlpTracerProvider(endpoint: string, serviceName: string, log: Logger): Promise<{ provider: TracerProvider; shutdown: () => Promise<void> }> {
+  const [{ BasicTracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([
+    import('@opentelemetry/sdk-trace-base'),
+    import('@opentelemetry/exporter-trace-otlp-grpc'),
+    import('@opentelemetry/resources'),
+  ]);
+  const sdk = new BasicTracerProvider({
+    resource: resourceFromAttributes({ 'service.name': serviceName }),
+    // Batches leave on a timer; a slow or absent collector costs dropped spans, never CONNECT latency.
+    spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter({ url: endpoint }))],
+  });
+  log.info({ event: 'tracing', otlp_endpoint: endpoint }, 'exporting traces over OTLP gRPC');
+  return {
+    provider: sdk,
+    // Bounded: an unreachable collector must not hold up the process's exit.
+    shutdown: async () => {
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, SHUTDOWN_TIMEOUT_MS)));
+      await Promise.race([sdk.shutdown().catch((error: unknown) => log.warn({ err: (error as Error).message }, 'tracing shutdown failed')), timeout]);
+      clearTimeout(timer);
+    },
   };
 }

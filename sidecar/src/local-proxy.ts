@@ -4,7 +4,8 @@ import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessag
 import type { ClientHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { GatewayUnavailableError, type GatewaySession } from './gateway-session.js';
+import { GatewayUnavailableError, type GatewaySession, type TunnelResponse } from './gateway-session.js';
+import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
 
 const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/;
 
@@ -23,6 +24,7 @@ export interface LocalProxyOptions {
   readonly port: number;
   readonly gateway: GatewaySession;
   readonly log: Logger;
+  readonly tracing?: SidecarTracing;
 }
 
 /** Relays bytes both ways; each side's end half-closes the other (END_STREAM ⇄ FIN). */
@@ -94,13 +96,33 @@ export class LocalProxy {
     return port;
   }
 
+  /**
+   * One CONNECT stream to the gateway for an agent request, inside a span when tracing is on
+   * (it ends with the stream); otherwise with a fresh traceparent so the gateway still logs one.
+   */
+  async #openTunnel(authority: string, req: IncomingMessage): Promise<TunnelResponse> {
+    const tracing = this.#options.tracing ?? TRACING_DISABLED;
+    const span = tracing.startConnect(authority, req.headers);
+    const headers = tracing.enabled ? span.headers : { traceparent: traceparentFor(req.headers.traceparent) };
+    let tunnel: TunnelResponse;
+    try {
+      tunnel = await this.#options.gateway.openTunnel(authority, headers);
+    } catch (error) {
+      span.end(undefined, (error as Error).message);
+      throw error;
+    }
+    if (tunnel.status !== 200) span.end(tunnel.status);
+    else tunnel.stream.once('close', () => span.end(200, tunnel.stream.rstCode ? `stream reset (code ${tunnel.stream.rstCode})` : undefined));
+    return tunnel;
+  }
+
   async #onConnect(req: IncomingMessage, agent: Socket, head: Buffer): Promise<void> {
-    const { gateway, log } = this.#options;
+    const { log } = this.#options;
     const authority = req.url ?? '';
     agent.on('error', () => {});
     let tunnel;
     try {
-      tunnel = await gateway.openTunnel(authority, { traceparent: traceparentFor(req.headers.traceparent) });
+      tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
       const unavailable = error instanceof GatewayUnavailableError;
       log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
@@ -130,7 +152,7 @@ export class LocalProxy {
 
   /** Absolute-URI plain HTTP (`GET http://host/path`) goes through a CONNECT to host:80. */
   async #onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const { gateway, log } = this.#options;
+    const { log } = this.#options;
     let target: URL;
     try {
       target = new URL(req.url ?? '');
@@ -142,7 +164,7 @@ export class LocalProxy {
     const authority = `${target.hostname}:${target.port || '80'}`;
     let tunnel;
     try {
-      tunnel = await gateway.openTunnel(authority, { traceparent: traceparentFor(req.headers.traceparent) });
+      tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
       res.writeHead(503, { 'proxy-status': 'agent-gateway-sidecar; error=proxy_internal_error; details="gateway_unavailable"' }).end();
       log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');

@@ -16,6 +16,7 @@ import { createSidecarLogger } from './logger.js';
 import { probeToken } from '../../tpm/token.js';
 import { startHealthServer } from './health.js';
 import { startSidecar, type Sidecar } from './sidecar.js';
+import { startSidecarTracing } from './tracing.js';
 import { loadTlsIdentity, type TlsIdentity } from './tls-identity.js';
 
 const NAME = 'agent-gateway-sidecar';
@@ -180,6 +181,8 @@ try {
     listenPort: config.listenPort,
     connectWaitMs: config.connectWaitMs,
     logger: log,
+    // OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise no SDK is loaded.
+    tracing: await startSidecarTracing({ log }),
   });
   sidecar = await sidecarStarting;
 } catch (error) {

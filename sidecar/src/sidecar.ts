@@ -2,6 +2,7 @@ import type { SecureContext } from 'node:tls';
 import { pino, type Logger } from 'pino';
 import { GatewaySession } from './gateway-session.js';
 import { LocalProxy } from './local-proxy.js';
+import type { SidecarTracing } from './tracing.js';
 
 export interface SidecarOptions {
   readonly gatewayUrl: string;
@@ -19,6 +20,8 @@ export interface SidecarOptions {
   readonly streamWindowBytes?: number;
   readonly sessionWindowBytes?: number;
   readonly logger?: Logger;
+  /** Spans per local CONNECT (sidecar/src/tracing.ts); default off. */
+  readonly tracing?: SidecarTracing;
 }
 
 export interface Sidecar {
@@ -42,7 +45,7 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
     ...(options.sessionWindowBytes !== undefined ? { sessionWindowBytes: options.sessionWindowBytes } : {}),
     log,
   }).run();
-  const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0, gateway, log });
+  const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0, gateway, log, ...(options.tracing ? { tracing: options.tracing } : {}) });
   let port: number;
   try {
     port = await proxy.listen();
@@ -57,6 +60,7 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
     async close() {
       await proxy.close();
       await gateway.close();
+      await options.tracing?.shutdown();
     },
   };
 }
