@@ -7,39 +7,52 @@ import { pino, type DestinationStream, type Logger } from 'pino';
  * that target (or one of its modules) wins over the bare default; directives for other targets
  * are accepted and have nothing to filter here.
  */
-const LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'off'] as const;
-type Level = (typeof LEVELS)[number];
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'off'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
 const OUR_TARGETS = /^agent[_-]gateway(?:::[A-Za-z0-9_:]+)?$/;
 
-function asLevel(text: string, directive: string): Level {
+function asLevel(text: string, directive: string): LogLevel {
   const level = text.trim().toLowerCase();
   if (level === 'warning') return 'warn';
-  if (!(LEVELS as readonly string[]).includes(level)) {
-    throw new Error(`unknown level "${text}" in "${directive}" (expected one of ${LEVELS.join(', ')}, optionally target=level)`);
+  if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+    throw new Error(`unknown level "${text}" in "${directive}" (expected one of ${LOG_LEVELS.join(', ')}, optionally target=level)`);
   }
-  return level as Level;
+  return level as LogLevel;
 }
 
-export function parseLogFilter(filter: string): Level {
+/**
+ * The level for a process whose lines belong to `targets` (most specific first) under a
+ * tracing-style filter: the most specific target with a directive wins, then the bare default.
+ * Shared by the gateway and the sidecar (which also honours its parent target agent_gateway).
+ */
+export function levelForTargets(filter: string, targets: readonly RegExp[]): LogLevel {
   const directives = filter.split(',').map((d) => d.trim()).filter(Boolean);
   if (directives.length === 0) throw new Error('must not be empty (e.g. "info" or "agent_gateway=debug")');
-  let fallback: Level = 'error';
-  let ours: Level | undefined;
+  let fallback: LogLevel = 'error';
+  const matched: (LogLevel | undefined)[] = targets.map(() => undefined);
+  const targetIndex = (name: string) => targets.findIndex((target) => target.test(name));
   for (const directive of directives) {
     const eq = directive.indexOf('=');
     if (eq < 0) {
       // tracing reads a bare target name as "that target at trace"; only ours can matter here, and
       // any other bare word is far more likely a mistyped level, so it is an error.
-      if (OUR_TARGETS.test(directive)) ours = 'trace';
+      const index = targetIndex(directive);
+      if (index >= 0) matched[index] = 'trace';
       else fallback = asLevel(directive, directive);
       continue;
     }
     const target = directive.slice(0, eq).trim();
     const level = asLevel(directive.slice(eq + 1), directive);
     if (!/^[A-Za-z_][A-Za-z0-9_:-]*$/.test(target)) throw new Error(`cannot read target "${target}" in "${directive}"`);
-    if (OUR_TARGETS.test(target)) ours = level;
+    const index = targetIndex(target);
+    if (index >= 0) matched[index] = level;
   }
-  return ours ?? fallback;
+  return matched.find((level) => level !== undefined) ?? fallback;
+}
+
+/** The gateway's level: every line it writes belongs to the `agent_gateway` target. */
+export function parseLogFilter(filter: string): LogLevel {
+  return levelForTargets(filter, [OUR_TARGETS]);
 }
 
 export interface LoggerOptions {
