@@ -11,7 +11,6 @@ const cases: [string, string, string][] = [
   ['agent_gateway_sidecar=trace', 'error', 'trace'],
   ['warn,agent_gateway=info,agent_gateway_sidecar=debug', 'info', 'debug'],
   ['warn,hyper=debug', 'warn', 'warn'],
-  ['agent_gateway_sidecar', 'error', 'trace'],
 ];
 for (const [filter, gateway, sidecar] of cases) {
   test(`filter ${JSON.stringify(filter)}: gateway ${gateway}, sidecar ${sidecar}`, () => {
@@ -19,6 +18,11 @@ for (const [filter, gateway, sidecar] of cases) {
     assert.equal(sidecarLevel(filter), sidecar);
   });
 }
+
+test('a bare target name means that target at trace; another bare word is a mistyped level', () => {
+  assert.equal(sidecarLevel('agent_gateway_sidecar'), 'trace');
+  assert.throws(() => gatewayLevel('agent_gateway_sidecar'), /unknown level/);
+});
 
 test('a mistyped level is an error for both', () => {
   assert.throws(() => gatewayLevel('loud'), /unknown level "loud"/);
