@@ -1,5 +1,5 @@
 /**
- * The audit_log table (migrations/0002_audit_log.sql): the row shape the gateway writes, its
+ * The audit_log table (created by migrations/0001_signed_authorization_registry.sql): the row shape the gateway writes, its
  * one INSERT, and a pure query builder for reading it back with filters (the registry CLI's
  * `audit` subcommand, dashboards, tests). Nothing here touches a database.
  */

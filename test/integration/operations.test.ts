@@ -19,6 +19,7 @@ import type { TLSSocket } from 'node:tls';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { pino } from 'pino';
 import { parseConfig } from '../../gateway/src/config.js';
+import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { createGateway, type Gateway, type GatewayOptions } from '../../gateway/src/gateway.js';
 import { closedPort, echoServer, exchange, gatewaySession, request } from '../helpers/net.js';
 import { clientCredentials, serverTls, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
@@ -220,7 +221,7 @@ describe('admin endpoints', () => {
     assert.deepEqual(await admin(gateway, '/healthz'), { status: 200, contentType: 'application/json', text: '{"status":"ok"}\n' });
     const ready = await admin(gateway, '/readyz');
     assert.equal(ready.status, 200);
-    assert.deepEqual(JSON.parse(ready.text), { status: 'ready', registry: 'ok', schema_version: 2 });
+    assert.deepEqual(JSON.parse(ready.text), { status: 'ready', registry: 'ok', schema_version: SCHEMA_VERSION });
     pgServer.cluster!.stopServer();
     try {
       const down = await admin(gateway, '/readyz');
