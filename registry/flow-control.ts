@@ -11,3 +11,10 @@
  */
 export const STREAM_WINDOW_BYTES = 1024 * 1024;
 export const SESSION_WINDOW_BYTES = 2 * 1024 * 1024;
+
+/**
+ * nghttp2's per-session memory cap (MB), above Node's 10 MB default so a session carrying
+ * hundreds of tunnels is not refused new streams, yet bounded: with the windows above, a peer
+ * cannot make one session hold more than a few windows' worth of unread data.
+ */
+export const MAX_SESSION_MEMORY_MB = 64;

@@ -15,7 +15,7 @@ import { TUNNEL_CLOSED_REASON } from '../../registry/audit-query.js';
 import { normaliseDestination, type Destination } from '../../registry/destination.js';
 import { spkiFingerprint } from '../../registry/ecdsa.js';
 import { ConfigError, RegistryUnavailableError } from '../../registry/errors.js';
-import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
+import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { readPeerIdentity, type PeerIdentity } from '../../registry/identity.js';
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { startAdminServer, type AdminServer, type Readiness } from './admin.js';
@@ -30,7 +30,6 @@ import { loadServerCredentials, TLS_CONTEXT_OPTIONS, type ServerCredentials } fr
 import { startTracing, traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
 import { dial, pipeTunnel } from './tunnel.js';
 
-const MAX_SESSION_MEMORY_MB = 256;
 /** How long close() waits, after the sessions are gone, for CONNECT handlers to write their last rows. */
 const HANDLER_DRAIN_MS = 1000;
 

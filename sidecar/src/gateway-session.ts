@@ -10,7 +10,7 @@ import {
 import type { SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import { AgentGatewayError } from '../../registry/errors.js';
-import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
+import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 
 
 export class GatewayUnavailableError extends AgentGatewayError {
@@ -83,7 +83,7 @@ export class GatewaySession extends EventEmitter {
       secureContext,
       ...(servername ? { servername } : {}),
       settings: { initialWindowSize: this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES, enablePush: false },
-      maxSessionMemory: 256,
+      maxSessionMemory: MAX_SESSION_MEMORY_MB,
     });
     let established = false;
     // Why a connect failed (TLS verification, refused, …): the warning below is what operators see.
