@@ -57,7 +57,13 @@ SQL
 }
 
 write_config() {
-  [ -f "$CONFIG" ] && return
+  if [ -f "$CONFIG" ]; then
+    # Someone else's config lacks the demo's [resolve] entries and TLS paths: refuse rather than
+    # start a gateway that cannot reach the mock services.
+    grep -q '^# Written by demo/demo.sh setup' "$CONFIG" \
+      || die "$CONFIG exists and was not written by the demo: move it away, or set AGENT_GATEWAY_DEMO_CONFIG to another path"
+    return
+  fi
   cat >"$CONFIG" <<TOML
 # Written by demo/demo.sh setup. See config.example.toml for every field.
 [server]
@@ -71,6 +77,9 @@ database_url_env = "AGENT_GATEWAY_RUNTIME_DATABASE_URL"
 
 [observability]
 log_level = "info"
+
+[admin]
+listen_addr = "127.0.0.1:$ADMIN_PORT"
 
 [resolve]
 "docstore:443" = "127.0.0.1:$DOCSTORE_PORT"
@@ -91,7 +100,9 @@ start_mocks() {
 start_gateway() {
   pid_alive "$(pid_of gateway)" && return
   port_open "$GATEWAY_PORT" && die "port $GATEWAY_PORT is in use (set AGENT_GATEWAY_DEMO_GATEWAY_PORT)"
-  AGENT_GATEWAY_RUNTIME_DATABASE_URL="$RUNTIME_URL" start_bg gateway "$LOG_DIR/gateway.log" \
+  port_open "$ADMIN_PORT" && die "port $ADMIN_PORT is in use (set AGENT_GATEWAY_DEMO_ADMIN_PORT)"
+  # Both names: the demo's config reads the first, config.example.toml the second.
+  AGENT_GATEWAY_RUNTIME_DATABASE_URL="$RUNTIME_URL" AGENT_GATEWAY_DATABASE_URL="$RUNTIME_URL" start_bg gateway "$LOG_DIR/gateway.log" \
     node "$ROOT/bin/agent-gateway.js" --config "$CONFIG"
   if ! wait_for "gateway" 30 port_open "$GATEWAY_PORT"; then
     tail -n 20 "$LOG_DIR/gateway.log" >&2 || true
@@ -108,6 +119,9 @@ enrol_principal() {
 
 cmd_setup() {
   local started=$SECONDS
+  if [ -f "$CONFIG" ] && ! grep -q '^# Written by demo/demo.sh setup' "$CONFIG"; then
+    die "$CONFIG exists and was not written by the demo: move it away, or set AGENT_GATEWAY_DEMO_CONFIG to another path"
+  fi
   bash "$ROOT/scripts/setup.sh"
   mkdir -p "$AGENT_STATE" "$LOG_DIR" "$PID_DIR"
   "$ROOT/demo/generate-server-certs.sh" "$CERTS"
@@ -160,7 +174,7 @@ cmd_status() {
   else
     row postgres stopped - "127.0.0.1:$PG_PORT"
   fi
-  status_row gateway "127.0.0.1:$GATEWAY_PORT"
+  status_row gateway "127.0.0.1:$GATEWAY_PORT (admin http://127.0.0.1:$ADMIN_PORT/metrics)"
   status_row mocks "docstore 127.0.0.1:$DOCSTORE_PORT, messaging 127.0.0.1:$MESSAGING_PORT"
   status_row principal-swtpm "127.0.0.1:$PRINCIPAL_SWTPM_PORT (key $PRINCIPAL)"
   status_row principal-abrmd "$PRINCIPAL_TPM_DIR/dbus.sock"
@@ -188,7 +202,7 @@ cmd_teardown() {
   fi
   [[ "$PG_DIR" == /var/lib/postgresql/agent-gateway-demo-* ]] && rm -rf "$PG_DIR"
   rm -rf "$AGENT_STATE"
-  rm -f "$CONFIG"
+  if grep -qs '^# Written by demo/demo.sh setup' "$CONFIG"; then rm -f "$CONFIG"; fi
   find "$CERTS" -maxdepth 1 -type f \( -name '*.pem' -o -name '*.srl' \) -delete 2>/dev/null || true
   say "teardown: stopped the demo and removed $AGENT_STATE, $CONFIG and generated certificates"
 }

@@ -10,6 +10,7 @@ CONFIG="${AGENT_GATEWAY_DEMO_CONFIG:-$ROOT/config.toml}"
 # Ports (all on loopback) and local demo secrets. The secrets are demo values, not guidance:
 # override them (and AGENT_GATEWAY_DATABASE_URL) anywhere that is not an isolated local demo.
 GATEWAY_PORT="${AGENT_GATEWAY_DEMO_GATEWAY_PORT:-8443}"
+ADMIN_PORT="${AGENT_GATEWAY_DEMO_ADMIN_PORT:-9090}"
 PG_PORT="${AGENT_GATEWAY_DEMO_PG_PORT:-55433}"
 DOCSTORE_PORT="${AGENT_GATEWAY_DEMO_DOCSTORE_PORT:-9443}"
 MESSAGING_PORT="${AGENT_GATEWAY_DEMO_MESSAGING_PORT:-9444}"

@@ -15,13 +15,14 @@ import { promisify } from 'node:util';
 const ROOT = resolve(import.meta.dirname, '../..');
 const run = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'agw-demo-'));
-const ports = { gateway: 18443, pg: 15433, docstore: 19443, messaging: 19444, principalTpm: 12331, agentTpm: 12321 };
+const ports = { gateway: 18443, admin: 19090, pg: 15433, docstore: 19443, messaging: 19444, principalTpm: 12331, agentTpm: 12321 };
 const env: NodeJS.ProcessEnv = {
   ...process.env,
   AGENT_STATE: join(dir, 'state'),
   AGENT_GATEWAY_DEMO_CERTS: join(dir, 'certs'),
   AGENT_GATEWAY_DEMO_CONFIG: join(dir, 'config.toml'),
   AGENT_GATEWAY_DEMO_GATEWAY_PORT: String(ports.gateway),
+  AGENT_GATEWAY_DEMO_ADMIN_PORT: String(ports.admin),
   AGENT_GATEWAY_DEMO_PG_PORT: String(ports.pg),
   AGENT_GATEWAY_DEMO_DOCSTORE_PORT: String(ports.docstore),
   AGENT_GATEWAY_DEMO_MESSAGING_PORT: String(ports.messaging),
@@ -73,6 +74,9 @@ test('status lists each component with its PID and port', async () => {
     assert.match(stdout, new RegExp(`^${name}\\s+running\\s+\\d+\\s+`, 'm'), `${name} running`);
   }
   assert.match(stdout, new RegExp(`gateway\\s+running\\s+\\d+\\s+127\\.0\\.0\\.1:${ports.gateway}`));
+  const metrics = await fetch(`http://127.0.0.1:${ports.admin}/metrics`);
+  assert.equal(metrics.status, 200);
+  assert.match(await metrics.text(), /agent_gateway_connect_decisions_total\{status="200",reason="allowed"\} \d+/);
 });
 
 test('agent-alpha reaches docstore and messaging (200)', async () => {
