@@ -43,6 +43,26 @@ function run(args: string[]): void {
   if (result.status !== 0) throw new Error(`${args.join(' ')} failed: ${result.stderr || result.stdout}`);
 }
 
+/** Clusters this process started and has not destroyed: stopped even when the run is killed. */
+const liveClusters = new Set<TestCluster>();
+let cleanupInstalled = false;
+
+function installCleanup(): void {
+  if (cleanupInstalled) return;
+  cleanupInstalled = true;
+  // The test runner ends a timed-out file with SIGTERM; without these a killed run leaves its
+  // postgres running until the machine is recycled.
+  process.on('exit', () => {
+    for (const cluster of liveClusters) cluster.destroy('immediate');
+  });
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      for (const cluster of liveClusters) cluster.destroy('immediate');
+      process.exit(signal === 'SIGINT' ? 130 : 143);
+    });
+  }
+}
+
 export class TestCluster {
   readonly dir: string;
   readonly port: number;
@@ -59,6 +79,8 @@ export class TestCluster {
     if (process.getuid?.() === 0) chownSync(dir, Number(execFileSync('id', ['-u', 'postgres']).toString()), Number(execFileSync('id', ['-g', 'postgres']).toString()));
     run([join(PG_BIN, 'initdb'), '-D', join(dir, 'data'), '-U', 'postgres', '-A', 'trust', '-E', 'UTF8', '--locale=C.UTF-8', '--no-sync']);
     const cluster = new TestCluster(dir, await freePort());
+    installCleanup();
+    liveClusters.add(cluster);
     cluster.startServer();
     return cluster;
   }
@@ -77,9 +99,9 @@ export class TestCluster {
   }
 
   /** Fast shutdown: open connections are terminated, as in a database outage. */
-  stopServer(): void {
+  stopServer(mode: 'fast' | 'immediate' = 'fast'): void {
     if (!this.#running) return;
-    run([join(PG_BIN, 'pg_ctl'), '-D', join(this.dir, 'data'), '-m', 'fast', '-w', 'stop']);
+    run([join(PG_BIN, 'pg_ctl'), '-D', join(this.dir, 'data'), '-m', mode, '-w', 'stop']);
     this.#running = false;
   }
 
@@ -87,9 +109,12 @@ export class TestCluster {
     return existsSync(join(this.dir, 'server.log')) ? readFileSync(join(this.dir, 'server.log'), 'utf8') : '';
   }
 
-  destroy(): void {
+  destroy(mode: 'fast' | 'immediate' = 'fast'): void {
+    liveClusters.delete(this);
     try {
-      this.stopServer();
+      this.stopServer(mode);
+    } catch {
+      // already gone; the directory still goes
     } finally {
       rmSync(this.dir, { recursive: true, force: true });
     }
