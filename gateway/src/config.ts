@@ -115,8 +115,10 @@ const limitsSchema = z
   }));
 
 /**
- * `[admin]`: plain HTTP for probes and scrapes. On by default, on loopback only: it reveals
- * counts, not secrets, but it is unauthenticated, so exposing it is a deliberate choice.
+ * `[admin]`: plain HTTP for probes and scrapes, on loopback by default: it reveals counts, not
+ * secrets, but it is unauthenticated, so exposing it is a deliberate choice. It runs when the
+ * section is present: a config written to the spec alone never binds a second, fixed port, so
+ * several such gateways can share a machine.
  */
 const adminSchema = z.strictObject({
   enabled: z.boolean().default(true),
@@ -181,7 +183,7 @@ export const configSchema = z.strictObject({
   policy: policySchema,
   observability: observabilitySchema,
   limits: limitsSchema.prefault({}),
-  admin: adminSchema.prefault({}),
+  admin: adminSchema.optional(),
   audit: auditSchema.prefault({}),
   resolve: resolveSchema.default({}),
 });
@@ -198,7 +200,7 @@ export type GatewayConfig = Readonly<{
   policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string };
   observability: Readonly<ConfigFile['observability']>;
   limits: Readonly<ConfigFile['limits']>;
-  admin: Readonly<ConfigFile['admin']>;
+  admin: Readonly<NonNullable<ConfigFile['admin']>>;
   /** `databaseUrl`: where audit rows go (the policy database unless `[audit]` names another). */
   audit: Readonly<ConfigFile['audit']> & { readonly databaseUrl: string };
   /** `[resolve]` with normalised keys, ready to look up by normalised destination. */
@@ -266,7 +268,7 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
     policy: { ...file.policy, databaseUrl: databaseUrl! },
     observability: file.observability,
     limits: file.limits,
-    admin: file.admin,
+    admin: file.admin ?? adminSchema.parse({ enabled: false }),
     audit: { ...file.audit, databaseUrl: auditUrl },
     resolve,
   }) as GatewayConfig;

@@ -56,7 +56,11 @@ test('[resolve] keys are normalised', () => {
 
 test('[admin], [audit] and the new [limits] keys: defaults', () => {
   const config = loadConfig(writeConfig(valid));
-  assert.deepEqual(config.admin, { enabled: true, listen_addr: '127.0.0.1:9090', per_identity_metrics: false, per_destination_metrics: false, process_metrics: true });
+  // No [admin] section: no second listener (regression: two spec-only configs on one machine
+  // both bound 127.0.0.1:9090 and the second gateway failed to start).
+  assert.equal(config.admin.enabled, false);
+  const withAdmin = loadConfig(writeConfig(`${valid}\n[admin]\n`));
+  assert.deepEqual(withAdmin.admin, { enabled: true, listen_addr: '127.0.0.1:9090', per_identity_metrics: false, per_destination_metrics: false, process_metrics: true });
   assert.equal(config.limits.connect_rate_per_second, 0);
   assert.equal(config.limits.connect_burst, 1);
   assert.equal(config.limits.max_tunnels_per_identity, 0);
