@@ -1,7 +1,6 @@
 import { EventEmitter, once } from 'node:events';
 import {
   connect as h2connect,
-  constants as h2,
   type ClientHttp2Session,
   type ClientHttp2Stream,
   type IncomingHttpHeaders,
@@ -194,4 +193,3 @@ export class GatewaySession extends EventEmitter {
   }
 }
 
-export const CANCEL = h2.NGHTTP2_CANCEL;

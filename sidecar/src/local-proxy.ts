@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { ClientHttp2Stream } from 'node:http2';
+import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { GatewayUnavailableError, type GatewaySession, type TunnelResponse } from './gateway-session.js';
@@ -40,10 +40,10 @@ function relay(agent: Socket, stream: ClientHttp2Stream): void {
   // The agent vanished: cancel the stream. Only here do we reset; normal ends use END_STREAM so
   // nghttp2's rapid-reset defence never counts us.
   agent.on('error', () => {
-    if (!stream.closed) stream.close(8 /* CANCEL */);
+    if (!stream.closed) stream.close(h2.NGHTTP2_CANCEL);
   });
   agent.on('close', () => {
-    if (!stream.closed && !stream.writableEnded) stream.close(8 /* CANCEL */);
+    if (!stream.closed && !stream.writableEnded) stream.close(h2.NGHTTP2_CANCEL);
   });
 }
 
@@ -135,7 +135,7 @@ export class LocalProxy {
     const { status, headers, stream } = tunnel;
     log.debug({ event: 'local_connect', authority, status }, 'CONNECT answered');
     if (agent.destroyed) {
-      stream.close(8);
+      stream.close(h2.NGHTTP2_CANCEL);
       return;
     }
     if (status !== 200) {

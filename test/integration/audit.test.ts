@@ -14,18 +14,20 @@ import { parseConfig } from '../../gateway/src/config.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { buildAuditQuery } from '../../registry/audit-query.js';
 import { spkiFingerprint } from '../../registry/ecdsa.js';
-import { closedPort, echoServer, exchange, gatewaySession, request } from '../helpers/net.js';
-import { clientCredentials, serverTls, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
-import { createDatabase, testServer } from '../helpers/postgres.js';
+import { closedPort, exchange, gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
+import { until } from '../helpers/wait.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
+import { testServer } from '../helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../helpers/registry-fixture.js';
 
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 let databaseUrl: string;
 let tls: ServerTls;
-let echo: Awaited<ReturnType<typeof echoServer>>;
 let echoAuthority: string;
 let fixture: RegistryFixture;
 let alice: Awaited<ReturnType<RegistryFixture['principal']>>;
+let world: EchoRegistry;
 const gateways: Gateway[] = [];
 const sessions: ClientHttp2Session[] = [];
 
@@ -58,36 +60,20 @@ async function status(session: ClientHttp2Session, authority: string, method = '
   return response.status;
 }
 
-async function until(condition: () => boolean | Promise<boolean>, timeoutMs = 5000, what = 'condition'): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
-
 async function auditRows(filter: Parameters<typeof buildAuditQuery>[0]) {
   const query = buildAuditQuery(filter);
   return (await fixture.db.query(query.text, query.values)).rows as Record<string, unknown>[];
 }
 
 before(async () => {
-  pgServer = await testServer();
-  databaseUrl = await createDatabase(pgServer.url);
-  tls = await serverTls();
-  echo = await echoServer();
-  echoAuthority = `127.0.0.1:${echo.port}`;
-  fixture = await RegistryFixture.connect(databaseUrl);
-  alice = await fixture.principal('org-alice', { notBefore: at(-DAY) });
-  await fixture.delegate('org-alice', echoAuthority, { notBefore: at(-DAY) });
+  world = await startEchoRegistry();
+  ({ pgServer, databaseUrl, tls, echoAuthority, fixture, alice } = world);
 });
 
 after(async () => {
   for (const session of sessions) session.destroy();
   for (const gateway of gateways) await gateway.close(200);
-  await fixture?.close();
-  await echo?.close();
-  pgServer?.close();
+  await world?.close();
 });
 
 describe('audit rows', () => {

@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import type { ClientHttp2Session } from 'node:http2';
-import { Writable } from 'node:stream';
 import * as x509 from '../../registry/x509.js';
 import { pino } from 'pino';
 import { parseConfig } from '../../gateway/src/config.js';
@@ -11,8 +10,10 @@ import { encodeIdentityExtensionValue } from '../../registry/identity.js';
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { permissionFields, signPermission } from '../../registry/signing.js';
 import { insertPermission } from '../../registry/store.js';
-import { closedPort, echoServer, exchange, gatewaySession, request } from '../helpers/net.js';
-import { clientCredentials, newP256Key, serverTls, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
+import { closedPort, exchange, gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, newP256Key, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
+import { captureLogger } from '../helpers/logs.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
 import { at, DAY, HOUR, RegistryFixture } from '../helpers/registry-fixture.js';
 
@@ -22,11 +23,11 @@ const IDENTITY_INVALID = 'agent-gateway; error=http_request_denied; details="ide
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 let databaseUrl: string;
 let tls: ServerTls;
-let echo: Awaited<ReturnType<typeof echoServer>>;
 let echoAuthority: string;
 let gateway: Gateway;
 let fixture: RegistryFixture;
 let alice: Awaited<ReturnType<RegistryFixture['principal']>>;
+let world: EchoRegistry;
 const logLines: Record<string, unknown>[] = [];
 const sessions: ClientHttp2Session[] = [];
 
@@ -38,18 +39,6 @@ function gatewayConfig(overrides: Record<string, unknown> = {}) {
     admin: { listen_addr: '127.0.0.1:0' },
     ...overrides,
   });
-}
-
-function captureLogger() {
-  return pino(
-    { level: 'debug' },
-    new Writable({
-      write(chunk, _encoding, callback) {
-        for (const line of chunk.toString().split('\n').filter(Boolean)) logLines.push(JSON.parse(line));
-        callback();
-      },
-    }),
-  );
 }
 
 async function sessionFor(client: Partial<ClientCredentials>): Promise<ClientHttp2Session> {
@@ -73,24 +62,16 @@ async function connectStatus(client: Partial<ClientCredentials>, authority = ech
 }
 
 before(async () => {
-  pgServer = await testServer();
-  databaseUrl = await createDatabase(pgServer.url);
-  tls = await serverTls();
-  echo = await echoServer();
-  echoAuthority = `127.0.0.1:${echo.port}`;
-  fixture = await RegistryFixture.connect(databaseUrl);
-  alice = await fixture.principal('org-alice', { notBefore: at(-DAY) });
-  await fixture.delegate('org-alice', echoAuthority, { notBefore: at(-DAY) });
-  gateway = createGateway(gatewayConfig(), { logger: captureLogger() });
+  world = await startEchoRegistry();
+  ({ pgServer, databaseUrl, tls, echoAuthority, fixture, alice } = world);
+  gateway = createGateway(gatewayConfig(), { logger: captureLogger(logLines) });
   await gateway.listen();
 });
 
 after(async () => {
   for (const session of sessions) session.destroy();
   await gateway?.close(500);
-  await fixture?.close();
-  await echo?.close();
-  pgServer?.close();
+  await world?.close();
 });
 
 describe('allowed CONNECT', () => {

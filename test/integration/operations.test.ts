@@ -12,7 +12,6 @@ import type { ClientHttp2Session, ClientHttp2Stream } from 'node:http2';
 import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TLSSocket } from 'node:tls';
@@ -21,18 +20,21 @@ import { pino } from 'pino';
 import { parseConfig } from '../../gateway/src/config.js';
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { createGateway, type Gateway, type GatewayOptions } from '../../gateway/src/gateway.js';
-import { closedPort, echoServer, exchange, gatewaySession, request } from '../helpers/net.js';
+import { closedPort, exchange, gatewaySession, request } from '../helpers/net.js';
 import { clientCredentials, serverTls, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
-import { createDatabase, testServer } from '../helpers/postgres.js';
+import { captureLogger } from '../helpers/logs.js';
+import { until } from '../helpers/wait.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
+import { testServer } from '../helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../helpers/registry-fixture.js';
 
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 let databaseUrl: string;
 let tls: ServerTls;
-let echo: Awaited<ReturnType<typeof echoServer>>;
 let echoAuthority: string;
 let fixture: RegistryFixture;
 let alice: Awaited<ReturnType<RegistryFixture['principal']>>;
+let world: EchoRegistry;
 const gateways: Gateway[] = [];
 const sessions: ClientHttp2Session[] = [];
 
@@ -52,18 +54,6 @@ async function startGateway(overrides: Parameters<typeof rawConfig>[0] = {}, opt
   gateways.push(gateway);
   await gateway.listen();
   return gateway;
-}
-
-function captureLogger(lines: Record<string, unknown>[]) {
-  return pino(
-    { level: 'debug' },
-    new Writable({
-      write(chunk, _encoding, callback) {
-        for (const line of chunk.toString().split('\n').filter(Boolean)) lines.push(JSON.parse(line));
-        callback();
-      },
-    }),
-  );
 }
 
 async function sessionTo(gateway: Gateway, client: Partial<ClientCredentials>, caPem = tls.caPem): Promise<ClientHttp2Session> {
@@ -107,14 +97,6 @@ async function echoOn(stream: ClientHttp2Stream, payload: Buffer): Promise<void>
   assert.ok(Buffer.concat(chunks).equals(payload));
 }
 
-async function until(condition: () => boolean | Promise<boolean>, timeoutMs = 5000, what = 'condition'): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
-
 async function admin(gateway: Gateway, path: string) {
   const response = await fetch(`http://127.0.0.1:${gateway.adminAddress!.port}${path}`);
   return { status: response.status, contentType: response.headers.get('content-type'), text: await response.text() };
@@ -133,22 +115,14 @@ function peerFingerprint(session: ClientHttp2Session): string {
 }
 
 before(async () => {
-  pgServer = await testServer();
-  databaseUrl = await createDatabase(pgServer.url);
-  tls = await serverTls();
-  echo = await echoServer();
-  echoAuthority = `127.0.0.1:${echo.port}`;
-  fixture = await RegistryFixture.connect(databaseUrl);
-  alice = await fixture.principal('org-alice', { notBefore: at(-DAY) });
-  await fixture.delegate('org-alice', echoAuthority, { notBefore: at(-DAY) });
+  world = await startEchoRegistry();
+  ({ pgServer, databaseUrl, tls, echoAuthority, fixture, alice } = world);
 });
 
 after(async () => {
   for (const session of sessions) session.destroy();
   for (const gateway of gateways) await gateway.close(200);
-  await fixture?.close();
-  await echo?.close();
-  pgServer?.close();
+  await world?.close();
 });
 
 describe('admin endpoints', () => {

@@ -8,7 +8,6 @@ import { randomBytes } from 'node:crypto';
 import { request as httpRequest } from 'node:http';
 import { once } from 'node:events';
 import { after, before, test } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { createSecureContext } from 'node:tls';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { pino } from 'pino';
@@ -17,6 +16,7 @@ import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startSidecarTracing } from '../../sidecar/src/tracing.js';
 import { testGatewayConfig } from '../helpers/gateway.js';
+import { until } from '../helpers/wait.js';
 import { echoServer } from '../helpers/net.js';
 import { clientCredentials, serverTls } from '../helpers/pki.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
@@ -61,11 +61,6 @@ after(async () => {
   pgServer?.close();
 });
 
-async function until(check: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 100 && !check(); i++) await sleep(50);
-  assert.ok(check(), what);
-}
-
 test("one trace id spans the agent's traceparent, the sidecar span and the gateway spans", async () => {
   const traceId = randomBytes(16).toString('hex');
   const agentSpanId = randomBytes(8).toString('hex');
@@ -77,8 +72,8 @@ test("one trace id spans the agent's traceparent, the sidecar span and the gatew
   socket.resume();
   await once(socket, 'close');
 
-  await until(() => sidecarSpans.getFinishedSpans().length > 0, 'the sidecar span ended');
-  await until(() => gatewaySpans.getFinishedSpans().some((s) => s.name === 'agent_gateway.tunnel'), 'the gateway tunnel span ended');
+  await until(() => sidecarSpans.getFinishedSpans().length > 0, 5000, 'the sidecar span ended');
+  await until(() => gatewaySpans.getFinishedSpans().some((s) => s.name === 'agent_gateway.tunnel'), 5000, 'the gateway tunnel span ended');
   const sidecarSpan = sidecarSpans.getFinishedSpans().find((s) => s.name === 'sidecar.connect')!;
   assert.equal(sidecarSpan.spanContext().traceId, traceId);
   assert.equal(sidecarSpan.parentSpanContext?.spanId, agentSpanId, "the sidecar continues the agent's trace");
@@ -97,7 +92,7 @@ test('a denied CONNECT ends the sidecar span with the status, still in one trace
   const [res, socket] = (await once(req, 'connect')) as [import('node:http').IncomingMessage, import('node:net').Socket];
   assert.equal(res.statusCode, 403);
   socket.destroy();
-  await until(() => sidecarSpans.getFinishedSpans().length > 0 && gatewaySpans.getFinishedSpans().some((s) => s.name === 'CONNECT'), 'both spans ended');
+  await until(() => sidecarSpans.getFinishedSpans().length > 0 && gatewaySpans.getFinishedSpans().some((s) => s.name === 'CONNECT'), 5000, 'both spans ended');
   const sidecarSpan = sidecarSpans.getFinishedSpans()[0]!;
   assert.equal(sidecarSpan.attributes['http.response.status_code'], 403);
   const connect = gatewaySpans.getFinishedSpans().find((s) => s.name === 'CONNECT')!;

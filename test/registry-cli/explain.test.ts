@@ -4,9 +4,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import type { ClientHttp2Session } from 'node:http2';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import { pino } from 'pino';
 import type { Gateway } from '../../gateway/src/gateway.js';
 import { spkiFingerprint } from '../../registry/ecdsa.js';
 import { permissionFields, signPermission } from '../../registry/signing.js';
@@ -14,9 +12,10 @@ import { insertPermission } from '../../registry/store.js';
 import { explainConnect } from '../../registry-cli/src/commands/explain.js';
 import type { CheckName, Explanation } from '../../registry-cli/src/explanation.js';
 import { startTestGateway } from '../helpers/gateway.js';
-import { echoServer, gatewaySession, request } from '../helpers/net.js';
-import { clientCredentials, newP256Key, serverTls, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
-import { createDatabase, testServer } from '../helpers/postgres.js';
+import { gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, newP256Key, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
+import { captureLogger } from '../helpers/logs.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { at, DAY, HOUR, RegistryFixture } from '../helpers/registry-fixture.js';
 import { describeRun, runCli } from './run-cli.js';
 
@@ -26,29 +25,16 @@ import { describeRun, runCli } from './run-cli.js';
  * same CONNECT.
  */
 
-let pgServer: Awaited<ReturnType<typeof testServer>>;
 let databaseUrl: string;
 let fixture: RegistryFixture;
 let tls: ServerTls;
-let echo: Awaited<ReturnType<typeof echoServer>>;
 let echoAuthority: string;
 let gateway: Gateway;
 let alice: Awaited<ReturnType<RegistryFixture['principal']>>;
+let world: EchoRegistry;
 let scratch: string;
 const logLines: Record<string, unknown>[] = [];
 const sessions: ClientHttp2Session[] = [];
-
-function captureLogger() {
-  return pino(
-    { level: 'info' },
-    new Writable({
-      write(chunk, _encoding, callback) {
-        for (const line of chunk.toString().split('\n').filter(Boolean)) logLines.push(JSON.parse(line));
-        callback();
-      },
-    }),
-  );
-}
 
 async function grantedClient(identity: string, options: Parameters<RegistryFixture['permit']>[3] = {}) {
   const client = await clientCredentials({ identity });
@@ -82,24 +68,16 @@ function assertFailsAt(explanation: Explanation, check: CheckName): void {
 }
 
 before(async () => {
-  pgServer = await testServer();
-  databaseUrl = await createDatabase(pgServer.url);
-  fixture = await RegistryFixture.connect(databaseUrl);
-  tls = await serverTls();
-  echo = await echoServer();
-  echoAuthority = `127.0.0.1:${echo.port}`;
-  alice = await fixture.principal('org-alice', { notBefore: at(-DAY) });
-  await fixture.delegate('org-alice', echoAuthority, { notBefore: at(-DAY) });
-  gateway = await startTestGateway({ databaseUrl, tls, logger: captureLogger() });
+  world = await startEchoRegistry();
+  ({ databaseUrl, tls, echoAuthority, fixture, alice } = world);
+  gateway = await startTestGateway({ databaseUrl, tls, logger: captureLogger(logLines, 'info') });
   scratch = mkdtempSync(join(tmpdir(), 'agw-explain-'));
 });
 
 after(async () => {
   for (const session of sessions) session.destroy();
   await gateway?.close(200);
-  await fixture?.close();
-  await echo?.close();
-  pgServer?.close();
+  await world?.close();
   if (scratch) rmSync(scratch, { recursive: true, force: true });
 });
 

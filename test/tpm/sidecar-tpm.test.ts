@@ -13,7 +13,6 @@ import { once } from 'node:events';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { connect as tlsConnect } from 'node:tls';
 import { promisify } from 'node:util';
@@ -26,6 +25,7 @@ import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { createTpmSecureContext, ensureTpmKey, loadTlsIdentity, TlsIdentityError, type TlsIdentity } from '../../sidecar/src/tls-identity.js';
 import { openToken } from '../../tpm/token.js';
 import { connectViaProxy, getOver, httpsService } from '../helpers/chain.js';
+import { captureLogger } from '../helpers/logs.js';
 import { startTestGateway } from '../helpers/gateway.js';
 import { clientCredentials, serverTls, TEST_OID, type ServerTls } from '../helpers/pki.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
@@ -129,17 +129,11 @@ before(async () => {
   serviceTls = await serverTls(['docstore.test', 'messaging.test']);
   docstore = await httpsService(serviceTls, 'docstore');
   messaging = await httpsService(serviceTls, 'messaging');
-  const capture = new Writable({
-    write(chunk: Buffer, _encoding, callback) {
-      for (const line of chunk.toString('utf8').split('\n')) if (line.trim()) gatewayLog.push(JSON.parse(line) as Record<string, unknown>);
-      callback();
-    },
-  });
   gateway = await startTestGateway({
     databaseUrl,
     tls: gatewayTls,
     resolve: { 'docstore.test': `127.0.0.1:${docstore.port}`, 'messaging.test': `127.0.0.1:${messaging.port}` },
-    logger: pino({ level: 'info' }, capture),
+    logger: captureLogger(gatewayLog, 'info'),
   });
   gatewayUrl = `https://localhost:${gateway.address!.port}`;
 
