@@ -79,12 +79,68 @@ export function exactSpkiDer(certificateDer: Uint8Array): Buffer {
   return Buffer.from(spki.valueBeforeDecodeView);
 }
 
+/** A carrier certificate is a few hundred bytes; anything near these bounds is not one. */
+export const MAX_CERTIFICATE_BYTES = 16 * 1024;
+export const MAX_CERTIFICATE_EXTENSIONS = 64;
+
+/** One DER tag-length header: where the value starts and how long it is, or undefined. */
+function derHeader(der: Uint8Array, at: number): { tag: number; start: number; end: number } | undefined {
+  if (at + 2 > der.length) return undefined;
+  const tag = der[at]!;
+  if ((tag & 0x1f) === 0x1f) return undefined; // high tag numbers never occur in a certificate
+  let length = der[at + 1]!;
+  let start = at + 2;
+  if (length & 0x80) {
+    const octets = length & 0x7f;
+    if (octets === 0 || octets > 3 || start + octets > der.length) return undefined;
+    length = 0;
+    for (let i = 0; i < octets; i++) length = length * 256 + der[start + i]!;
+    start += octets;
+  }
+  const end = start + length;
+  return end <= der.length ? { tag, start, end } : undefined;
+}
+
+/**
+ * How many extensions a certificate declares, from its DER headers alone (no allocation, no
+ * parse): the cost of a hostile certificate is bounded before any parser sees it (DESIGN §9a).
+ * Undefined when the headers do not have a certificate's shape.
+ */
+export function countCertificateExtensions(der: Uint8Array): number | undefined {
+  const certificate = derHeader(der, 0);
+  if (!certificate || certificate.tag !== 0x30 || certificate.end !== der.length) return undefined;
+  const tbs = derHeader(der, certificate.start);
+  if (!tbs || tbs.tag !== 0x30) return undefined;
+  for (let at = tbs.start; at < tbs.end; ) {
+    const field = derHeader(der, at);
+    if (!field || field.end > tbs.end) return undefined;
+    if (field.tag === 0xa3) {
+      const list = derHeader(der, field.start);
+      if (!list || list.tag !== 0x30 || list.end !== field.end) return undefined;
+      let count = 0;
+      for (let inner = list.start; inner < list.end; count++) {
+        const extension = derHeader(der, inner);
+        if (!extension || extension.end > list.end) return undefined;
+        inner = extension.end;
+      }
+      return count;
+    }
+    at = field.end;
+  }
+  return 0;
+}
+
 /**
  * Reads the identity and exact SPKI from a leaf certificate. Never throws: a certificate the
  * gateway cannot use yields `{ ok: false, reason }`, and every CONNECT on that session gets 403.
+ * Size and extension count are checked before anything parses it.
  */
 export function readPeerIdentity(certificateDer: Uint8Array | undefined, extensionOid: string): PeerIdentity {
   if (!certificateDer || certificateDer.length === 0) return { ok: false, reason: 'no client certificate' };
+  if (certificateDer.length > MAX_CERTIFICATE_BYTES) return { ok: false, reason: `client certificate is ${certificateDer.length} bytes (at most ${MAX_CERTIFICATE_BYTES})` };
+  const extensions = countCertificateExtensions(certificateDer);
+  if (extensions === undefined) return { ok: false, reason: 'client certificate is not DER' };
+  if (extensions > MAX_CERTIFICATE_EXTENSIONS) return { ok: false, reason: `client certificate has ${extensions} extensions (at most ${MAX_CERTIFICATE_EXTENSIONS})` };
   let spkiDer: Buffer;
   let certificate: X509Certificate;
   try {

@@ -67,6 +67,11 @@ const policySchema = z
     connect_timeout_ms: millis(5000),
     pool_acquire_timeout_ms: millis(1000),
     query_timeout_ms: millis(500),
+    /**
+     * Distinct registry lookups waiting for a pooled connection; past it a CONNECT gets 503
+     * registry_unavailable at once. A lookup waits at most pool_acquire_timeout_ms to start.
+     */
+    lookup_queue_size: z.number().int().min(1).max(1_000_000).default(10_000),
   })
   .superRefine((policy, ctx) => {
     if (policy.database_url === undefined && policy.database_url_env === undefined) {
@@ -107,6 +112,10 @@ const limitsSchema = z
     max_tunnels_per_identity: z.number().int().min(0).max(1_000_000).default(0),
     /** A tunnel with no bytes either way for this long is closed; 0 = never. */
     idle_timeout_ms: millisOrOff(600_000),
+    /** A session with no open stream for this long gets GOAWAY; 0 = never. */
+    session_idle_timeout_ms: millisOrOff(300_000),
+    /** TLS connections held at once; more are refused at accept. 0 = no limit. */
+    max_connections: z.number().int().min(0).max(10_000_000).default(10_000),
   })
   // connect_burst is kept (and ignored) when the rate is 0, so switching the rate off is a one-line change.
   .transform((limits) => ({

@@ -1,34 +1,27 @@
 import { randomBytes } from 'node:crypto';
-import {
-  constants as h2,
-  createSecureServer,
-  type Http2SecureServer,
-  type IncomingHttpHeaders,
-  type ServerHttp2Session,
-  type ServerHttp2Stream,
-} from 'node:http2';
+import { createSecureServer, type Http2SecureServer, type IncomingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import { SpanKind, SpanStatusCode, type Context, type Span, type TracerProvider } from '@opentelemetry/api';
+import type { TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
-import { TUNNEL_CLOSED_REASON } from '../../registry/audit-query.js';
-import { normaliseDestination, type Destination } from '../../registry/destination.js';
-import { spkiFingerprint } from '../../registry/ecdsa.js';
-import { ConfigError, RegistryUnavailableError } from '../../registry/errors.js';
+import { ConfigError } from '../../registry/errors.js';
 import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
-import { readPeerIdentity, type PeerIdentity } from '../../registry/identity.js';
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { startAdminServer, type AdminServer, type Readiness } from './admin.js';
-import { AuditWriter, type AuditEvent } from './audit.js';
+import { AuditWriter } from './audit.js';
 import { parseListenAddress, type GatewayConfig } from './config.js';
-import { denialResponse, dialFailureResponse, type ReasonCode, type Response } from './decision.js';
+import { ConnectRequest, type ConnectDeps } from './connect.js';
 import { Limiter } from './limits.js';
 import { createLogger } from './logger.js';
+import { LookupQueue } from './lookups.js';
 import { GatewayMetrics } from './metrics.js';
+import { OutcomeRecorder } from './outcome.js';
 import { RegistryClient } from './registry-client.js';
 import { loadServerCredentials, TLS_CONTEXT_OPTIONS, type ServerCredentials } from './server-credentials.js';
-import { startTracing, traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
-import { dial, pipeTunnel } from './tunnel.js';
+import { SessionGuard } from './sessions.js';
+import { startTracing, type GatewayTracing } from './tracing.js';
+import { TUNNEL_LINGER_MS } from './tunnel.js';
+import { TunnelTracker } from './tunnels.js';
 
 /** How long close() waits, after the sessions are gone, for CONNECT handlers to write their last rows. */
 const HANDLER_DRAIN_MS = 1000;
@@ -70,6 +63,12 @@ export interface Gateway {
   /** The admin listener's address once listening (undefined when `[admin] enabled = false`). */
   readonly adminAddress: AddressInfo | undefined;
   readonly openTunnels: number;
+  /** Every open tunnel (metrics, /tunnels, shutdown, revocation). */
+  readonly tunnels: TunnelTracker;
+  /** The bounded, coalescing queue in front of the registry. */
+  readonly lookups: LookupQueue;
+  /** Open HTTP/2 sessions. */
+  readonly openSessions: number;
   readonly registry: RegistryClient;
   readonly server: Http2SecureServer;
   /** Undefined when the admin listener is disabled: then no metric is kept at all. */
@@ -82,33 +81,15 @@ export interface Gateway {
   readonly certificateFingerprint: string;
 }
 
-interface SessionInfo {
-  readonly peer: PeerIdentity;
-  readonly fingerprint: string | undefined;
-  /** Limiter key: identity and key together, since the identity string alone proves nothing. */
-  readonly limitKey: string | undefined;
-  readonly span: Span | undefined;
-}
-
-interface DecisionLog {
-  connect_id: string;
-  trace_id?: string;
-  identity?: string;
-  spki_fingerprint?: string;
-  destination?: string;
-  authority?: string;
-  status: number;
-  reason: string;
-  detail?: string;
-  permission_id?: string;
-  decision_ms: number;
-}
-
 export function createGateway(config: GatewayConfig, options: GatewayOptions = {}): Gateway {
   const log = options.logger ?? createLogger({ filter: config.observability.log_level });
   const registry = new RegistryClient(config.policy, log);
-  const sessionInfo = new WeakMap<ServerHttp2Session, SessionInfo>();
-  const sessions = new Set<ServerHttp2Session>();
+  const lookups = new LookupQueue((request) => registry.authorize(request), {
+    concurrency: config.policy.max_connections,
+    maxQueued: config.policy.lookup_queue_size,
+    maxWaitMs: config.policy.pool_acquire_timeout_ms,
+  });
+  const tunnels = new TunnelTracker();
   const handlers = new Set<Promise<void>>();
   let limits = config.limits;
   let serverPaths = { cert: config.server.tls_cert_path, key: config.server.tls_key_path };
@@ -116,11 +97,11 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   // A fresh prefix per gateway instance keeps connect ids unique across restarts and replicas.
   const connectIdPrefix = randomBytes(6).toString('hex');
   let connectSeq = 0;
-  let openTunnels = 0;
   let closing = false;
   let address: AddressInfo | undefined;
   let admin: AdminServer | undefined;
   let tracing: GatewayTracing | undefined;
+  const sessions = new SessionGuard(config, () => limits, log, () => tracing);
 
   let credentials: ServerCredentials = loadServerCredentials(serverPaths.cert, serverPaths.key);
   if (credentials.notAfter.getTime() <= Date.now()) log.warn({ event: 'certificate_expired', not_after: credentials.notAfter.toISOString() }, 'the server certificate has expired');
@@ -141,11 +122,29 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         { perIdentity: config.admin.per_identity_metrics, perDestination: config.admin.per_destination_metrics, processMetrics: config.admin.process_metrics },
         {
           openSessions: () => sessions.size,
+          tunnels: () => tunnels,
+          lookups: () => ({ queued: lookups.queued, running: lookups.running }),
           pools: () => [{ pool: 'registry', ...registry.poolStats }, ...(audit ? [{ pool: 'audit', ...audit.poolStats }] : [])],
           audit: () => audit?.stats,
         },
       )
     : undefined;
+
+  const deps: ConnectDeps = {
+    config,
+    limits: () => limits,
+    isClosing: () => closing,
+    nextConnectId: () => `${connectIdPrefix}-${(++connectSeq).toString(36)}`,
+    limiter,
+    lookups,
+    tunnels,
+    recorder: new OutcomeRecorder({ log, metrics, audit }),
+    metrics,
+    get tracing() {
+      return tracing;
+    },
+    log,
+  };
 
   const server = createSecureServer({
     ...TLS_CONTEXT_OPTIONS,
@@ -163,6 +162,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       enablePush: false,
     },
   });
+  // Refused at accept past the cap; hostile connections are reaped by the deadlines in sessions.ts.
+  if (limits.max_connections > 0) server.maxConnections = limits.max_connections;
 
   server.on('unknownProtocol', (socket: TLSSocket) => socket.destroy());
   server.on('tlsClientError', (error: NodeJS.ErrnoException) => {
@@ -171,274 +172,24 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
 
   server.on('session', (session: ServerHttp2Session) => {
-    sessions.add(session);
-    session.on('error', (error) => log.debug({ err: error.message }, 'session error'));
-    session.setLocalWindowSize(SESSION_WINDOW_BYTES);
-    // Read once per session: the handshake fixed the certificate for the session's lifetime.
-    const socket = session.socket as TLSSocket;
-    const peer = readPeerIdentity(socket.getPeerCertificate(true)?.raw, config.policy.client_ext_oid);
-    const fingerprint = peer.spkiDer ? spkiFingerprint(peer.spkiDer) : undefined;
-    let span: Span | undefined;
-    if (tracing?.enabled) {
-      span = tracing.tracer.startSpan('agent_gateway.session', {
-        kind: SpanKind.SERVER,
-        attributes: {
-          'network.peer.address': socket.remoteAddress ?? '',
-          'network.peer.port': socket.remotePort ?? 0,
-          'tls.protocol.version': socket.getProtocol() ?? '',
-          'agent_gateway.identity_ok': peer.ok,
-          ...(peer.ok ? { 'agent_gateway.identity': peer.identity } : { 'agent_gateway.identity_error': peer.reason }),
-          ...(fingerprint ? { 'agent_gateway.spki_fingerprint': fingerprint } : {}),
-        },
-      });
-    }
-    sessionInfo.set(session, { peer, fingerprint, limitKey: peer.ok ? `${peer.identity}\n${fingerprint}` : undefined, span });
-    session.once('close', () => {
-      sessions.delete(session);
-      span?.end();
-    });
-    if (!peer.ok) log.info({ reason: peer.reason, spki_fingerprint: fingerprint }, 'client identity unusable: every CONNECT on this session will be denied');
+    sessions.adopt(session, SESSION_WINDOW_BYTES);
     if (closing) session.close();
   });
 
   server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
-    const handler = handleStream(stream, headers)
-      .catch((error: unknown) => {
-        log.error({ err: (error as Error).message }, 'unexpected error handling CONNECT');
-        if (!stream.destroyed) stream.close(h2.NGHTTP2_INTERNAL_ERROR);
-      })
-      .finally(() => handlers.delete(handler));
+    // From birth: a stream reset, a session error or a dropped socket emits 'error' here at any
+    // moment; unhandled, it would end the process.
+    stream.on('error', (error) => log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'stream error'));
+    const session = stream.session as ServerHttp2Session | undefined;
+    const peer = session && sessions.get(session);
+    if (!session || !peer || stream.destroyed) {
+      stream.destroy();
+      return;
+    }
+    sessions.streamOpened(session, stream);
+    const handler = new ConnectRequest(deps, peer, stream, headers).run().finally(() => handlers.delete(handler));
     handlers.add(handler);
   });
-
-  function answer(stream: ServerHttp2Stream, response: Response): void {
-    if (stream.destroyed || stream.closed) return;
-    stream.respond({ ':status': response.status, ...response.headers }, { endStream: true });
-  }
-
-  async function handleStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): Promise<void> {
-    const started = performance.now();
-    const session = sessionInfo.get(stream.session as ServerHttp2Session);
-    const peer = session?.peer;
-    const entry: DecisionLog = {
-      connect_id: `${connectIdPrefix}-${(++connectSeq).toString(36)}`,
-      status: 0,
-      reason: '',
-      decision_ms: 0,
-      ...(peer?.ok ? { identity: peer.identity } : {}),
-      ...(session?.fingerprint ? { spki_fingerprint: session.fingerprint } : {}),
-    };
-    const rawAuthority = headers[':authority'];
-
-    // Tracing: the CONNECT span continues the sidecar's trace and links to the session's span.
-    let span: Span | undefined;
-    let spanContext: Context | undefined;
-    if (tracing?.enabled) {
-      const parent = tracing.extract(headers);
-      span = tracing.tracer.startSpan(
-        'CONNECT',
-        {
-          kind: SpanKind.SERVER,
-          attributes: { 'http.request.method': String(headers[':method']), 'agent_gateway.connect_id': entry.connect_id },
-          ...(session?.span ? { links: [{ context: session.span.spanContext() }] } : {}),
-        },
-        parent,
-      );
-      spanContext = tracing.withSpan(parent, span);
-      entry.trace_id = span.spanContext().traceId;
-    } else {
-      const traceId = traceIdFromTraceparent(headers.traceparent);
-      if (traceId) entry.trace_id = traceId;
-    }
-
-    let authorised = false;
-    /** Logs, counts, audits and ends the span for the decision in `entry`. */
-    const decided = (status: number, reason: string, detail?: string) => {
-      entry.status = status;
-      entry.reason = reason;
-      if (detail) entry.detail = detail;
-      entry.decision_ms = performance.now() - started;
-      logDecision(entry);
-      metrics?.decision(status, reason, entry.identity, entry.destination, authorised);
-      audit?.record({
-        identity: entry.identity,
-        spki_fingerprint: entry.spki_fingerprint,
-        destination: entry.destination,
-        authority: typeof rawAuthority === 'string' ? rawAuthority : undefined,
-        status,
-        reason,
-        detail: entry.detail,
-        permission_id: entry.permission_id,
-        trace_id: entry.trace_id,
-        connect_id: entry.connect_id,
-      } satisfies AuditEvent);
-      if (span) {
-        span.setAttributes({
-          'http.response.status_code': status,
-          'agent_gateway.reason': reason,
-          ...(entry.identity ? { 'agent_gateway.identity': entry.identity } : {}),
-          ...(entry.destination ? { 'agent_gateway.destination': entry.destination } : {}),
-          ...(entry.permission_id ? { 'agent_gateway.permission_id': entry.permission_id } : {}),
-          ...(entry.detail ? { 'agent_gateway.detail': entry.detail } : {}),
-        });
-        if (status >= 500) span.setStatus({ code: SpanStatusCode.ERROR, message: reason });
-        span.end();
-      }
-    };
-    const deny = (reason: Exclude<ReasonCode, 'dial_failed'>, detail?: string) => {
-      const response = denialResponse(reason);
-      answer(stream, response);
-      decided(response.status, reason, detail);
-    };
-
-    // Checks run in DESIGN §3's order; the first failure answers.
-    const method = headers[':method'];
-    if (method !== 'CONNECT') return deny('method_not_allowed', `method ${String(method)}`);
-    let destination: Destination;
-    try {
-      destination = normaliseDestination(typeof rawAuthority === 'string' ? rawAuthority : '');
-    } catch (error) {
-      entry.authority = String(rawAuthority ?? '').slice(0, 300);
-      return deny('authority_invalid', (error as Error).message);
-    }
-    entry.destination = destination.authority;
-    if (!peer?.ok || !session?.limitKey) return deny('identity_invalid', peer && !peer.ok ? peer.reason : 'no session identity');
-    if (closing) return deny('shutting_down');
-
-    const admitted = limiter.admit(session.limitKey);
-    if (!admitted.ok) return deny(admitted.reason, admitted.reason === 'rate_limited' ? `over ${limiter.settings.connect_rate_per_second}/s (burst ${limiter.settings.connect_burst})` : `${limiter.settings.max_tunnels_per_identity} open`);
-    try {
-      await authoriseAndTunnel(stream, entry, destination, peer, span, spanContext, decided, deny, () => (authorised = true));
-    } finally {
-      if (admitted.slot) limiter.release(session.limitKey);
-    }
-  }
-
-  async function authoriseAndTunnel(
-    stream: ServerHttp2Stream,
-    entry: DecisionLog,
-    destination: Destination,
-    peer: Extract<PeerIdentity, { ok: true }>,
-    span: Span | undefined,
-    spanContext: Context | undefined,
-    decided: (status: number, reason: string, detail?: string) => void,
-    deny: (reason: Exclude<ReasonCode, 'dial_failed'>, detail?: string) => void,
-    markAuthorised: () => void,
-  ): Promise<void> {
-    const authStarted = performance.now();
-    let result;
-    try {
-      result = await registry.authorize(
-        { identity: peer.identity, spkiDer: peer.spkiDer, destination: destination.authority },
-        tracing?.enabled && spanContext ? { tracing, parent: spanContext } : undefined,
-      );
-    } catch (error) {
-      if (error instanceof RegistryUnavailableError) {
-        metrics?.authorization((performance.now() - authStarted) / 1000, 'unavailable');
-        return deny('registry_unavailable', error.message);
-      }
-      throw error;
-    }
-    metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
-    if (!result.allowed) {
-      // The row that explains the denial, for operators (log, audit); the client sees not_authorized only.
-      const explaining = result.verdicts.find((v) => v.reason === result.reason)?.permissionId;
-      if (explaining) entry.permission_id = explaining;
-      return deny('not_authorized', result.reason);
-    }
-    entry.permission_id = result.permissionId;
-    markAuthorised();
-    if (stream.destroyed || stream.closed) {
-      span?.end();
-      return;
-    }
-
-    const target = config.resolve.get(destination.authority) ?? destination;
-    const dialSpan =
-      tracing?.enabled && spanContext
-        ? tracing.tracer.startSpan('agent_gateway.dial', { kind: SpanKind.CLIENT, attributes: { 'server.address': target.host, 'server.port': target.port } }, spanContext)
-        : undefined;
-    const dialled = await dial(target.host, target.port, limits.dial_timeout_ms);
-    if (dialSpan) {
-      if (!dialled.ok) dialSpan.setStatus({ code: SpanStatusCode.ERROR, message: `${dialled.type}: ${dialled.message}` });
-      dialSpan.end();
-    }
-    if (!dialled.ok) {
-      answer(stream, dialFailureResponse(dialled.type));
-      decided(502, 'dial_failed', `${dialled.type}: ${dialled.message}`);
-      return;
-    }
-    if (stream.destroyed || stream.closed) {
-      dialled.socket.destroy();
-      span?.end();
-      return;
-    }
-    stream.respond({ ':status': 200 });
-    decided(200, 'allowed');
-
-    openTunnels++;
-    const tunnelMetrics = metrics?.tunnelOpened(dialled.socket, peer.identity, destination.authority);
-    const tunnelSpan = tracing?.enabled && spanContext ? tracing.tracer.startSpan('agent_gateway.tunnel', { kind: SpanKind.INTERNAL }, spanContext) : undefined;
-    const stats = await pipeTunnel(stream, dialled.socket, limits.idle_timeout_ms);
-    openTunnels--;
-    if (tunnelMetrics) metrics!.tunnelClosed(tunnelMetrics, stats.idleTimeout);
-    const durationMs = Math.round(stats.durationMs * 1000) / 1000;
-    if (tunnelSpan) {
-      tunnelSpan.setAttributes({ 'agent_gateway.bytes_up': stats.bytesUp, 'agent_gateway.bytes_down': stats.bytesDown, ...(stats.error ? { 'agent_gateway.close_reason': stats.error } : {}) });
-      tunnelSpan.end();
-    }
-    log.info(
-      {
-        event: 'tunnel_closed',
-        connect_id: entry.connect_id,
-        ...(entry.trace_id ? { trace_id: entry.trace_id } : {}),
-        identity: entry.identity,
-        spki_fingerprint: entry.spki_fingerprint,
-        destination: entry.destination,
-        permission_id: entry.permission_id,
-        bytes_up: stats.bytesUp,
-        bytes_down: stats.bytesDown,
-        duration_ms: Math.round(stats.durationMs),
-        ...(stats.error ? { error: stats.error } : {}),
-      },
-      'tunnel closed',
-    );
-    audit?.record({
-      identity: entry.identity,
-      spki_fingerprint: entry.spki_fingerprint,
-      destination: entry.destination,
-      status: 200,
-      reason: TUNNEL_CLOSED_REASON,
-      detail: stats.error,
-      permission_id: entry.permission_id,
-      bytes_up: stats.bytesUp,
-      bytes_down: stats.bytesDown,
-      duration_ms: durationMs,
-      trace_id: entry.trace_id,
-      connect_id: entry.connect_id,
-    });
-  }
-
-  function logDecision(entry: DecisionLog): void {
-    // Fixed field order, whatever order the handler filled them in: people read these lines.
-    const line = {
-      event: 'connect_decision',
-      connect_id: entry.connect_id,
-      ...(entry.trace_id ? { trace_id: entry.trace_id } : {}),
-      ...(entry.identity !== undefined ? { identity: entry.identity } : {}),
-      ...(entry.spki_fingerprint ? { spki_fingerprint: entry.spki_fingerprint } : {}),
-      ...(entry.destination ? { destination: entry.destination } : {}),
-      ...(entry.authority !== undefined ? { authority: entry.authority } : {}),
-      status: entry.status,
-      reason: entry.reason,
-      ...(entry.detail ? { detail: entry.detail } : {}),
-      ...(entry.permission_id ? { permission_id: entry.permission_id } : {}),
-      decision_ms: Math.round(entry.decision_ms * 1000) / 1000,
-    };
-    if (entry.status === 200) log.info(line, 'CONNECT allowed');
-    else if (entry.status >= 500 && entry.status !== 502) log.warn(line, 'CONNECT failed');
-    else log.info(line, 'CONNECT denied');
-  }
 
   async function readiness(): Promise<Readiness> {
     if (closing) return { ready: false, body: { status: 'shutting_down' } };
@@ -483,9 +234,11 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     const wasListening = server.listening;
     const serverClosed = new Promise<void>((resolve) => server.close(() => resolve()));
     // GOAWAY: open streams finish, new ones are refused by the client.
-    for (const session of sessions) session.close();
+    sessions.closeAll();
     const deadline = setTimeout(() => {
-      for (const session of sessions) session.destroy();
+      // Tunnels end with END_STREAM (no burst of resets), then whatever is left is torn down.
+      tunnels.closeAll('shutting_down');
+      setTimeout(() => sessions.destroyAll(), TUNNEL_LINGER_MS).unref();
     }, graceMs);
     deadline.unref();
     if (wasListening) await serverClosed;
@@ -558,7 +311,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           restart_required: restart,
         };
         metrics?.reload('success');
-        log.info({ event: 'reloaded', ...result, open_tunnels: openTunnels }, 'reloaded certificate and limits');
+        log.info({ event: 'reloaded', ...result, open_tunnels: tunnels.size }, 'reloaded certificate and limits');
         return result;
       } catch (error) {
         metrics?.reload('failure');
@@ -573,7 +326,12 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       return admin?.address;
     },
     get openTunnels() {
-      return openTunnels;
+      return tunnels.size;
+    },
+    tunnels,
+    lookups,
+    get openSessions() {
+      return sessions.size;
     },
     get limits() {
       return limits;

@@ -1,5 +1,5 @@
-import type { Socket } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { OpenTunnel } from './tunnels.js';
 
 /**
  * The gateway's Prometheus metrics, in a Registry of its own (never prom-client's global one),
@@ -26,16 +26,12 @@ export interface MetricsOptions {
 /** Read at scrape time. */
 export interface MetricsSources {
   openSessions(): number;
+  /** Open tunnels (the tracker): the gauge and the bytes of open tunnels are read from here. */
+  tunnels(): Iterable<OpenTunnel>;
+  /** Registry lookups waiting to start and running (the lookup queue). */
+  lookups(): { readonly queued: number; readonly running: number };
   pools(): readonly { readonly pool: string; readonly total: number; readonly idle: number; readonly waiting: number }[];
   audit(): { readonly queued: number; readonly written: number; readonly dropped: Readonly<Record<string, number>> } | undefined;
-}
-
-export interface TunnelHandle {
-  readonly socket: Socket;
-  readonly labels: Record<string, string>;
-  /** Bytes already added to the counters. */
-  reportedUp: number;
-  reportedDown: number;
 }
 
 export class GatewayMetrics {
@@ -44,12 +40,10 @@ export class GatewayMetrics {
   readonly #perDestination: boolean;
   readonly #decisions: Counter;
   readonly #authorization: Histogram;
-  readonly #openTunnels: Gauge;
   readonly #bytes: Counter;
   readonly #handshakeFailures: Counter;
   readonly #idleTimeouts: Counter;
   readonly #reloads: Counter;
-  readonly #tunnels = new Set<TunnelHandle>();
   readonly #auditDropped: Counter;
   /** Audit totals already added to the counters (the writer keeps running totals). */
   #auditReported = { written: 0, dropped: {} as Record<string, number> };
@@ -73,13 +67,34 @@ export class GatewayMetrics {
       buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
       registers,
     });
-    this.#openTunnels = new Gauge({
+    const labelsOf = (open: OpenTunnel) => this.#who(open.identity, open.destination);
+    new Gauge({
       name: `${METRIC_PREFIX}open_tunnels`,
       help: 'Tunnels currently open.',
       labelNames: who,
       registers,
+      collect() {
+        this.reset();
+        if (who.length === 0) {
+          let open = 0;
+          for (const _ of sources.tunnels()) open++;
+          this.set(open);
+          return;
+        }
+        for (const open of sources.tunnels()) this.inc(labelsOf(open));
+      },
     });
-    const tunnels = this.#tunnels;
+    new Gauge({
+      name: `${METRIC_PREFIX}registry_lookups`,
+      help: 'Registry lookups by state: queued (waiting for a pooled connection) or running.',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        const { queued, running } = sources.lookups();
+        this.set({ state: 'queued' }, queued);
+        this.set({ state: 'running' }, running);
+      },
+    });
     const bytes = (this.#bytes = new Counter({
       name: `${METRIC_PREFIX}tunnel_bytes_total`,
       help: 'Bytes carried by tunnels; direction="up" is client to destination, "down" the other way. Includes open tunnels.',
@@ -87,7 +102,7 @@ export class GatewayMetrics {
       registers,
       // Open tunnels' bytes are added when scraped, so long-lived tunnels show up before they close.
       collect() {
-        for (const tunnel of tunnels) GatewayMetrics.#addBytes(bytes, tunnel);
+        for (const open of sources.tunnels()) GatewayMetrics.#addBytes(bytes, open, labelsOf(open));
       },
     }));
     this.#handshakeFailures = new Counter({
@@ -173,14 +188,13 @@ export class GatewayMetrics {
     if (options.processMetrics) collectDefaultMetrics({ register: this.registry });
   }
 
-  static #addBytes(counter: Counter, tunnel: TunnelHandle): void {
-    // bytesWritten toward the destination is what the client sent up; bytesRead is what came down.
-    const up = tunnel.socket.bytesWritten;
-    const down = tunnel.socket.bytesRead;
-    if (up > tunnel.reportedUp) counter.inc({ direction: 'up', ...tunnel.labels }, up - tunnel.reportedUp);
-    if (down > tunnel.reportedDown) counter.inc({ direction: 'down', ...tunnel.labels }, down - tunnel.reportedDown);
-    tunnel.reportedUp = up;
-    tunnel.reportedDown = down;
+  static #addBytes(counter: Counter, open: OpenTunnel, labels: Record<string, string>): void {
+    const up = open.tunnel.bytesUp;
+    const down = open.tunnel.bytesDown;
+    if (up > open.reportedUp) counter.inc({ direction: 'up', ...labels }, up - open.reportedUp);
+    if (down > open.reportedDown) counter.inc({ direction: 'down', ...labels }, down - open.reportedDown);
+    open.reportedUp = up;
+    open.reportedDown = down;
   }
 
   #who(identity: string | undefined, destination: string | undefined): Record<string, string> {
@@ -206,17 +220,9 @@ export class GatewayMetrics {
     this.#authorization.observe({ outcome }, seconds);
   }
 
-  tunnelOpened(socket: Socket, identity: string, destination: string): TunnelHandle {
-    const tunnel: TunnelHandle = { socket, labels: this.#who(identity, destination), reportedUp: 0, reportedDown: 0 };
-    this.#tunnels.add(tunnel);
-    this.#openTunnels.inc(tunnel.labels);
-    return tunnel;
-  }
-
-  tunnelClosed(tunnel: TunnelHandle, idleTimeout: boolean): void {
-    if (!this.#tunnels.delete(tunnel)) return;
-    GatewayMetrics.#addBytes(this.#bytes, tunnel);
-    this.#openTunnels.dec(tunnel.labels);
+  /** A tunnel left the tracker: its last bytes are counted. */
+  tunnelClosed(open: OpenTunnel, idleTimeout: boolean): void {
+    GatewayMetrics.#addBytes(this.#bytes, open, this.#who(open.identity, open.destination));
     if (idleTimeout) this.#idleTimeouts.inc();
   }
 

@@ -1,5 +1,4 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { SpanKind, SpanStatusCode, type Context } from '@opentelemetry/api';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { authorize, PrincipalKeyCache, type AuthorizationRequest, type AuthorizationResult } from '../../registry/authorize.js';
@@ -7,13 +6,6 @@ import { RegistryUnavailableError, SchemaVersionError } from '../../registry/err
 import { CANDIDATE_ROWS_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
 import type { GatewayConfig } from './config.js';
 import { redactUrl } from './logger.js';
-import type { GatewayTracing } from './tracing.js';
-
-/** Where a traced CONNECT wants the database span. */
-export interface QueryTrace {
-  readonly tracing: GatewayTracing;
-  readonly parent: Context;
-}
 
 /** /readyz's view of the registry. */
 export type RegistryReadiness = { readonly ready: true } | { readonly ready: false; readonly reason: 'unavailable' | 'schema_mismatch'; readonly message: string };
@@ -47,8 +39,7 @@ export class RegistryClient {
   }
 
   /** Rows for (identity, destination), or RegistryUnavailableError. */
-  async candidateRows(request: AuthorizationRequest, traced?: QueryTrace): Promise<unknown[]> {
-    if (traced?.tracing.enabled) return this.#tracedRows(request, traced);
+  async candidateRows(request: AuthorizationRequest): Promise<unknown[]> {
     try {
       const result = await this.#pool.query({
         name: 'agent_gateway_candidate_rows',
@@ -61,31 +52,9 @@ export class RegistryClient {
     }
   }
 
-  /** The database span: pool wait plus the query, as the CONNECT experiences it. */
-  async #tracedRows(request: AuthorizationRequest, { tracing, parent }: QueryTrace): Promise<unknown[]> {
-    const span = tracing.tracer.startSpan(
-      'agent_gateway.registry_lookup',
-      {
-        kind: SpanKind.CLIENT,
-        attributes: { 'db.system.name': 'postgresql', 'db.operation.name': 'SELECT', 'db.query.summary': 'SELECT permission_registry', 'agent_gateway.destination': request.destination },
-      },
-      parent,
-    );
-    try {
-      const rows = await this.candidateRows(request);
-      span.setAttribute('db.response.returned_rows', rows.length);
-      return rows;
-    } catch (error) {
-      span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
-      throw error;
-    } finally {
-      span.end();
-    }
-  }
-
   /** The spec's checks 3–5: one indexed query, then signature verification in process. */
-  async authorize(request: AuthorizationRequest, traced?: QueryTrace): Promise<AuthorizationResult> {
-    return authorize(await this.candidateRows(request, traced), request, this.#keys);
+  async authorize(request: AuthorizationRequest): Promise<AuthorizationResult> {
+    return authorize(await this.candidateRows(request), request, this.#keys);
   }
 
   /** Throws SchemaVersionError unless schema_version holds exactly one row equal to SCHEMA_VERSION. */

@@ -4,7 +4,9 @@ import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessag
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { GatewayUnavailableError, type GatewaySession, type TunnelResponse } from './gateway-session.js';
+import { normaliseDestination } from '../../registry/destination.js';
+import type { GatewaySession, TunnelResponse } from './gateway-session.js';
+import { sidecarResponse } from './responses.js';
 import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
 
 const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/;
@@ -43,7 +45,8 @@ function relay(agent: Socket, stream: ClientHttp2Stream): void {
     if (!stream.closed) stream.close(h2.NGHTTP2_CANCEL);
   });
   agent.on('close', () => {
-    if (!stream.closed && !stream.writableEnded) stream.close(h2.NGHTTP2_CANCEL);
+    // Closed without its FIN reaching us (destroyed locally): nothing more will come.
+    if (!stream.closed && !stream.writableEnded) stream.end();
   });
 }
 
@@ -51,6 +54,47 @@ function writeHead(agent: Socket, status: number, headers: Record<string, string
   const lines = [`HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'Unknown'}`];
   for (const [name, value] of Object.entries(headers)) if (value !== undefined) lines.push(`${name}: ${value}`);
   agent.write(`${lines.join('\r\n')}\r\n\r\n`);
+}
+
+/** The reason code inside an RFC 9209 proxy-status value (`details="..."`). */
+export function detailsOf(proxyStatus: string | undefined): string | undefined {
+  return proxyStatus ? /details="([^"\\]{1,64})"/.exec(proxyStatus)?.[1] : undefined;
+}
+
+/** One line an agent (or the person reading its output) can act on. */
+export function refusalBody(authority: string, status: number, proxyStatus: string | undefined): string {
+  const reason = detailsOf(proxyStatus) ?? 'unknown';
+  // The authority is the agent's own input: printable ASCII only, capped, so the line stays one line.
+  const shown = authority.replace(/[^\x21-\x7e]/g, '?').slice(0, 300);
+  return `agent-gateway: CONNECT ${shown} refused: ${status} ${reason}\n`;
+}
+
+/** Ends a refused local request with its status, proxy-status and the one-line body. */
+function refuse(agent: Socket, authority: string, status: number, proxyStatus: string | undefined): void {
+  if (!agent.writable) return;
+  const body = refusalBody(authority, status, proxyStatus);
+  writeHead(agent, status, { 'proxy-status': proxyStatus, 'content-type': 'text/plain; charset=utf-8', 'content-length': String(Buffer.byteLength(body)), connection: 'close' });
+  agent.end(body);
+}
+
+/**
+ * A gateway answer that is not 200 ends our half of the stream with END_STREAM: a reset here
+ * would count toward the gateway's rapid-reset defence and, after ~1,000 denials, cost this
+ * sidecar its session and every tunnel on it.
+ */
+function finishRefused(stream: ClientHttp2Stream): void {
+  stream.resume();
+  if (!stream.writableEnded) stream.end();
+}
+
+/** The gateway would answer 400 (same shared rules): say so without a round trip. */
+function validAuthority(authority: string): boolean {
+  try {
+    normaliseDestination(authority);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Local HTTP/1.1 proxy for agents: each CONNECT becomes a stream on the one gateway session. */
@@ -120,29 +164,30 @@ export class LocalProxy {
     const { log } = this.#options;
     const authority = req.url ?? '';
     agent.on('error', () => {});
+    if (!validAuthority(authority)) {
+      const response = sidecarResponse('authority_invalid');
+      refuse(agent, authority, response.status, response.headers['proxy-status']);
+      return;
+    }
     let tunnel;
     try {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
-      const unavailable = error instanceof GatewayUnavailableError;
       log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
-      if (agent.writable) {
-        writeHead(agent, unavailable ? 503 : 502, { 'proxy-status': `agent-gateway-sidecar; error=proxy_internal_error; details="gateway_unavailable"`, connection: 'close' });
-        agent.end();
-      }
+      const response = sidecarResponse('gateway_unavailable');
+      refuse(agent, authority, response.status, response.headers['proxy-status']);
       return;
     }
     const { status, headers, stream } = tunnel;
     log.debug({ event: 'local_connect', authority, status }, 'CONNECT answered');
-    if (agent.destroyed) {
-      stream.close(h2.NGHTTP2_CANCEL);
-      return;
-    }
     if (status !== 200) {
       // The gateway's answer is the agent's answer: 403 stays 403 with its reason.
-      writeHead(agent, status, { 'proxy-status': headers['proxy-status'] as string | undefined, 'content-length': '0', connection: 'close' });
-      agent.end();
-      stream.close();
+      finishRefused(stream);
+      refuse(agent, authority, status, headers['proxy-status'] as string | undefined);
+      return;
+    }
+    if (agent.destroyed) {
+      stream.close(h2.NGHTTP2_CANCEL);
       return;
     }
     writeHead(agent, 200, {});
@@ -162,17 +207,22 @@ export class LocalProxy {
       return;
     }
     const authority = `${target.hostname}:${target.port || '80'}`;
+    const refuseRequest = (status: number, proxyStatus: string | undefined) => {
+      const body = refusalBody(authority, status, proxyStatus);
+      res.writeHead(status, { ...(proxyStatus ? { 'proxy-status': proxyStatus } : {}), 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(body) }).end(body);
+    };
     let tunnel;
     try {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
-      res.writeHead(503, { 'proxy-status': 'agent-gateway-sidecar; error=proxy_internal_error; details="gateway_unavailable"' }).end();
+      const response = sidecarResponse('gateway_unavailable');
+      refuseRequest(response.status, response.headers['proxy-status']);
       log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');
       return;
     }
     if (tunnel.status !== 200) {
-      tunnel.stream.close();
-      res.writeHead(tunnel.status, { 'proxy-status': tunnel.headers['proxy-status'] as string }).end();
+      finishRefused(tunnel.stream);
+      refuseRequest(tunnel.status, tunnel.headers['proxy-status'] as string | undefined);
       return;
     }
     const headers = { ...req.headers };

@@ -360,8 +360,8 @@ describe('limits', () => {
     await echoOn(busy.stream, Buffer.from('still here'));
     busy.stream.end();
     await until(() => gateway.openTunnels === 0);
-    assert.equal(lines.find((l) => l.event === 'tunnel_closed' && l.error === 'idle_timeout')?.identity, 'agent-idle');
-    assert.equal(lines.filter((l) => l.event === 'tunnel_closed' && l.error === 'idle_timeout').length, 1);
+    assert.equal(lines.find((l) => l.event === 'tunnel_closed' && l.detail === 'idle_timeout')?.identity, 'agent-idle');
+    assert.equal(lines.filter((l) => l.event === 'tunnel_closed' && l.detail === 'idle_timeout').length, 1);
     const { text } = await admin(gateway, '/metrics');
     assert.equal(sample(text, 'agent_gateway_tunnel_idle_timeouts_total'), 1);
   });

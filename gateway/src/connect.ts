@@ -1,0 +1,270 @@
+import { constants as h2, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import { SpanKind, SpanStatusCode, type Context, type Span } from '@opentelemetry/api';
+import type { Logger } from 'pino';
+import type { AuthorizationResult } from '../../registry/authorize.js';
+import { normaliseDestination, type Destination } from '../../registry/destination.js';
+import { RegistryUnavailableError } from '../../registry/errors.js';
+import type { GatewayConfig } from './config.js';
+import type { Limiter } from './limits.js';
+import { LookupCancelledError, type LookupQueue } from './lookups.js';
+import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } from './outcome.js';
+import type { GatewayMetrics } from './metrics.js';
+import type { PeerSession } from './sessions.js';
+import { traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
+import { dial, Tunnel, TUNNEL_LINGER_MS } from './tunnel.js';
+import type { OpenTunnel, TunnelTracker } from './tunnels.js';
+
+/** What a CONNECT needs from the gateway around it. */
+export interface ConnectDeps {
+  readonly config: GatewayConfig;
+  /** The `[limits]` in force (reload swaps them). */
+  limits(): GatewayConfig['limits'];
+  isClosing(): boolean;
+  nextConnectId(): string;
+  readonly limiter: Limiter;
+  readonly lookups: LookupQueue;
+  readonly tunnels: TunnelTracker;
+  readonly recorder: OutcomeRecorder;
+  readonly metrics: GatewayMetrics | undefined;
+  readonly tracing: GatewayTracing | undefined;
+  readonly log: Logger;
+}
+
+/** The stages a CONNECT walks through, in DESIGN §3's order; the first failure answers. */
+export type Stage = 'check' | 'admit' | 'authorise' | 'vet' | 'dial' | 'tunnel';
+
+/**
+ * One CONNECT, from its HEADERS to its last byte: check → admit → authorise → vet the address →
+ * dial → tunnel. It owns an AbortSignal that fires when its stream goes away (the client reset
+ * it, the session died, the socket dropped): a lookup result is then dropped and a dial aborted,
+ * and the CONNECT still leaves exactly one decision record (`client_cancelled`).
+ */
+export class ConnectRequest {
+  stage: Stage = 'check';
+  readonly facts: ConnectFacts;
+  readonly #deps: ConnectDeps;
+  readonly #session: PeerSession;
+  readonly #stream: ServerHttp2Stream;
+  readonly #headers: IncomingHttpHeaders;
+  readonly #abort = new AbortController();
+  #spanContext: Context | undefined;
+  #decided = false;
+
+  constructor(deps: ConnectDeps, session: PeerSession, stream: ServerHttp2Stream, headers: IncomingHttpHeaders) {
+    this.#deps = deps;
+    this.#session = session;
+    this.#stream = stream;
+    this.#headers = headers;
+    this.facts = { connectId: deps.nextConnectId(), startedAt: performance.now(), authorised: false };
+    if (session.identity) {
+      this.facts.identity = session.identity.identity;
+      this.facts.spkiFingerprint = session.identity.fingerprint;
+    } else if (session.fingerprint) this.facts.spkiFingerprint = session.fingerprint;
+    this.#startSpan();
+  }
+
+  get signal(): AbortSignal {
+    return this.#abort.signal;
+  }
+
+  /** Runs every stage; resolves when the CONNECT is answered and, if allowed, its tunnel closed. */
+  async run(): Promise<void> {
+    const gone = () => this.#abort.abort();
+    this.#stream.once('close', gone);
+    let release: (() => void) | undefined;
+    try {
+      const admitted = this.#check();
+      if (!admitted.ok) return this.#answer(admitted.outcome);
+      release = admitted.release;
+      const opened = await this.#authoriseAndDial();
+      if ('reason' in opened) return this.#answer(opened);
+      await this.#tunnel(opened.tunnel, opened.facts);
+    } catch (error) {
+      this.#deps.log.error({ event: 'connect_error', connect_id: this.facts.connectId, stage: this.stage, err: (error as Error)?.stack ?? String(error) }, 'unexpected error handling CONNECT');
+      if (!this.#decided) this.#answer({ reason: 'internal_error', detail: `${this.stage}: ${(error as Error)?.message ?? String(error)}` });
+    } finally {
+      this.#stream.removeListener('close', gone);
+      release?.();
+    }
+  }
+
+  /** Method, authority, identity, shutdown, limits: everything decided without I/O. */
+  #check(): { ok: true; release: (() => void) | undefined } | { ok: false; outcome: Outcome } {
+    const headers = this.#headers;
+    const method = headers[':method'];
+    if (method !== 'CONNECT') return { ok: false, outcome: { reason: 'method_not_allowed', detail: `method ${String(method).slice(0, 32)}` } };
+    const rawAuthority = headers[':authority'];
+    if (rawAuthority !== undefined) this.facts.authority = String(rawAuthority).slice(0, 300);
+    let destination: Destination;
+    try {
+      destination = normaliseDestination(typeof rawAuthority === 'string' ? rawAuthority : '');
+    } catch (error) {
+      return { ok: false, outcome: { reason: 'authority_invalid', detail: (error as Error).message } };
+    }
+    this.facts.destination = destination.authority;
+    const identity = this.#session.identity;
+    if (!identity) return { ok: false, outcome: { reason: 'identity_invalid', detail: this.#session.identityError } };
+    if (this.#deps.isClosing()) return { ok: false, outcome: { reason: 'shutting_down' } };
+
+    this.stage = 'admit';
+    const limiter = this.#deps.limiter;
+    const admitted = limiter.admit(identity.limitKey);
+    if (!admitted.ok) {
+      const detail = admitted.reason === 'rate_limited' ? `over ${limiter.settings.connect_rate_per_second}/s (burst ${limiter.settings.connect_burst})` : `${limiter.settings.max_tunnels_per_identity} open`;
+      return { ok: false, outcome: { reason: admitted.reason, detail } };
+    }
+    return { ok: true, release: admitted.slot ? () => limiter.release(identity.limitKey) : undefined };
+  }
+
+  async #authoriseAndDial(): Promise<Outcome | { tunnel: Tunnel; facts: ConnectFacts }> {
+    const { config, lookups, metrics } = this.#deps;
+    const identity = this.#session.identity!;
+    const destination = this.facts.destination!;
+    const signal = this.#abort.signal;
+
+    this.stage = 'authorise';
+    if (signal.aborted) return this.#cancelled();
+    const lookupSpan = this.#childSpan('agent_gateway.registry_lookup', SpanKind.CLIENT, {
+      'db.system.name': 'postgresql',
+      'db.operation.name': 'SELECT',
+      'db.query.summary': 'SELECT permission_registry',
+      'agent_gateway.destination': destination,
+    });
+    const authStarted = performance.now();
+    let result: AuthorizationResult;
+    try {
+      result = await lookups.authorize({ identity: identity.identity, spkiDer: identity.spkiDer, destination }, signal);
+      lookupSpan?.end();
+    } catch (error) {
+      if (lookupSpan) {
+        lookupSpan.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+        lookupSpan.end();
+      }
+      if (error instanceof LookupCancelledError) return this.#cancelled();
+      if (error instanceof RegistryUnavailableError) {
+        metrics?.authorization((performance.now() - authStarted) / 1000, 'unavailable');
+        return { reason: 'registry_unavailable', detail: error.message };
+      }
+      throw error;
+    }
+    metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
+    if (!result.allowed) {
+      // The row that explains the denial, for operators (log, audit); the client sees not_authorized only.
+      const explaining = result.verdicts.find((v) => v.reason === result.reason)?.permissionId;
+      if (explaining) this.facts.permissionId = explaining;
+      return { reason: 'not_authorized', detail: result.reason };
+    }
+    this.facts.permissionId = result.permissionId;
+    this.facts.authorised = true;
+    if (signal.aborted) return this.#cancelled();
+
+    this.stage = 'vet';
+    // [resolve] overrides are chosen by the operator; authorization used the normalised name.
+    const target = config.resolve.get(destination) ?? normaliseDestination(destination);
+
+    this.stage = 'dial';
+    const dialSpan = this.#childSpan('agent_gateway.dial', SpanKind.CLIENT, { 'server.address': target.host, 'server.port': target.port });
+    const dialled = await dial(target.host, target.port, this.#deps.limits().dial_timeout_ms, signal);
+    if (dialSpan) {
+      if (!dialled.ok) dialSpan.setStatus({ code: SpanStatusCode.ERROR, message: `${dialled.type}: ${dialled.message}` });
+      dialSpan.end();
+    }
+    if (!dialled.ok) {
+      if (dialled.type === 'aborted') return this.#cancelled();
+      return { reason: 'dial_failed', dialError: dialled.type, detail: `${dialled.type}: ${dialled.message}` };
+    }
+    if (signal.aborted || this.#streamGone()) {
+      dialled.socket.destroy();
+      return this.#cancelled();
+    }
+    this.stage = 'tunnel';
+    this.#stream.respond({ ':status': 200 });
+    this.#record({ reason: 'allowed' });
+    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms), facts: this.facts };
+  }
+
+  async #tunnel(tunnel: Tunnel, facts: ConnectFacts): Promise<void> {
+    const { tunnels, recorder } = this.#deps;
+    const open: OpenTunnel = {
+      connectId: facts.connectId,
+      identity: facts.identity!,
+      spkiFingerprint: facts.spkiFingerprint!,
+      destination: facts.destination!,
+      permissionId: facts.permissionId!,
+      openedAt: Date.now(),
+      tunnel,
+      reportedUp: 0,
+      reportedDown: 0,
+    };
+    tunnels.add(open);
+    const tunnelSpan = this.#childSpan('agent_gateway.tunnel', SpanKind.INTERNAL, {});
+    const stats = await tunnel.done;
+    tunnels.delete(open);
+    recorder.tunnelClosed(facts, open, stats, tunnelSpan);
+  }
+
+  #streamGone(): boolean {
+    return this.#stream.closed || this.#stream.destroyed;
+  }
+
+  #cancelled(): Outcome {
+    return { reason: 'client_cancelled', detail: `stream gone during ${this.stage}` };
+  }
+
+  /** Sends the answer (unless the stream is gone: then the outcome is client_cancelled) and records it. */
+  #answer(outcome: Outcome): void {
+    const response = responseFor(outcome);
+    if (response && this.#streamGone()) {
+      this.#record(this.#cancelled());
+      return;
+    }
+    if (response) {
+      const stream = this.#stream;
+      stream.respond({ ':status': response.status, ...response.headers }, { endStream: true });
+      // The client ends its half with END_STREAM; one that does not is reset once, later.
+      if (!stream.closed) {
+        const timer = setTimeout(() => {
+          if (!stream.closed && !stream.destroyed) stream.close(h2.NGHTTP2_NO_ERROR);
+        }, TUNNEL_LINGER_MS);
+        stream.once('close', () => clearTimeout(timer));
+      }
+    }
+    this.#session.answered();
+    this.#record(outcome);
+  }
+
+  #record(outcome: Outcome): void {
+    if (this.#decided) return;
+    this.#decided = true;
+    this.#deps.recorder.decision(this.facts, outcome);
+  }
+
+  /** The CONNECT span continues the sidecar's trace and links to the session's span. */
+  #startSpan(): void {
+    const tracing = this.#deps.tracing;
+    if (!tracing?.enabled) {
+      const traceId = traceIdFromTraceparent(this.#headers.traceparent);
+      if (traceId) this.facts.traceId = traceId;
+      return;
+    }
+    const parent = tracing.extract(this.#headers);
+    const span: Span = tracing.tracer.startSpan(
+      'CONNECT',
+      {
+        kind: SpanKind.SERVER,
+        attributes: { 'http.request.method': String(this.#headers[':method']), 'agent_gateway.connect_id': this.facts.connectId },
+        ...(this.#session.span ? { links: [{ context: this.#session.span.spanContext() }] } : {}),
+      },
+      parent,
+    );
+    this.facts.span = span;
+    this.#spanContext = tracing.withSpan(parent, span);
+    this.facts.traceId = span.spanContext().traceId;
+  }
+
+  #childSpan(name: string, kind: SpanKind, attributes: Record<string, string | number>): Span | undefined {
+    const tracing = this.#deps.tracing;
+    if (!tracing?.enabled || !this.#spanContext) return undefined;
+    return tracing.tracer.startSpan(name, { kind, attributes }, this.#spanContext);
+  }
+}

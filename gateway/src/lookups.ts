@@ -1,0 +1,157 @@
+import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
+import { RegistryUnavailableError } from '../../registry/errors.js';
+
+/** What runs one lookup (RegistryClient.authorize, bound). */
+export type LookupFn = (request: AuthorizationRequest) => Promise<AuthorizationResult>;
+
+export interface LookupQueueOptions {
+  /** Lookups running at once: the pool size, so a started lookup never waits for a connection. */
+  readonly concurrency: number;
+  /** Distinct lookups waiting to start; past it a CONNECT gets 503 at once. */
+  readonly maxQueued: number;
+  /** Longest a lookup may wait to start before its CONNECTs get 503 (`pool_acquire_timeout_ms`). */
+  readonly maxWaitMs: number;
+}
+
+/** A lookup's caller went away; the caller records `client_cancelled`, never a 503. */
+export class LookupCancelledError extends Error {
+  constructor() {
+    super('the CONNECT was cancelled before its lookup finished');
+    this.name = 'LookupCancelledError';
+  }
+}
+
+interface Waiter {
+  readonly resolve: (result: AuthorizationResult) => void;
+  readonly reject: (error: unknown) => void;
+  readonly signal: AbortSignal;
+  readonly onAbort: () => void;
+}
+
+interface Job {
+  readonly key: string;
+  readonly request: AuthorizationRequest;
+  readonly enqueuedAt: number;
+  readonly waiters: Set<Waiter>;
+  started: boolean;
+}
+
+/**
+ * Registry work in proportion to what clients spend (DESIGN §9a):
+ * - identical lookups in flight (same identity, key and destination) share one query;
+ * - a lookup starts only when a pooled connection is free, after the current burst of frames has
+ *   been read (setImmediate), so a stream reset in the same packet as its HEADERS never reaches
+ *   PostgreSQL, and a lookup whose CONNECTs are all gone before it starts is dropped;
+ * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`).
+ * Denials are shared only while in flight; nothing is remembered after a lookup settles.
+ */
+export class LookupQueue {
+  readonly #lookup: LookupFn;
+  readonly #options: LookupQueueOptions;
+  readonly #inFlight = new Map<string, Job>();
+  readonly #queue: Job[] = [];
+  #queueHead = 0;
+  #running = 0;
+  #pumpScheduled = false;
+  /** Queries actually sent (tests, metrics). */
+  #started = 0;
+
+  constructor(lookup: LookupFn, options: LookupQueueOptions) {
+    this.#lookup = lookup;
+    this.#options = options;
+  }
+
+  get queued(): number {
+    return this.#queue.length - this.#queueHead;
+  }
+
+  get running(): number {
+    return this.#running;
+  }
+
+  get started(): number {
+    return this.#started;
+  }
+
+  /**
+   * The decision for `request`, shared with identical lookups in flight. Rejects with
+   * LookupCancelledError when `signal` fires first, RegistryUnavailableError when the queue is
+   * full, the wait too long or the registry cannot be asked.
+   */
+  authorize(request: AuthorizationRequest, signal: AbortSignal): Promise<AuthorizationResult> {
+    if (signal.aborted) return Promise.reject(new LookupCancelledError());
+    const key = `${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
+    let job = this.#inFlight.get(key);
+    if (!job) {
+      if (this.queued >= this.#options.maxQueued) {
+        return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full (${this.#options.maxQueued} waiting)`));
+      }
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false };
+      this.#inFlight.set(key, job);
+      this.#queue.push(job);
+      this.#schedulePump();
+    }
+    const owner = job;
+    return new Promise((resolve, reject) => {
+      const waiter: Waiter = {
+        resolve,
+        reject,
+        signal,
+        onAbort: () => {
+          owner.waiters.delete(waiter);
+          reject(new LookupCancelledError());
+          // Nobody left to answer: a job that has not started never will.
+          if (!owner.started && owner.waiters.size === 0) this.#inFlight.delete(owner.key);
+        },
+      };
+      owner.waiters.add(waiter);
+      signal.addEventListener('abort', waiter.onAbort, { once: true });
+    });
+  }
+
+  #schedulePump(): void {
+    if (this.#pumpScheduled) return;
+    this.#pumpScheduled = true;
+    setImmediate(() => {
+      this.#pumpScheduled = false;
+      this.#pump();
+    });
+  }
+
+  #pump(): void {
+    const now = performance.now();
+    while (this.#running < this.#options.concurrency && this.#queueHead < this.#queue.length) {
+      const job = this.#queue[this.#queueHead++]!;
+      if (job.waiters.size === 0) continue; // every CONNECT behind it is gone
+      if (now - job.enqueuedAt > this.#options.maxWaitMs) {
+        this.#settle(job, undefined, new RegistryUnavailableError(`registry lookup waited more than ${this.#options.maxWaitMs} ms for a connection`));
+        continue;
+      }
+      job.started = true;
+      this.#running++;
+      this.#started++;
+      this.#lookup(job.request).then(
+        (result) => this.#settle(job, result, undefined),
+        (error: unknown) => this.#settle(job, undefined, error),
+      ).finally(() => {
+        this.#running--;
+        this.#schedulePump();
+      });
+    }
+    // Compact the array now and then rather than shift() per job.
+    if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
+      this.#queue.splice(0, this.#queueHead);
+      this.#queueHead = 0;
+    }
+  }
+
+  #settle(job: Job, result: AuthorizationResult | undefined, error: unknown): void {
+    if (this.#inFlight.get(job.key) === job) this.#inFlight.delete(job.key);
+    for (const waiter of job.waiters) {
+      waiter.signal.removeEventListener('abort', waiter.onAbort);
+      if (result) waiter.resolve(result);
+      else waiter.reject(error);
+    }
+    job.waiters.clear();
+  }
+}

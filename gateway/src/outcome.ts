@@ -1,0 +1,175 @@
+import { SpanStatusCode, type Span } from '@opentelemetry/api';
+import type { Logger } from 'pino';
+import { TUNNEL_CLOSED_REASON } from '../../registry/audit-query.js';
+import type { AuditWriter } from './audit.js';
+import { denialResponse, dialFailureResponse, PROXY_STATUS_NAME, type DialErrorType, type ReasonCode } from './decision.js';
+import type { GatewayMetrics } from './metrics.js';
+import type { TunnelStats } from './tunnel.js';
+import type { OpenTunnel } from './tunnels.js';
+
+/**
+ * How a CONNECT ended. Every CONNECT ends in exactly one Outcome, and the decision log line, the
+ * audit row, the metric and the span are all derived from it here, nowhere else.
+ */
+export type Outcome =
+  | { readonly reason: 'allowed' }
+  | { readonly reason: Exclude<ReasonCode, 'dial_failed'>; readonly detail?: string }
+  | { readonly reason: 'dial_failed'; readonly dialError: DialErrorType; readonly detail: string }
+  /** The stream was gone before its answer: nothing was sent; `detail` names the stage. */
+  | { readonly reason: 'client_cancelled'; readonly detail: string }
+  /** A bug: logged with its stack; the client gets 500. */
+  | { readonly reason: 'internal_error'; readonly detail: string };
+
+export type OutcomeReason = Outcome['reason'];
+
+/** nginx's "client closed request": recorded, never sent (there is nobody to send it to). */
+export const CLIENT_CANCELLED_STATUS = 499;
+
+/** The HTTP answer for an outcome, or undefined when none is sent. */
+export function responseFor(outcome: Outcome): { readonly status: number; readonly headers: Record<string, string> } | undefined {
+  switch (outcome.reason) {
+    case 'allowed':
+      return { status: 200, headers: {} };
+    case 'client_cancelled':
+      return undefined;
+    case 'internal_error':
+      return { status: 500, headers: { 'proxy-status': `${PROXY_STATUS_NAME}; error=proxy_internal_error; details="internal_error"` } };
+    case 'dial_failed':
+      return dialFailureResponse(outcome.dialError);
+    default:
+      return denialResponse(outcome.reason);
+  }
+}
+
+export function statusOf(outcome: Outcome): number {
+  return responseFor(outcome)?.status ?? CLIENT_CANCELLED_STATUS;
+}
+
+/** What one CONNECT learnt on its way: the fields every record of it carries. */
+export interface ConnectFacts {
+  readonly connectId: string;
+  readonly startedAt: number;
+  traceId?: string;
+  identity?: string;
+  spkiFingerprint?: string;
+  destination?: string;
+  /** The raw :authority as sent (capped); the log shows it only when it did not normalise. */
+  authority?: string;
+  permissionId?: string;
+  /** The registry vouched for (identity, destination): only then may they become metric labels. */
+  authorised: boolean;
+  span?: Span;
+}
+
+export interface RecorderSinks {
+  readonly log: Logger;
+  readonly metrics: GatewayMetrics | undefined;
+  readonly audit: AuditWriter | undefined;
+}
+
+/** Writes the records of CONNECT decisions and tunnel closes. */
+export class OutcomeRecorder {
+  readonly #sinks: RecorderSinks;
+
+  constructor(sinks: RecorderSinks) {
+    this.#sinks = sinks;
+  }
+
+  decision(facts: ConnectFacts, outcome: Outcome): void {
+    const { log, metrics, audit } = this.#sinks;
+    const status = statusOf(outcome);
+    const detail = 'detail' in outcome ? outcome.detail : undefined;
+    const decisionMs = performance.now() - facts.startedAt;
+    // Fixed field order, whatever order the stages filled them in: people read these lines.
+    const line = {
+      event: 'connect_decision',
+      connect_id: facts.connectId,
+      ...(facts.traceId ? { trace_id: facts.traceId } : {}),
+      ...(facts.identity !== undefined ? { identity: facts.identity } : {}),
+      ...(facts.spkiFingerprint ? { spki_fingerprint: facts.spkiFingerprint } : {}),
+      ...(facts.destination ? { destination: facts.destination } : {}),
+      ...(facts.authority !== undefined && !facts.destination ? { authority: facts.authority } : {}),
+      status,
+      reason: outcome.reason,
+      ...(detail ? { detail } : {}),
+      ...(facts.permissionId ? { permission_id: facts.permissionId } : {}),
+      decision_ms: Math.round(decisionMs * 1000) / 1000,
+    };
+    if (status === 200) log.info(line, 'CONNECT allowed');
+    else if (outcome.reason === 'internal_error') log.error(line, 'CONNECT failed: internal error');
+    else if (status >= 500 && status !== 502) log.warn(line, 'CONNECT failed');
+    else if (outcome.reason === 'client_cancelled') log.info(line, 'CONNECT cancelled by the client');
+    else log.info(line, 'CONNECT denied');
+
+    metrics?.decision(status, outcome.reason, facts.identity, facts.destination, facts.authorised);
+    audit?.record({
+      identity: facts.identity,
+      spki_fingerprint: facts.spkiFingerprint,
+      destination: facts.destination,
+      authority: facts.authority,
+      status,
+      reason: outcome.reason,
+      detail,
+      permission_id: facts.permissionId,
+      trace_id: facts.traceId,
+      connect_id: facts.connectId,
+    });
+    const span = facts.span;
+    if (span) {
+      span.setAttributes({
+        'http.response.status_code': status,
+        'agent_gateway.reason': outcome.reason,
+        ...(facts.identity ? { 'agent_gateway.identity': facts.identity } : {}),
+        ...(facts.destination ? { 'agent_gateway.destination': facts.destination } : {}),
+        ...(facts.permissionId ? { 'agent_gateway.permission_id': facts.permissionId } : {}),
+        ...(detail ? { 'agent_gateway.detail': detail } : {}),
+      });
+      if (status >= 500) span.setStatus({ code: SpanStatusCode.ERROR, message: outcome.reason });
+      span.end();
+    }
+  }
+
+  tunnelClosed(facts: ConnectFacts, open: OpenTunnel, stats: TunnelStats, tunnelSpan: Span | undefined): void {
+    const { log, metrics, audit } = this.#sinks;
+    metrics?.tunnelClosed(open, stats.closedBy === 'idle_timeout');
+    if (tunnelSpan) {
+      tunnelSpan.setAttributes({
+        'agent_gateway.bytes_up': stats.bytesUp,
+        'agent_gateway.bytes_down': stats.bytesDown,
+        ...(stats.closedBy ? { 'agent_gateway.close_reason': stats.closedBy } : stats.error ? { 'agent_gateway.close_reason': stats.error } : {}),
+      });
+      tunnelSpan.end();
+    }
+    log.info(
+      {
+        event: 'tunnel_closed',
+        connect_id: facts.connectId,
+        ...(facts.traceId ? { trace_id: facts.traceId } : {}),
+        identity: facts.identity,
+        spki_fingerprint: facts.spkiFingerprint,
+        destination: facts.destination,
+        permission_id: facts.permissionId,
+        bytes_up: stats.bytesUp,
+        bytes_down: stats.bytesDown,
+        duration_ms: Math.round(stats.durationMs),
+        ...(stats.closedBy ? { detail: stats.closedBy } : {}),
+        ...(stats.error ? { error: stats.error } : {}),
+      },
+      'tunnel closed',
+    );
+    audit?.record({
+      identity: facts.identity,
+      spki_fingerprint: facts.spkiFingerprint,
+      destination: facts.destination,
+      status: 200,
+      reason: TUNNEL_CLOSED_REASON,
+      detail: stats.closedBy ?? stats.error,
+      permission_id: facts.permissionId,
+      bytes_up: stats.bytesUp,
+      bytes_down: stats.bytesDown,
+      duration_ms: Math.round(stats.durationMs * 1000) / 1000,
+      trace_id: facts.traceId,
+      connect_id: facts.connectId,
+    });
+  }
+}

@@ -1,0 +1,209 @@
+import { createHash } from 'node:crypto';
+import type { ServerHttp2Session, ServerHttp2Stream } from 'node:http2';
+import type { TLSSocket } from 'node:tls';
+import { SpanKind, type Span } from '@opentelemetry/api';
+import { LRUCache } from 'lru-cache';
+import type { Logger } from 'pino';
+import { spkiFingerprint } from '../../registry/ecdsa.js';
+import { readPeerIdentity } from '../../registry/identity.js';
+import type { GatewayConfig } from './config.js';
+import type { GatewayTracing } from './tracing.js';
+import { TUNNEL_LINGER_MS } from './tunnel.js';
+
+/** A session's usable identity: what every CONNECT on it is authorised as. */
+export interface SessionIdentity {
+  readonly identity: string;
+  readonly spkiDer: Buffer;
+  readonly fingerprint: string;
+  /** Limiter key: identity and key together, since the identity string alone proves nothing. */
+  readonly limitKey: string;
+}
+
+/** What a CONNECT needs to know about its session. */
+export interface PeerSession {
+  readonly identity: SessionIdentity | undefined;
+  /** Why the certificate yields no identity (log only). */
+  readonly identityError: string | undefined;
+  readonly fingerprint: string | undefined;
+  readonly span: Span | undefined;
+  /** A CONNECT on this session was answered (re-arms the short life of identity-less sessions). */
+  answered(): void;
+}
+
+type ParsedPeer = Pick<PeerSession, 'identity' | 'identityError' | 'fingerprint'>;
+
+/** Certificates seen recently: a reconnecting sidecar costs a hash, not a parse. */
+const PEER_CACHE_ENTRIES = 10_000;
+
+interface SessionState extends PeerSession {
+  openStreams: number;
+  idleTimer: NodeJS.Timeout | undefined;
+  anonymousTimer: NodeJS.Timeout | undefined;
+}
+
+/**
+ * Every HTTP/2 session from accept to close (DESIGN §9a): error handling from birth, a preface
+ * deadline, GOAWAY after `session_idle_timeout_ms` without an open stream, a short life for
+ * sessions without a usable identity, and release on TCP end (no CLOSE_WAIT). It reads the
+ * client certificate once per session, bounded and cached by its hash.
+ */
+export class SessionGuard {
+  readonly #config: GatewayConfig;
+  readonly #limits: () => GatewayConfig['limits'];
+  readonly #log: Logger;
+  readonly #tracing: () => GatewayTracing | undefined;
+  readonly #sessions = new Map<ServerHttp2Session, SessionState>();
+  readonly #peers = new LRUCache<string, ParsedPeer>({ max: PEER_CACHE_ENTRIES });
+
+  constructor(config: GatewayConfig, limits: () => GatewayConfig['limits'], log: Logger, tracing: () => GatewayTracing | undefined) {
+    this.#config = config;
+    this.#limits = limits;
+    this.#log = log;
+    this.#tracing = tracing;
+  }
+
+  get size(): number {
+    return this.#sessions.size;
+  }
+
+  sessions(): IterableIterator<ServerHttp2Session> {
+    return this.#sessions.keys();
+  }
+
+  /** The state of a live session (undefined once it has closed). */
+  get(session: ServerHttp2Session): PeerSession | undefined {
+    return this.#sessions.get(session);
+  }
+
+  /** Takes charge of a new session; returns its state. */
+  adopt(session: ServerHttp2Session, sessionWindowBytes: number): PeerSession {
+    const limits = this.#limits();
+    // Node destroys a session on error; without a listener the error would end the process.
+    session.on('error', (error) => this.#log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'session error'));
+    session.on('frameError', (type, code) => this.#log.debug({ frame_type: type, code }, 'frame error'));
+    const socket = session.socket as TLSSocket;
+    // The peer sent FIN: an HTTP/2 client that half-closes is done. Node's http2 reads the socket
+    // in C++, so nothing else would close our side; the connection would sit in CLOSE_WAIT.
+    socket.once('end', () => session.destroy());
+    try {
+      session.setLocalWindowSize(sessionWindowBytes);
+    } catch {
+      // The session died in the same tick it was born; its 'close' cleans up.
+    }
+
+    const peer = this.#readPeer(socket);
+    let span: Span | undefined;
+    const tracing = this.#tracing();
+    if (tracing?.enabled) {
+      span = tracing.tracer.startSpan('agent_gateway.session', {
+        kind: SpanKind.SERVER,
+        attributes: {
+          'network.peer.address': socket.remoteAddress ?? '',
+          'network.peer.port': socket.remotePort ?? 0,
+          'tls.protocol.version': socket.getProtocol() ?? '',
+          'agent_gateway.identity_ok': peer.identity !== undefined,
+          ...(peer.identity ? { 'agent_gateway.identity': peer.identity.identity } : { 'agent_gateway.identity_error': peer.identityError ?? '' }),
+          ...(peer.fingerprint ? { 'agent_gateway.spki_fingerprint': peer.fingerprint } : {}),
+        },
+      });
+    }
+    const state: SessionState = {
+      ...peer,
+      span,
+      openStreams: 0,
+      idleTimer: undefined,
+      anonymousTimer: undefined,
+      answered: () => {
+        if (!state.identity) this.#armAnonymous(session, state);
+      },
+    };
+    this.#sessions.set(session, state);
+
+    // A TLS connection that never speaks HTTP/2 is closed at the handshake deadline.
+    const preface = setTimeout(() => {
+      this.#log.debug({ event: 'preface_timeout' }, 'no HTTP/2 preface: closing');
+      session.destroy();
+    }, limits.handshake_timeout_ms);
+    session.once('remoteSettings', () => clearTimeout(preface));
+
+    session.once('close', () => {
+      clearTimeout(preface);
+      clearTimeout(state.idleTimer);
+      clearTimeout(state.anonymousTimer);
+      this.#sessions.delete(session);
+      span?.end();
+    });
+    if (!peer.identity) {
+      this.#log.info({ reason: peer.identityError, spki_fingerprint: peer.fingerprint }, 'client identity unusable: every CONNECT on this session will be denied');
+      this.#armAnonymous(session, state);
+    }
+    this.#armIdle(session, state);
+    return state;
+  }
+
+  /** A stream was opened on `session`: it is no longer idle until its last stream closes. */
+  streamOpened(session: ServerHttp2Session, stream: ServerHttp2Stream): void {
+    const state = this.#sessions.get(session);
+    if (!state) return;
+    state.openStreams++;
+    clearTimeout(state.idleTimer);
+    state.idleTimer = undefined;
+    stream.once('close', () => {
+      state.openStreams--;
+      if (state.openStreams === 0) this.#armIdle(session, state);
+    });
+  }
+
+  /** GOAWAY to every session (shutdown); those still open after `graceMs` are destroyed. */
+  closeAll(): void {
+    for (const session of this.#sessions.keys()) session.close();
+  }
+
+  destroyAll(): void {
+    for (const session of this.#sessions.keys()) session.destroy();
+  }
+
+  #armIdle(session: ServerHttp2Session, state: SessionState): void {
+    const idleMs = this.#limits().session_idle_timeout_ms;
+    if (idleMs === 0 || state.openStreams > 0) return;
+    clearTimeout(state.idleTimer);
+    state.idleTimer = setTimeout(() => {
+      this.#log.debug({ event: 'session_idle_timeout', identity: state.identity?.identity }, 'session idle: GOAWAY');
+      goAway(session, () => state.openStreams === 0);
+    }, idleMs);
+  }
+
+  /** A session that cannot be authorised lives `handshake_timeout_ms` past its last answer. */
+  #armAnonymous(session: ServerHttp2Session, state: SessionState): void {
+    clearTimeout(state.anonymousTimer);
+    state.anonymousTimer = setTimeout(() => goAway(session, () => true), this.#limits().handshake_timeout_ms);
+  }
+
+  #readPeer(socket: TLSSocket): ParsedPeer {
+    const raw = socket.getPeerX509Certificate()?.raw;
+    if (!raw) return { identity: undefined, identityError: 'no client certificate', fingerprint: undefined };
+    const hash = createHash('sha256').update(raw).digest('base64');
+    let parsed = this.#peers.get(hash);
+    if (!parsed) {
+      const peer = readPeerIdentity(raw, this.#config.policy.client_ext_oid);
+      const fingerprint = peer.spkiDer ? spkiFingerprint(peer.spkiDer) : undefined;
+      parsed = peer.ok
+        ? { identity: { identity: peer.identity, spkiDer: peer.spkiDer, fingerprint: fingerprint!, limitKey: `${peer.identity}\n${fingerprint}` }, identityError: undefined, fingerprint }
+        : { identity: undefined, identityError: peer.reason, fingerprint };
+      this.#peers.set(hash, parsed);
+    }
+    return parsed;
+  }
+}
+
+/**
+ * GOAWAY; then, if the peer has not closed the connection promptly and `mayDestroy` still holds
+ * (no stream slipped in before our GOAWAY reached it), the connection is torn down.
+ */
+export function goAway(session: ServerHttp2Session, mayDestroy: () => boolean): void {
+  if (session.destroyed || session.closed) return;
+  session.close();
+  setTimeout(() => {
+    if (!session.destroyed && mayDestroy()) session.destroy();
+  }, TUNNEL_LINGER_MS).unref();
+}
