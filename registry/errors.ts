@@ -1,16 +1,12 @@
+import { AgentGatewayError } from '../core/errors.js';
+
 /**
- * Typed errors shared by the gateway, the registry CLI and the sidecar.
- * Each carries a stable `code`; the gateway maps codes to HTTP statuses in one place
- * (gateway/src/decision.ts), the CLI maps them to exit codes.
+ * Typed errors of the signed-registry model, shared by the gateway, the registry CLI and the
+ * sidecar. Each carries a stable code from the one catalogue (core/errors.ts), which gives its
+ * exit code, HTTP status, CONNECT reason and hint.
  */
-export class AgentGatewayError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = new.target.name;
-    this.code = code;
-  }
-}
+export { AgentGatewayError };
+export type { ErrorCode } from '../core/errors.js';
 
 /** A CONNECT authority or a destination argument that does not normalise. */
 export class InvalidDestinationError extends AgentGatewayError {

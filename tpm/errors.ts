@@ -1,23 +1,12 @@
-import { AgentGatewayError } from '../registry/errors.js';
+import { AgentGatewayError, type ErrorCode } from '../core/errors.js';
 
 /**
- * Stable codes for TPM/PKCS#11 failures. Callers (the registry CLI, the sidecar) branch on these,
- * never on messages or on raw CKR_* numbers, so the PKCS#11 module can change underneath.
+ * Stable codes for TPM/PKCS#11 failures: `ERR_TPM` and every `ERR_TPM_*` code of the product's
+ * catalogue (core/errors.ts, which holds their exit codes and hints). Callers (the registry CLI,
+ * the sidecar) branch on these, never on messages or on raw CKR_* numbers, so the PKCS#11 module
+ * can change underneath.
  */
-export type TpmErrorCode =
-  | 'ERR_TPM'
-  | 'ERR_TPM_MODULE_LOAD_FAILED'
-  | 'ERR_TPM_UNAVAILABLE'
-  | 'ERR_TPM_TOKEN_NOT_FOUND'
-  | 'ERR_TPM_KEY_NOT_FOUND'
-  | 'ERR_TPM_KEY_EXISTS'
-  | 'ERR_TPM_KEY_AMBIGUOUS'
-  | 'ERR_TPM_KEY_UNSUPPORTED'
-  | 'ERR_TPM_PIN_INCORRECT'
-  | 'ERR_TPM_PIN_LOCKED'
-  | 'ERR_TPM_PIN_INVALID'
-  | 'ERR_TPM_INVALID_ARGUMENT'
-  | 'ERR_TPM_CLOSED';
+export type TpmErrorCode = Extract<ErrorCode, 'ERR_TPM' | `ERR_TPM_${string}`>;
 
 export interface TpmErrorDetails {
   /** The PKCS#11 return value name, e.g. `CKR_PIN_INCORRECT`, when the failure came from the module. */
