@@ -2,47 +2,30 @@ import { SpanStatusCode, type Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { TUNNEL_CLOSED_REASON } from '../../registry/audit-query.js';
 import type { AuditWriter } from './audit.js';
-import { denialResponse, dialFailureResponse, PROXY_STATUS_NAME, type DialErrorType, type ReasonCode } from './decision.js';
+import { CONNECT_REASONS, denialResponse, dialFailureResponse, type DialErrorType, type ReasonCode, type Response } from '../../core/errors.js';
 import type { GatewayMetrics } from './metrics.js';
 import type { TunnelStats } from './tunnel.js';
 import type { OpenTunnel } from './tunnels.js';
 
 /**
  * How a CONNECT ended. Every CONNECT ends in exactly one Outcome, and the decision log line, the
- * audit row, the metric and the span are all derived from it here, nowhere else.
+ * audit row, the metric and the span are all derived from it here, nowhere else. Statuses and
+ * proxy-status types come from the catalogue (core/errors.ts).
  */
 export type Outcome =
-  | { readonly reason: 'allowed' }
-  | { readonly reason: Exclude<ReasonCode, 'dial_failed'>; readonly detail?: string }
   | { readonly reason: 'dial_failed'; readonly dialError: DialErrorType; readonly detail: string }
-  /** The stream was gone before its answer: nothing was sent; `detail` names the stage. */
-  | { readonly reason: 'client_cancelled'; readonly detail: string }
-  /** A bug: logged with its stack; the client gets 500. */
-  | { readonly reason: 'internal_error'; readonly detail: string };
-
-export type OutcomeReason = Outcome['reason'];
-
-/** nginx's "client closed request": recorded, never sent (there is nobody to send it to). */
-export const CLIENT_CANCELLED_STATUS = 499;
+  /** client_cancelled: the stream was gone before its answer; nothing is sent, `detail` names the stage. */
+  | { readonly reason: Exclude<ReasonCode, 'dial_failed'>; readonly detail?: string };
 
 /** The HTTP answer for an outcome, or undefined when none is sent. */
-export function responseFor(outcome: Outcome): { readonly status: number; readonly headers: Record<string, string> } | undefined {
-  switch (outcome.reason) {
-    case 'allowed':
-      return { status: 200, headers: {} };
-    case 'client_cancelled':
-      return undefined;
-    case 'internal_error':
-      return { status: 500, headers: { 'proxy-status': `${PROXY_STATUS_NAME}; error=proxy_internal_error; details="internal_error"` } };
-    case 'dial_failed':
-      return dialFailureResponse(outcome.dialError);
-    default:
-      return denialResponse(outcome.reason);
-  }
+export function responseFor(outcome: Outcome): Response | undefined {
+  if (outcome.reason === 'client_cancelled') return undefined;
+  if (outcome.reason === 'dial_failed') return dialFailureResponse(outcome.dialError);
+  return denialResponse(outcome.reason);
 }
 
 export function statusOf(outcome: Outcome): number {
-  return responseFor(outcome)?.status ?? CLIENT_CANCELLED_STATUS;
+  return CONNECT_REASONS[outcome.reason].status;
 }
 
 /** What one CONNECT learnt on its way: the fields every record of it carries. */

@@ -1,6 +1,6 @@
 import { constants as h2, type ServerHttp2Stream } from 'node:http2';
 import { connect, type Socket } from 'node:net';
-import { classifyDialError, type DialErrorType } from './decision.js';
+import { classifyDialError, type DialErrorType } from '../../core/errors.js';
 
 export type DialResult =
   | { readonly ok: true; readonly socket: Socket }

@@ -4,9 +4,9 @@ import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessag
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
+import { sidecarReasonForError, sidecarResponse } from '../../core/errors.js';
 import { normaliseDestination } from '../../registry/destination.js';
 import type { GatewaySession, TunnelResponse } from './gateway-session.js';
-import { sidecarResponse } from './responses.js';
 import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
 
 const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/;
@@ -174,7 +174,7 @@ export class LocalProxy {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
       log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
-      const response = sidecarResponse('gateway_unavailable');
+      const response = sidecarResponse(sidecarReasonForError(error));
       refuse(agent, authority, response.status, response.headers['proxy-status']);
       return;
     }
@@ -215,7 +215,7 @@ export class LocalProxy {
     try {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
-      const response = sidecarResponse('gateway_unavailable');
+      const response = sidecarResponse(sidecarReasonForError(error));
       refuseRequest(response.status, response.headers['proxy-status']);
       log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');
       return;

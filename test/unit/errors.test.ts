@@ -63,7 +63,9 @@ const FOREIGN_CODES = new Set([
  * the ones typed `string` (the decision record) and proxy-status headers written by hand. The
  * registry's own `deny('no_permission')` names registry reasons, which go to the log only.
  */
-const REASON_SINKS = new Set(['deny', 'denialResponse', 'decided', 'sidecarResponse']);
+const REASON_SINKS = new Set(['denialResponse', 'sidecarResponse', 'sidecarReasonForError']);
+/** An Outcome literal (`{ reason: 'not_authorized' }`) outside the catalogue itself. */
+const REASON_PROPERTIES = new Set(['reason']);
 const REASON_DIRS = ['gateway/', 'sidecar/', 'core/'];
 /** `details="..."` written by hand into a proxy-status header. */
 const DETAILS = /\bdetails="([^"]*)"/g;
@@ -133,6 +135,8 @@ function scan(): Found {
         if (reasonFile) for (const [, details] of node.text.matchAll(DETAILS)) add(found.reasons, details!, file);
       } else if ((ts.isPropertyAssignment(node) || ts.isPropertyDeclaration(node)) && ts.isIdentifier(node.name) && /^ERR_/.test(node.name.text)) {
         add(found.named, node.name.text, file);
+      } else if (reasonFile && ts.isPropertyAssignment(node) && ts.isIdentifier(node.name) && REASON_PROPERTIES.has(node.name.text) && ts.isStringLiteralLike(node.initializer) && !CATALOGUE_FILE.endsWith(file)) {
+        add(found.reasons, node.initializer.text, file);
       } else if (reasonFile && ts.isCallExpression(node) && REASON_SINKS.has(calleeName(node) ?? '')) {
         for (const arg of node.arguments) if (ts.isStringLiteralLike(arg)) add(found.reasons, arg.text, file);
       }
@@ -204,7 +208,7 @@ describe('every code used is catalogued', () => {
     const unknown = [...found.reasons.keys()].filter((reason) => !known.has(reason));
     assert.deepEqual(unknown.map((reason) => `${reason} (${where(found.reasons.get(reason))})`), []);
     // The scan sees the gateway's hand-written reasons, so an empty result means it broke.
-    for (const reason of ['not_authorized', 'allowed', 'dial_failed', 'gateway_unavailable']) assert.ok(found.reasons.has(reason), `scan found no ${reason}`);
+    for (const reason of ['not_authorized', 'allowed', 'dial_failed', 'client_cancelled', 'authority_invalid']) assert.ok(found.reasons.has(reason), `scan found no ${reason}`);
   });
 });
 
