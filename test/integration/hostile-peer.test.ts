@@ -1,0 +1,572 @@
+/**
+ * Hostile peers (DESIGN §9a, issue "Hostile-peer-proof CONNECT path"). Each case attacks the real
+ * gateway over real TLS, most with a raw HTTP/2 frame writer (test/helpers/h2-raw.ts), the way a
+ * stranger would: no certificate, a self-made one, or a granted one misbehaving. After each case
+ * the gateway's sessions, tunnels, queued lookups and descriptors are back to their baseline
+ * within 2 s, and a legitimate client is still served. The gateway runs in this process: a peer
+ * that could end it would end this test file.
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { readdirSync } from 'node:fs';
+import { constants as h2c, type ClientHttp2Session } from 'node:http2';
+import { connect as netConnect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createSecureContext } from 'node:tls';
+import * as x509 from '../../registry/x509.js';
+import { pino } from 'pino';
+import pg from 'pg';
+import { parseConfig } from '../../gateway/src/config.js';
+import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
+import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
+import { connectHeaders, connectRaw, ErrorCode, FrameType, frame, rstStreamFrame, windowUpdateFrame, type RawH2 } from '../helpers/h2-raw.js';
+import { captureLogger } from '../helpers/logs.js';
+import { exchange, gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, TEST_OID, type ClientCredentials } from '../helpers/pki.js';
+import { until } from '../helpers/wait.js';
+
+let world: EchoRegistry;
+let legit: ClientCredentials;
+/** A stranger: a well-formed identity nobody granted anything. */
+let stranger: ClientCredentials;
+let stall: { server: Server; port: number; authority: string; sockets: Set<Socket> };
+const gateways: Gateway[] = [];
+const lines: Record<string, unknown>[] = [];
+
+const LIMITS = { handshake_timeout_ms: 1000, max_streams_per_session: 100, idle_timeout_ms: 0 };
+
+async function startGateway(overrides: { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown> } = {}): Promise<Gateway> {
+  const config = parseConfig({
+    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500 },
+    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000, ...overrides.policy },
+    observability: { log_level: 'debug' },
+    admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
+    audit: { enabled: false, ...overrides.audit },
+    limits: { ...LIMITS, ...overrides.limits },
+  });
+  const gateway = createGateway(config, { logger: captureLogger(lines) });
+  gateways.push(gateway);
+  await gateway.listen();
+  return gateway;
+}
+
+/** Descriptors of this process, less the registry pool's (it grows and idles on its own clock). */
+function descriptors(gateway: Gateway): number {
+  return readdirSync('/proc/self/fd').length - gateway.registry.poolStats.total;
+}
+
+interface Baseline {
+  readonly fds: number;
+}
+
+/** Taken once the previous case's last session (the legitimate client's) has gone. */
+async function baseline(gateway: Gateway): Promise<Baseline> {
+  await until(() => gateway.openSessions === 0 && gateway.openTunnels === 0, 2000, 'quiet before the case');
+  return { fds: descriptors(gateway) };
+}
+
+/** Sessions, tunnels, lookups and descriptors back to the baseline within 2 s. */
+async function backToBaseline(gateway: Gateway, base: Baseline, what: string): Promise<void> {
+  await until(
+    () => gateway.openSessions === 0 && gateway.openTunnels === 0 && gateway.lookups.queued === 0 && gateway.lookups.running === 0 && descriptors(gateway) <= base.fds,
+    2000,
+    `${what}: back to baseline (sessions ${gateway.openSessions}, tunnels ${gateway.openTunnels}, queued ${gateway.lookups.queued}, fds ${descriptors(gateway)} > ${base.fds})`,
+  );
+}
+
+/** A granted client still gets a working tunnel. */
+async function legitServed(gateway: Gateway): Promise<void> {
+  const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: legit.certPem, privateKeyPem: legit.privateKeyPem });
+  try {
+    const { status, stream } = await request(session, world.echoAuthority);
+    assert.equal(status, 200);
+    assert.deepEqual(await exchange(stream, Buffer.from('still served')), Buffer.from('still served'));
+  } finally {
+    session.destroy();
+  }
+}
+
+async function raw(gateway: Gateway, who: ClientCredentials | undefined, options: { sendPreface?: boolean } = {}): Promise<RawH2> {
+  const conn = await connectRaw({ port: gateway.address!.port, servername: 'localhost', ...(who ? { cert: who.certPem, key: who.privateKeyPem } : {}), ...options });
+  if (options.sendPreface !== false) await conn.nextFrame(FrameType.SETTINGS, 2000);
+  return conn;
+}
+
+function decisions(connectReason?: string): Record<string, unknown>[] {
+  return lines.filter((l) => l.event === 'connect_decision' && (connectReason === undefined || l.reason === connectReason));
+}
+
+/** Holds the registry tables so every lookup waits (a slow registry), until released. */
+async function holdRegistry(): Promise<() => Promise<void>> {
+  const client = new pg.Client({ connectionString: world.databaseUrl });
+  await client.connect();
+  await client.query('BEGIN');
+  await client.query('LOCK TABLE permission_registry IN ACCESS EXCLUSIVE MODE');
+  return async () => {
+    await client.query('ROLLBACK');
+    await client.end();
+  };
+}
+
+before(async () => {
+  world = await startEchoRegistry();
+  legit = await clientCredentials({ identity: 'agent-legit' });
+  stranger = await clientCredentials({ identity: 'agent-stranger' });
+  await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, world.echoAuthority);
+  // A destination that accepts and never reads.
+  const sockets = new Set<Socket>();
+  const server = createServer({ pauseOnConnect: true }, (socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.once('close', () => sockets.delete(socket));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const port = (server.address() as AddressInfo).port;
+  stall = { server, port, authority: `127.0.0.1:${port}`, sockets };
+  await world.fixture.delegate(world.alice.keyId, stall.authority);
+  await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, stall.authority);
+});
+
+after(async () => {
+  for (const gateway of gateways) await gateway.close(100);
+  for (const socket of stall?.sockets ?? []) socket.destroy();
+  stall?.server.close();
+  await world?.close();
+});
+
+describe('the process survives (regressions: each of these ended it with an unhandled error)', () => {
+  let gateway: Gateway;
+  before(async () => {
+    gateway = await startGateway({ policy: { query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
+    await legitServed(gateway);
+  });
+
+  test('a CONNECT reset with INTERNAL_ERROR while its lookup runs (any certificate, or none)', async () => {
+    const base = await baseline(gateway);
+    const release = await holdRegistry();
+    try {
+      for (const who of [stranger, undefined]) {
+        const conn = await raw(gateway, who);
+        await conn.send(connectHeaders(1, world.echoAuthority));
+        await sleep(100); // the lookup is waiting on the held table
+        await conn.send(rstStreamFrame(1, ErrorCode.INTERNAL_ERROR));
+        await sleep(50);
+        conn.destroy();
+      }
+    } finally {
+      await release();
+    }
+    await backToBaseline(gateway, base, 'reset during lookup');
+    await legitServed(gateway);
+  });
+
+  test('a protocol error in the same write as a CONNECT awaiting its lookup: WINDOW_UPDATE 0, a second HEADERS', async () => {
+    const base = await baseline(gateway);
+    const release = await holdRegistry();
+    try {
+      const first = await raw(gateway, stranger);
+      await first.send(connectHeaders(1, world.echoAuthority), windowUpdateFrame(0, 0));
+      const second = await raw(gateway, stranger);
+      await second.send(connectHeaders(1, world.echoAuthority), connectHeaders(1, world.echoAuthority));
+      assert.ok(await first.waitForGoaway(2000), 'WINDOW_UPDATE 0 is a connection error: GOAWAY');
+      await second.waitForClose(2000);
+      first.destroy();
+      second.destroy();
+    } finally {
+      await release();
+    }
+    await backToBaseline(gateway, base, 'protocol errors');
+    await legitServed(gateway);
+  });
+
+  test('max_streams_per_session + 1 HEADERS in one write (no certificate)', async () => {
+    const base = await baseline(gateway);
+    const conn = await raw(gateway, undefined);
+    const frames = [];
+    for (let i = 0; i <= LIMITS.max_streams_per_session; i++) frames.push(connectHeaders(1 + 2 * i, world.echoAuthority));
+    await conn.send(...frames);
+    await conn.waitForClose(3000);
+    conn.destroy();
+    await backToBaseline(gateway, base, 'too many streams');
+    await legitServed(gateway);
+  });
+
+  test('1,100 malformed :authority values on one session (nghttp2 counts them as invalid frames)', async () => {
+    const base = await baseline(gateway);
+    const conn = await raw(gateway, stranger);
+    for (let batch = 0; batch < 11; batch++) {
+      const frames = [];
+      for (let i = 0; i < 100; i++) frames.push(connectHeaders(1 + 2 * (batch * 100 + i), 'bad host\u0001:443'));
+      await conn.send(...frames);
+      if (conn.error || (await conn.waitForClose(1))) break;
+    }
+    await conn.waitForClose(3000);
+    conn.destroy();
+    await backToBaseline(gateway, base, 'invalid frames');
+    await legitServed(gateway);
+  });
+
+  test('a TCP reset while the CONNECT waits on a slow lookup', async () => {
+    const base = await baseline(gateway);
+    const release = await holdRegistry();
+    try {
+      const conns = await Promise.all([raw(gateway, stranger), raw(gateway, legit)]);
+      for (const conn of conns) await conn.send(connectHeaders(1, world.echoAuthority));
+      await sleep(100);
+      for (const conn of conns) conn.resetTcp();
+    } finally {
+      await release();
+    }
+    await backToBaseline(gateway, base, 'TCP reset during lookup');
+    await legitServed(gateway);
+  });
+});
+
+describe('nothing leaks', () => {
+  let gateway: Gateway;
+  before(async () => {
+    gateway = await startGateway();
+  });
+
+  /** Eight tunnels uploading to a destination that never reads, until flow control stalls them. */
+  async function stalledUploads(): Promise<{ session: ClientHttp2Session; streams: import('node:http2').ClientHttp2Stream[] }> {
+    const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: legit.certPem, privateKeyPem: legit.privateKeyPem });
+    const streams = [];
+    for (let i = 0; i < 8; i++) {
+      const { status, stream } = await request(session, stall.authority);
+      assert.equal(status, 200);
+      stream.on('error', () => {});
+      const chunk = Buffer.alloc(256 * 1024);
+      // Write until the stream stops accepting (flow control all the way back from the stalled socket).
+      for (let n = 0; n < 64 && stream.write(chunk); n++);
+      streams.push(stream);
+    }
+    await until(() => gateway.openTunnels === 8, 2000, '8 tunnels');
+    await sleep(200);
+    return { session, streams };
+  }
+
+  test('stalled uploads, then every stream reset with NO_ERROR and the session closed: tunnels and session gone', async () => {
+    const base = await baseline(gateway);
+    const { session, streams } = await stalledUploads();
+    for (const stream of streams) stream.close(h2c.NGHTTP2_NO_ERROR);
+    session.close();
+    await backToBaseline(gateway, base, 'NO_ERROR resets on stalled tunnels');
+    assert.equal(stall.sockets.size, 0, 'the destination sockets are closed too');
+    await legitServed(gateway);
+  });
+
+  test('stalled uploads, then the client drops TCP: tunnels and session gone', async () => {
+    const base = await baseline(gateway);
+    const { session } = await stalledUploads();
+    session.socket.destroy();
+    await backToBaseline(gateway, base, 'TCP drop on stalled tunnels');
+    assert.equal(stall.sockets.size, 0);
+    await legitServed(gateway);
+  });
+
+  test('300 sessions that send a malformed 14-byte HEADERS (bad HPACK index) and disconnect: no CLOSE_WAIT', async () => {
+    const base = await baseline(gateway);
+    const badHpack = frame(FrameType.HEADERS, 0x4 | 0x1, 1, Buffer.from([0xff, 0xff, 0xff, 0xff, 0x0f]));
+    assert.equal(badHpack.length, 14);
+    for (let batch = 0; batch < 6; batch++) {
+      await Promise.all(
+        Array.from({ length: 50 }, async () => {
+          const conn = await raw(gateway, undefined);
+          await conn.send(badHpack);
+          conn.end();
+          await conn.waitForClose(3000);
+          conn.destroy();
+        }),
+      );
+    }
+    await backToBaseline(gateway, base, 'bad HPACK then FIN');
+    await legitServed(gateway);
+  });
+
+  test('24 denied CONNECTs then an immediate disconnect, 50 sessions: all released', async () => {
+    const base = await baseline(gateway);
+    await Promise.all(
+      Array.from({ length: 50 }, async () => {
+        const conn = await raw(gateway, stranger);
+        const frames = [];
+        for (let i = 0; i < 24; i++) frames.push(connectHeaders(1 + 2 * i, world.echoAuthority));
+        await conn.send(...frames);
+        conn.end();
+        await conn.waitForClose(3000);
+        conn.destroy();
+      }),
+    );
+    await backToBaseline(gateway, base, '403s then FIN');
+    await legitServed(gateway);
+  });
+
+  test('a session without an identity lives handshake_timeout_ms past its last answer', async () => {
+    const base = await baseline(gateway);
+    const conn = await raw(gateway, undefined);
+    await conn.send(connectHeaders(1, world.echoAuthority));
+    const response = await conn.waitForResponse(1, 2000);
+    assert.equal(response.status, 403);
+    assert.match(response.headers['proxy-status'] ?? '', /identity_invalid/);
+    assert.ok(await conn.waitForClose(LIMITS.handshake_timeout_ms + 1500), 'closed by the gateway');
+    conn.destroy();
+    await backToBaseline(gateway, base, 'identity-less session');
+  });
+
+  test('TLS without a certificate and no HTTP/2 preface: closed at handshake_timeout_ms', async () => {
+    const base = await baseline(gateway);
+    const conns = await Promise.all(Array.from({ length: 100 }, () => raw(gateway, undefined, { sendPreface: false })));
+    const started = performance.now();
+    const closed = await Promise.all(conns.map((conn) => conn.waitForClose(LIMITS.handshake_timeout_ms + 1500)));
+    assert.ok(closed.every(Boolean), 'every silent connection closed by the gateway');
+    assert.ok(performance.now() - started >= LIMITS.handshake_timeout_ms * 0.5, 'not before the deadline');
+    for (const conn of conns) conn.destroy();
+    await backToBaseline(gateway, base, 'no preface');
+    await legitServed(gateway);
+  });
+
+  test('a denial on a stream whose client never ends its half: the stream is released', async () => {
+    const base = await baseline(gateway);
+    const conn = await raw(gateway, stranger);
+    await conn.send(connectHeaders(1, world.echoAuthority));
+    assert.equal((await conn.waitForResponse(1, 2000)).status, 403);
+    // END_STREAM from us, then our RST_STREAM(NO_ERROR) for the half the client keeps open.
+    const rst = await conn.nextFrame({ type: FrameType.RST_STREAM, streamId: 1 }, 2000);
+    assert.equal(rst.payload.readUInt32BE(0), ErrorCode.NO_ERROR);
+    conn.destroy();
+    await backToBaseline(gateway, base, 'half-open denial');
+  });
+});
+
+describe('limits of §9a', () => {
+  test('max_connections: connections beyond it are refused at accept; clients are served again once hostile ones are reaped', async () => {
+    const gateway = await startGateway({ limits: { max_connections: 20 } });
+    const base = await baseline(gateway);
+    const silent = await Promise.all(Array.from({ length: 20 }, () => raw(gateway, undefined, { sendPreface: false })));
+    await until(() => gateway.openSessions === 20, 2000, '20 silent sessions');
+    await assert.rejects(legitServed(gateway), 'the 21st connection is refused');
+    await Promise.all(silent.map((conn) => conn.waitForClose(LIMITS.handshake_timeout_ms + 1500)));
+    await legitServed(gateway);
+    for (const conn of silent) conn.destroy();
+    await backToBaseline(gateway, base, 'max_connections');
+  });
+
+  test('session_idle_timeout_ms: a session with no open stream gets GOAWAY', async () => {
+    const gateway = await startGateway({ limits: { session_idle_timeout_ms: 300 } });
+    const conn = await raw(gateway, legit);
+    await conn.send(connectHeaders(1, world.echoAuthority));
+    assert.equal((await conn.waitForResponse(1, 2000)).status, 200);
+    await sleep(600);
+    assert.equal(conn.goaways.length, 0, 'no GOAWAY while a tunnel is open');
+    await conn.send(rstStreamFrame(1, ErrorCode.CANCEL));
+    const goaway = await conn.waitForGoaway(2000);
+    assert.ok(goaway, 'GOAWAY after the idle time');
+    assert.equal(goaway.code, ErrorCode.NO_ERROR);
+    conn.destroy();
+  });
+});
+
+describe('work in proportion to what the peer spent', () => {
+  test('rapid reset: HEADERS+RST_STREAM pairs from a stranger never reach PostgreSQL; a granted client is served meanwhile', async () => {
+    const gateway = await startGateway();
+    const base = await baseline(gateway);
+    const startedLookups = gateway.lookups.started;
+    const rssBefore = process.memoryUsage().rss;
+    let pairs = 0;
+    const deadline = performance.now() + 2000;
+    const attackers = Array.from({ length: 4 }, async () => {
+      while (performance.now() < deadline) {
+        const conn = await raw(gateway, stranger);
+        let id = 1;
+        while (performance.now() < deadline && !conn.error && !(await conn.waitForClose(0))) {
+          const frames = [];
+          for (let i = 0; i < 50; i++, id += 2) frames.push(connectHeaders(id, world.echoAuthority), rstStreamFrame(id, ErrorCode.CANCEL));
+          pairs += 50;
+          await conn.send(...frames);
+          await sleep(1);
+        }
+        conn.destroy();
+      }
+    });
+    const served: number[] = [];
+    const legitLoop = (async () => {
+      while (performance.now() < deadline) {
+        const t = performance.now();
+        await legitServed(gateway);
+        served.push(performance.now() - t);
+      }
+    })();
+    await Promise.all([...attackers, legitLoop]);
+    const lookups = gateway.lookups.started - startedLookups;
+    const rssGrowthMb = (process.memoryUsage().rss - rssBefore) / 2 ** 20;
+    console.log(`# rapid reset: ${pairs} HEADERS+RST pairs in 2 s; registry lookups ${lookups} (the granted client's ${served.length}); RSS +${rssGrowthMb.toFixed(1)} MiB; granted CONNECT max ${Math.max(...served).toFixed(1)} ms`);
+    assert.ok(served.length > 0, 'the granted client was served during the attack');
+    assert.ok(lookups <= served.length + 10, `lookups ${lookups} for ${pairs} reset streams`);
+    await backToBaseline(gateway, base, 'rapid reset');
+  });
+
+  test('a certificate with 3,000 extensions is refused before any parse, and cached by its hash', async () => {
+    const gateway = await startGateway();
+    const base = await baseline(gateway);
+    const extensions = Array.from({ length: 3000 }, (_, i) => new x509.Extension(`1.3.6.1.4.1.99999.${i}`, false, new Uint8Array([0x05, 0x00])));
+    const hostile = await clientCredentials({ identity: 'agent-hostile', extraExtensions: extensions });
+    const cpuBefore = process.cpuUsage();
+    for (let i = 0; i < 8; i++) {
+      const conn = await raw(gateway, hostile);
+      await conn.send(connectHeaders(1, world.echoAuthority));
+      const response = await conn.waitForResponse(1, 2000);
+      assert.equal(response.status, 403);
+      assert.match(response.headers['proxy-status'] ?? '', /identity_invalid/);
+      conn.destroy();
+    }
+    const cpu = process.cpuUsage(cpuBefore);
+    console.log(`# hostile certificate (${hostile.certPem.length} PEM bytes): ${((cpu.user + cpu.system) / 8 / 1000).toFixed(1)} ms CPU per session (client and gateway, handshake included)`);
+    const refused = decisions('identity_invalid').filter((l) => l.spki_fingerprint && String(l.detail).includes('3000 extensions'));
+    assert.ok(refused.length >= 8, 'refused for its extension count');
+    await backToBaseline(gateway, base, 'hostile certificate');
+  });
+
+  test('a burst of 2,000 CONNECTs with the default pool: all 2,000 answered 200', async () => {
+    const gateway = await startGateway({ limits: { max_streams_per_session: 1000 } });
+    const base = await baseline(gateway);
+    const sessions = await Promise.all(
+      Array.from({ length: 4 }, () => gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: legit.certPem, privateKeyPem: legit.privateKeyPem })),
+    );
+    const latencies: number[] = [];
+    const statuses = await Promise.all(
+      Array.from({ length: 2000 }, async (_, i) => {
+        const t = performance.now();
+        const { status, stream } = await request(sessions[i % 4]!, world.echoAuthority);
+        latencies.push(performance.now() - t);
+        stream.on('error', () => {});
+        stream.end();
+        stream.resume();
+        return status;
+      }),
+    );
+    latencies.sort((a, b) => a - b);
+    console.log(`# burst of 2,000: p50 ${latencies[1000]!.toFixed(1)} ms, p99 ${latencies[1980]!.toFixed(1)} ms, max ${latencies[1999]!.toFixed(1)} ms; registry queries ${gateway.lookups.started}`);
+    assert.deepEqual(
+      statuses.reduce<Record<number, number>>((acc, s) => ((acc[s] = (acc[s] ?? 0) + 1), acc), {}),
+      { 200: 2000 },
+    );
+    for (const session of sessions) session.close();
+    await until(() => gateway.openSessions === 0, 5000, 'sessions closed');
+    await backToBaseline(gateway, base, 'burst');
+  });
+
+  test('a full lookup queue answers 503 registry_unavailable at once', async () => {
+    const gateway = await startGateway({ policy: { lookup_queue_size: 2, max_connections: 1, query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
+    const release = await holdRegistry();
+    const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: legit.certPem, privateKeyPem: legit.privateKeyPem });
+    try {
+      // Distinct destinations so nothing coalesces: 1 running + 2 queued, then the fourth is refused.
+      const pending = ['a.test:1', 'b.test:1', 'c.test:1'].map((d) => request(session, d).catch(() => undefined));
+      await until(() => gateway.lookups.queued === 2, 2000, 'queue full');
+      const t = performance.now();
+      const refused = await request(session, 'd.test:1');
+      assert.equal(refused.status, 503);
+      assert.match(String(refused.headers['proxy-status']), /details="registry_unavailable"/);
+      assert.ok(performance.now() - t < 1000, 'at once, not after a timeout');
+      await release();
+      await Promise.all(pending);
+    } finally {
+      session.destroy();
+    }
+  });
+});
+
+describe('cancelled CONNECTs are recorded', () => {
+  test('a CONNECT reset before its answer leaves exactly one decision: log line and audit row, reason client_cancelled', async () => {
+    const gateway = await startGateway({ audit: { enabled: true, flush_interval_ms: 50 }, policy: { query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
+    const release = await holdRegistry();
+    let traceId: string;
+    try {
+      const conn = await raw(gateway, legit);
+      traceId = 'ab'.repeat(16);
+      await conn.send(connectHeaders(1, world.echoAuthority, [['traceparent', `00-${traceId}-${'cd'.repeat(8)}-01`]]));
+      await sleep(100);
+      await conn.send(rstStreamFrame(1, ErrorCode.CANCEL));
+      await sleep(100);
+      conn.destroy();
+    } finally {
+      await release();
+    }
+    await until(() => decisions().some((l) => l.trace_id === traceId), 2000, 'the decision line');
+    const mine = decisions().filter((l) => l.trace_id === traceId);
+    assert.equal(mine.length, 1, 'exactly one decision');
+    assert.equal(mine[0]!.reason, 'client_cancelled');
+    assert.equal(mine[0]!.status, 499);
+    await until(async () => {
+      await gateway.audit!.flush();
+      const rows = await world.fixture.db.query('SELECT reason, status, identity FROM audit_log WHERE trace_id = $1', [traceId]);
+      return rows.rowCount === 1 && rows.rows[0].reason === 'client_cancelled' && rows.rows[0].identity === 'agent-legit';
+    }, 3000, 'one audit row client_cancelled');
+  });
+});
+
+describe('the sidecar never trips the gateway rapid-reset defence', () => {
+  test('1,500 denied CONNECTs through one sidecar: its session (and an open tunnel on it) survive', async () => {
+    const gateway = await startGateway({ limits: { max_streams_per_session: 1000 } });
+    let handshakes = 0;
+    gateway.server.on('secureConnection', () => handshakes++);
+    const sidecar: Sidecar = await startSidecar({
+      gatewayUrl: `https://localhost:${gateway.address!.port}`,
+      secureContext: createSecureContext({ cert: legit.certPem, key: legit.privateKeyPem, ca: world.tls.caPem }),
+      logger: pino({ level: 'silent' }),
+      backoffMaxMs: 500,
+    });
+    try {
+      const tunnel = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(tunnel.status, 200);
+      let denied = 0;
+      for (let batch = 0; batch < 15; batch++) {
+        const answers = await Promise.all(Array.from({ length: 100 }, () => localConnect(sidecar.port, 'denied.test:443')));
+        for (const answer of answers) {
+          if (answer.status === 403) denied++;
+          answer.socket.destroy();
+        }
+      }
+      assert.equal(denied, 1500);
+      assert.equal(handshakes, 1, 'one TLS session throughout');
+      tunnel.socket.write('after 1500 denials');
+      const [echoed] = (await once(tunnel.socket, 'data')) as [Buffer];
+      assert.equal(echoed.toString(), 'after 1500 denials');
+      tunnel.socket.destroy();
+      const refused = await localConnect(sidecar.port, 'denied.test:443');
+      assert.match(refused.body, /^agent-gateway: CONNECT denied\.test:443 refused: 403 not_authorized\n$/);
+      refused.socket.destroy();
+    } finally {
+      await sidecar.close();
+    }
+  });
+});
+
+/** A CONNECT through the sidecar's local proxy: status line and, for refusals, the body. */
+async function localConnect(port: number, authority: string): Promise<{ status: number; body: string; socket: Socket }> {
+  const socket = netConnect({ host: '127.0.0.1', port });
+  socket.on('error', () => {});
+  await once(socket, 'connect');
+  socket.write(`CONNECT ${authority} HTTP/1.1\r\nhost: ${authority}\r\n\r\n`);
+  let buffer = Buffer.alloc(0);
+  for (;;) {
+    const [chunk] = (await once(socket, 'data')) as [Buffer];
+    buffer = Buffer.concat([buffer, chunk]);
+    const end = buffer.indexOf('\r\n\r\n');
+    if (end < 0) continue;
+    const head = buffer.subarray(0, end).toString('latin1');
+    const status = Number(/^HTTP\/1\.1 (\d{3})/.exec(head)?.[1]);
+    const length = Number(/content-length: (\d+)/i.exec(head)?.[1] ?? 0);
+    while (buffer.length < end + 4 + length) {
+      const [more] = (await once(socket, 'data')) as [Buffer];
+      buffer = Buffer.concat([buffer, more]);
+    }
+    return { status, body: buffer.subarray(end + 4, end + 4 + length).toString('utf8'), socket };
+  }
+}
+
+
+
