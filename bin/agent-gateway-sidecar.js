@@ -1,6 +1,11 @@
 #!/usr/bin/env node
-// Runs the sidecar through tsx, so `npx agent-gateway-sidecar` works straight after `npm ci`.
-import { register } from 'tsx/esm/api';
+// Runs the sidecar from the compiled output in dist/ (`npm run build`; scripts/setup.sh builds it
+// when missing or older than the sources). No TypeScript tooling is loaded at run time.
+import { existsSync } from 'node:fs';
 
-register();
-await import('../sidecar/src/main.ts');
+const entry = new URL('../dist/sidecar/src/main.js', import.meta.url);
+if (!existsSync(entry)) {
+  process.stderr.write(`agent-gateway-sidecar: ${entry.pathname} is missing: run \`npm run build\` (or scripts/setup.sh) first\n`);
+  process.exit(1);
+}
+await import(entry.href);

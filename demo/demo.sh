@@ -91,7 +91,7 @@ TOML
 start_mocks() {
   pid_alive "$(pid_of mocks)" && return
   port_open "$DOCSTORE_PORT" && die "port $DOCSTORE_PORT is in use (set AGENT_GATEWAY_DEMO_DOCSTORE_PORT)"
-  start_bg mocks "$LOG_DIR/mock-services.log" node --import tsx "$ROOT/demo/mock-services.ts" \
+  start_bg mocks "$LOG_DIR/mock-services.log" node "$ROOT/dist/demo/mock-services.js" \
     --cert "$CERTS/mock-services.pem" --key "$CERTS/mock-services-key.pem" \
     --docstore-port "$DOCSTORE_PORT" --messaging-port "$MESSAGING_PORT"
   wait_for "mock services" 30 port_open "$MESSAGING_PORT" || die "mock services did not start (see $LOG_DIR/mock-services.log)"
@@ -123,6 +123,8 @@ cmd_setup() {
     die "$CONFIG exists and was not written by the demo: move it away, or set AGENT_GATEWAY_DEMO_CONFIG to another path"
   fi
   bash "$ROOT/scripts/setup.sh"
+  hash -r
+  agent_gateway_runtime_check || die "Node.js $AGENT_GATEWAY_NODE_VERSION is not in place after scripts/setup.sh"
   mkdir -p "$AGENT_STATE" "$LOG_DIR" "$PID_DIR"
   "$ROOT/demo/generate-server-certs.sh" "$CERTS"
   write_config

@@ -14,6 +14,9 @@
 # list every option; registry-cli/README.md has the exit codes.
 set -euo pipefail
 repo="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
+# Node.js 24 from .runtime/ when scripts/setup.sh installed it there (else the node on PATH).
+# shellcheck source=../scripts/runtime.sh
+source "$repo/scripts/runtime.sh"
 cli="$repo/bin/agent-gateway-registry.js"
 
 # The comment block above is the usage text.

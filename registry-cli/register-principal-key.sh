@@ -11,4 +11,7 @@
 # registry-cli/README.md has the exit codes.
 set -euo pipefail
 repo="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
+# Node.js 24 from .runtime/ when scripts/setup.sh installed it there (else the node on PATH).
+# shellcheck source=../scripts/runtime.sh
+source "$repo/scripts/runtime.sh"
 exec node "$repo/bin/agent-gateway-registry.js" register-principal "$@"

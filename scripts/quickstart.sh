@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Gateway quick start on one machine: installs what is missing, starts a throwaway PostgreSQL
-# cluster under .quickstart/, applies the migrations, generates a local server certificate,
-# writes config.toml when absent, and runs the gateway in the foreground (Ctrl-C stops both).
+# Gateway quick start on one machine: installs what is missing (Node.js 24 and dist/ included),
+# starts a throwaway PostgreSQL cluster under .quickstart/, applies the migrations, generates a
+# local server certificate, writes config.toml when absent, and runs the compiled gateway in the
+# foreground on Node.js 24 (Ctrl-C stops both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# shellcheck source=runtime.sh
+source scripts/runtime.sh   # Node.js 24 from .runtime/ first on PATH (AGENT_GATEWAY_NODE=22 for 22)
+agent_gateway_runtime_check
 
 STATE="${AGENT_GATEWAY_QUICKSTART_DIR:-$PWD/.quickstart}"
 PG_PORT="${AGENT_GATEWAY_QUICKSTART_PG_PORT:-55432}"

@@ -2,6 +2,10 @@
 # shellcheck shell=bash
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# Node.js 24 from .runtime/ (installed by scripts/setup.sh) first on PATH, for every node this demo
+# starts (gateway, sidecars, registry CLI, mock services); AGENT_GATEWAY_NODE=22 selects Node 22.
+# shellcheck source=../../scripts/runtime.sh
+source "$ROOT/scripts/runtime.sh"
 AGENT_STATE="${AGENT_STATE:-$ROOT/.demo-state}"
 case "$AGENT_STATE" in /*) ;; *) AGENT_STATE="$PWD/$AGENT_STATE" ;; esac
 CERTS="${AGENT_GATEWAY_DEMO_CERTS:-$ROOT/certs}"

@@ -279,13 +279,30 @@ describe('request errors', () => {
     session = await sessionFor((await grantedClient('agent-requests')).client);
   });
 
-  for (const authority of ['bad_host:443', 'example.com:0', 'example.com:65536', 'example.com:0443', '01.2.3.4:443', '[::ffff:127.0.0.1]:443', 'example.com.:443', 'user@example.com:443', '127.1:443']) {
+  for (const authority of ['bad_host:443', 'example.com:0', 'example.com:65536', 'example.com:0443', '01.2.3.4:443', '[::ffff:127.0.0.1]:443', 'example.com.:443', '127.1:443']) {
     test(`authority ${JSON.stringify(authority)} → 400`, async () => {
       const { status, headers } = await request(session, authority);
       assert.equal(status, 400);
       assert.equal(headers['proxy-status'], 'agent-gateway; error=http_request_error; details="authority_invalid"');
     });
   }
+
+  // HTTP/2 itself forbids userinfo in :authority. The nghttp2 of Node 22 and 24 resets such a stream
+  // with PROTOCOL_ERROR before the gateway sees it (Node 20's let it through to our 400); DESIGN §3
+  // allows either. The session must survive the reset.
+  test('authority "user@example.com:443" → 400, or a PROTOCOL_ERROR reset by the HTTP/2 layer', async () => {
+    const outcome = await request(session, 'user@example.com:443').catch((error: unknown) => error);
+    if (outcome instanceof Error) {
+      assert.equal((outcome as NodeJS.ErrnoException).code, 'ERR_HTTP2_STREAM_ERROR');
+      assert.match(outcome.message, /NGHTTP2_PROTOCOL_ERROR/);
+    } else {
+      const { status, headers } = outcome as Awaited<ReturnType<typeof request>>;
+      assert.equal(status, 400);
+      assert.equal(headers['proxy-status'], 'agent-gateway; error=http_request_error; details="authority_invalid"');
+    }
+    assert.equal(session.destroyed, false);
+    assert.equal((await request(session, 'bad_host:443')).status, 400);
+  });
 
   for (const method of ['GET', 'POST', 'PUT']) {
     test(`${method} → 405 with allow: CONNECT`, async () => {

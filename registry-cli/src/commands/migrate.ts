@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
@@ -8,7 +9,10 @@ import { redactDatabaseUrl } from '../environment.js';
 import { MigrationError } from '../errors.js';
 import { baselineFor, planMigrations, readMigrationFiles, type AppliedMigration, type MigrationFile } from '../migration-plan.js';
 
-export const DEFAULT_MIGRATIONS_DIR = resolve(import.meta.dirname, '../../../migrations');
+/** The repository's migrations/, seen from the sources (registry-cli/src/commands/) or from the
+ * compiled output one level deeper (dist/registry-cli/src/commands/). */
+export const DEFAULT_MIGRATIONS_DIR = [resolve(import.meta.dirname, '../../../migrations'), resolve(import.meta.dirname, '../../../../migrations')]
+  .find((dir) => existsSync(dir)) ?? resolve(import.meta.dirname, '../../../migrations');
 
 /** Session-level advisory lock key shared by every `migrate` run (the bytes of "agw-migr"; PostgreSQL 15 has no hex literals). */
 const MIGRATION_LOCK_KEY = '7018709581273065330';
