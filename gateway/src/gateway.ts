@@ -23,6 +23,9 @@ import { startTracing, type GatewayTracing } from './tracing.js';
 import { TUNNEL_LINGER_MS } from './tunnel.js';
 import { TunnelTracker } from './tunnels.js';
 
+/** How often open tunnels are checked for streams HTTP/2 closed under them (Tunnel.sweep). */
+const TUNNEL_SWEEP_MS = 250;
+
 /** How long close() waits, after the sessions are gone, for CONNECT handlers to write their last rows. */
 const HANDLER_DRAIN_MS = 1000;
 
@@ -90,6 +93,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     maxWaitMs: config.policy.pool_acquire_timeout_ms,
   });
   const tunnels = new TunnelTracker();
+  const sweeper = setInterval(() => tunnels.sweep(), TUNNEL_SWEEP_MS);
+  sweeper.unref();
   const handlers = new Set<Promise<void>>();
   let limits = config.limits;
   let serverPaths = { cert: config.server.tls_cert_path, key: config.server.tls_key_path };
@@ -249,6 +254,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       await Promise.race([Promise.allSettled([...handlers]), new Promise((resolve) => (timer = setTimeout(resolve, HANDLER_DRAIN_MS)))]);
       clearTimeout(timer);
     }
+    clearInterval(sweeper);
     await audit?.close();
     await registry.close();
     await admin?.close();

@@ -82,6 +82,7 @@ export class Tunnel {
   #streamClosed = false;
   #socketClosed = false;
   #linger: NodeJS.Timeout | undefined;
+  #closedSince: number | undefined;
   #resolve!: (stats: TunnelStats) => void;
 
   constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number) {
@@ -99,12 +100,18 @@ export class Tunnel {
     });
     socket.once('close', () => {
       this.#socketClosed = true;
+      // Nowhere left to send upload bytes: drop what is buffered so the stream can finish.
+      stream.unpipe(socket);
+      stream.resume();
       this.#endStream();
       this.#settle();
     });
     stream.on('error', (error) => {
       this.#error ??= `client: ${error.message}`;
     });
+    // Reset by the client (or its session) while our half was open. Node emits 'close' only once
+    // the readable side is drained, and a stalled destination never drains it: act now.
+    stream.once('aborted', () => this.#streamGone(`client reset the stream (code ${stream.rstCode})`));
     stream.once('close', () => {
       this.#streamClosed = true;
       if (stream.rstCode !== h2.NGHTTP2_NO_ERROR) {
@@ -129,11 +136,33 @@ export class Tunnel {
     return this.socket.bytesRead;
   }
 
+  /**
+   * Called periodically (TunnelTracker.sweep): a stream that HTTP/2 has closed but Node has not
+   * (its readable side waits for a destination that stopped reading) is torn down once it has
+   * been closed for TUNNEL_LINGER_MS. Returns true while the tunnel is open.
+   */
+  sweep(now: number): boolean {
+    if (this.#streamClosed && this.#socketClosed) return false;
+    const stream = this.stream;
+    if (!this.#streamClosed && (stream.closed || stream.destroyed)) {
+      this.#closedSince ??= now;
+      if (now - this.#closedSince >= TUNNEL_LINGER_MS) this.#streamGone(stream.rstCode ? `client reset the stream (code ${stream.rstCode})` : 'stream closed with data the destination would not take');
+    }
+    return true;
+  }
+
   /** Ends the tunnel on the gateway's initiative; the first detail given is the one recorded. */
   close(detail: TunnelCloseDetail): void {
     if (this.#streamClosed && this.#socketClosed) return;
     this.#closedBy ??= detail;
     this.socket.destroy();
+  }
+
+  /** The client side is gone: nothing more can be delivered either way. */
+  #streamGone(error: string): void {
+    this.#error ??= error;
+    this.socket.destroy();
+    if (!this.stream.destroyed) this.stream.destroy();
   }
 
   /** The destination side is gone: END_STREAM now, RST_STREAM(NO_ERROR) if the client lingers. */

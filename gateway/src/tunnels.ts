@@ -60,6 +60,11 @@ export class TunnelTracker {
     return this.#byPermission.get(permissionId) ?? EMPTY;
   }
 
+  /** Lets each tunnel notice a stream HTTP/2 closed under it (Tunnel.sweep). */
+  sweep(now = performance.now()): void {
+    for (const open of this.#all) open.tunnel.sweep(now);
+  }
+
   /** Closes every open tunnel (shutdown): each ends with END_STREAM, not a reset. */
   closeAll(detail: TunnelCloseDetail): number {
     const all = [...this.#all];

@@ -633,7 +633,7 @@ export interface ConnectRawOptions {
   servername?: string;
   /** Write the client preface + SETTINGS(settings) once TLS is up. Default true. */
   sendPreface?: boolean;
-  /** Entries of the initial SETTINGS frame (default none). */
+  /** Entries of the initial SETTINGS frame (default none); a HEADER_TABLE_SIZE also sets `hpack.maxSizeLimit`. */
   settings?: ReadonlyArray<readonly [number, number]>;
   /** ACK the server's SETTINGS frames. Default true (changeable later via `autoSettingsAck`). */
   autoSettingsAck?: boolean;
@@ -698,6 +698,8 @@ export class RawH2 {
   autoPingAck: boolean;
   autoWindowUpdate: boolean;
 
+  /** end() / destroy() / resetTcp() was called: writes it cancels are not errors. */
+  private closingLocally = false;
   private readonly parser = new FrameParser();
   private readonly consumed = new WeakSet<H2Frame>();
   private readonly listeners = new Set<() => void>();
@@ -854,23 +856,29 @@ export class RawH2 {
     return this.frames.filter((f) => f.type === FrameType.GOAWAY).map(parseGoaway);
   }
 
+  /** The received frames, one line each (the first 50), for assertion messages. */
   describeFrames(): string {
-    return this.frames.length === 0 ? '(no frames)' : this.frames.map(describeFrame).join('; ');
+    if (this.frames.length === 0) return '(no frames)';
+    const shown = this.frames.slice(0, 50).map(describeFrame).join('; ');
+    return this.frames.length > 50 ? `${shown}; … ${this.frames.length - 50} more` : shown;
   }
 
   /** Graceful: TLS close_notify + FIN after pending writes. */
   end(): void {
+    this.closingLocally = true;
     if (!this.socket.destroyed) this.socket.end();
   }
 
   /** Abrupt close (FIN without close_notify). */
   destroy(): void {
+    this.closingLocally = true;
     this.socket.destroy();
     this.tcp.destroy();
   }
 
   /** Abortive close: TCP RST (SO_LINGER 0). */
   resetTcp(): void {
+    this.closingLocally = true;
     try {
       if (!this.tcp.destroyed) this.tcp.resetAndDestroy();
     } catch (err) {
@@ -881,6 +889,9 @@ export class RawH2 {
   }
 
   private captureError(err: Error): void {
+    const code = (err as NodeJS.ErrnoException).code;
+    // Our own close cancels queued writes (Node 22+: ECANCELED "because of SSL destruction").
+    if (this.closingLocally && (code === 'ECANCELED' || code === 'ERR_STREAM_DESTROYED' || code === 'EPIPE')) return;
     if (!this.errors.includes(err)) this.errors.push(err);
   }
 
@@ -895,7 +906,7 @@ export class RawH2 {
     for (const listener of [...this.listeners]) listener();
   }
 
-  /** Resolves with check()'s first non-undefined result (re-run on every frame and on close), else onTimeout(); a throw rejects. */
+  /** Resolves with check()'s first non-undefined result (re-run on every frame and on close), else onTimeout() (never, if timeoutMs is Infinity); a throw rejects. */
   private waitFor<T>(check: () => T | undefined, timeoutMs: number, onTimeout: () => T): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
@@ -918,7 +929,7 @@ export class RawH2 {
       };
       this.listeners.add(listener);
       listener();
-      if (!this.listeners.has(listener)) return;
+      if (!this.listeners.has(listener) || !Number.isFinite(timeoutMs)) return;
       timer = setTimeout(() => {
         finish();
         try {
@@ -936,10 +947,14 @@ export class RawH2 {
 
   private onFrame(f: H2Frame): void {
     this.frames.push(f);
+    if (this.openBlock && !(f.type === FrameType.CONTINUATION && f.streamId === this.openBlock.frame.streamId)) {
+      this.openBlock.frame.hpackError = `header block interrupted by ${describeFrame(f)}`;
+      this.openBlock = undefined;
+    }
     if (f.type === FrameType.HEADERS || f.type === FrameType.PUSH_PROMISE) {
       this.openBlock = { frame: f, chunks: [headerFragment(f)] };
       if (f.flags & Flag.END_HEADERS) this.closeBlock();
-    } else if (f.type === FrameType.CONTINUATION && this.openBlock && this.openBlock.frame.streamId === f.streamId) {
+    } else if (f.type === FrameType.CONTINUATION && this.openBlock) {
       this.openBlock.chunks.push(headerFragment(f));
       if (f.flags & Flag.END_HEADERS) this.closeBlock();
     } else if (f.type === FrameType.SETTINGS && !(f.flags & Flag.ACK) && this.autoSettingsAck) {
@@ -985,6 +1000,8 @@ export function connectRaw(options: ConnectRawOptions): Promise<RawH2> {
     ...(options.key !== undefined ? { key: options.key } : {}),
   });
   const conn = new RawH2(socket, tcp, options);
+  const tableSize = options.settings?.filter(([id]) => id === Setting.HEADER_TABLE_SIZE).at(-1);
+  if (tableSize) conn.hpack.maxSizeLimit = tableSize[1];
   return new Promise<RawH2>((resolve, reject) => {
     const fail = (err: Error): void => {
       clearTimeout(timer);

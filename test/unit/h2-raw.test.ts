@@ -245,7 +245,7 @@ describe('frame encoders and parser', () => {
   });
 });
 
-describe('against a node:http2 server', () => {
+describe('against a node:http2 server', { timeout: 15_000 }, () => {
   const PROXY_STATUS = 'agent-gateway; error=destination_ip_prohibited; details="203.0.113.7 is not allowed"';
   const BIG = Buffer.from(Array.from({ length: 40_000 }, (_, i) => i % 251));
   let server: http2.Http2SecureServer;
@@ -359,6 +359,17 @@ describe('against a node:http2 server', () => {
     assert.ok(first && second);
     assert.ok(second.payload.length < first.payload.length / 2, `second 403 block (${second.payload.length} B) is mostly indexed references, first was ${first.payload.length} B`);
     assert.ok(conn.hpack.dynamicTable.some(([name, value]) => name === 'proxy-status' && value === PROXY_STATUS));
+  });
+
+  test('SETTINGS_HEADER_TABLE_SIZE 0: the server sends a size update and indexes nothing', async () => {
+    const conn = await connect({ settings: [[Setting.HEADER_TABLE_SIZE, 0]] });
+    await conn.nextFrame({ type: FrameType.SETTINGS, flags: Flag.ACK });
+    for (const id of [1, 3]) {
+      await conn.send(connectHeaders(id, 'deny.test:443'));
+      assert.equal((await conn.waitForResponse(id)).headers['proxy-status'], PROXY_STATUS);
+    }
+    assert.equal(conn.hpack.maxSize, 0);
+    assert.deepEqual(conn.hpack.dynamicTable, []);
   });
 
   test('RST_STREAM from the server is reported', async () => {
@@ -476,9 +487,12 @@ describe('against a node:http2 server', () => {
 
   test('resetTcp() is a TCP RST (ECONNRESET at a plain TLS server; node:http2 closes its session quietly)', async () => {
     const seen: string[] = [];
+    const sockets = new Set<TLSSocket>();
     const plain = tls.createServer({ key: serverKeys.key, cert: serverKeys.cert, ALPNProtocols: ['h2'] }, (socket) => {
+      sockets.add(socket);
       socket.on('error', (err: NodeJS.ErrnoException) => seen.push(err.code ?? err.message));
       socket.on('close', (hadError) => seen.push(hadError ? 'close-after-error' : 'close'));
+      socket.resume(); // read (and discard) so FIN / RST are noticed
     });
     await new Promise<void>((resolve) => plain.listen(0, '127.0.0.1', resolve));
     try {
@@ -496,6 +510,7 @@ describe('against a node:http2 server', () => {
         assert.deepEqual(seen, expected);
       }
     } finally {
+      for (const socket of sockets) socket.destroy();
       await new Promise<void>((resolve) => plain.close(() => resolve()));
     }
   });
