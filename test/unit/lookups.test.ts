@@ -1,0 +1,133 @@
+/**
+ * The bounded, coalescing lookup queue in front of the registry (DESIGN §9a): identical lookups
+ * share one query, a lookup whose CONNECTs are gone never starts, the queue is bounded in count
+ * and in wait. Pure: the lookup function is a controllable promise, no database.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { setImmediate } from 'node:timers/promises';
+import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
+import { RegistryUnavailableError } from '../../registry/errors.js';
+import { LookupCancelledError, LookupQueue } from '../../gateway/src/lookups.js';
+
+/** Lets the queue's deferred pump run (it starts lookups on setImmediate, after the settling microtasks). */
+const tick = async () => {
+  await setImmediate();
+  await setImmediate();
+};
+
+const ALLOWED = { allowed: true, permissionId: 'perm-1', verdicts: [] } as unknown as AuthorizationResult;
+const request = (destination: string, identity = 'agent-alpha'): AuthorizationRequest => ({ identity, spkiDer: Buffer.from('spki'), destination });
+
+/** A lookup function whose calls the test settles by hand. */
+function controlled() {
+  const calls: { request: AuthorizationRequest; resolve: (r: AuthorizationResult) => void; reject: (e: unknown) => void }[] = [];
+  const lookup = (req: AuthorizationRequest) => new Promise<AuthorizationResult>((resolve, reject) => calls.push({ request: req, resolve, reject }));
+  return { calls, lookup };
+}
+
+test('identical lookups in flight share one query; distinct ones do not', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 5, maxQueued: 100, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const answers = [queue.authorize(request('a:443'), signal), queue.authorize(request('a:443'), signal), queue.authorize(request('b:443'), signal)];
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['a:443', 'b:443']);
+  for (const call of calls) call.resolve(ALLOWED);
+  assert.deepEqual(await Promise.all(answers), [ALLOWED, ALLOWED, ALLOWED]);
+  assert.equal(queue.started, 2);
+  // Nothing is remembered after it settles: the next ask is a new query.
+  void queue.authorize(request('a:443'), signal);
+  await tick();
+  assert.equal(calls.length, 3);
+});
+
+test('a lookup whose every caller aborted before it started never reaches the registry', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 5, maxQueued: 100, maxWaitMs: 10_000 });
+  const first = new AbortController();
+  const second = new AbortController();
+  const answers = [queue.authorize(request('a:443'), first.signal), queue.authorize(request('a:443'), second.signal)];
+  first.abort();
+  second.abort();
+  await assert.rejects(answers[0]!, LookupCancelledError);
+  await assert.rejects(answers[1]!, LookupCancelledError);
+  await tick();
+  assert.equal(calls.length, 0);
+  assert.equal(queue.started, 0);
+});
+
+test('one caller aborting leaves the shared lookup to the others', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 5, maxQueued: 100, maxWaitMs: 10_000 });
+  const gone = new AbortController();
+  const stays = queue.authorize(request('a:443'), new AbortController().signal);
+  const leaves = queue.authorize(request('a:443'), gone.signal);
+  gone.abort();
+  await assert.rejects(leaves, LookupCancelledError);
+  await tick();
+  calls[0]!.resolve(ALLOWED);
+  assert.equal(await stays, ALLOWED);
+});
+
+test('an already-aborted signal is refused without queueing', async () => {
+  const { lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 1, maxWaitMs: 10_000 });
+  const controller = new AbortController();
+  controller.abort();
+  await assert.rejects(queue.authorize(request('a:443'), controller.signal), LookupCancelledError);
+  assert.equal(queue.queued, 0);
+});
+
+test('concurrency bounds running lookups; a full queue is refused at once with RegistryUnavailableError', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 2, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const a = queue.authorize(request('a:443'), signal);
+  await tick();
+  assert.equal(queue.running, 1);
+  const b = queue.authorize(request('b:443'), signal);
+  const c = queue.authorize(request('c:443'), signal);
+  assert.equal(queue.queued, 2);
+  await assert.rejects(queue.authorize(request('d:443'), signal), (error: unknown) => error instanceof RegistryUnavailableError && /queue is full/.test((error as Error).message));
+  // Joining a lookup already queued costs no room.
+  const c2 = queue.authorize(request('c:443'), signal);
+  calls[0]!.resolve(ALLOWED);
+  await a;
+  await tick();
+  calls[1]!.resolve(ALLOWED);
+  await b;
+  await tick();
+  calls[2]!.resolve(ALLOWED);
+  assert.deepEqual(await Promise.all([c, c2]), [ALLOWED, ALLOWED]);
+  assert.equal(queue.started, 3);
+});
+
+test('a lookup that waited longer than maxWaitMs to start gets RegistryUnavailableError, not a query', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 10, maxWaitMs: 20 });
+  const signal = new AbortController().signal;
+  const a = queue.authorize(request('a:443'), signal);
+  await tick();
+  const b = queue.authorize(request('b:443'), signal);
+  await new Promise((resolve) => setTimeout(resolve, 40));
+  calls[0]!.resolve(ALLOWED);
+  await a;
+  await assert.rejects(b, (error: unknown) => error instanceof RegistryUnavailableError && /waited more than 20 ms/.test((error as Error).message));
+  assert.equal(calls.length, 1);
+});
+
+test('a failing lookup rejects every caller sharing it, and the next ask runs again', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 2, maxQueued: 10, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const answers = [queue.authorize(request('a:443'), signal), queue.authorize(request('a:443'), signal)];
+  await tick();
+  const failure = new RegistryUnavailableError('down');
+  calls[0]!.reject(failure);
+  for (const answer of answers) await assert.rejects(answer, (error: unknown) => error === failure);
+  const again = queue.authorize(request('a:443'), signal);
+  await tick();
+  calls[1]!.resolve(ALLOWED);
+  assert.equal(await again, ALLOWED);
+});
