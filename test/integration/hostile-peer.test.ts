@@ -566,6 +566,47 @@ describe('the sidecar never trips the gateway rapid-reset defence', () => {
   });
 });
 
+describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
+  test('2,000 tunnels through one sidecar closed at once by the gateway: the sidecar keeps its session', async () => {
+    const gateway = await startGateway({ limits: { max_streams_per_session: 5000 } });
+    let handshakes = 0;
+    gateway.server.on('secureConnection', () => handshakes++);
+    const sidecar: Sidecar = await startSidecar({
+      gatewayUrl: `https://localhost:${gateway.address!.port}`,
+      secureContext: createSecureContext({ cert: legit.certPem, key: legit.privateKeyPem, ca: world.tls.caPem }),
+      logger: pino({ level: 'silent' }),
+      backoffMaxMs: 500,
+    });
+    try {
+      const agents: Socket[] = [];
+      for (let batch = 0; batch < 20; batch++) {
+        const opened = await Promise.all(Array.from({ length: 100 }, () => localConnect(sidecar.port, world.echoAuthority)));
+        for (const { status, socket } of opened) {
+          assert.equal(status, 200);
+          agents.push(socket);
+        }
+      }
+      await until(() => gateway.openTunnels === 2000, 5000, '2,000 tunnels');
+      // Agents close when their tunnel ends, as an HTTP client does on FIN.
+      for (const agent of agents) agent.once('end', () => agent.end());
+      const ended = agents.map((agent) => once(agent, 'close'));
+      const rstBefore = lines.length;
+      assert.equal(gateway.tunnels.closeAll('revoked'), 2000);
+      await Promise.all(ended);
+      await until(() => gateway.openTunnels === 0, 5000, 'every tunnel closed');
+      assert.equal(handshakes, 1, 'still the one TLS session');
+      const after = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(after.status, 200, 'the same session carries new tunnels');
+      after.socket.destroy();
+      assert.equal(handshakes, 1);
+      const closes = lines.slice(rstBefore).filter((l) => l.event === 'tunnel_closed');
+      assert.equal(closes.filter((l) => l.detail === 'revoked').length, 2000, 'each close recorded with detail revoked');
+    } finally {
+      await sidecar.close();
+    }
+  });
+});
+
 /** A CONNECT through the sidecar's local proxy: status line and, for refusals, the body. */
 async function localConnect(port: number, authority: string): Promise<{ status: number; body: string; socket: Socket }> {
   const socket = netConnect({ host: '127.0.0.1', port });
