@@ -33,6 +33,8 @@ export const candidateRowSchema = z.object({
   delegation_started: z.boolean().nullable(),
   delegation_unexpired: z.boolean().nullable(),
   delegation_revoked: z.boolean().nullable(),
+  /** Milliseconds until the earliest not_after of row, key and delegation (database clock). */
+  valid_for_ms: z.number().optional(),
 });
 export type CandidateRow = z.infer<typeof candidateRowSchema>;
 
@@ -80,7 +82,14 @@ export interface RowVerdict {
 }
 
 export type AuthorizationResult =
-  | { readonly allowed: true; readonly permissionId: string; readonly signingKeyId: string; readonly notAfter: CanonicalTimestamp }
+  | {
+      readonly allowed: true;
+      readonly permissionId: string;
+      readonly signingKeyId: string;
+      readonly notAfter: CanonicalTimestamp;
+      /** How long the decision holds: until the earliest not_after of row, key and delegation. */
+      readonly validForMs: number;
+    }
   | { readonly allowed: false; readonly reason: DenialReason; readonly verdicts: readonly RowVerdict[] };
 
 export interface AuthorizationRequest {
@@ -159,7 +168,8 @@ export function authorize(rows: readonly unknown[], request: AuthorizationReques
     const verdict = evaluateRow(raw, request, keys);
     if (verdict.allowed) {
       const row = raw as CandidateRow;
-      return { allowed: true, permissionId: row.permission_id, signingKeyId: row.signing_key_id, notAfter: row.not_after as CanonicalTimestamp };
+      const validForMs = typeof row.valid_for_ms === 'number' && Number.isFinite(row.valid_for_ms) ? Math.max(0, row.valid_for_ms) : 0;
+      return { allowed: true, permissionId: row.permission_id, signingKeyId: row.signing_key_id, notAfter: row.not_after as CanonicalTimestamp, validForMs };
     }
     verdicts.push(verdict);
   }

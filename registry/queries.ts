@@ -1,9 +1,15 @@
 import { sqlCanonicalTimestamp } from './timestamp.js';
 
 /** The registry schema this build reads and writes; `schema_version` must hold exactly this. */
-export const SCHEMA_VERSION = 1;
+export const SCHEMA_VERSION = 2;
 
 export const SCHEMA_VERSION_QUERY = 'SELECT version FROM schema_version';
+
+/** The registry change counter (migration 0002), advanced by every registry write. */
+export const CHANGE_COUNTER_QUERY = 'SELECT counter::text AS counter FROM registry_changes WHERE id = 1';
+
+/** The channel migration 0002's triggers NOTIFY on. */
+export const CHANGE_CHANNEL = 'agent_gateway_registry';
 
 /** Most candidate rows one lookup reads; active rows for the presented key sort first. */
 export const MAX_CANDIDATE_ROWS = 32;
@@ -37,7 +43,10 @@ SELECT p.permission_id,
        d.signing_key_id IS NOT NULL AS delegation_exists,
        d.not_before <= now() AS delegation_started,
        (d.not_after IS NULL OR now() < d.not_after) AS delegation_unexpired,
-       d.revoked_at IS NOT NULL AS delegation_revoked
+       d.revoked_at IS NOT NULL AS delegation_revoked,
+       -- How long an allowing row stays allowed, in the database's clock: until the earliest
+       -- not_after of the row, its key and its delegation (the gateway's cache and expiry timers).
+       (extract(epoch FROM least(p.not_after, coalesce(k.not_after, 'infinity'), coalesce(d.not_after, 'infinity')) - now()) * 1000)::float8 AS valid_for_ms
   FROM permission_registry p
   JOIN principal_signing_keys k ON k.key_id = p.signing_key_id
   LEFT JOIN principal_key_permissions d ON d.signing_key_id = p.signing_key_id AND d.destination = p.destination

@@ -11,6 +11,8 @@ import { parseListenAddress } from './config.js';
  *   /readyz   200 when the registry answers and its schema matches, else 503 (readiness: send
  *             me traffic); also 503 while shutting down so load balancers drain first
  *   /metrics  Prometheus text format
+ *   /tunnels  JSON array of open tunnels (connect_id, identity, spki_fingerprint, destination,
+ *             permission_id, opened_at, bytes_up, bytes_down)
  * It has no authentication: keep it on loopback or a management network.
  */
 export interface Readiness {
@@ -21,6 +23,8 @@ export interface Readiness {
 
 export interface AdminHandlers {
   readiness(): Promise<Readiness>;
+  /** Open tunnels, for `GET /tunnels` (DESIGN §9b). */
+  tunnels?(): object[];
   metrics?(): Promise<{ contentType: string; body: string }>;
 }
 
@@ -60,6 +64,9 @@ export async function startAdminServer(listenAddr: string, handlers: AdminHandle
         const result = await readiness();
         return json(res, result.ready ? 200 : 503, result.body, head);
       }
+      case '/tunnels':
+        if (!handlers.tunnels) return json(res, 404, { error: 'not_found' }, head);
+        return json(res, 200, handlers.tunnels(), head);
       case '/metrics': {
         if (!handlers.metrics) return json(res, 404, { error: 'not_found' }, head);
         const { contentType, body } = await handlers.metrics();

@@ -114,6 +114,8 @@ const limitsSchema = z
     idle_timeout_ms: millisOrOff(600_000),
     /** A session with no open stream for this long gets GOAWAY; 0 = never. */
     session_idle_timeout_ms: millisOrOff(300_000),
+    /** A tunnel older than this is closed (detail max_lifetime); 0 = no bound. */
+    max_tunnel_lifetime_ms: millisOrOff(0),
     /** TLS connections held at once; more are refused at accept. 0 = no limit. */
     max_connections: z.number().int().min(0).max(10_000_000).default(10_000),
   })
@@ -167,6 +169,14 @@ const auditSchema = z
     }
   });
 
+/** `[cache]`: allowed decisions cached until a registry change or their earliest not_after (DESIGN §9b). */
+const cacheSchema = z.strictObject({
+  enabled: z.boolean().default(true),
+  max_entries: z.number().int().min(1).max(10_000_000).default(100_000),
+  /** The registry change counter is read this often, whether or not LISTEN is up. */
+  poll_interval_ms: z.number().int().min(50).max(3_600_000).default(1000),
+});
+
 /** `[resolve]`: normalised destination → address actually dialled. Authorization never sees it. */
 const resolveSchema = z.record(z.string(), z.string()).superRefine((entries, ctx) => {
   const seen = new Map<string, string>();
@@ -194,6 +204,7 @@ export const configSchema = z.strictObject({
   limits: limitsSchema.prefault({}),
   admin: adminSchema.optional(),
   audit: auditSchema.prefault({}),
+  cache: cacheSchema.prefault({}),
   resolve: resolveSchema.default({}),
 });
 
@@ -212,6 +223,7 @@ export type GatewayConfig = Readonly<{
   admin: Readonly<NonNullable<ConfigFile['admin']>>;
   /** `databaseUrl`: where audit rows go (the policy database unless `[audit]` names another). */
   audit: Readonly<ConfigFile['audit']> & { readonly databaseUrl: string };
+  cache: Readonly<ConfigFile['cache']>;
   /** `[resolve]` with normalised keys, ready to look up by normalised destination. */
   resolve: ReadonlyMap<string, Dialable>;
 }>;
@@ -279,6 +291,7 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
     limits: file.limits,
     admin: file.admin ?? adminSchema.parse({ enabled: false }),
     audit: { ...file.audit, databaseUrl: auditUrl },
+    cache: file.cache,
     resolve,
   }) as GatewayConfig;
 }

@@ -1,14 +1,15 @@
 import { constants as h2, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import { SpanKind, SpanStatusCode, type Context, type Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
-import type { AuthorizationResult } from '../../registry/authorize.js';
 import { normaliseDestination, type Destination } from '../../registry/destination.js';
 import { RegistryUnavailableError } from '../../registry/errors.js';
 import type { GatewayConfig } from './config.js';
 import type { Limiter } from './limits.js';
-import { LookupCancelledError, type LookupQueue } from './lookups.js';
+import type { Authoriser, Decision } from './authoriser.js';
+import { LookupCancelledError } from './lookups.js';
 import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } from './outcome.js';
 import type { GatewayMetrics } from './metrics.js';
+import type { PolicyEnforcer } from './revocation.js';
 import type { PeerSession } from './sessions.js';
 import { traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
 import { dial, Tunnel, TUNNEL_LINGER_MS } from './tunnel.js';
@@ -22,7 +23,8 @@ export interface ConnectDeps {
   isClosing(): boolean;
   nextConnectId(): string;
   readonly limiter: Limiter;
-  readonly lookups: LookupQueue;
+  readonly authoriser: Authoriser;
+  readonly enforcer: PolicyEnforcer;
   readonly tunnels: TunnelTracker;
   readonly recorder: OutcomeRecorder;
   readonly metrics: GatewayMetrics | undefined;
@@ -78,7 +80,7 @@ export class ConnectRequest {
       release = admitted.release;
       const opened = await this.#authoriseAndDial();
       if ('reason' in opened) return this.#answer(opened);
-      await this.#tunnel(opened.tunnel, opened.facts);
+      await this.#tunnel(opened.tunnel, opened.decision);
     } catch (error) {
       this.#deps.log.error({ event: 'connect_error', connect_id: this.facts.connectId, stage: this.stage, err: (error as Error)?.stack ?? String(error) }, 'unexpected error handling CONNECT');
       if (!this.#decided) this.#answer({ reason: 'internal_error', detail: `${this.stage}: ${(error as Error)?.message ?? String(error)}` });
@@ -116,8 +118,8 @@ export class ConnectRequest {
     return { ok: true, release: admitted.slot ? () => limiter.release(identity.limitKey) : undefined };
   }
 
-  async #authoriseAndDial(): Promise<Outcome | { tunnel: Tunnel; facts: ConnectFacts }> {
-    const { config, lookups, metrics } = this.#deps;
+  async #authoriseAndDial(): Promise<Outcome | { tunnel: Tunnel; decision: Decision }> {
+    const { config, authoriser, metrics } = this.#deps;
     const identity = this.#session.identity!;
     const destination = this.facts.destination!;
     const signal = this.#abort.signal;
@@ -131,9 +133,10 @@ export class ConnectRequest {
       'agent_gateway.destination': destination,
     });
     const authStarted = performance.now();
-    let result: AuthorizationResult;
+    let decision: Decision;
     try {
-      result = await lookups.authorize({ identity: identity.identity, spkiDer: identity.spkiDer, destination }, signal);
+      decision = await authoriser.decide({ identity: identity.identity, spkiDer: identity.spkiDer, destination }, signal);
+      lookupSpan?.setAttribute('agent_gateway.cached', decision.cached);
       lookupSpan?.end();
     } catch (error) {
       if (lookupSpan) {
@@ -147,7 +150,9 @@ export class ConnectRequest {
       }
       throw error;
     }
-    metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
+    const result = decision.result;
+    if (decision.cached) this.facts.cached = true;
+    else metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
     if (!result.allowed) {
       // The row that explains the denial, for operators (log, audit); the client sees not_authorized only.
       const explaining = result.verdicts.find((v) => v.reason === result.reason)?.permissionId;
@@ -180,15 +185,17 @@ export class ConnectRequest {
     this.stage = 'tunnel';
     this.#stream.respond({ ':status': 200 });
     this.#record({ reason: 'allowed' });
-    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms), facts: this.facts };
+    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms), decision };
   }
 
-  async #tunnel(tunnel: Tunnel, facts: ConnectFacts): Promise<void> {
-    const { tunnels, recorder } = this.#deps;
+  async #tunnel(tunnel: Tunnel, decision: Decision): Promise<void> {
+    const { tunnels, recorder, enforcer } = this.#deps;
+    const facts = this.facts;
     const open: OpenTunnel = {
       connectId: facts.connectId,
       identity: facts.identity!,
       spkiFingerprint: facts.spkiFingerprint!,
+      spkiDer: this.#session.identity!.spkiDer,
       destination: facts.destination!,
       permissionId: facts.permissionId!,
       openedAt: Date.now(),
@@ -197,9 +204,11 @@ export class ConnectRequest {
       reportedDown: 0,
     };
     tunnels.add(open);
+    enforcer.tunnelOpened(open, decision);
     const tunnelSpan = this.#childSpan('agent_gateway.tunnel', SpanKind.INTERNAL, {});
     const stats = await tunnel.done;
     tunnels.delete(open);
+    enforcer.tunnelClosed(open);
     recorder.tunnelClosed(facts, open, stats, tunnelSpan);
   }
 

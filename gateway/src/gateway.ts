@@ -9,6 +9,8 @@ import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { startAdminServer, type AdminServer, type Readiness } from './admin.js';
 import { AuditWriter } from './audit.js';
+import { Authoriser } from './authoriser.js';
+import { ChangeFeed } from './change-feed.js';
 import { parseListenAddress, type GatewayConfig } from './config.js';
 import { ConnectRequest, type ConnectDeps } from './connect.js';
 import { Limiter } from './limits.js';
@@ -17,6 +19,7 @@ import { LookupQueue } from './lookups.js';
 import { GatewayMetrics } from './metrics.js';
 import { OutcomeRecorder } from './outcome.js';
 import { RegistryClient } from './registry-client.js';
+import { PolicyEnforcer } from './revocation.js';
 import { loadServerCredentials, TLS_CONTEXT_OPTIONS, type ServerCredentials } from './server-credentials.js';
 import { SessionGuard } from './sessions.js';
 import { startTracing, type GatewayTracing } from './tracing.js';
@@ -70,6 +73,12 @@ export interface Gateway {
   readonly tunnels: TunnelTracker;
   /** The bounded, coalescing queue in front of the registry. */
   readonly lookups: LookupQueue;
+  /** The registry change feed (LISTEN + counter poll). */
+  readonly feed: ChangeFeed;
+  /** Live revocation of open tunnels. */
+  readonly enforcer: PolicyEnforcer;
+  /** Decisions, with the cache of allowed ones. */
+  readonly authoriser: Authoriser;
   /** Open HTTP/2 sessions. */
   readonly openSessions: number;
   readonly registry: RegistryClient;
@@ -93,8 +102,13 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     maxWaitMs: config.policy.pool_acquire_timeout_ms,
   });
   const tunnels = new TunnelTracker();
-  const sweeper = setInterval(() => tunnels.sweep(), TUNNEL_SWEEP_MS);
-  sweeper.unref();
+  const feed = new ChangeFeed({
+    databaseUrl: config.policy.databaseUrl,
+    pollIntervalMs: config.cache.poll_interval_ms,
+    connectTimeoutMs: config.policy.connect_timeout_ms,
+    readCounter: () => registry.changeCounter(),
+    log,
+  });
   const handlers = new Set<Promise<void>>();
   let limits = config.limits;
   let serverPaths = { cert: config.server.tls_cert_path, key: config.server.tls_key_path };
@@ -129,11 +143,20 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           openSessions: () => sessions.size,
           tunnels: () => tunnels,
           lookups: () => ({ queued: lookups.queued, running: lookups.running }),
+          feed: () => feed,
           pools: () => [{ pool: 'registry', ...registry.poolStats }, ...(audit ? [{ pool: 'audit', ...audit.poolStats }] : [])],
           audit: () => audit?.stats,
         },
       )
     : undefined;
+
+  const authoriser = new Authoriser(lookups, feed, { enabled: config.cache.enabled, maxEntries: config.cache.max_entries }, metrics);
+  const enforcer = new PolicyEnforcer({ tunnels, authoriser, feed, log, metrics, retryMs: config.cache.poll_interval_ms });
+  const sweeper = setInterval(() => {
+    const expired = tunnels.sweep(limits.max_tunnel_lifetime_ms);
+    for (let i = 0; i < expired; i++) metrics?.policyClose('max_lifetime');
+  }, TUNNEL_SWEEP_MS);
+  sweeper.unref();
 
   const deps: ConnectDeps = {
     config,
@@ -141,7 +164,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     isClosing: () => closing,
     nextConnectId: () => `${connectIdPrefix}-${(++connectSeq).toString(36)}`,
     limiter,
-    lookups,
+    authoriser,
+    enforcer,
     tunnels,
     recorder: new OutcomeRecorder({ log, metrics, audit }),
     metrics,
@@ -255,6 +279,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       clearTimeout(timer);
     }
     clearInterval(sweeper);
+    enforcer.close();
+    await feed.close();
     await audit?.close();
     await registry.close();
     await admin?.close();
@@ -268,10 +294,12 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       tracing = await startTracing(config, { log, ...(options.tracerProvider ? { tracerProvider: options.tracerProvider } : {}) });
       // The admin listener comes first so probes get answers (503 "starting") while the registry is awaited.
       if (config.admin.enabled) {
-        admin = await startAdminServer(config.admin.listen_addr, { readiness, ...(metrics ? { metrics: () => metrics.render() } : {}) }, log);
+        admin = await startAdminServer(config.admin.listen_addr, { readiness, tunnels: () => tunnels.snapshot(), ...(metrics ? { metrics: () => metrics.render() } : {}) }, log);
       }
       try {
         await registry.waitUntilReady();
+        // The first counter read must succeed (schema 2 has it); LISTEN follows in the background.
+        await feed.start();
         const { host, port } = parseListenAddress(config.server.listen_addr);
         await new Promise<void>((resolve, reject) => {
           server.once('error', reject);
@@ -336,6 +364,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     },
     tunnels,
     lookups,
+    feed,
+    enforcer,
+    authoriser,
     get openSessions() {
       return sessions.size;
     },

@@ -74,13 +74,15 @@ export class LookupQueue {
   }
 
   /**
-   * The decision for `request`, shared with identical lookups in flight. Rejects with
+   * The decision for `request`, shared with identical lookups in flight asked at the same change-
+   * feed `generation`. Rejects with
    * LookupCancelledError when `signal` fires first, RegistryUnavailableError when the queue is
    * full, the wait too long or the registry cannot be asked.
    */
-  authorize(request: AuthorizationRequest, signal: AbortSignal): Promise<AuthorizationResult> {
+  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0): Promise<AuthorizationResult> {
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
-    const key = `${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
+    // The generation keeps a lookup asked after a registry change from joining one asked before it.
+    const key = `${generation}\n${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
     let job = this.#inFlight.get(key);
     if (!job) {
       if (this.queued >= this.#options.maxQueued) {

@@ -28,6 +28,8 @@ export interface MetricsSources {
   openSessions(): number;
   /** Open tunnels (the tracker): the gauge and the bytes of open tunnels are read from here. */
   tunnels(): Iterable<OpenTunnel>;
+  /** The change feed's state. */
+  feed(): { readonly listening: boolean; readonly confirmed: boolean; readonly lagSeconds: number };
   /** Registry lookups waiting to start and running (the lookup queue). */
   lookups(): { readonly queued: number; readonly running: number };
   pools(): readonly { readonly pool: string; readonly total: number; readonly idle: number; readonly waiting: number }[];
@@ -44,6 +46,8 @@ export class GatewayMetrics {
   readonly #handshakeFailures: Counter;
   readonly #idleTimeouts: Counter;
   readonly #reloads: Counter;
+  readonly #cacheLookups: Counter;
+  readonly #policyCloses: Counter;
   readonly #auditDropped: Counter;
   /** Audit totals already added to the counters (the writer keeps running totals). */
   #auditReported = { written: 0, dropped: {} as Record<string, number> };
@@ -122,6 +126,37 @@ export class GatewayMetrics {
       labelNames: ['result'],
       registers,
     });
+    this.#cacheLookups = new Counter({
+      name: `${METRIC_PREFIX}authorization_cache_total`,
+      help: 'CONNECT decisions by cache result: hit (served from the cache), miss (asked the registry), bypass (cache not usable: change feed unconfirmed).',
+      labelNames: ['result'],
+      registers,
+    });
+    this.#policyCloses = new Counter({
+      name: `${METRIC_PREFIX}tunnels_closed_by_policy_total`,
+      help: 'Open tunnels the gateway closed on policy: revoked, expired, max_lifetime, sni_mismatch.',
+      labelNames: ['detail'],
+      registers,
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}change_feed_up`,
+      help: 'Registry change feed: path="listen" 1 while the LISTEN connection is up; path="confirmed" 1 while the cache may be used (LISTEN up or a recent poll).',
+      labelNames: ['path'],
+      registers,
+      collect() {
+        const feed = sources.feed();
+        this.set({ path: 'listen' }, feed.listening ? 1 : 0);
+        this.set({ path: 'confirmed' }, feed.confirmed ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}change_feed_lag_seconds`,
+      help: 'How far behind the registry the gateway may be: 0 while LISTEN is up, else the time since the last successful poll of the change counter.',
+      registers,
+      collect() {
+        this.set(sources.feed().lagSeconds);
+      },
+    });
     new Gauge({
       name: `${METRIC_PREFIX}open_sessions`,
       help: 'HTTP/2 client sessions currently open.',
@@ -183,6 +218,8 @@ export class GatewayMetrics {
     for (const reason of ['queue_full', 'write_failed', 'shutdown']) this.#auditDropped.inc({ reason }, 0);
     for (const reason of ['timeout', 'error']) this.#handshakeFailures.inc({ reason }, 0);
     for (const result of ['success', 'failure']) this.#reloads.inc({ result }, 0);
+    for (const result of ['hit', 'miss', 'bypass']) this.#cacheLookups.inc({ result }, 0);
+    for (const detail of ['revoked', 'expired', 'max_lifetime', 'sni_mismatch']) this.#policyCloses.inc({ detail }, 0);
     if (who.length === 0) for (const direction of ['up', 'down']) this.#bytes.inc({ direction }, 0);
 
     if (options.processMetrics) collectDefaultMetrics({ register: this.registry });
@@ -218,6 +255,16 @@ export class GatewayMetrics {
 
   authorization(seconds: number, outcome: 'allowed' | 'denied' | 'unavailable'): void {
     this.#authorization.observe({ outcome }, seconds);
+  }
+
+  /** A CONNECT's decision came from the cache (hit), the registry (miss), or the cache was not usable (bypass). */
+  cache(result: 'hit' | 'miss' | 'bypass'): void {
+    this.#cacheLookups.inc({ result });
+  }
+
+  /** A tunnel closed because policy no longer allows it (revoked, expired, max_lifetime, sni_mismatch). */
+  policyClose(detail: string): void {
+    this.#policyCloses.inc({ detail });
   }
 
   /** A tunnel left the tracker: its last bytes are counted. */

@@ -41,6 +41,8 @@ export interface ConnectFacts {
   permissionId?: string;
   /** The registry vouched for (identity, destination): only then may they become metric labels. */
   authorised: boolean;
+  /** The decision came from the cache (DESIGN §9b), not a registry lookup. */
+  cached?: boolean;
   span?: Span;
 }
 
@@ -76,6 +78,7 @@ export class OutcomeRecorder {
       reason: outcome.reason,
       ...(detail ? { detail } : {}),
       ...(facts.permissionId ? { permission_id: facts.permissionId } : {}),
+      ...(facts.cached ? { cached: true } : {}),
       decision_ms: Math.round(decisionMs * 1000) / 1000,
     };
     if (status === 200) log.info(line, 'CONNECT allowed');

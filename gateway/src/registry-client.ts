@@ -3,7 +3,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { authorize, PrincipalKeyCache, type AuthorizationRequest, type AuthorizationResult } from '../../registry/authorize.js';
 import { RegistryUnavailableError, SchemaVersionError } from '../../registry/errors.js';
-import { CANDIDATE_ROWS_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
+import { CANDIDATE_ROWS_QUERY, CHANGE_COUNTER_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
 import type { GatewayConfig } from './config.js';
 import { redactUrl } from './logger.js';
 
@@ -55,6 +55,13 @@ export class RegistryClient {
   /** The spec's checks 3–5: one indexed query, then signature verification in process. */
   async authorize(request: AuthorizationRequest): Promise<AuthorizationResult> {
     return authorize(await this.candidateRows(request), request, this.#keys);
+  }
+
+  /** The registry change counter (migration 0002), as text: it is a bigint. */
+  async changeCounter(): Promise<string> {
+    const rows = (await this.#pool.query({ name: 'agent_gateway_change_counter', text: CHANGE_COUNTER_QUERY })).rows as { counter: string }[];
+    if (rows.length !== 1) throw new RegistryUnavailableError(`registry_changes holds ${rows.length} rows, not 1`);
+    return rows[0]!.counter;
   }
 
   /** Throws SchemaVersionError unless schema_version holds exactly one row equal to SCHEMA_VERSION. */

@@ -5,6 +5,8 @@ export interface OpenTunnel {
   readonly connectId: string;
   readonly identity: string;
   readonly spkiFingerprint: string;
+  /** The client key, for re-checking the tunnel against the registry. */
+  readonly spkiDer: Buffer;
   readonly destination: string;
   readonly permissionId: string;
   /** Epoch milliseconds. */
@@ -60,9 +62,20 @@ export class TunnelTracker {
     return this.#byPermission.get(permissionId) ?? EMPTY;
   }
 
-  /** Lets each tunnel notice a stream HTTP/2 closed under it (Tunnel.sweep). */
-  sweep(now = performance.now()): void {
-    for (const open of this.#all) open.tunnel.sweep(now);
+  /**
+   * Lets each tunnel notice a stream HTTP/2 closed under it (Tunnel.sweep), and closes tunnels
+   * older than `maxLifetimeMs` (0 = no bound). Returns how many reached their lifetime.
+   */
+  sweep(maxLifetimeMs = 0, now = performance.now(), wallNow = Date.now()): number {
+    let expired = 0;
+    for (const open of this.#all) {
+      if (!open.tunnel.sweep(now)) continue;
+      if (maxLifetimeMs > 0 && wallNow - open.openedAt >= maxLifetimeMs) {
+        open.tunnel.close('max_lifetime');
+        expired++;
+      }
+    }
+    return expired;
   }
 
   /** Closes every open tunnel (shutdown): each ends with END_STREAM, not a reset. */

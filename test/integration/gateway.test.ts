@@ -12,6 +12,7 @@ import { permissionFields, signPermission } from '../../registry/signing.js';
 import { insertPermission } from '../../registry/store.js';
 import { closedPort, exchange, gatewaySession, request } from '../helpers/net.js';
 import { clientCredentials, newP256Key, TEST_OID, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
+import { until } from '../helpers/wait.js';
 import { captureLogger } from '../helpers/logs.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
@@ -334,6 +335,8 @@ describe('registry outage', () => {
     assert.equal((await connectStatus(client)).status, 200);
     pgServer.cluster!.stopServer();
     try {
+      // The allowed decision is cached; once the change feed is lost it is no longer served.
+      await until(() => !gateway.feed.confirmed, 5000, 'the change feed to be lost');
       const down = await connectStatus(client);
       assert.equal(down.status, 503);
       assert.equal(down.headers['proxy-status'], 'agent-gateway; error=proxy_internal_error; details="registry_unavailable"');

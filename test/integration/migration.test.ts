@@ -7,6 +7,7 @@ import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { createDatabase, MIGRATIONS_DIR, testServer } from '../helpers/postgres.js';
 
 const FILE = join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql');
+const FEED_FILE = join(MIGRATIONS_DIR, '0002_registry_change_feed.sql');
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 before(async () => {
   pgServer = await testServer();
@@ -29,14 +30,55 @@ async function snapshot(url: string) {
   }
 }
 
-test('0001 applies to an empty database with psql -v ON_ERROR_STOP=1, at the version this build needs', async () => {
+test('0001 then 0002 apply to an empty database with psql -v ON_ERROR_STOP=1, at the version this build needs', async () => {
   const url = await createDatabase(pgServer.url, { migrate: false });
-  const result = psql(url);
-  assert.equal(result.status, 0, result.stderr);
+  const first = psql(url);
+  assert.equal(first.status, 0, first.stderr);
   assert.deepEqual(await snapshot(url), {
     tables: ['audit_log', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'schema_version'],
+    versions: [1],
+  });
+  const second = psql(url, FEED_FILE);
+  assert.equal(second.status, 0, second.stderr);
+  assert.deepEqual(await snapshot(url), {
+    tables: ['audit_log', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'registry_changes', 'schema_version'],
     versions: [SCHEMA_VERSION],
   });
+  assert.equal(SCHEMA_VERSION, 2);
+});
+
+test('0002: every registry write advances the change counter once per statement and notifies, at commit', async () => {
+  const url = await createDatabase(pgServer.url);
+  const writer = new pg.Client({ connectionString: url });
+  const listener = new pg.Client({ connectionString: url });
+  await writer.connect();
+  await listener.connect();
+  const notes: string[] = [];
+  listener.on('notification', (n) => notes.push(`${n.channel} ${n.payload}`));
+  await listener.query('LISTEN agent_gateway_registry');
+  const counter = async () => Number((await writer.query('SELECT counter FROM registry_changes')).rows[0].counter);
+  try {
+    assert.equal(await counter(), 0);
+    await writer.query('BEGIN');
+    await writer.query(`INSERT INTO principal_signing_keys (key_id, algorithm, public_key_spki_der, not_before) VALUES ('k1', 'ecdsa-p256-sha256', '\\x01', now()), ('k2', 'ecdsa-p256-sha256', '\\x01', now())`);
+    await writer.query(`INSERT INTO principal_key_permissions (signing_key_id, destination, not_before) VALUES ('k1', 'a:443', now())`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.deepEqual(notes, [], 'nothing is announced before commit');
+    await writer.query('COMMIT');
+    await writer.query(`UPDATE principal_key_permissions SET revoked_at = now()`);
+    await writer.query(`UPDATE permission_registry SET revoked_at = now() WHERE false`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(await counter(), 4, 'one per statement, however many rows (even none)');
+    assert.deepEqual(notes, [
+      'agent_gateway_registry {"counter" : 1, "table" : "principal_signing_keys"}',
+      'agent_gateway_registry {"counter" : 2, "table" : "principal_key_permissions"}',
+      'agent_gateway_registry {"counter" : 3, "table" : "principal_key_permissions"}',
+      'agent_gateway_registry {"counter" : 4, "table" : "permission_registry"}',
+    ]);
+  } finally {
+    await writer.end();
+    await listener.end();
+  }
 });
 
 test('the audit log is indexed for its filters and insert-only for the auditor role', async () => {

@@ -155,7 +155,10 @@ describe('admin endpoints', () => {
     assert.equal(sample(text, 'agent_gateway_tunnel_bytes_total{direction="down"}'), 1500);
     assert.equal(sample(text, 'agent_gateway_open_tunnels'), 0);
     assert.equal(sample(text, 'agent_gateway_open_sessions'), 2);
-    assert.equal(sample(text, 'agent_gateway_authorization_duration_seconds_count{outcome="allowed"}'), 2);
+    // The second allowed CONNECT was served from the cache: one registry lookup, one hit.
+    assert.equal(sample(text, 'agent_gateway_authorization_duration_seconds_count{outcome="allowed"}'), 1);
+    assert.equal(sample(text, 'agent_gateway_authorization_cache_total{result="hit"}'), 1);
+    assert.equal(sample(text, 'agent_gateway_authorization_cache_total{result="miss"}'), 2);
     assert.equal(sample(text, 'agent_gateway_authorization_duration_seconds_count{outcome="denied"}'), 1);
     assert.equal(sample(text, 'agent_gateway_tls_handshake_failures_total{reason="error"}'), 1);
     assert.ok((sample(text, 'agent_gateway_db_pool_connections{pool="registry"}') ?? 0) >= 1);

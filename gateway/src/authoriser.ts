@@ -1,0 +1,77 @@
+import { LRUCache } from 'lru-cache';
+import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
+import type { ChangeFeed } from './change-feed.js';
+import type { LookupQueue } from './lookups.js';
+import type { GatewayMetrics } from './metrics.js';
+
+/** A decision and what it is worth: from the cache or the registry, read at which feed generation. */
+export interface Decision {
+  readonly result: AuthorizationResult;
+  readonly cached: boolean;
+  /** The feed generation when the lookup was asked; older than the feed's now means it may predate a change. */
+  readonly generation: number;
+}
+
+interface CachedDecision {
+  readonly result: AuthorizationResult;
+  readonly generation: number;
+  /** performance.now() past which the row, its key or its delegation has expired. */
+  readonly expiresAt: number;
+}
+
+export interface AuthoriserOptions {
+  readonly enabled: boolean;
+  readonly maxEntries: number;
+}
+
+export function decisionKey(request: AuthorizationRequest): string {
+  return `${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
+}
+
+/**
+ * Decisions for CONNECTs and for re-checks of open tunnels (DESIGN §9b). Allowed decisions are
+ * cached per (identity, SPKI, destination) until the earliest not_after of row, key and
+ * delegation, and only while the change feed is confirmed; any change clears the cache, and a
+ * decision read at an older feed generation is never cached. Denials are never cached.
+ */
+export class Authoriser {
+  readonly #lookups: LookupQueue;
+  readonly #feed: ChangeFeed;
+  readonly #metrics: GatewayMetrics | undefined;
+  readonly #cache: LRUCache<string, CachedDecision> | undefined;
+
+  constructor(lookups: LookupQueue, feed: ChangeFeed, options: AuthoriserOptions, metrics: GatewayMetrics | undefined) {
+    this.#lookups = lookups;
+    this.#feed = feed;
+    this.#metrics = metrics;
+    this.#cache = options.enabled ? new LRUCache({ max: options.maxEntries }) : undefined;
+    feed.on('change', () => this.#cache?.clear());
+  }
+
+  get cachedEntries(): number {
+    return this.#cache?.size ?? 0;
+  }
+
+  /** The decision for `request`; `fresh` skips the cache (re-checks of open tunnels). */
+  async decide(request: AuthorizationRequest, signal: AbortSignal, fresh = false): Promise<Decision> {
+    const generation = this.#feed.generation;
+    const cache = this.#cache;
+    const key = cache ? decisionKey(request) : '';
+    if (cache && !fresh) {
+      if (!this.#feed.confirmed) this.#metrics?.cache('bypass');
+      else {
+        const hit = cache.get(key);
+        if (hit && hit.generation === generation && performance.now() < hit.expiresAt) {
+          this.#metrics?.cache('hit');
+          return { result: hit.result, cached: true, generation };
+        }
+        this.#metrics?.cache('miss');
+      }
+    }
+    const result = await this.#lookups.authorize(request, signal, generation);
+    if (cache && result.allowed && result.validForMs > 0 && this.#feed.confirmed && this.#feed.generation === generation) {
+      cache.set(key, { result, generation, expiresAt: performance.now() + result.validForMs });
+    }
+    return { result, cached: false, generation };
+  }
+}

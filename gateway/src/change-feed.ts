@@ -1,0 +1,184 @@
+import { EventEmitter } from 'node:events';
+import pg from 'pg';
+import type { Logger } from 'pino';
+import { CHANGE_CHANNEL } from '../../registry/queries.js';
+
+export interface ChangeFeedOptions {
+  readonly databaseUrl: string;
+  /** How often the change counter is read, whatever the LISTEN connection says. */
+  readonly pollIntervalMs: number;
+  readonly connectTimeoutMs: number;
+  /** Reads the counter (through the registry pool, bounded by its timeouts). */
+  readonly readCounter: () => Promise<string>;
+  readonly log: Logger;
+}
+
+const BACKOFF_INITIAL_MS = 100;
+const BACKOFF_MAX_MS = 5000;
+
+/**
+ * The registry change feed (DESIGN §9b): LISTEN agent_gateway_registry on a dedicated connection
+ * (reconnected with back-off) for changes as they commit, and the change counter polled every
+ * `pollIntervalMs`, so a notification lost while that connection was down is still seen.
+ *
+ * `generation` advances on every change the gateway learns of; a decision read at an older
+ * generation may predate the change and is never trusted as fresh. `confirmed` is false when
+ * neither the LISTEN connection is up nor a poll has succeeded recently: then nothing cached may
+ * be used (fail closed). Emits 'change' (coalesced) and 'state'.
+ */
+export class ChangeFeed extends EventEmitter {
+  readonly #options: ChangeFeedOptions;
+  #generation = 0;
+  #counter: string | undefined;
+  #listener: pg.Client | undefined;
+  #listening = false;
+  #lastPollOk = -Infinity;
+  #pollTimer: NodeJS.Timeout | undefined;
+  #retryTimer: NodeJS.Timeout | undefined;
+  #attempt = 0;
+  #closed = false;
+  #changeScheduled = false;
+  #polling: Promise<void> | undefined;
+  #lostSignalled = false;
+  /** When the last change was learnt of, and how long after the counter advanced (ms). */
+  lastChangeAt = 0;
+  notifications = 0;
+  polls = 0;
+  pollFailures = 0;
+
+  constructor(options: ChangeFeedOptions) {
+    super();
+    this.#options = options;
+  }
+
+  get generation(): number {
+    return this.#generation;
+  }
+
+  get listening(): boolean {
+    return this.#listening;
+  }
+
+  /** 0 while LISTEN is up; else seconds since the last successful poll (Infinity before any). */
+  get lagSeconds(): number {
+    return this.#listening ? 0 : (performance.now() - this.#lastPollOk) / 1000;
+  }
+
+  /** Some path would tell us of a change now: the LISTEN connection, or a recent poll. */
+  get confirmed(): boolean {
+    if (this.#closed) return false;
+    return this.#listening || performance.now() - this.#lastPollOk <= this.#staleAfterMs();
+  }
+
+  async start(): Promise<void> {
+    await this.#poll();
+    this.#pollTimer = setInterval(() => void this.#poll(), this.#options.pollIntervalMs);
+    this.#pollTimer.unref();
+    this.#connect();
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearInterval(this.#pollTimer);
+    clearTimeout(this.#retryTimer);
+    const listener = this.#listener;
+    this.#listener = undefined;
+    this.#listening = false;
+    await listener?.end().catch(() => {});
+  }
+
+  /** A poll that fails twice in a row, or is overdue by a whole interval, no longer confirms. */
+  #staleAfterMs(): number {
+    return 2 * this.#options.pollIntervalMs + 500;
+  }
+
+  #poll(): Promise<void> {
+    this.#polling ??= (async () => {
+      this.polls++;
+      try {
+        const counter = await this.#options.readCounter();
+        const wasConfirmed = this.confirmed;
+        this.#lastPollOk = performance.now();
+        this.#lostSignalled = false;
+        if (this.#counter !== undefined && counter !== this.#counter) this.#changed('poll');
+        this.#counter = counter;
+        if (!wasConfirmed) this.emit('state');
+      } catch (error) {
+        this.pollFailures++;
+        this.#options.log.debug({ event: 'change_feed_poll_failed', err: (error as Error).message }, 'registry change counter unreadable');
+        if (!this.confirmed) this.#lost();
+      }
+    })().finally(() => {
+      this.#polling = undefined;
+    });
+    return this.#polling;
+  }
+
+  #connect(): void {
+    if (this.#closed) return;
+    const client = new pg.Client({ connectionString: this.#options.databaseUrl, connectionTimeoutMillis: this.#options.connectTimeoutMs, keepAlive: true, application_name: 'agent-gateway-feed' });
+    this.#listener = client;
+    let gone = false;
+    const down = (why: string) => {
+      if (gone) return;
+      gone = true;
+      if (this.#listener === client) this.#listener = undefined;
+      const was = this.#listening;
+      this.#listening = false;
+      // Whatever LISTEN would have told us since the last poll is unknown: the cache waits for a
+      // poll to confirm the counter again (started now).
+      this.#lastPollOk = -Infinity;
+      if (!this.#closed) void this.#poll();
+      client.end().catch(() => {});
+      if (this.#closed) return;
+      if (was) this.#options.log.warn({ event: 'change_feed_down', err: why }, 'registry change feed lost: polling only until it is back');
+      if (!this.confirmed) this.#lost();
+      this.emit('state');
+      const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_INITIAL_MS * 2 ** this.#attempt++);
+      this.#retryTimer = setTimeout(() => this.#connect(), delay);
+      this.#retryTimer.unref();
+    };
+    client.on('error', (error) => down(error.message));
+    client.on('end', () => down('connection ended'));
+    client.on('notification', (message) => {
+      if (message.channel !== CHANGE_CHANNEL) return;
+      this.notifications++;
+      this.#changed('notify');
+    });
+    client
+      .connect()
+      .then(() => client.query(`LISTEN ${CHANGE_CHANNEL}`))
+      .then(async () => {
+        if (gone || this.#closed) return;
+        this.#listening = true;
+        this.#lostSignalled = false;
+        this.#attempt = 0;
+        this.#options.log.info({ event: 'change_feed_up' }, 'listening for registry changes');
+        // Changes committed while we were not listening: the counter tells.
+        await this.#poll();
+        this.emit('state');
+      })
+      .catch((error: unknown) => down((error as Error).message));
+  }
+
+  /** Nothing can tell us of a change any more: everything learnt so far must be re-learnt. */
+  #lost(): void {
+    if (this.#lostSignalled) return;
+    this.#lostSignalled = true;
+    this.#generation++;
+    this.#options.log.warn({ event: 'change_feed_lost' }, 'registry change feed unconfirmed: cached decisions are not used');
+    this.emit('change', 'feed_lost');
+  }
+
+  #changed(source: 'notify' | 'poll'): void {
+    this.#generation++;
+    this.lastChangeAt = performance.now();
+    if (this.#changeScheduled) return;
+    this.#changeScheduled = true;
+    // Coalesced: a bulk write raising many notifications is one re-check.
+    setImmediate(() => {
+      this.#changeScheduled = false;
+      this.emit('change', source);
+    });
+  }
+}
