@@ -77,7 +77,7 @@ export class RegistryClient {
     }
     if (rows.length !== 1) throw new SchemaVersionError(`schema_version must hold exactly one row, found ${rows.length}`);
     if (rows[0]!.version !== SCHEMA_VERSION) {
-      const hint = typeof rows[0]!.version === 'number' && rows[0]!.version < SCHEMA_VERSION ? ' (apply the newer files in migrations/)' : '';
+      const hint = typeof rows[0]!.version === 'number' && rows[0]!.version < SCHEMA_VERSION ? ' (run `agent-gateway-registry migrate`, or apply the newer files in migrations/ in order)' : '';
       throw new SchemaVersionError(`registry schema version is ${String(rows[0]!.version)}, this gateway needs ${SCHEMA_VERSION}${hint}`);
     }
   }

@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { ClientHttp2Session } from 'node:http2';
 import * as x509 from '../../registry/x509.js';
@@ -15,7 +17,7 @@ import { clientCredentials, newP256Key, TEST_OID, type ClientCredentials, type S
 import { until } from '../helpers/wait.js';
 import { captureLogger } from '../helpers/logs.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
-import { createDatabase, testServer } from '../helpers/postgres.js';
+import { createDatabase, MIGRATIONS_DIR, testServer } from '../helpers/postgres.js';
 import { at, DAY, HOUR, RegistryFixture } from '../helpers/registry-fixture.js';
 
 const NOT_AUTHORIZED = 'agent-gateway; error=http_request_denied; details="not_authorized"';
@@ -355,6 +357,14 @@ describe('start-up checks', () => {
     await db.close();
     const other = createGateway(parseConfig({ ...rawConfig(url) }), { logger: pino({ level: 'silent' }) });
     await assert.rejects(other.listen(), { code: 'ERR_SCHEMA_VERSION', message: new RegExp(`schema version is 999, this gateway needs ${SCHEMA_VERSION}`) });
+    await other.close(0);
+  });
+
+  test('a database at schema version 1 (0001 only, no change feed) → listen() refuses and says to migrate', async () => {
+    const url = await createDatabase(pgServer.url, { migrate: false });
+    execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql')]);
+    const other = createGateway(parseConfig(rawConfig(url)), { logger: pino({ level: 'silent' }) });
+    await assert.rejects(other.listen(), { code: 'ERR_SCHEMA_VERSION', message: /schema version is 1, this gateway needs 2 \(run `agent-gateway-registry migrate`/ });
     await other.close(0);
   });
 
