@@ -12,6 +12,9 @@
 export const STREAM_WINDOW_BYTES = 1024 * 1024;
 export const SESSION_WINDOW_BYTES = 2 * 1024 * 1024;
 
+/** Largest window a config may ask for (HTTP/2 allows 2^31-1; see the full-duplex test for why this bound). */
+export const MAX_WINDOW_BYTES = 2 ** 31 - 1;
+
 /**
  * nghttp2's per-session memory cap (MB), above Node's 10 MB default so a session carrying
  * hundreds of tunnels is not refused new streams, yet bounded: with the windows above, a peer

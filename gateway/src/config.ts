@@ -5,6 +5,7 @@ import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import { normaliseDestination } from '../../registry/destination.js';
 import { ConfigError } from '../../registry/errors.js';
+import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { isDottedOid } from '../../registry/identity.js';
 import { parseLogFilter } from './logger.js';
 
@@ -56,6 +57,12 @@ const serverSchema = z.strictObject({
   tls_key_path: z.string().min(1),
   /** How long SIGINT/SIGTERM lets open tunnels run before closing them. */
   shutdown_grace_ms: millis(10_000),
+  /**
+   * HTTP/2 receive windows (DESIGN §9f): per stream (SETTINGS_INITIAL_WINDOW_SIZE, bounds one
+   * tunnel's upload) and per session. Defaults: registry/flow-control.ts, chosen by measurement.
+   */
+  stream_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(STREAM_WINDOW_BYTES),
+  session_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(SESSION_WINDOW_BYTES),
 });
 
 const policySchema = z

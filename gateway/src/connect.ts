@@ -1,4 +1,4 @@
-import { constants as h2, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { SpanKind, SpanStatusCode, type Context, type Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { normaliseDestination, type Destination } from '../../registry/destination.js';
@@ -12,7 +12,7 @@ import type { GatewayMetrics } from './metrics.js';
 import type { PolicyEnforcer } from './revocation.js';
 import type { PeerSession } from './sessions.js';
 import { traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
-import { dial, Tunnel, TUNNEL_LINGER_MS } from './tunnel.js';
+import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS } from './tunnel.js';
 import type { OpenTunnel, TunnelTracker } from './tunnels.js';
 
 /** What a CONNECT needs from the gateway around it. */
@@ -83,7 +83,13 @@ export class ConnectRequest {
       await this.#tunnel(opened.tunnel, opened.decision);
     } catch (error) {
       this.#deps.log.error({ event: 'connect_error', connect_id: this.facts.connectId, stage: this.stage, err: (error as Error)?.stack ?? String(error) }, 'unexpected error handling CONNECT');
-      if (!this.#decided) this.#answer({ reason: 'internal_error', detail: `${this.stage}: ${(error as Error)?.message ?? String(error)}` });
+      try {
+        if (!this.#decided) this.#answer({ reason: 'internal_error', detail: `${this.stage}: ${(error as Error)?.message ?? String(error)}` });
+      } catch {
+        // The stream broke while answering: the record below still says what happened.
+        this.#record({ reason: 'internal_error', detail: `${this.stage}: ${(error as Error)?.message ?? String(error)}` });
+      }
+      if (!this.#stream.destroyed) this.#stream.destroy();
     } finally {
       this.#stream.removeListener('close', gone);
       release?.();
@@ -184,6 +190,7 @@ export class ConnectRequest {
     }
     this.stage = 'tunnel';
     this.#stream.respond({ ':status': 200 });
+    this.#session.answered(true);
     this.#record({ reason: 'allowed' });
     return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms), decision };
   }
@@ -232,13 +239,11 @@ export class ConnectRequest {
       stream.respond({ ':status': response.status, ...response.headers }, { endStream: true });
       // The client ends its half with END_STREAM; one that does not is reset once, later.
       if (!stream.closed) {
-        const timer = setTimeout(() => {
-          if (!stream.closed && !stream.destroyed) stream.close(h2.NGHTTP2_NO_ERROR);
-        }, TUNNEL_LINGER_MS);
+        const timer = setTimeout(() => finishStream(stream), TUNNEL_LINGER_MS);
         stream.once('close', () => clearTimeout(timer));
       }
     }
-    this.#session.answered();
+    this.#session.answered(false);
     this.#record(outcome);
   }
 

@@ -5,7 +5,7 @@ import type { TLSSocket } from 'node:tls';
 import type { TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { ConfigError } from '../../registry/errors.js';
-import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
+import { MAX_SESSION_MEMORY_MB } from '../../registry/flow-control.js';
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { startAdminServer, type AdminServer, type Readiness } from './admin.js';
 import { AuditWriter } from './audit.js';
@@ -186,13 +186,13 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     handshakeTimeout: limits.handshake_timeout_ms,
     maxSessionMemory: MAX_SESSION_MEMORY_MB,
     settings: {
-      initialWindowSize: STREAM_WINDOW_BYTES,
+      initialWindowSize: config.server.stream_window_bytes,
       maxConcurrentStreams: limits.max_streams_per_session,
       enablePush: false,
     },
   });
   // Refused at accept past the cap; hostile connections are reaped by the deadlines in sessions.ts.
-  if (limits.max_connections > 0) server.maxConnections = limits.max_connections;
+  server.maxConnections = limits.max_connections > 0 ? limits.max_connections : Infinity;
 
   server.on('unknownProtocol', (socket: TLSSocket) => socket.destroy());
   server.on('tlsClientError', (error: NodeJS.ErrnoException) => {
@@ -201,7 +201,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
 
   server.on('session', (session: ServerHttp2Session) => {
-    sessions.adopt(session, SESSION_WINDOW_BYTES);
+    sessions.adopt(session, config.server.session_window_bytes);
     if (closing) session.close();
   });
 
@@ -216,7 +216,10 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       return;
     }
     sessions.streamOpened(session, stream);
-    const handler = new ConnectRequest(deps, peer, stream, headers).run().finally(() => handlers.delete(handler));
+    const handler = new ConnectRequest(deps, peer, stream, headers)
+      .run()
+      .catch((error: unknown) => log.error({ event: 'connect_error', err: (error as Error)?.stack ?? String(error) }, 'CONNECT handler failed'))
+      .finally(() => handlers.delete(handler));
     handlers.add(handler);
   });
 
@@ -232,6 +235,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   function applyLimits(next: GatewayConfig['limits']): string[] {
     const changed = (Object.keys(next) as (keyof typeof next)[]).filter((key) => next[key] !== limits[key]);
     limiter.update(next);
+    server.maxConnections = next.max_connections > 0 ? next.max_connections : Infinity;
     if (next.max_streams_per_session !== limits.max_streams_per_session) {
       // New sessions get the new SETTINGS; open sessions keep theirs (changing them mid-flight
       // could refuse streams the client already counted on).

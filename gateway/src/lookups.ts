@@ -34,6 +34,8 @@ interface Job {
   readonly enqueuedAt: number;
   readonly waiters: Set<Waiter>;
   started: boolean;
+  /** Still counted in #waiting. */
+  counted: boolean;
 }
 
 /**
@@ -52,6 +54,9 @@ export class LookupQueue {
   readonly #queue: Job[] = [];
   #queueHead = 0;
   #running = 0;
+  /** Unstarted jobs with a waiter (the bound applies to these, not to abandoned ones). */
+  #waiting = 0;
+  #expiryTimer: NodeJS.Timeout | undefined;
   #pumpScheduled = false;
   /** Queries actually sent (tests, metrics). */
   #started = 0;
@@ -61,8 +66,9 @@ export class LookupQueue {
     this.#options = options;
   }
 
+  /** Lookups waiting to start that someone still waits for. */
   get queued(): number {
-    return this.#queue.length - this.#queueHead;
+    return this.#waiting;
   }
 
   get running(): number {
@@ -88,10 +94,12 @@ export class LookupQueue {
       if (this.queued >= this.#options.maxQueued) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full (${this.#options.maxQueued} waiting)`));
       }
-      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false };
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true };
       this.#inFlight.set(key, job);
       this.#queue.push(job);
+      this.#waiting++;
       this.#schedulePump();
+      this.#armExpiry();
     }
     const owner = job;
     return new Promise((resolve, reject) => {
@@ -103,7 +111,10 @@ export class LookupQueue {
           owner.waiters.delete(waiter);
           reject(new LookupCancelledError());
           // Nobody left to answer: a job that has not started never will.
-          if (!owner.started && owner.waiters.size === 0) this.#inFlight.delete(owner.key);
+          if (!owner.started && owner.waiters.size === 0) {
+            this.#inFlight.delete(owner.key);
+            this.#uncount(owner);
+          }
         },
       };
       owner.waiters.add(waiter);
@@ -126,9 +137,10 @@ export class LookupQueue {
       const job = this.#queue[this.#queueHead++]!;
       if (job.waiters.size === 0) continue; // every CONNECT behind it is gone
       if (now - job.enqueuedAt > this.#options.maxWaitMs) {
-        this.#settle(job, undefined, new RegistryUnavailableError(`registry lookup waited more than ${this.#options.maxWaitMs} ms for a connection`));
+        this.#expire(job);
         continue;
       }
+      this.#uncount(job);
       job.started = true;
       this.#running++;
       this.#started++;
@@ -145,6 +157,37 @@ export class LookupQueue {
       this.#queue.splice(0, this.#queueHead);
       this.#queueHead = 0;
     }
+  }
+
+  #uncount(job: Job): void {
+    if (!job.counted) return;
+    job.counted = false;
+    this.#waiting--;
+  }
+
+  #expire(job: Job): void {
+    this.#uncount(job);
+    this.#settle(job, undefined, new RegistryUnavailableError(`registry lookup waited more than ${this.#options.maxWaitMs} ms for a connection`));
+  }
+
+  /**
+   * Waits are bounded even while no lookup finishes (a hung database): jobs past maxWaitMs are
+   * failed on a timer, not only when a running lookup frees a slot.
+   */
+  #armExpiry(): void {
+    if (this.#expiryTimer) return;
+    this.#expiryTimer = setTimeout(() => {
+      this.#expiryTimer = undefined;
+      const now = performance.now();
+      for (let i = this.#queueHead; i < this.#queue.length; i++) {
+        const job = this.#queue[i]!;
+        if (job.started || !job.counted) continue;
+        if (now - job.enqueuedAt <= this.#options.maxWaitMs) break; // FIFO: the rest are younger
+        this.#expire(job);
+      }
+      if (this.#waiting > 0) this.#armExpiry();
+    }, this.#options.maxWaitMs);
+    this.#expiryTimer.unref();
   }
 
   #settle(job: Job, result: AuthorizationResult | undefined, error: unknown): void {

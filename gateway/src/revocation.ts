@@ -142,7 +142,7 @@ export class PolicyEnforcer {
           }
           const detail = closeDetailFor(result.reason);
           for (const open of [...(this.#tunnels.byAuthorisationKey().get(key) ?? [])]) {
-            open.tunnel.close(detail);
+            if (!open.tunnel.close(detail)) continue;
             this.#metrics?.policyClose(detail);
             closed++;
           }

@@ -26,8 +26,11 @@ export interface PeerSession {
   readonly identityError: string | undefined;
   readonly fingerprint: string | undefined;
   readonly span: Span | undefined;
-  /** A CONNECT on this session was answered (re-arms the short life of identity-less sessions). */
-  answered(): void;
+  /**
+   * A CONNECT on this session was answered; `allowed` when it got a tunnel. Sessions that were
+   * never allowed anything live on short deadlines (see SessionGuard).
+   */
+  answered(allowed: boolean): void;
 }
 
 type ParsedPeer = Pick<PeerSession, 'identity' | 'identityError' | 'fingerprint'>;
@@ -39,6 +42,8 @@ interface SessionState extends PeerSession {
   openStreams: number;
   idleTimer: NodeJS.Timeout | undefined;
   anonymousTimer: NodeJS.Timeout | undefined;
+  /** At least one CONNECT on this session was allowed: the registry vouches for its peer. */
+  proven: boolean;
 }
 
 /**
@@ -113,8 +118,12 @@ export class SessionGuard {
       openStreams: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,
-      answered: () => {
-        if (!state.identity) this.#armAnonymous(session, state);
+      proven: false,
+      answered: (allowed) => {
+        if (allowed && state.identity) {
+          state.proven = true;
+          clearTimeout(state.anonymousTimer);
+        } else if (!state.proven) this.#armAnonymous(session, state);
       },
     };
     this.#sessions.set(session, state);
@@ -133,10 +142,8 @@ export class SessionGuard {
       this.#sessions.delete(session);
       span?.end();
     });
-    if (!peer.identity) {
-      this.#log.info({ reason: peer.identityError, spki_fingerprint: peer.fingerprint }, 'client identity unusable: every CONNECT on this session will be denied');
-      this.#armAnonymous(session, state);
-    }
+    if (!peer.identity) this.#log.info({ reason: peer.identityError, spki_fingerprint: peer.fingerprint }, 'client identity unusable: every CONNECT on this session will be denied');
+    this.#armAnonymous(session, state);
     this.#armIdle(session, state);
     return state;
   }
@@ -173,10 +180,20 @@ export class SessionGuard {
     }, idleMs);
   }
 
-  /** A session that cannot be authorised lives `handshake_timeout_ms` past its last answer. */
+  /**
+   * A session without a usable identity lives `handshake_timeout_ms` past its last answer. One
+   * with an identity nobody has vouched for yet (no CONNECT allowed: a stranger's self-made
+   * certificate looks the same as an idle sidecar's) gets the same deadline, enforced once
+   * sessions fill half of `max_connections`, so strangers cannot hold the connection cap.
+   */
   #armAnonymous(session: ServerHttp2Session, state: SessionState): void {
     clearTimeout(state.anonymousTimer);
-    state.anonymousTimer = setTimeout(() => goAway(session, () => true), this.#limits().handshake_timeout_ms);
+    state.anonymousTimer = setTimeout(() => {
+      if (state.proven) return;
+      const cap = this.#limits().max_connections;
+      if (!state.identity || (cap > 0 && this.#sessions.size * 2 >= cap)) goAway(session, () => true);
+      else this.#armAnonymous(session, state);
+    }, this.#limits().handshake_timeout_ms);
   }
 
   #readPeer(socket: TLSSocket): ParsedPeer {

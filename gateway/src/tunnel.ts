@@ -49,28 +49,60 @@ export interface TunnelStats {
 }
 
 /**
- * How long a side that ended cleanly may take to finish before it is torn down: the client to
- * send its END_STREAM after ours, the destination socket to flush and close after the stream is
- * gone. Bounds what a vanished or stalling peer can hold (DESIGN §9a: nothing outlives the
- * peer by more than 1 s).
+ * How long a side that has done its part may keep the other waiting before the gateway ends it:
+ * the client to send its END_STREAM after ours, a stalled side after the gateway closed the
+ * tunnel on policy. Bounds what a vanished or stalling peer can hold (DESIGN §9a).
  */
 export const TUNNEL_LINGER_MS = 500;
+
+/**
+ * Ends our half of a stream that will carry nothing more. RST_STREAM(NO_ERROR) only once
+ * everything we wrote has been sent (RFC 9113 §8.1: a server may reset once its response is
+ * complete); with bytes still queued it is CANCEL, so the client cannot take a cut download for
+ * a complete one. Node defers a NO_ERROR reset until pending writes finish and marks the stream
+ * closed meanwhile, so with a full client window it would never be sent at all.
+ */
+export function finishStream(stream: ServerHttp2Stream): void {
+  if (stream.closed || stream.destroyed) return;
+  stream.close(stream.writableFinished ? h2.NGHTTP2_NO_ERROR : h2.NGHTTP2_CANCEL);
+}
+
+/**
+ * Bytes the session has sent its client (-1 once it is gone). Node completes a stream write
+ * only once all of it is sent, so a slow reader's progress shows on the session first. It is
+ * session-wide: a stalled stream on a busy session waits for the session, bounded by its
+ * stream limit, while its destination socket is already closed.
+ */
+function sessionBytesSent(stream: ServerHttp2Stream): number {
+  const session = stream.session;
+  if (!session || session.destroyed) return -1;
+  return session.socket?.bytesWritten ?? -1;
+}
+
+/** How a tunnel is being wound down, once one side is done. */
+type Ending =
+  /** The destination is gone; the client is still reading what it sent (patience: the idle timeout). */
+  | { readonly kind: 'down'; readonly stallLimitMs: number; lastProgressAt: number; lastQueued: number; lastSessionSent: number; finishedAt: number | undefined }
+  /** The client is gone; the destination is still taking what the client sent. */
+  | { readonly kind: 'up'; lastProgressAt: number; lastWritten: number };
 
 /**
  * One accepted CONNECT piped to its destination socket, both ways, with back-pressure. Each
  * direction ends on its own (END_STREAM ⇄ FIN), so half-closed protocols work.
  *
- * Every way it can end ends both sides within TUNNEL_LINGER_MS:
- * - the client resets the stream (any code but NO_ERROR), or its session dies: the socket is
- *   destroyed at once;
- * - the stream closes cleanly while the socket still holds unsent bytes (a destination that
- *   stopped reading): the socket gets TUNNEL_LINGER_MS to flush, then is destroyed;
+ * How each end is bounded (the tracker's sweep drives the waits, every 250 ms):
+ * - the client resets the stream, or its session dies: the socket is destroyed at once;
+ * - the client ended cleanly while the destination still takes its last bytes: they flow while
+ *   they move; no progress for TUNNEL_LINGER_MS destroys the socket;
  * - the destination fails: the stream is reset with CONNECT_ERROR (RFC 9113 §8.5);
- * - the destination closes, or the gateway closes the tunnel (close()): the stream gets
- *   END_STREAM, and a client that does not end its half within TUNNEL_LINGER_MS gets
- *   RST_STREAM(NO_ERROR), which RFC 9113 §8.1 allows once our response is complete.
- * Ending with END_STREAM first keeps bulk closes (revocation, shutdown) clear of the peer's
- * rapid-reset defence.
+ * - the destination closes: END_STREAM after the bytes still queued for the client, which may
+ *   read them as slowly as it likes while they move (no progress for `idle_timeout_ms` resets it);
+ *   once END_STREAM is sent, a client that does not end its half within TUNNEL_LINGER_MS is reset
+ *   with NO_ERROR;
+ * - the gateway closes the tunnel (close(): revocation, expiry, lifetime, idle, shutdown): the
+ *   destination socket is destroyed and the stream gets END_STREAM; a client that has not taken
+ *   it within TUNNEL_LINGER_MS is reset (CANCEL if bytes were dropped).
+ * Ending with END_STREAM first keeps bulk closes clear of the peer's rapid-reset defence.
  */
 export class Tunnel {
   readonly stream: ServerHttp2Stream;
@@ -81,7 +113,7 @@ export class Tunnel {
   #error: string | undefined;
   #streamClosed = false;
   #socketClosed = false;
-  #linger: NodeJS.Timeout | undefined;
+  #ending: Ending | undefined;
   #closedSince: number | undefined;
   #resolve!: (stats: TunnelStats) => void;
 
@@ -103,7 +135,17 @@ export class Tunnel {
       // Nowhere left to send upload bytes: drop what is buffered so the stream can finish.
       stream.unpipe(socket);
       stream.resume();
-      this.#endStream();
+      if (!stream.closed && !stream.destroyed) {
+        if (!stream.writableEnded) stream.end();
+        const now = performance.now();
+        // After a gateway close, the client gets TUNNEL_LINGER_MS; after the destination's own
+        // close, it may read at its pace while bytes move.
+        const stallLimitMs = this.#closedBy ? TUNNEL_LINGER_MS : idleTimeoutMs > 0 ? idleTimeoutMs : Infinity;
+        this.#ending = { kind: 'down', stallLimitMs, lastProgressAt: now, lastQueued: stream.writableLength, lastSessionSent: sessionBytesSent(stream), finishedAt: stream.writableFinished ? now : undefined };
+        stream.once('finish', () => {
+          if (this.#ending?.kind === 'down') this.#ending.finishedAt = performance.now();
+        });
+      }
       this.#settle();
     });
     stream.on('error', (error) => {
@@ -118,8 +160,8 @@ export class Tunnel {
         this.#error ??= `client reset the stream (code ${stream.rstCode})`;
         socket.destroy();
       } else if (!socket.destroyed) {
-        // Clean close: let piped bytes reach the destination, but not forever.
-        this.#lingerThen(() => socket.destroy());
+        // Clean close: the client's last bytes go on to the destination while they move.
+        this.#ending = { kind: 'up', lastProgressAt: performance.now(), lastWritten: socket.bytesWritten };
       }
       this.#settle();
     });
@@ -137,25 +179,51 @@ export class Tunnel {
   }
 
   /**
-   * Called periodically (TunnelTracker.sweep): a stream that HTTP/2 has closed but Node has not
-   * (its readable side waits for a destination that stopped reading) is torn down once it has
-   * been closed for TUNNEL_LINGER_MS. Returns true while the tunnel is open.
+   * Called every 250 ms by TunnelTracker.sweep: winds down a tunnel one of whose sides is done,
+   * and notices a stream HTTP/2 closed under Node (its readable side waiting on a destination
+   * that stopped reading). Returns true while the tunnel is open.
    */
   sweep(now: number): boolean {
     if (this.#streamClosed && this.#socketClosed) return false;
     const stream = this.stream;
-    if (!this.#streamClosed && (stream.closed || stream.destroyed)) {
+    const ending = this.#ending;
+    if (ending?.kind === 'down') {
+      if (ending.finishedAt !== undefined) {
+        // END_STREAM went out; the client keeps its half open.
+        if (now - ending.finishedAt >= TUNNEL_LINGER_MS) finishStream(stream);
+      } else if (stream.writableLength !== ending.lastQueued || sessionBytesSent(stream) !== ending.lastSessionSent) {
+        // A write completed, or the session sent something (a slow reader shows there first).
+        ending.lastQueued = stream.writableLength;
+        ending.lastSessionSent = sessionBytesSent(stream);
+        ending.lastProgressAt = now;
+      } else if (now - ending.lastProgressAt >= ending.stallLimitMs) {
+        this.#error ??= 'client stopped reading';
+        finishStream(stream);
+      }
+    } else if (ending?.kind === 'up') {
+      if (this.socket.bytesWritten !== ending.lastWritten) {
+        ending.lastWritten = this.socket.bytesWritten;
+        ending.lastProgressAt = now;
+      } else if (now - ending.lastProgressAt >= TUNNEL_LINGER_MS) {
+        this.#error ??= 'destination stopped reading';
+        this.socket.destroy();
+      }
+    } else if (!this.#streamClosed && (stream.closed || stream.destroyed)) {
       this.#closedSince ??= now;
       if (now - this.#closedSince >= TUNNEL_LINGER_MS) this.#streamGone(stream.rstCode ? `client reset the stream (code ${stream.rstCode})` : 'stream closed with data the destination would not take');
     }
     return true;
   }
 
-  /** Ends the tunnel on the gateway's initiative; the first detail given is the one recorded. */
-  close(detail: TunnelCloseDetail): void {
-    if (this.#streamClosed && this.#socketClosed) return;
-    this.#closedBy ??= detail;
+  /**
+   * Ends the tunnel on the gateway's initiative; returns false when it was already ending. The
+   * first detail given is the one recorded.
+   */
+  close(detail: TunnelCloseDetail): boolean {
+    if (this.#closedBy || this.#socketClosed || this.socket.destroyed) return false;
+    this.#closedBy = detail;
     this.socket.destroy();
+    return true;
   }
 
   /** The client side is gone: nothing more can be delivered either way. */
@@ -165,25 +233,9 @@ export class Tunnel {
     if (!this.stream.destroyed) this.stream.destroy();
   }
 
-  /** The destination side is gone: END_STREAM now, RST_STREAM(NO_ERROR) if the client lingers. */
-  #endStream(): void {
-    const stream = this.stream;
-    if (stream.closed || stream.destroyed) return;
-    // Bytes from the destination still buffered for the client go first; then END_STREAM.
-    if (!stream.writableEnded) stream.end();
-    this.#lingerThen(() => {
-      if (!stream.closed && !stream.destroyed) stream.close(h2.NGHTTP2_NO_ERROR);
-    });
-  }
-
-  #lingerThen(action: () => void): void {
-    clearTimeout(this.#linger);
-    this.#linger = setTimeout(action, TUNNEL_LINGER_MS);
-  }
-
   #settle(): void {
     if (!this.#streamClosed || !this.#socketClosed) return;
-    clearTimeout(this.#linger);
+    this.#ending = undefined;
     this.#resolve({
       bytesUp: this.socket.bytesWritten,
       bytesDown: this.socket.bytesRead,

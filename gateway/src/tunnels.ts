@@ -70,10 +70,7 @@ export class TunnelTracker {
     let expired = 0;
     for (const open of this.#all) {
       if (!open.tunnel.sweep(now)) continue;
-      if (maxLifetimeMs > 0 && wallNow - open.openedAt >= maxLifetimeMs) {
-        open.tunnel.close('max_lifetime');
-        expired++;
-      }
+      if (maxLifetimeMs > 0 && wallNow - open.openedAt >= maxLifetimeMs && open.tunnel.close('max_lifetime')) expired++;
     }
     return expired;
   }

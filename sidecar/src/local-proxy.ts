@@ -45,8 +45,8 @@ function relay(agent: Socket, stream: ClientHttp2Stream): void {
     if (!stream.closed) stream.close(h2.NGHTTP2_CANCEL);
   });
   agent.on('close', () => {
-    // Closed without its FIN reaching us (destroyed locally): nothing more will come.
-    if (!stream.closed && !stream.writableEnded) stream.end();
+    // Closed without a FIN (destroyed): the agent is gone mid-tunnel, a real error.
+    if (!stream.closed && !stream.writableEnded) stream.close(h2.NGHTTP2_CANCEL);
   });
 }
 
