@@ -172,12 +172,14 @@ export class SessionGuard {
 
   #armIdle(session: ServerHttp2Session, state: SessionState): void {
     const idleMs = this.#limits().session_idle_timeout_ms;
-    if (idleMs === 0 || state.openStreams > 0) return;
+    // Streams of a dead session close after it: no timer may outlive its session.
+    if (idleMs === 0 || state.openStreams > 0 || !this.#sessions.has(session)) return;
     clearTimeout(state.idleTimer);
     state.idleTimer = setTimeout(() => {
       this.#log.debug({ event: 'session_idle_timeout', identity: state.identity?.identity }, 'session idle: GOAWAY');
       goAway(session, () => state.openStreams === 0);
     }, idleMs);
+    state.idleTimer.unref();
   }
 
   /**
@@ -188,12 +190,14 @@ export class SessionGuard {
    */
   #armAnonymous(session: ServerHttp2Session, state: SessionState): void {
     clearTimeout(state.anonymousTimer);
+    if (!this.#sessions.has(session)) return;
     state.anonymousTimer = setTimeout(() => {
       if (state.proven) return;
       const cap = this.#limits().max_connections;
       if (!state.identity || (cap > 0 && this.#sessions.size * 2 >= cap)) goAway(session, () => true);
       else this.#armAnonymous(session, state);
     }, this.#limits().handshake_timeout_ms);
+    state.anonymousTimer.unref();
   }
 
   #readPeer(socket: TLSSocket): ParsedPeer {

@@ -670,6 +670,3 @@ async function localConnect(port: number, authority: string): Promise<{ status: 
     return { status, body: buffer.subarray(end + 4, end + 4 + length).toString('utf8'), socket };
   }
 }
-
-
-
