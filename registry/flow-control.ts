@@ -12,8 +12,15 @@
 export const STREAM_WINDOW_BYTES = 1024 * 1024;
 export const SESSION_WINDOW_BYTES = 2 * 1024 * 1024;
 
-/** Largest window a config may ask for (HTTP/2 allows 2^31-1; see the full-duplex test for why this bound). */
-export const MAX_WINDOW_BYTES = 2 ** 31 - 1;
+/**
+ * Largest window a config may ask for. Node 22's Http2Session stops reading its socket while one
+ * of its own writes is pending: when two Node peers both push more than the kernel's socket
+ * buffers hold, each waits for the other to read. Measured on this machine (64 MiB full duplex,
+ * agent → sidecar → gateway → echo, test/integration/flow-control.test.ts): Node 22 stalls with
+ * 16/32 MiB windows and completes with 4/8 MiB; Node 24 completes at every HTTP/2-legal size,
+ * up to 2^31-1. So the bound is the runtime's.
+ */
+export const MAX_WINDOW_BYTES = Number(process.versions.node.split('.')[0]) >= 24 ? 2 ** 31 - 1 : 8 * 1024 * 1024;
 
 /**
  * nghttp2's per-session memory cap (MB), above Node's 10 MB default so a session carrying

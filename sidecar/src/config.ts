@@ -3,6 +3,7 @@ import { resolve as resolvePath } from 'node:path';
 import ipaddr from 'ipaddr.js';
 import { z } from 'zod';
 import { ConfigError } from '../../registry/errors.js';
+import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { encodeIdentityExtensionValue, isDottedOid } from '../../registry/identity.js';
 import { parseLogFilter } from './logger.js';
 import { DEFAULT_PKCS11_ENGINE, DEFAULT_TPM2_PKCS11_MODULE } from './tls-identity.js';
@@ -44,6 +45,8 @@ export interface SidecarCliOptions {
   readonly pkcs11Engine?: string;
   readonly certOut?: string;
   readonly connectWaitMs?: string;
+  readonly streamWindowBytes?: string;
+  readonly sessionWindowBytes?: string;
   readonly portFile?: string;
   readonly healthPort?: string;
 }
@@ -72,6 +75,8 @@ export const FIELD_SOURCES = {
   pkcs11Engine: { flag: '--pkcs11-engine', env: ['AGENT_GATEWAY_PKCS11_ENGINE'] },
   certOut: { flag: '--cert-out', env: ['AGENT_GATEWAY_SIDECAR_CERT_OUT'] },
   connectWaitMs: { flag: '--connect-wait-ms', env: ['AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS'] },
+  streamWindowBytes: { flag: '--stream-window-bytes', env: ['AGENT_GATEWAY_SIDECAR_STREAM_WINDOW_BYTES'] },
+  sessionWindowBytes: { flag: '--session-window-bytes', env: ['AGENT_GATEWAY_SIDECAR_SESSION_WINDOW_BYTES'] },
   portFile: { flag: '--port-file', env: ['AGENT_GATEWAY_SIDECAR_PORT_FILE'] },
   healthPort: { flag: '--health-port', env: ['AGENT_GATEWAY_SIDECAR_HEALTH_PORT'] },
   logLevel: { env: ['AGENT_GATEWAY_SIDECAR_LOG', 'RUST_LOG'] },
@@ -152,6 +157,9 @@ const configSchema = z.strictObject({
   pkcs11Engine: path,
   certOut: path.transform((value) => resolvePath(value)),
   connectWaitMs: wholeNumber(1, 600_000),
+  /** HTTP/2 receive windows toward the gateway (downloads); bounded like the gateway's. */
+  streamWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES),
+  sessionWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES),
   portFile: path.transform((value) => resolvePath(value)).optional(),
   healthPort: wholeNumber(0, 65535).optional(),
   logLevel: z.string().transform((value, ctx) => {
@@ -238,6 +246,8 @@ export function loadSidecarConfig(cli: SidecarCliOptions, env: NodeJS.ProcessEnv
     pkcs11Engine: pick(cli.pkcs11Engine, 'pkcs11Engine') ?? DEFAULT_PKCS11_ENGINE,
     certOut: pick(cli.certOut, 'certOut') ?? DEFAULT_CERT_OUT,
     connectWaitMs: pick(cli.connectWaitMs, 'connectWaitMs') ?? String(DEFAULT_CONNECT_WAIT_MS),
+    streamWindowBytes: pick(cli.streamWindowBytes, 'streamWindowBytes') ?? String(STREAM_WINDOW_BYTES),
+    sessionWindowBytes: pick(cli.sessionWindowBytes, 'sessionWindowBytes') ?? String(SESSION_WINDOW_BYTES),
     portFile: pick(cli.portFile, 'portFile'),
     healthPort: pick(cli.healthPort, 'healthPort'),
     logLevel: pick(undefined, 'logLevel') ?? 'info',

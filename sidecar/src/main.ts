@@ -62,6 +62,8 @@ const program = new Command()
   .option('--pkcs11-module <file>', 'tpm2-pkcs11 module [env PKCS11_MODULE_PATH] (default Debian libtpm2_pkcs11.so)')
   .option('--pkcs11-engine <file>', 'libp11 OpenSSL engine, full path [env AGENT_GATEWAY_PKCS11_ENGINE] (default Debian engines-3/pkcs11.so)')
   .option('--cert-out <file>', `where to write the carrier certificate [env AGENT_GATEWAY_SIDECAR_CERT_OUT] (default ./${DEFAULT_CERT_OUT})`)
+  .option('--stream-window-bytes <n>', 'HTTP/2 stream receive window toward the gateway (downloads) [env AGENT_GATEWAY_SIDECAR_STREAM_WINDOW_BYTES] (default 1048576)')
+  .option('--session-window-bytes <n>', 'HTTP/2 session receive window toward the gateway [env AGENT_GATEWAY_SIDECAR_SESSION_WINDOW_BYTES] (default 2097152)')
   .option('--connect-wait-ms <ms>', `how long a CONNECT waits for the gateway session before 503 [env AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS] (default ${DEFAULT_CONNECT_WAIT_MS})`)
   .option('--port-file <file>', 'write the listening port to this file once the proxy listens (for scripts) [env AGENT_GATEWAY_SIDECAR_PORT_FILE]')
   .option('--health-port <port>', 'serve /healthz and /readyz (gateway session up and TPM answering) on this loopback port; 0 picks one [env AGENT_GATEWAY_SIDECAR_HEALTH_PORT] (default: off)')
@@ -180,6 +182,8 @@ try {
     listenHosts: config.listenHosts,
     listenPort: config.listenPort,
     connectWaitMs: config.connectWaitMs,
+    streamWindowBytes: config.streamWindowBytes,
+    sessionWindowBytes: config.sessionWindowBytes,
     logger: log,
     // OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise no SDK is loaded.
     tracing: await startSidecarTracing({ log }),

@@ -64,6 +64,7 @@ async function signedRow(draft: Partial<PermissionDraft> = {}, signer: KeyPair =
     delegation_started: true,
     delegation_unexpired: true,
     delegation_revoked: false,
+    valid_for_ms: 3_600_000,
   };
 }
 
@@ -88,7 +89,7 @@ test('authorize: the fixture row is what the lookup query returns', () => {
 
 test('authorize: a valid, active, delegated, correctly signed row allows', () => {
   const result = authorize([BASE], REQUEST, new PrincipalKeyCache());
-  assert.deepEqual(result, { allowed: true, permissionId: 'perm-1', signingKeyId: 'org-alice', notAfter: '2026-06-01T00:00:00.000000Z' });
+  assert.deepEqual(result, { allowed: true, permissionId: 'perm-1', signingKeyId: 'org-alice', notAfter: '2026-06-01T00:00:00.000000Z', validForMs: 3_600_000 });
   assert.deepEqual(evaluateRow(BASE, REQUEST, new PrincipalKeyCache()), { permissionId: 'perm-1', allowed: true, reason: undefined });
 });
 
@@ -291,7 +292,7 @@ for (const position of ['first', 'middle', 'last'] as const) {
     const index = position === 'first' ? 0 : position === 'last' ? invalid.length : Math.floor(invalid.length / 2);
     const rows = [...invalid.slice(0, index), valid, ...invalid.slice(index)];
     const result = authorize(rows, REQUEST, new PrincipalKeyCache());
-    assert.deepEqual(result, { allowed: true, permissionId: 'perm-good', signingKeyId: 'org-alice', notAfter: '2026-06-01T00:00:00.000000Z' });
+    assert.deepEqual(result, { allowed: true, permissionId: 'perm-good', signingKeyId: 'org-alice', notAfter: '2026-06-01T00:00:00.000000Z', validForMs: 3_600_000 });
   });
 }
 

@@ -163,9 +163,10 @@ for (const vector of FIXED_SIGNATURES) {
       delegation_started: true,
       delegation_unexpired: true,
       delegation_revoked: false,
+      valid_for_ms: 3_600_000,
     };
     const result = authorize([row], { identity: 'agent-alpha', spkiDer: subjectSpki, destination: 'api.example.com:443' }, new PrincipalKeyCache());
-    assert.deepEqual(result, { allowed: true, permissionId: 'perm-1', signingKeyId: 'org-alice', notAfter: '2026-06-01T00:00:00.000000Z' });
+    assert.deepEqual(result, { allowed: true, permissionId: 'perm-1', signingKeyId: 'org-alice', notAfter: '2026-06-01T00:00:00.000000Z', validForMs: 3_600_000 });
   });
 }
 
