@@ -90,16 +90,7 @@ for (const windows of SETTINGS) {
 
 for (const windows of SETTINGS) {
   test(`64 MiB full duplex through a tunnel with windows ${windows.stream}/${windows.session} on both ends`, { timeout: 60_000 }, async () => {
-    const gateway = createGateway(
-      parseConfig({
-        server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, stream_window_bytes: windows.stream, session_window_bytes: windows.session },
-        policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
-        observability: { log_level: 'info' },
-      }),
-      { logger: pino({ level: 'silent' }) },
-    );
-    gateways.push(gateway);
-    await gateway.listen();
+    const gateway = await startGatewayWith(windows);
     const session = h2connect(`https://localhost:${gateway.address!.port}`, {
       ca: world.tls.caPem,
       cert: client.certPem,

@@ -269,7 +269,9 @@ describe('the change feed', () => {
     const session = await sessionFor(gateway, a.client);
     const before = gateway.lookups.started;
     for (let i = 0; i < 3; i++) (await request(session, world.echoAuthority)).stream.close();
-    assert.equal(gateway.lookups.started - before, 3);
+    // At least one query per CONNECT (re-checks after other tests' registry writes add more).
+    assert.ok(gateway.lookups.started - before >= 3);
+    assert.ok(!lines.some((l) => l.event === 'connect_decision' && l.identity === a.identity && l.cached), 'no decision came from a cache');
     assert.equal(gateway.authoriser.cachedEntries, 0);
   });
 

@@ -20,6 +20,9 @@ const scratch = mkdtempSync(join(tmpdir(), 'agw-migrate-'));
 
 before(async () => {
   pgServer = await testServer();
+  // The group roles are cluster-wide and 0001 creates them if missing: the first migration of a
+  // fresh cluster runs alone, so the concurrent cases below do not race to create them.
+  await createDatabase(pgServer.url);
 });
 after(() => {
   pgServer?.close();
