@@ -187,7 +187,6 @@ export class LookupQueue {
       }
       if (this.#waiting > 0) this.#armExpiry();
     }, this.#options.maxWaitMs);
-    this.#expiryTimer.unref();
   }
 
   #settle(job: Job, result: AuthorizationResult | undefined, error: unknown): void {
