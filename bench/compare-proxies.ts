@@ -128,6 +128,8 @@ export interface Proxy {
   /** Roots of the process trees whose RSS and CPU count as this proxy. */
   readonly pids: () => number[];
   readonly stop: () => Promise<void>;
+  /** Ours: V8 heap figures from the admin /metrics endpoint (MiB), to tell heap from other memory. */
+  readonly heap?: () => Promise<Record<string, number>>;
 }
 
 const exited = (proc: ChildProcess) => proc.exitCode !== null || proc.signalCode !== null;
@@ -245,7 +247,16 @@ export async function startOurs(options: OursOptions): Promise<Proxy> {
     await sleep(100);
   }
   await waitForPort(options.port, 5000, () => !exited(proc));
-  return { name: 'ours', port: options.port, pids: () => [proc.pid!], stop: () => stopProcess(proc) };
+  const heap = async () => {
+    const text = await fetch(`http://127.0.0.1:${options.adminPort}/metrics`).then((response) => response.text());
+    const out: Record<string, number> = {};
+    for (const name of ['process_resident_memory_bytes', 'nodejs_heap_size_total_bytes', 'nodejs_heap_size_used_bytes', 'nodejs_external_memory_bytes']) {
+      const match = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)`, 'm').exec(text);
+      if (match) out[name.replace(/_bytes$/, '_MiB')] = Math.round((Number(match[1]) / 1024 / 1024) * 10) / 10;
+    }
+    return out;
+  };
+  return { name: 'ours', port: options.port, pids: () => [proc.pid!], stop: () => stopProcess(proc), heap };
 }
 
 export interface BaselineOptions {
@@ -262,6 +273,8 @@ export interface BaselineOptions {
   readonly sessionWindow: number;
   /** squid's max_filedescriptors: at most the hard RLIMIT_NOFILE (squid cannot raise it). nghttpx keeps the inherited limit. */
   readonly maxFiles: number;
+  /** nghttpx --tls13-ciphers (its server preference wins); undefined keeps nghttpx's default order. */
+  readonly tls13Ciphers?: string;
 }
 
 /**
@@ -334,6 +347,7 @@ export async function startBaseline(options: BaselineOptions): Promise<Proxy> {
       `--frontend-http2-connection-window-size=${options.sessionWindow}`,
       '--backend-read-timeout=10m',
       '--no-ocsp',
+      ...(options.tls13Ciphers ? [`--tls13-ciphers=${options.tls13Ciphers}`] : []),
       `--accesslog-file=${join(options.dir, 'nghttpx-access.log')}`,
       `--errorlog-file=${nghttpxLog}`,
       '--log-level=WARN',

@@ -20,7 +20,7 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect as tlsConnect, createSecureContext, type SecureContext } from 'node:tls';
+import { connect as tlsConnect, createSecureContext, DEFAULT_CIPHERS, type SecureContext } from 'node:tls';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
 import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../registry/flow-control.js';
@@ -52,6 +52,7 @@ const { values } = parseArgs({
     'log-level': { type: 'string', default: 'info' },
     phases: { type: 'string', default: 'idle,connect,sessions,throughput,revocation' },
     profile: { type: 'boolean', default: false },
+    'nghttpx-ciphers': { type: 'boolean', default: false },
     keep: { type: 'boolean', default: false },
   },
 });
@@ -75,6 +76,12 @@ const SESSION_ROUNDS = num('session-rounds');
 const PHASES = new Set(values.phases!.split(',').map((phase) => phase.trim()));
 for (const phase of PHASES) if (!['idle', 'connect', 'sessions', 'throughput', 'revocation'].includes(phase)) throw new Error(`--phases: unknown phase ${phase}`);
 const PROFILE = values.profile === true;
+/**
+ * nghttpx picks the TLS 1.3 suite by its own preference (AES-128-GCM first); our gateway, like
+ * Node's TLS server by default, follows the client's (Node's: AES-256-GCM first). Unless
+ * --nghttpx-ciphers, nghttpx is given Node's order, so both tunnels run the same cipher.
+ */
+const TLS13_CIPHERS = values['nghttpx-ciphers'] ? undefined : DEFAULT_CIPHERS.split(':').filter((suite) => suite.startsWith('TLS_')).join(':');
 const IDLE = num('idle');
 const REVOCATION = values.revocation === true;
 const REVOKE_TUNNELS = num('revocation-tunnels');
@@ -130,22 +137,28 @@ interface Session {
   readonly session: ClientHttp2Session;
   /** TCP connect + TLS handshake, ms. */
   readonly handshakeMs: number;
+  /** Negotiated TLS version and cipher. */
+  readonly tls: string;
   goaways: number;
 }
 
 async function openSession(port: number, tls: ClientTls): Promise<Session> {
   const started = performance.now();
   let handshakeMs = NaN;
+  let negotiated = '';
   const session = h2connect(`https://localhost:${port}`, {
     createConnection: () => {
       const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', secureContext: tls.context, ALPNProtocols: ['h2'] });
-      socket.once('secureConnect', () => (handshakeMs = performance.now() - started));
+      socket.once('secureConnect', () => {
+        handshakeMs = performance.now() - started;
+        negotiated = `${socket.getProtocol()} ${socket.getCipher().name}`;
+      });
       return socket;
     },
     settings: { initialWindowSize: STREAM_WINDOW_BYTES },
     maxSessionMemory: 256,
   });
-  const result: Session = { session, handshakeMs: NaN, goaways: 0 };
+  const result: Session = { session, handshakeMs: NaN, tls: '', goaways: 0 };
   session.on('error', () => {});
   session.on('goaway', () => result.goaways++);
   await new Promise<void>((resolve, reject) => {
@@ -154,7 +167,7 @@ async function openSession(port: number, tls: ClientTls): Promise<Session> {
     session.once('error', reject);
   });
   session.setLocalWindowSize(SESSION_WINDOW_BYTES);
-  return Object.assign(result, { handshakeMs });
+  return Object.assign(result, { handshakeMs, tls: negotiated });
 }
 
 interface Tunnel {
@@ -784,6 +797,7 @@ async function main(): Promise<void> {
       streamWindow: STREAM_WINDOW_BYTES,
       sessionWindow: SESSION_WINDOW_BYTES,
       maxFiles: Math.min(65_536, hardFileLimit()),
+      ...(TLS13_CIPHERS ? { tls13Ciphers: TLS13_CIPHERS } : {}),
     });
     proxies.push(baseline);
     await sleep(1000);
@@ -791,7 +805,11 @@ async function main(): Promise<void> {
 
     const ctx: Context = { echo, traffic, trafficPort: sink.trafficPort, tls: clientTls(benchClient, server.caPem), pgPids: () => (pgPid ? [pgPid] : []), sinkPids: () => [sink.proc.pid!] };
     log('warm-up: 500 CONNECTs through each');
+    const tlsSeen: Record<string, string> = {};
     for (const proxy of proxies) {
+      const first = await openSession(proxy.port, ctx.tls);
+      tlsSeen[proxy.name] = first.tls;
+      await closeSession(first);
       const warm = await connectRound(proxy, ctx, 500);
       if (warm.failures > 0) throw new Error(`${proxy.name}: ${warm.failures} of 500 warm-up CONNECTs failed (${JSON.stringify(warm.statuses)})`);
     }
@@ -818,6 +836,7 @@ async function main(): Promise<void> {
     }
     // Before the revocation phase, which loads ours only.
     const afterLoad = Object.fromEntries(proxies.map((p) => [p.name, sample(p.pids())]));
+    const oursHeap = await ours.heap?.().catch((error: unknown) => ({ error: String(error) }));
 
     let revocation: Record<string, unknown> | undefined;
     if (REVOCATION && PHASES.has('revocation')) {
@@ -902,12 +921,14 @@ async function main(): Promise<void> {
         },
         baseline: {
           nghttpx: `-s, --workers=${WORKERS}, --backend-connections-per-host=${BACKEND_CONNECTIONS}, max concurrent streams ${MAX_STREAMS}, same windows, access log to a file`,
+          nghttpx_tls13_ciphers: TLS13_CIPHERS ?? "nghttpx's default",
           squid: '-N (one process), no cache, access log to a file',
         },
+        tls_negotiated: tlsSeen,
         client: 'node:http2 in the bench process (one session per measurement unless stated); destination servers in their own process',
         options: values,
       },
-      memory: { at_start: memory(startMemory), after_load: memory(afterLoad) },
+      memory: { at_start: memory(startMemory), after_load: memory(afterLoad), ours_after_load_from_metrics: oursHeap },
       results,
       throughput: throughput ?? 'skipped',
       revocation: revocation ?? 'skipped',
