@@ -3,9 +3,12 @@
  * same machine, ratios ours/baseline. `npm run bench` (bench/run.sh) installs what is missing and
  * runs this; see bench/README.md for what each line means and how the two are set up.
  *
- *   node --import tsx bench/compare.ts [--connects 5000] [--concurrency 32] [--sessions 400]
- *     [--session-concurrency 8] [--mib 128] [--parallel 8] [--parallel-mib 32] [--rounds 3]
- *     [--idle 2000] [--no-revocation] [--revocation-tunnels 2000] [--workers 1] [--log-level info]
+ *   node --import tsx bench/compare.ts [--phases idle,connect,sessions,throughput,revocation]
+ *     [--connects 5000] [--concurrency 32] [--connect-rounds 3] [--sessions 400]
+ *     [--session-concurrency 8] [--session-rounds 3] [--mib 256] [--parallel 8]
+ *     [--parallel-mib 64] [--rounds 5] [--idle 2000] [--no-revocation]
+ *     [--revocation-tunnels 2000] [--workers 1] [--log-level info] [--nghttpx-ciphers]
+ *     [--profile] [--max-seconds 300] [--keep]
  *
  * Processes, all on 127.0.0.1: this one (the load generator, our own node:http2 client), the
  * destination servers (bench/compare-sink.ts), our gateway (`node bin/agent-gateway.js`, from
@@ -53,6 +56,7 @@ const { values } = parseArgs({
     phases: { type: 'string', default: 'idle,connect,sessions,throughput,revocation' },
     profile: { type: 'boolean', default: false },
     'nghttpx-ciphers': { type: 'boolean', default: false },
+    'max-seconds': { type: 'string', default: '300' },
     keep: { type: 'boolean', default: false },
   },
 });
@@ -76,6 +80,8 @@ const SESSION_ROUNDS = num('session-rounds');
 const PHASES = new Set(values.phases!.split(',').map((phase) => phase.trim()));
 for (const phase of PHASES) if (!['idle', 'connect', 'sessions', 'throughput', 'revocation'].includes(phase)) throw new Error(`--phases: unknown phase ${phase}`);
 const PROFILE = values.profile === true;
+/** No phase starts after this many seconds; the run is abandoned (every process stopped) 120 s later. */
+const MAX_SECONDS = num('max-seconds');
 /**
  * nghttpx picks the TLS 1.3 suite by its own preference (AES-128-GCM first); our gateway, like
  * Node's TLS server by default, follows the client's (Node's: AES-256-GCM first). Unless
@@ -737,12 +743,21 @@ function printTable(rows: Row[]): string {
 
 async function main(): Promise<void> {
   const runStarted = Date.now();
+  setTimeout(() => {
+    process.stderr.write(`bench: still running ${MAX_SECONDS + 120} s after the start: giving up (every process it started is stopped)\n`);
+    process.exit(2);
+  }, (MAX_SECONDS + 120) * 1000).unref();
   const loadAtStart = loadavg()[0]!;
   if (loadAtStart > 0.7) process.stderr.write(`warning: load average ${loadAtStart.toFixed(2)} before the run: something else is using the CPUs, ratios will be noisy\n`);
   const stamp = new Date(runStarted).toISOString().replace(/[:.]/g, '-');
   const resultsDir = join(ROOT, 'bench', 'results');
   mkdirSync(resultsDir, { recursive: true });
   const dir = mkdtempSync(join(tmpdir(), 'agw-bench-compare-'));
+  const scratch = [dir];
+  // Interrupted (SIGINT/SIGTERM, the watchdog): the processes go in compare-proxies.ts' exit hook, the files here.
+  process.on('exit', () => {
+    if (!values.keep) for (const path of scratch) rmSync(path, { recursive: true, force: true });
+  });
   const log = (message: string) => process.stderr.write(`[${((Date.now() - runStarted) / 1000).toFixed(1)}s] ${message}\n`);
   const proxies: Proxy[] = [];
   let failed = true;
@@ -757,6 +772,7 @@ async function main(): Promise<void> {
     // One server certificate for both proxies; client certificates from one CA, each with the
     // identity extension, so both proxies see the same handshake.
     const server = await serverTls();
+    scratch.push(server.dir);
     const ca = await clientCa(dir);
     const benchClient = await ca.issue('agent-bench');
     const revokeA = await ca.issue('agent-bench-revoked');
@@ -815,22 +831,30 @@ async function main(): Promise<void> {
     }
 
     const results: Record<string, Record<string, unknown>> = { ours: {}, 'nghttpx+squid': {} };
-    if (PHASES.has('idle')) {
+    const skipped: string[] = [];
+    const run = (phase: string) => {
+      if (!PHASES.has(phase)) return false;
+      if ((Date.now() - runStarted) / 1000 < MAX_SECONDS) return true;
+      skipped.push(phase);
+      log(`skipping ${phase}: past --max-seconds ${MAX_SECONDS}`);
+      return false;
+    };
+    if (run('idle')) {
       log(`idle tunnels: ${IDLE} on one session, RSS before and after`);
       for (const proxy of proxies) results[proxy.name]!.idle = await measureIdle(proxy, ctx);
     }
-    if (PHASES.has('connect')) {
+    if (run('connect')) {
       log(`CONNECT rate: ${CONNECT_ROUNDS} x ${CONNECTS} CONNECTs, one session, concurrency ${CONCURRENCY}`);
       const rounds = await alternate(proxies, CONNECT_ROUNDS, (proxy) => connectRound(proxy, ctx, CONNECTS));
       for (const proxy of proxies) results[proxy.name]!.connect = summariseConnects(rounds[proxy.name]!);
     }
-    if (PHASES.has('sessions')) {
+    if (run('sessions')) {
       log(`new mTLS sessions: ${SESSION_ROUNDS} x ${SESSIONS} at concurrency ${SESSION_CONCURRENCY}`);
       const rounds = await alternate(proxies, SESSION_ROUNDS, (proxy) => sessionRound(proxy, ctx, SESSIONS));
       for (const proxy of proxies) results[proxy.name]!.sessions = summariseSessions(rounds[proxy.name]!);
     }
     let throughput: Awaited<ReturnType<typeof measureThroughput>> | undefined;
-    if (PHASES.has('throughput')) {
+    if (run('throughput')) {
       log(`throughput: 1 tunnel x ${SINGLE_BYTES / MIB} MiB and ${PARALLEL} x ${PARALLEL_BYTES / MIB} MiB, down and up, best of ${ROUNDS}`);
       throughput = await measureThroughput(proxies, ctx);
     }
@@ -839,7 +863,7 @@ async function main(): Promise<void> {
     const oursHeap = await ours.heap?.().catch((error: unknown) => ({ error: String(error) }));
 
     let revocation: Record<string, unknown> | undefined;
-    if (REVOCATION && PHASES.has('revocation')) {
+    if (REVOCATION && run('revocation')) {
       log(`revocation (ours): ${REVOKE_TUNNELS} tunnels of one identity, ${REVOKE_OTHERS} of another, UPDATE permission_registry SET revoked_at = now()`);
       try {
         revocation = await measureRevocation(ours, ctx, databaseUrl, clientTls(revokeA, server.caPem), clientTls(revokeB, server.caPem), revokeA.identity);
@@ -858,7 +882,7 @@ async function main(): Promise<void> {
     const endsRow = (label: string, key: string): Row => [label, ends(tp[key]?.ours), ends(tp[key]?.['nghttpx+squid']), 'lower', ends(tp[key]?.direct)];
     const mib = (kib: number | undefined) => round((kib ?? NaN) / 1024, 1);
     const rows: Row[] = [];
-    if (PHASES.has('connect')) {
+    if (results.ours!.connect) {
       rows.push(
         [`CONNECT rate, 1 session, c=${CONCURRENCY} (/s, median of ${CONNECT_ROUNDS})`, ...both('connect', 'per_second'), 'higher'],
         ['CONNECT→200 p50 (ms)', ...both('connect', 'p50_ms'), 'lower'],
@@ -879,7 +903,7 @@ async function main(): Promise<void> {
         endsRow('client + destination CPU, 1 tunnel up (s/GB)', 'single_up'),
       );
     }
-    if (PHASES.has('sessions')) {
+    if (results.ours!.sessions) {
       rows.push(
         [`new mTLS sessions/s, c=${SESSION_CONCURRENCY} (median of ${SESSION_ROUNDS})`, ...both('sessions', 'per_second'), 'higher'],
         ['TLS handshake p50 (ms)', ...both('sessions', 'handshake_p50_ms'), 'lower'],
@@ -887,7 +911,7 @@ async function main(): Promise<void> {
         ['proxy CPU per new session (ms)', ...both('sessions', 'proxy_cpu_ms_per_session'), 'lower'],
       );
     }
-    if (PHASES.has('idle')) rows.push([`RSS per idle tunnel, N=${IDLE} (KiB)`, ...both('idle', 'rss_per_tunnel_KiB'), 'lower']);
+    if (results.ours!.idle) rows.push([`RSS per idle tunnel, N=${IDLE} (KiB)`, ...both('idle', 'rss_per_tunnel_KiB'), 'lower']);
     rows.push(
       ['RSS at start (MiB)', mib(startMemory.ours?.rssKiB), mib(startMemory['nghttpx+squid']?.rssKiB), 'lower'],
       ['RSS after the load above (MiB)', mib(afterLoad.ours?.rssKiB), mib(afterLoad['nghttpx+squid']?.rssKiB), 'lower'],
@@ -930,6 +954,7 @@ async function main(): Promise<void> {
       },
       memory: { at_start: memory(startMemory), after_load: memory(afterLoad), ours_after_load_from_metrics: oursHeap },
       results,
+      skipped_for_time: skipped,
       throughput: throughput ?? 'skipped',
       revocation: revocation ?? 'skipped',
       table,
@@ -951,14 +976,19 @@ async function main(): Promise<void> {
       ].filter(Boolean);
       if (oddities.length > 0) process.stdout.write(`${proxy.name}: ${oddities.join(', ')}\n`);
     }
+    if (skipped.length > 0) process.stdout.write(`skipped for time (--max-seconds ${MAX_SECONDS}): ${skipped.join(', ')}\n`);
     process.stdout.write(`full results: ${file} (${report.wall_seconds} s)\n`);
     failed = false;
   } finally {
     for (const proxy of proxies.reverse()) await proxy.stop().catch(() => {});
     for (const child of children) await stopProcess(child).catch(() => {});
     pgServer.close();
-    if (failed || values.keep) process.stderr.write(`logs and configs kept in ${dir}\n`);
-    else rmSync(dir, { recursive: true, force: true });
+    if (failed || values.keep) {
+      process.stderr.write(`logs and configs kept in ${dir}\n`);
+      scratch.length = 0;
+    } else {
+      for (const path of scratch) rmSync(path, { recursive: true, force: true });
+    }
   }
 }
 
