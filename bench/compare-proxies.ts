@@ -27,6 +27,8 @@ const CLK_TCK = (() => {
 interface ProcStat {
   readonly ppid: number;
   readonly cpuTicks: number;
+  /** Plus the CPU of its children that exited and were reaped. */
+  readonly cpuTicksWithReaped: number;
 }
 
 function readStat(pid: number): ProcStat | undefined {
@@ -34,7 +36,8 @@ function readStat(pid: number): ProcStat | undefined {
     const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-    return { ppid: Number(fields[1]), cpuTicks: Number(fields[11]) + Number(fields[12]) };
+    const cpuTicks = Number(fields[11]) + Number(fields[12]);
+    return { ppid: Number(fields[1]), cpuTicks, cpuTicksWithReaped: cpuTicks + Number(fields[13]) + Number(fields[14]) };
   } catch {
     return undefined;
   }
@@ -101,6 +104,21 @@ export function sample(roots: readonly number[]): Sample {
 export function hardFileLimit(): number {
   const match = /^Max open files\s+\S+\s+(\S+)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
   return match && match[1] !== 'unlimited' ? Number(match[1]) : 1_048_576;
+}
+
+/**
+ * CPU time (ms) the machine spent in processes outside the trees of `roots`: user + nice + system of
+ * /proc/stat (with irq and softirq, which the kernel also charges to the running task's stime)
+ * minus the trees' own (reaped children included). Sampled twice, the difference tells whether
+ * something else ran during a measurement.
+ */
+export function foreignCpuMs(roots: readonly number[]): number {
+  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq: a task's stime includes the interrupts it was charged with.
+  const busy = fields[0]! + fields[1]! + fields[2]! + fields[5]! + fields[6]!;
+  let ours = 0;
+  for (const pid of roots.flatMap((root) => processTree(root))) ours += readStat(pid)?.cpuTicksWithReaped ?? 0;
+  return ((busy - ours) * 1000) / CLK_TCK;
 }
 
 /** Resolves when something accepts TCP on 127.0.0.1:port, or rejects after `timeoutMs`. */

@@ -31,7 +31,7 @@ import { serverTls, TEST_OID } from '../test/helpers/pki.js';
 import { createDatabase, freePort, testServer } from '../test/helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../test/helpers/registry-fixture.js';
 import { clientCa, type BenchClient } from './compare-pki.js';
-import { hardFileLimit, ROOT, sample, startBaseline, startOurs, stopProcess, trackChild, type Proxy, type Sample } from './compare-proxies.js';
+import { foreignCpuMs, hardFileLimit, ROOT, sample, startBaseline, startOurs, stopProcess, trackChild, type Proxy, type Sample } from './compare-proxies.js';
 
 const { values } = parseArgs({
   allowNegative: true,
@@ -832,12 +832,27 @@ async function main(): Promise<void> {
 
     const results: Record<string, Record<string, unknown>> = { ours: {}, 'nghttpx+squid': {} };
     const skipped: string[] = [];
+    // CPU used by processes that are not part of this run (another job on the machine), per phase.
+    const ourRoots = () => [process.pid, ...(pgPid ? [pgPid] : [])];
+    const foreign: Record<string, { cpu_ms: number; percent_of_one_cpu: number }> = {};
+    let phaseMark = { name: '', cpu: 0, at: 0 };
+    const closePhase = () => {
+      if (!phaseMark.name) return;
+      const cpu = foreignCpuMs(ourRoots()) - phaseMark.cpu;
+      const ms = performance.now() - phaseMark.at;
+      foreign[phaseMark.name] = { cpu_ms: Math.round(cpu), percent_of_one_cpu: Math.round((cpu / ms) * 100) };
+      phaseMark = { name: '', cpu: 0, at: 0 };
+    };
     const run = (phase: string) => {
+      closePhase();
       if (!PHASES.has(phase)) return false;
-      if ((Date.now() - runStarted) / 1000 < MAX_SECONDS) return true;
-      skipped.push(phase);
-      log(`skipping ${phase}: past --max-seconds ${MAX_SECONDS}`);
-      return false;
+      if ((Date.now() - runStarted) / 1000 >= MAX_SECONDS) {
+        skipped.push(phase);
+        log(`skipping ${phase}: past --max-seconds ${MAX_SECONDS}`);
+        return false;
+      }
+      phaseMark = { name: phase, cpu: foreignCpuMs(ourRoots()), at: performance.now() };
+      return true;
     };
     if (run('idle')) {
       log(`idle tunnels: ${IDLE} on one session, RSS before and after`);
@@ -858,6 +873,7 @@ async function main(): Promise<void> {
       log(`throughput: 1 tunnel x ${SINGLE_BYTES / MIB} MiB and ${PARALLEL} x ${PARALLEL_BYTES / MIB} MiB, down and up, best of ${ROUNDS}`);
       throughput = await measureThroughput(proxies, ctx);
     }
+    closePhase();
     // Before the revocation phase, which loads ours only.
     const afterLoad = Object.fromEntries(proxies.map((p) => [p.name, sample(p.pids())]));
     const oursHeap = await ours.heap?.().catch((error: unknown) => ({ error: String(error) }));
@@ -872,6 +888,7 @@ async function main(): Promise<void> {
       }
     }
 
+    closePhase();
     // ------------------------------------------------------------------ report
     const get = (name: string, phase: string, key: string) => ((results[name]![phase] as Record<string, number> | undefined)?.[key] ?? NaN) as number;
     const both = (phase: string, key: string) => [get('ours', phase, key), get('nghttpx+squid', phase, key)] as const;
@@ -955,6 +972,7 @@ async function main(): Promise<void> {
       memory: { at_start: memory(startMemory), after_load: memory(afterLoad), ours_after_load_from_metrics: oursHeap },
       results,
       skipped_for_time: skipped,
+      other_processes_cpu_by_phase: foreign,
       throughput: throughput ?? 'skipped',
       revocation: revocation ?? 'skipped',
       table,
@@ -975,6 +993,10 @@ async function main(): Promise<void> {
         }),
       ].filter(Boolean);
       if (oddities.length > 0) process.stdout.write(`${proxy.name}: ${oddities.join(', ')}\n`);
+    }
+    const busy = Object.entries(foreign).filter(([, f]) => f.percent_of_one_cpu >= 10);
+    if (busy.length > 0) {
+      process.stdout.write(`warning: other processes used CPU during ${busy.map(([phase, f]) => `${phase} (${f.percent_of_one_cpu}% of one CPU)`).join(', ')}: those lines are noisy, run again on a quiet machine\n`);
     }
     if (skipped.length > 0) process.stdout.write(`skipped for time (--max-seconds ${MAX_SECONDS}): ${skipped.join(', ')}\n`);
     process.stdout.write(`full results: ${file} (${report.wall_seconds} s)\n`);
