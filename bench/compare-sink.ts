@@ -6,7 +6,7 @@
  * - echo: writes back what it reads; after echoing a chunk that holds 'q' it ends its side (so does
  *   it when the peer ends). CONNECT rate, idle tunnels, revocation.
  * - traffic: 'D' + u64 n → sends n bytes and ends; 'U' + u64 n → reads n bytes, answers "ok" and
- *   ends.
+ *   a u32 count of the reads it took (how finely the proxy chopped the stream), and ends.
  *
  * The destination ends every tunnel itself: nghttpx (1.52, -s with an HTTP/1.1 backend) does not
  * pass a client's END_STREAM on to squid as a FIN, so a tunnel through it ends only when the
@@ -62,13 +62,20 @@ const traffic = createServer({ allowHalfOpen: true, noDelay: true }, (socket) =>
       pump();
     } else {
       let got = header.length - 9;
-      if (got >= size) return void socket.end('ok');
+      let reads = got > 0 ? 1 : 0;
+      const ok = () => {
+        const answer = Buffer.from('ok\0\0\0\0', 'latin1');
+        answer.writeUInt32BE(reads, 2);
+        socket.end(answer);
+      };
+      if (got >= size) return void ok();
       const onData = (data: Buffer) => {
         got += data.length;
+        reads++;
         if (got >= size) {
           socket.off('data', onData);
           socket.resume();
-          socket.end('ok');
+          ok();
         }
       };
       socket.on('data', onData);

@@ -243,14 +243,17 @@ function header(mode: 'D' | 'U', size: number): Buffer {
   return buffer;
 }
 
-function download(stream: Duplex, size: number): Promise<void> {
+/** Resolves with the number of 'data' chunks the client read (HTTP/2: about one per DATA frame). */
+function download(stream: Duplex, size: number): Promise<number> {
   return new Promise((resolve, reject) => {
     let received = 0;
+    let chunks = 0;
     const onData = (chunk: Buffer) => {
       received += chunk.length;
+      chunks++;
       if (received >= size) {
         stream.off('data', onData);
-        resolve();
+        resolve(chunks);
       }
     };
     stream.on('data', onData);
@@ -259,9 +262,17 @@ function download(stream: Duplex, size: number): Promise<void> {
   });
 }
 
-async function upload(stream: Duplex, size: number): Promise<void> {
-  const answer = new Promise<void>((resolve, reject) => {
-    stream.once('data', () => resolve());
+/** Resolves with the number of reads the destination server needed for the bytes (its answer: "ok" + u32). */
+async function upload(stream: Duplex, size: number): Promise<number> {
+  const answer = new Promise<number>((resolve, reject) => {
+    let got = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      got = Buffer.concat([got, chunk]);
+      if (got.length < 6) return;
+      stream.off('data', onData);
+      resolve(got.readUInt32BE(2));
+    };
+    stream.on('data', onData);
     stream.once('close', () => reject(new Error('closed before "ok"')));
   });
   stream.write(header('U', size));
@@ -271,7 +282,7 @@ async function upload(stream: Duplex, size: number): Promise<void> {
     left -= n;
     if (!stream.write(n === CHUNK.length ? CHUNK : CHUNK.subarray(0, n))) await once(stream, 'drain');
   }
-  await answer;
+  return answer;
 }
 
 async function directSocket(port: number): Promise<Socket> {
@@ -490,20 +501,22 @@ interface TransferRun {
   readonly cpuMs: number;
   readonly clientCpuMs: number;
   readonly sinkCpuMs: number;
+  /** Down: 'data' chunks the client read; up: reads the destination server made. Summed over the tunnels. */
+  readonly chunks: number;
 }
 
 /** `n` transfers of `bytes` each at once (tunnels opened beforehand, not timed). */
 async function transfer(target: Proxy | 'direct', ctx: Context, direction: Direction, n: number, bytes: number): Promise<TransferRun> {
   const run = direction === 'down' ? download : upload;
-  const measure = async (pids: number[], go: () => Promise<unknown>) => {
+  const measure = async (pids: number[], go: () => Promise<number[]>): Promise<TransferRun> => {
     const proxyBefore = sample(pids).cpuMs;
     const sinkBefore = sample(ctx.sinkPids()).cpuMs;
     const clientBefore = process.cpuUsage();
     const started = performance.now();
-    await go();
+    const chunks = (await go()).reduce((a, b) => a + b, 0);
     const ms = performance.now() - started;
     const client = process.cpuUsage(clientBefore);
-    return { ms, cpuMs: sample(pids).cpuMs - proxyBefore, clientCpuMs: (client.user + client.system) / 1000, sinkCpuMs: sample(ctx.sinkPids()).cpuMs - sinkBefore };
+    return { ms, cpuMs: sample(pids).cpuMs - proxyBefore, clientCpuMs: (client.user + client.system) / 1000, sinkCpuMs: sample(ctx.sinkPids()).cpuMs - sinkBefore, chunks };
   };
   if (target === 'direct') {
     const sockets = await Promise.all(Array.from({ length: n }, () => directSocket(ctx.trafficPort)));
@@ -543,7 +556,7 @@ async function measureThroughput(proxies: Proxy[], ctx: Context) {
       }
     }
   }
-  const out: Record<string, Record<string, { MBps: number; median_MBps: number; MBps_per_round: number[]; proxy_cpu_s_per_GB?: number; client_cpu_s_per_GB: number; sink_cpu_s_per_GB: number }>> = {};
+  const out: Record<string, Record<string, { MBps: number; median_MBps: number; MBps_per_round: number[]; proxy_cpu_s_per_GB?: number; client_cpu_s_per_GB: number; sink_cpu_s_per_GB: number; reads_per_MiB: number }>> = {};
   for (const c of cases) {
     const total = c.n * c.bytes;
     for (const [name, runs] of Object.entries(all[c.name] ?? {})) {
@@ -557,6 +570,8 @@ async function measureThroughput(proxies: Proxy[], ctx: Context) {
         ...(name === 'direct' ? {} : { proxy_cpu_s_per_GB: perGB((run) => run.cpuMs) }),
         client_cpu_s_per_GB: perGB((run) => run.clientCpuMs),
         sink_cpu_s_per_GB: perGB((run) => run.sinkCpuMs),
+        // Down: chunks the client read; up: reads the destination made. Fewer, larger is cheaper.
+        reads_per_MiB: round(runs.reduce((sum, run) => sum + run.chunks, 0) / ((total * runs.length) / MIB), 1),
       };
     }
   }
@@ -897,6 +912,7 @@ async function main(): Promise<void> {
     const cpuRow = (label: string, key: string): Row => [label, tp[key]?.ours?.proxy_cpu_s_per_GB ?? NaN, tp[key]?.['nghttpx+squid']?.proxy_cpu_s_per_GB ?? NaN, 'lower'];
     const ends = (x: { client_cpu_s_per_GB: number; sink_cpu_s_per_GB: number } | undefined) => (x ? round(x.client_cpu_s_per_GB + x.sink_cpu_s_per_GB, 3) : NaN);
     const endsRow = (label: string, key: string): Row => [label, ends(tp[key]?.ours), ends(tp[key]?.['nghttpx+squid']), 'lower', ends(tp[key]?.direct)];
+    const readsRow = (label: string, key: string): Row => [label, tp[key]?.ours?.reads_per_MiB ?? NaN, tp[key]?.['nghttpx+squid']?.reads_per_MiB ?? NaN, 'lower', tp[key]?.direct?.reads_per_MiB ?? NaN];
     const mib = (kib: number | undefined) => round((kib ?? NaN) / 1024, 1);
     const rows: Row[] = [];
     if (results.ours!.connect) {
@@ -918,6 +934,8 @@ async function main(): Promise<void> {
         cpuRow('proxy CPU, 1 tunnel up (s/GB)', 'single_up'),
         endsRow('client + destination CPU, 1 tunnel down (s/GB)', 'single_down'),
         endsRow('client + destination CPU, 1 tunnel up (s/GB)', 'single_up'),
+        readsRow('reads by the client per MiB, 1 tunnel down', 'single_down'),
+        readsRow('reads by the destination per MiB, 1 tunnel up', 'single_up'),
       );
     }
     if (results.ours!.sessions) {
