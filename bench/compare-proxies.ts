@@ -245,6 +245,9 @@ export async function startOurs(options: OursOptions): Promise<Proxy> {
       `listen_addr = ${q(`127.0.0.1:${options.adminPort}`)}`,
       '[audit]',
       'enabled = true',
+      // The bench's destinations are loopback listeners: [egress] refuses loopback unless allowed.
+      '[egress]',
+      'allow_cidrs = ["127.0.0.0/8", "::1/128"]',
       '',
     ].join('\n'),
   );

@@ -98,6 +98,8 @@ try {
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath },
       policy: { client_ext_oid: TEST_OID, database_url: databaseUrl },
       observability: { log_level: 'warn' },
+      // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+      egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
       admin: { listen_addr: '127.0.0.1:0' },
     }),
     { logger: pino({ level: 'warn' }) },

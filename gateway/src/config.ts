@@ -7,6 +7,7 @@ import { normaliseDestination } from '../../registry/destination.js';
 import { ConfigError } from '../../registry/errors.js';
 import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { isDottedOid } from '../../registry/identity.js';
+import { isCidr, parseCidrs, type EgressPolicy } from './egress.js';
 import { parseLogFilter } from './logger.js';
 
 /**
@@ -184,6 +185,19 @@ const cacheSchema = z.strictObject({
   poll_interval_ms: z.number().int().min(50).max(3_600_000).default(1000),
 });
 
+const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8')).default([]);
+
+/** `[egress]`: which addresses tunnels may reach (DESIGN §9c). */
+const egressSchema = z.strictObject({
+  /** Ranges allowed although not global unicast (an internal mirror: ["10.1.2.3/32"]). */
+  allow_cidrs: cidrList,
+  /** Ranges refused even when global unicast or in allow_cidrs. */
+  deny_cidrs: cidrList,
+  /** ClientHello server_name against the CONNECT host: "match", "require" or "off". */
+  sni: z.enum(['match', 'require', 'off']).default('match'),
+  sni_timeout_ms: millis(5000),
+});
+
 /** `[resolve]`: normalised destination → address actually dialled. Authorization never sees it. */
 const resolveSchema = z.record(z.string(), z.string()).superRefine((entries, ctx) => {
   const seen = new Map<string, string>();
@@ -212,6 +226,7 @@ export const configSchema = z.strictObject({
   admin: adminSchema.optional(),
   audit: auditSchema.prefault({}),
   cache: cacheSchema.prefault({}),
+  egress: egressSchema.prefault({}),
   resolve: resolveSchema.default({}),
 });
 
@@ -231,6 +246,7 @@ export type GatewayConfig = Readonly<{
   /** `databaseUrl`: where audit rows go (the policy database unless `[audit]` names another). */
   audit: Readonly<ConfigFile['audit']> & { readonly databaseUrl: string };
   cache: Readonly<ConfigFile['cache']>;
+  egress: Readonly<ConfigFile['egress']> & { readonly policy: EgressPolicy };
   /** `[resolve]` with normalised keys, ready to look up by normalised destination. */
   resolve: ReadonlyMap<string, Dialable>;
 }>;
@@ -299,6 +315,7 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
     admin: file.admin ?? adminSchema.parse({ enabled: false }),
     audit: { ...file.audit, databaseUrl: auditUrl },
     cache: file.cache,
+    egress: { ...file.egress, policy: { allow: parseCidrs(file.egress.allow_cidrs), deny: parseCidrs(file.egress.deny_cidrs) } },
     resolve,
   }) as GatewayConfig;
 }

@@ -6,6 +6,7 @@ import { RegistryUnavailableError } from '../../registry/errors.js';
 import type { GatewayConfig } from './config.js';
 import type { Limiter } from './limits.js';
 import type { Authoriser, Decision } from './authoriser.js';
+import { resolveAndVet, type HostResolver, type ResolvedAddress } from './egress.js';
 import { LookupCancelledError } from './lookups.js';
 import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } from './outcome.js';
 import type { GatewayMetrics } from './metrics.js';
@@ -30,6 +31,8 @@ export interface ConnectDeps {
   readonly metrics: GatewayMetrics | undefined;
   readonly tracing: GatewayTracing | undefined;
   readonly log: Logger;
+  /** How hostnames are resolved for [egress] vetting (tests inject one). */
+  readonly resolver: HostResolver;
 }
 
 /** The stages a CONNECT walks through, in DESIGN §3's order; the first failure answers. */
@@ -170,12 +173,25 @@ export class ConnectRequest {
     if (signal.aborted) return this.#cancelled();
 
     this.stage = 'vet';
-    // [resolve] overrides are chosen by the operator; authorization used the normalised name.
-    const target = config.resolve.get(destination) ?? normaliseDestination(destination);
+    // [resolve] overrides are the operator's choice and exempt from [egress]; authorization used
+    // the normalised name either way. Anything else is resolved once and every address vetted.
+    const override = config.resolve.get(destination);
+    const target = override ?? normaliseDestination(destination);
+    let vetted: readonly ResolvedAddress[] | undefined;
+    if (!override) {
+      const verdict = await resolveAndVet(target.host, config.egress.policy, this.#deps.resolver, this.#deps.limits().dial_timeout_ms, signal);
+      if (!verdict.ok) {
+        if (verdict.kind === 'aborted') return this.#cancelled();
+        if (verdict.kind === 'forbidden') return { reason: 'destination_forbidden', detail: `${target.host} → ${verdict.address}: ${verdict.why}` };
+        return { reason: 'dial_failed', dialError: verdict.kind === 'timeout' ? 'connection_timeout' : 'destination_not_found', detail: verdict.message };
+      }
+      vetted = verdict.addresses;
+    }
+    if (signal.aborted) return this.#cancelled();
 
     this.stage = 'dial';
     const dialSpan = this.#childSpan('agent_gateway.dial', SpanKind.CLIENT, { 'server.address': target.host, 'server.port': target.port });
-    const dialled = await dial(target.host, target.port, this.#deps.limits().dial_timeout_ms, signal);
+    const dialled = await dial(target.host, target.port, this.#deps.limits().dial_timeout_ms, signal, vetted);
     if (dialSpan) {
       if (!dialled.ok) dialSpan.setStatus({ code: SpanStatusCode.ERROR, message: `${dialled.type}: ${dialled.message}` });
       dialSpan.end();

@@ -13,6 +13,7 @@ import { Authoriser } from './authoriser.js';
 import { ChangeFeed } from './change-feed.js';
 import { parseListenAddress, type GatewayConfig } from './config.js';
 import { ConnectRequest, type ConnectDeps } from './connect.js';
+import { systemResolver, type HostResolver } from './egress.js';
 import { Limiter } from './limits.js';
 import { createLogger } from './logger.js';
 import { LookupQueue } from './lookups.js';
@@ -42,6 +43,8 @@ export interface GatewayOptions {
   readonly tracerProvider?: TracerProvider;
   /** The limiter's clock in milliseconds (tests). Default performance.now. */
   readonly now?: () => number;
+  /** Resolves destination hostnames for [egress] vetting (tests). Default: the system resolver. */
+  readonly resolver?: HostResolver;
 }
 
 /** What reload() changed. */
@@ -173,6 +176,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       return tracing;
     },
     log,
+    resolver: options.resolver ?? systemResolver,
   };
 
   const server = createSecureServer({
@@ -249,7 +253,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   function restartRequired(next: GatewayConfig): string[] {
     const keys: string[] = [];
     const differs = (a: unknown, b: unknown) => JSON.stringify(a) !== JSON.stringify(b);
-    for (const section of ['policy', 'observability', 'admin', 'audit'] as const) {
+    for (const section of ['policy', 'observability', 'admin', 'audit', 'cache', 'egress'] as const) {
       for (const key of new Set([...Object.keys(config[section]), ...Object.keys(next[section])])) {
         if (differs((config[section] as Record<string, unknown>)[key], (next[section] as Record<string, unknown>)[key])) keys.push(`${section}.${key}`);
       }
@@ -318,6 +322,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         throw error;
       }
       address = server.address() as AddressInfo;
+      if (config.egress.sni !== 'off') log.warn({ event: 'sni_not_enforced', sni: config.egress.sni }, '[egress] sni is accepted but not enforced by this build: the ClientHello server_name is not checked yet');
       log.info({ event: 'listening', address: `${address.address}:${address.port}`, certificate_fingerprint: credentials.fingerprint }, 'agent-gateway listening');
       return address;
     },

@@ -1,5 +1,6 @@
 import { constants as h2, type ServerHttp2Stream } from 'node:http2';
-import { connect, type Socket } from 'node:net';
+import { connect, type LookupFunction, type Socket } from 'node:net';
+import type { ResolvedAddress } from './egress.js';
 import { classifyDialError, type DialErrorType } from '../../core/errors.js';
 
 export type DialResult =
@@ -12,10 +13,18 @@ export type DialResult =
  * fires (the client's stream is gone: nobody is left to tunnel for). Half-open is allowed so a
  * FIN from the destination does not close our sending side (and the other way round).
  */
-export function dial(host: string, port: number, timeoutMs: number, signal: AbortSignal): Promise<DialResult> {
+export function dial(host: string, port: number, timeoutMs: number, signal: AbortSignal, vetted?: readonly ResolvedAddress[]): Promise<DialResult> {
   if (signal.aborted) return Promise.resolve({ ok: false, type: 'aborted', message: 'client gone before the dial' });
   return new Promise((resolve) => {
-    const socket = connect({ host, port, allowHalfOpen: true, noDelay: true });
+    // With vetted addresses, the name is never resolved again: the lookup hands back exactly
+    // those, and Node's happy eyeballs (autoSelectFamily) tries them in turn.
+    const lookup: LookupFunction | undefined = vetted
+      ? (_hostname, options, callback) => {
+          if (options.all) callback(null, vetted.map((a) => ({ address: a.address, family: a.family })));
+          else callback(null, vetted[0]!.address, vetted[0]!.family);
+        }
+      : undefined;
+    const socket = connect({ host, port, allowHalfOpen: true, noDelay: true, ...(lookup ? { lookup, autoSelectFamily: true } : {}) });
     let settled = false;
     const finish = (result: DialResult) => {
       if (settled) return;

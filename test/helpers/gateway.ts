@@ -18,6 +18,8 @@ export function testGatewayConfig(options: TestGatewayOptions) {
     server: { listen_addr: `127.0.0.1:${options.port ?? 0}`, tls_cert_path: options.tls.certPath, tls_key_path: options.tls.keyPath, shutdown_grace_ms: 1000 },
     policy: { client_ext_oid: TEST_OID, database_url: options.databaseUrl, connect_timeout_ms: 2000, ...options.policy },
     observability: { log_level: 'info' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     // Port 0: several gateways run in one test process; the default 127.0.0.1:9090 would collide.
     admin: { listen_addr: '127.0.0.1:0' },
     resolve: options.resolve ?? {},

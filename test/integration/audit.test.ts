@@ -36,6 +36,8 @@ function rawConfig(audit: Record<string, unknown> = {}, policy: Record<string, u
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath, shutdown_grace_ms: 500 },
     policy: { client_ext_oid: TEST_OID, database_url: databaseUrl, connect_timeout_ms: 2000, ...policy },
     observability: { log_level: 'info' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
     audit: { flush_interval_ms: 50, ...audit },
   };

@@ -46,6 +46,8 @@ async function startGatewayWith(windows: { stream: number; session: number }): P
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, stream_window_bytes: windows.stream, session_window_bytes: windows.session },
       policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
       observability: { log_level: 'info' },
+      // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+      egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     }),
     { logger: pino({ level: 'silent' }) },
   );

@@ -39,6 +39,8 @@ function gatewayConfig(overrides: Record<string, unknown> = {}) {
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath, shutdown_grace_ms: 2000 },
     policy: { client_ext_oid: TEST_OID, database_url: databaseUrl, connect_timeout_ms: 2000, pool_acquire_timeout_ms: 5000, query_timeout_ms: 5000 },
     observability: { log_level: 'info' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     admin: { listen_addr: '127.0.0.1:0' },
     ...overrides,
   });
@@ -392,6 +394,8 @@ function rawConfig(url: string) {
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath },
     policy: { client_ext_oid: TEST_OID, database_url: url, connect_timeout_ms: 2000 },
     observability: { log_level: 'info' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     admin: { listen_addr: '127.0.0.1:0' },
   };
 }

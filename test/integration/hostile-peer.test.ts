@@ -42,6 +42,8 @@ async function startGateway(overrides: { limits?: Record<string, unknown>; polic
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500 },
     policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000, ...overrides.policy },
     observability: { log_level: 'debug' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
     audit: { enabled: false, ...overrides.audit },
     limits: { ...LIMITS, ...overrides.limits },

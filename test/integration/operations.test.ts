@@ -43,6 +43,8 @@ function rawConfig(overrides: { limits?: Record<string, unknown>; admin?: Record
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: tls.certPath, tls_key_path: tls.keyPath, shutdown_grace_ms: 500, ...overrides.server },
     policy: { client_ext_oid: TEST_OID, database_url: databaseUrl, connect_timeout_ms: 2000, pool_acquire_timeout_ms: 1000, query_timeout_ms: 1000 },
     observability: { log_level: 'info' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     admin: { listen_addr: '127.0.0.1:0', ...overrides.admin },
     audit: { enabled: false, ...overrides.audit },
     ...(overrides.limits ? { limits: overrides.limits } : {}),

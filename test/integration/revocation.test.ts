@@ -27,6 +27,8 @@ async function startGateway(overrides: { cache?: Record<string, unknown>; limits
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 200 },
       policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
       observability: { log_level: 'info' },
+      // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+      egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
       admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
       audit: { enabled: false, ...overrides.audit },
       cache: { poll_interval_ms: 300, ...overrides.cache },

@@ -23,6 +23,8 @@ before(async () => {
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath },
     policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
     observability: { log_level: 'info' },
+    // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
+    egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
     admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
     limits: { idle_timeout_ms: 1000 },
   });

@@ -1,0 +1,111 @@
+import { lookup as dnsLookup } from 'node:dns/promises';
+import { isIP } from 'node:net';
+import ipaddr from 'ipaddr.js';
+
+/**
+ * Egress safety (DESIGN §9c): which addresses a tunnel may reach. Address classes come from
+ * ipaddr.js alone: after process() (which unwraps IPv4-mapped IPv6), only what range() calls
+ * `unicast` is global. Everything else is refused unless `allow_cidrs` names it: loopback,
+ * private, link-local (cloud metadata at 169.254.169.254), CGNAT (100.64/10, Alibaba's metadata),
+ * unique-local (fd00:ec2::254), multicast, unspecified, broadcast, reserved and documentation
+ * ranges, and the IPv6 embeddings NAT64 (64:ff9b::/96, `rfc6052`), 6to4 and Teredo, whatever
+ * they embed. `deny_cidrs` wins over both.
+ */
+export type Cidr = [ipaddr.IPv4 | ipaddr.IPv6, number];
+
+export interface EgressPolicy {
+  readonly allow: readonly Cidr[];
+  readonly deny: readonly Cidr[];
+}
+
+/** Parses a CIDR list (config validation has already checked each). */
+export function parseCidrs(list: readonly string[]): Cidr[] {
+  return list.map((text) => ipaddr.parseCIDR(text));
+}
+
+/** True when `text` is a CIDR ipaddr.js accepts (for the config schema). */
+export function isCidr(text: string): boolean {
+  try {
+    ipaddr.parseCIDR(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export type AddressVerdict = { readonly allowed: true } | { readonly allowed: false; readonly why: string };
+
+function inList(address: ipaddr.IPv4 | ipaddr.IPv6, list: readonly Cidr[]): Cidr | undefined {
+  return list.find(([range, bits]) => range.kind() === address.kind() && address.match(range, bits));
+}
+
+/** The verdict for one address; pure. */
+export function vetAddress(text: string, policy: EgressPolicy): AddressVerdict {
+  let address: ipaddr.IPv4 | ipaddr.IPv6;
+  try {
+    address = ipaddr.process(text);
+  } catch {
+    return { allowed: false, why: 'not an IP address' };
+  }
+  const denied = inList(address, policy.deny);
+  if (denied) return { allowed: false, why: `in deny_cidrs ${denied[0].toString()}/${denied[1]}` };
+  if (inList(address, policy.allow)) return { allowed: true };
+  const range = address.range();
+  return range === 'unicast' ? { allowed: true } : { allowed: false, why: `${range} address` };
+}
+
+export interface ResolvedAddress {
+  readonly address: string;
+  readonly family: 4 | 6;
+}
+
+/** Resolves a hostname to every address it has (tests inject their own). */
+export type HostResolver = (host: string) => Promise<ResolvedAddress[]>;
+
+export const systemResolver: HostResolver = async (host) =>
+  (await dnsLookup(host, { all: true, verbatim: true })).map((entry) => ({ address: entry.address, family: entry.family === 6 ? 6 : 4 }));
+
+export type VetResult =
+  | { readonly ok: true; readonly addresses: readonly ResolvedAddress[] }
+  | { readonly ok: false; readonly kind: 'forbidden'; readonly address: string; readonly why: string }
+  | { readonly ok: false; readonly kind: 'not_found' | 'timeout'; readonly message: string }
+  | { readonly ok: false; readonly kind: 'aborted' };
+
+/**
+ * Resolves `host` once (bounded by `timeoutMs` and `signal`) and vets every address: one that is
+ * not allowed refuses the destination, so a name that also resolves to an internal address never
+ * gets a tunnel. The caller dials exactly the addresses returned, never resolving again.
+ */
+export async function resolveAndVet(host: string, policy: EgressPolicy, resolver: HostResolver, timeoutMs: number, signal: AbortSignal): Promise<VetResult> {
+  let addresses: ResolvedAddress[];
+  const family = isIP(host);
+  if (family !== 0) addresses = [{ address: host, family: family === 6 ? 6 : 4 }];
+  else {
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    try {
+      addresses = await Promise.race([
+        resolver(host),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(Object.assign(new Error(`no answer within ${timeoutMs} ms`), { code: 'ETIMEOUT' })), timeoutMs);
+          onAbort = () => reject(Object.assign(new Error('aborted'), { code: 'ABORT_ERR' }));
+          signal.addEventListener('abort', onAbort, { once: true });
+        }),
+      ]);
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'ABORT_ERR') return { ok: false, kind: 'aborted' };
+      if (code === 'ETIMEOUT') return { ok: false, kind: 'timeout', message: `resolving ${host}: ${(error as Error).message}` };
+      return { ok: false, kind: 'not_found', message: `resolving ${host}: ${(error as Error).message}` };
+    } finally {
+      clearTimeout(timer);
+      if (onAbort) signal.removeEventListener('abort', onAbort);
+    }
+    if (addresses.length === 0) return { ok: false, kind: 'not_found', message: `${host} has no address` };
+  }
+  for (const { address } of addresses) {
+    const verdict = vetAddress(address, policy);
+    if (!verdict.allowed) return { ok: false, kind: 'forbidden', address, why: verdict.why };
+  }
+  return { ok: true, addresses };
+}

@@ -1,0 +1,158 @@
+/**
+ * [egress] on the real gateway (DESIGN §9c): authorised destinations whose address is not global
+ * unicast get 403 destination_forbidden after authorization, and nothing is dialled. Every
+ * address here is refused before the dial, so no packet leaves loopback; names come from an
+ * injected resolver or /etc/hosts.
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import type { ClientHttp2Session } from 'node:http2';
+import { createServer, type AddressInfo, type Server } from 'node:net';
+import { after, before, test } from 'node:test';
+import { parseConfig } from '../../gateway/src/config.js';
+import { systemResolver, type ResolvedAddress } from '../../gateway/src/egress.js';
+import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
+import { captureLogger } from '../helpers/logs.js';
+import { exchange, gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, TEST_OID, type ClientCredentials } from '../helpers/pki.js';
+import { until } from '../helpers/wait.js';
+
+const FORBIDDEN = 'agent-gateway; error=destination_ip_prohibited; details="destination_forbidden"';
+let world: EchoRegistry;
+let client: ClientCredentials;
+let listener: Server;
+let listenerPort: number;
+let accepted = 0;
+const gateways: Gateway[] = [];
+const sessions: ClientHttp2Session[] = [];
+const lines: Record<string, unknown>[] = [];
+
+const NAMES: Record<string, ResolvedAddress[]> = {
+  'mixed.test': [{ address: '93.184.216.34', family: 4 }, { address: '10.0.0.5', family: 4 }],
+  'metadata.test': [{ address: '169.254.169.254', family: 4 }],
+  'loop.test': [{ address: '127.0.0.1', family: 4 }],
+};
+
+async function startGateway(egress: Record<string, unknown>, resolve: Record<string, string> = {}): Promise<Gateway> {
+  const gateway = createGateway(
+    parseConfig({
+      server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
+      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
+      observability: { log_level: 'info' },
+      audit: { enabled: true, flush_interval_ms: 50 },
+      egress,
+      resolve,
+    }),
+    {
+      logger: captureLogger(lines),
+      resolver: async (host) => {
+        if (host === 'localhost') return systemResolver(host); // /etc/hosts, as in production
+        const found = NAMES[host];
+        if (!found) throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+        return found;
+      },
+    },
+  );
+  gateways.push(gateway);
+  await gateway.listen();
+  return gateway;
+}
+
+async function grant(destination: string): Promise<void> {
+  await world.fixture.delegate(world.alice.keyId, destination).catch(() => undefined);
+  await world.fixture.permit(world.alice, { identity: 'agent-egress', spkiDer: client.spkiDer }, destination);
+}
+
+async function connect(gateway: Gateway, authority: string, who = client): Promise<{ status: number; proxyStatus: string | undefined }> {
+  const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: who.certPem, privateKeyPem: who.privateKeyPem });
+  sessions.push(session);
+  const { status, headers, stream } = await request(session, authority);
+  if (status === 200) stream.close();
+  return { status, proxyStatus: headers['proxy-status'] as string | undefined };
+}
+
+before(async () => {
+  world = await startEchoRegistry();
+  client = await clientCredentials({ identity: 'agent-egress' });
+  listener = createServer((socket) => {
+    accepted++;
+    socket.destroy();
+  });
+  listener.listen(0, '127.0.0.1');
+  await once(listener, 'listening');
+  listenerPort = (listener.address() as AddressInfo).port;
+});
+
+after(async () => {
+  for (const session of sessions) session.destroy();
+  for (const gateway of gateways) await gateway.close(100);
+  listener?.close();
+  await world?.close();
+});
+
+test('authorised destinations at non-global addresses get 403 destination_forbidden, and nothing is dialled', async () => {
+  const gateway = await startGateway({});
+  const cases = [
+    `127.0.0.1:${listenerPort}`,
+    `[::1]:${listenerPort}`,
+    'localhost:443',
+    '10.0.0.1:80',
+    '169.254.169.254:80',
+    '100.64.0.1:443',
+    '[fd00:ec2::254]:80',
+    '[64:ff9b::a00:1]:443',
+    '[2001::1]:443',
+    '0.0.0.0:443',
+    '224.0.0.1:443',
+    'metadata.test:80',
+    'mixed.test:443',
+  ];
+  for (const destination of cases) await grant(destination);
+  for (const destination of cases) {
+    const answer = await connect(gateway, destination);
+    assert.deepEqual(answer, { status: 403, proxyStatus: FORBIDDEN }, destination);
+  }
+  assert.equal(accepted, 0, 'no connection reached the loopback listener');
+  const refused = lines.filter((l) => l.event === 'connect_decision' && l.reason === 'destination_forbidden');
+  assert.equal(refused.length, cases.length);
+  assert.match(String(refused.find((l) => l.destination === 'mixed.test:443')?.detail), /mixed\.test → 10\.0\.0\.5: private address/);
+  await until(async () => {
+    await gateway.audit!.flush();
+    const rows = await world.fixture.db.query(`SELECT count(*)::int AS n FROM audit_log WHERE reason = 'destination_forbidden' AND detail LIKE '%169.254.169.254%'`);
+    return rows.rows[0].n >= 1;
+  }, 3000, 'audited with the address');
+});
+
+test('an unauthorised client learns only not_authorized, whatever the address', async () => {
+  const gateway = await startGateway({});
+  const stranger = await clientCredentials({ identity: 'agent-nobody' });
+  assert.deepEqual(await connect(gateway, '169.254.169.254:80', stranger), { status: 403, proxyStatus: 'agent-gateway; error=http_request_denied; details="not_authorized"' });
+});
+
+test('allow_cidrs admits an exception, deny_cidrs inside it still refuses, and a [resolve] target is exempt', async () => {
+  await grant(world.echoAuthority);
+  const allowed = await startGateway({ allow_cidrs: ['127.0.0.0/8'], deny_cidrs: [`127.0.0.2/32`] });
+  assert.equal((await connect(allowed, world.echoAuthority)).status, 200);
+  await grant(`127.0.0.2:${listenerPort}`);
+  assert.deepEqual(await connect(allowed, `127.0.0.2:${listenerPort}`), { status: 403, proxyStatus: FORBIDDEN });
+  await grant('loop.test:443');
+  assert.equal((await connect(allowed, 'loop.test:443')).status, 502, 'vetted and dialled (nothing listens on 443)');
+
+  // No exception: the same echo server through a [resolve] override is the operator's choice.
+  await grant('echo.internal:7');
+  const resolved = await startGateway({}, { 'echo.internal:7': world.echoAuthority });
+  const session = await gatewaySession(resolved.address!.port, { caPem: world.tls.caPem, certPem: client.certPem, privateKeyPem: client.privateKeyPem });
+  sessions.push(session);
+  const { status, stream } = await request(session, 'echo.internal:7');
+  assert.equal(status, 200);
+  assert.deepEqual(await exchange(stream, Buffer.from('exempt')), Buffer.from('exempt'));
+  assert.deepEqual(await connect(resolved, world.echoAuthority), { status: 403, proxyStatus: FORBIDDEN }, 'the same address named directly is refused');
+  assert.equal(accepted, 0);
+});
+
+test('a name that does not resolve is 502 destination_not_found', async () => {
+  const gateway = await startGateway({});
+  await grant('nx.test:443');
+  assert.deepEqual(await connect(gateway, 'nx.test:443'), { status: 502, proxyStatus: 'agent-gateway; error=destination_not_found; details="dial_failed"' });
+});
