@@ -449,7 +449,7 @@ describe('reload', () => {
         configPath,
         `[server]\nlisten_addr = "127.0.0.1:0"\ntls_cert_path = "${certPath}"\ntls_key_path = "${keyPath}"\n\n` +
           `[policy]\nclient_ext_oid = "${TEST_OID}"\ndatabase_url = "${databaseUrl}"\n\n[observability]\nlog_level = "info"\n\n` +
-          `[admin]\nenabled = false\n\n[audit]\nenabled = false\n\n[limits]\n${limits}\n`,
+          `[admin]\nenabled = false\n\n[audit]\nenabled = false\n\n[egress]\nallow_cidrs = ["127.0.0.0/8"]\n\n[limits]\n${limits}\n`,
       );
     writeConfig('idle_timeout_ms = 0');
     const child = spawn(process.execPath, [resolve(import.meta.dirname, '../../bin/agent-gateway.js'), '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
