@@ -13,7 +13,7 @@ import type { GatewayMetrics } from './metrics.js';
 import type { PolicyEnforcer } from './revocation.js';
 import type { PeerSession } from './sessions.js';
 import { traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
-import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS } from './tunnel.js';
+import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS, type SniGuard } from './tunnel.js';
 import type { OpenTunnel, TunnelTracker } from './tunnels.js';
 
 /** What a CONNECT needs from the gateway around it. */
@@ -208,7 +208,13 @@ export class ConnectRequest {
     this.#stream.respond({ ':status': 200 });
     this.#session.answered(true);
     this.#record({ reason: 'allowed' });
-    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms), decision };
+    const egress = config.egress;
+    const connectHost = normaliseDestination(destination);
+    const guard: SniGuard | undefined =
+      egress.sni === 'off'
+        ? undefined
+        : { mode: egress.sni, host: connectHost.host, hostIsIp: connectHost.kind !== 'hostname', timeoutMs: egress.sni_timeout_ms, onRefuse: () => metrics?.policyClose('sni_mismatch') };
+    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms, guard), decision };
   }
 
   async #tunnel(tunnel: Tunnel, decision: Decision): Promise<void> {

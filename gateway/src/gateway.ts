@@ -322,7 +322,6 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         throw error;
       }
       address = server.address() as AddressInfo;
-      if (config.egress.sni !== 'off') log.warn({ event: 'sni_not_enforced', sni: config.egress.sni }, '[egress] sni is accepted but not enforced by this build: the ClientHello server_name is not checked yet');
       log.info({ event: 'listening', address: `${address.address}:${address.port}`, certificate_fingerprint: credentials.fingerprint }, 'agent-gateway listening');
       return address;
     },

@@ -1,5 +1,6 @@
 import { constants as h2, type ServerHttp2Stream } from 'node:http2';
 import { connect, type LookupFunction, type Socket } from 'node:net';
+import { sniVerdict, type SniMode, type SniVerdict } from './client-hello.js';
 import type { ResolvedAddress } from './egress.js';
 import { classifyDialError, type DialErrorType } from '../../core/errors.js';
 
@@ -42,6 +43,17 @@ export function dial(host: string, port: number, timeoutMs: number, signal: Abor
     socket.once('error', onError);
     socket.once('connect', () => finish({ ok: true, socket }));
   });
+}
+
+/** The SNI check of a tunnel's first client bytes (DESIGN §9c). */
+export interface SniGuard {
+  readonly mode: SniMode;
+  /** The CONNECT host as normalised (IPv6 without brackets). */
+  readonly host: string;
+  readonly hostIsIp: boolean;
+  readonly timeoutMs: number;
+  /** Called once when the check closes the tunnel. */
+  readonly onRefuse: (why: string) => void;
 }
 
 /** Why the gateway itself ended a tunnel (DESIGN §9b `detail`). */
@@ -126,7 +138,7 @@ export class Tunnel {
   #closedSince: number | undefined;
   #resolve!: (stats: TunnelStats) => void;
 
-  constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number) {
+  constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number, guard?: SniGuard) {
     this.stream = stream;
     this.socket = socket;
     this.done = new Promise((resolve) => (this.#resolve = resolve));
@@ -175,8 +187,54 @@ export class Tunnel {
       this.#settle();
     });
 
-    stream.pipe(socket);
+    // Bytes from the destination flow from the start (server-speaks-first protocols work);
+    // the client's first bytes may be held for the SNI check.
     socket.pipe(stream);
+    if (guard && guard.mode !== 'off') this.#guardFirstBytes(guard);
+    else stream.pipe(socket);
+  }
+
+  /**
+   * Holds the client's first bytes until they show a ClientHello whose server_name fits the
+   * CONNECT host (or are not TLS, under `match`), at most MAX_CLIENT_HELLO_BYTES x 2 and
+   * `timeoutMs` from the first byte. A refusal closes the tunnel before any client byte reaches
+   * the destination.
+   */
+  #guardFirstBytes(guard: SniGuard): void {
+    const stream = this.stream;
+    const held: Buffer[] = [];
+    let size = 0;
+    let timer: NodeJS.Timeout | undefined;
+    let decided = false;
+    const finish = (verdict: SniVerdict, ended: boolean) => {
+      if (decided || verdict.kind === 'wait') return;
+      decided = true;
+      stream.removeListener('data', onData);
+      stream.removeListener('end', onEnd);
+      clearTimeout(timer);
+      if (verdict.kind === 'refuse') {
+        this.#error ??= `sni: ${verdict.why}`;
+        if (this.close('sni_mismatch')) guard.onRefuse(verdict.why);
+        return;
+      }
+      const first = Buffer.concat(held, size);
+      if (ended) {
+        this.socket.end(first);
+        return;
+      }
+      stream.pause();
+      if (size > 0) this.socket.write(first);
+      stream.pipe(this.socket);
+    };
+    const onData = (chunk: Buffer) => {
+      held.push(chunk);
+      size += chunk.length;
+      timer ??= setTimeout(() => finish({ kind: 'refuse', why: `no complete ClientHello within ${guard.timeoutMs} ms` }, false), guard.timeoutMs);
+      finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, false), false);
+    };
+    const onEnd = () => finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, true), true);
+    stream.on('data', onData);
+    stream.once('end', onEnd);
   }
 
   get bytesUp(): number {

@@ -1,0 +1,174 @@
+/**
+ * `[egress] sni` on the real gateway (DESIGN §9c): the ClientHello's server_name against the
+ * CONNECT host, before any client byte reaches the destination. Destinations are loopback
+ * listeners named through [resolve]; clients are Node's TLS client over the tunnel.
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import type { ClientHttp2Session, ClientHttp2Stream } from 'node:http2';
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { connect as tlsConnect } from 'node:tls';
+import { parseConfig } from '../../gateway/src/config.js';
+import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
+import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
+import { captureLogger } from '../helpers/logs.js';
+import { gatewaySession, request } from '../helpers/net.js';
+import { clientCredentials, TEST_OID, type ClientCredentials } from '../helpers/pki.js';
+import { until } from '../helpers/wait.js';
+
+let world: EchoRegistry;
+let client: ClientCredentials;
+/** A destination that records what it receives; `greeting` is sent first (server-speaks-first). */
+let sink: { server: Server; port: number; received: Buffer[]; sockets: Set<Socket> };
+const gateways: Gateway[] = [];
+const sessions: ClientHttp2Session[] = [];
+const lines: Record<string, unknown>[] = [];
+
+async function startGateway(sni: 'match' | 'require'): Promise<Gateway> {
+  const gateway = createGateway(
+    parseConfig({
+      server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
+      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
+      observability: { log_level: 'info' },
+      egress: { sni, sni_timeout_ms: 300 },
+      resolve: { 'docs.test:443': `127.0.0.1:${sink.port}`, 'mail.test:25': `127.0.0.1:${sink.port}` },
+    }),
+    { logger: captureLogger(lines) },
+  );
+  gateways.push(gateway);
+  await gateway.listen();
+  return gateway;
+}
+
+async function tunnel(gateway: Gateway, authority: string): Promise<ClientHttp2Stream> {
+  const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: client.certPem, privateKeyPem: client.privateKeyPem });
+  sessions.push(session);
+  const { status, stream } = await request(session, authority);
+  assert.equal(status, 200);
+  stream.on('error', () => {});
+  return stream;
+}
+
+/** Starts a TLS handshake over the tunnel with `servername`; resolves when the tunnel ends. */
+function helloOver(stream: ClientHttp2Stream, servername: string): Promise<void> {
+  const tls = tlsConnect({ socket: stream as unknown as Socket, servername, rejectUnauthorized: false });
+  tls.on('error', () => {});
+  return new Promise((resolve) => stream.once('close', () => resolve()));
+}
+
+const receivedBytes = () => sink.received.reduce((n, b) => n + b.length, 0);
+
+before(async () => {
+  world = await startEchoRegistry();
+  client = await clientCredentials({ identity: 'agent-sni' });
+  for (const destination of ['docs.test:443', 'mail.test:25']) {
+    await world.fixture.delegate(world.alice.keyId, destination);
+    await world.fixture.permit(world.alice, { identity: 'agent-sni', spkiDer: client.spkiDer }, destination);
+  }
+  const received: Buffer[] = [];
+  const sockets = new Set<Socket>();
+  const server = createServer((socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.once('close', () => sockets.delete(socket));
+    socket.write('220 greeting\r\n');
+    socket.on('data', (chunk: Buffer) => received.push(chunk));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  sink = { server, port: (server.address() as AddressInfo).port, received, sockets };
+});
+
+after(async () => {
+  for (const session of sessions) session.destroy();
+  for (const gateway of gateways) await gateway.close(100);
+  for (const socket of sink?.sockets ?? []) socket.destroy();
+  sink?.server.close();
+  await world?.close();
+});
+
+test('match: a ClientHello for another name closes the tunnel before any byte reaches the destination', async () => {
+  const gateway = await startGateway('match');
+  sink.received.length = 0;
+  const stream = await tunnel(gateway, 'docs.test:443');
+  await helloOver(stream, 'other.test');
+  assert.equal(receivedBytes(), 0, 'the destination received nothing');
+  await until(() => lines.some((l) => l.event === 'tunnel_closed' && l.detail === 'sni_mismatch' && String(l.error).includes('server_name other.test is not docs.test')), 2000, 'tunnel_closed detail sni_mismatch');
+});
+
+test('match: the right name passes, the whole ClientHello reaches the destination, and the server may speak first', async () => {
+  const gateway = await startGateway('match');
+  sink.received.length = 0;
+  const stream = await tunnel(gateway, 'docs.test:443');
+  const [greeting] = (await once(stream, 'data')) as [Buffer];
+  assert.equal(greeting.toString(), '220 greeting\r\n', 'bytes from the destination flow before the client sends any');
+  const tls = tlsConnect({ socket: stream as unknown as Socket, servername: 'docs.test', rejectUnauthorized: false });
+  tls.on('error', () => {});
+  await until(() => receivedBytes() > 100, 2000, 'the ClientHello reached the destination');
+  assert.equal(sink.received[0]![0], 0x16, 'it starts with the handshake record');
+  tls.destroy();
+});
+
+test('match: no server_name for a hostname destination is refused', async () => {
+  const gateway = await startGateway('match');
+  sink.received.length = 0;
+  const stream = await tunnel(gateway, 'docs.test:443');
+  const tls = tlsConnect({ socket: stream as unknown as Socket, rejectUnauthorized: false }); // no servername (Node sends none for none)
+  tls.on('error', () => {});
+  await once(stream, 'close');
+  assert.equal(receivedBytes(), 0);
+});
+
+test('match: a ClientHello split over segments is read whole', async () => {
+  const gateway = await startGateway('match');
+  sink.received.length = 0;
+  // Capture a real ClientHello, then replay it through the tunnel in pieces.
+  const hello = await new Promise<Buffer>((resolve) => {
+    const capture = createServer((socket) => socket.once('data', (chunk: Buffer) => { resolve(chunk); socket.destroy(); }));
+    capture.listen(0, '127.0.0.1', () => {
+      const t = tlsConnect({ host: '127.0.0.1', port: (capture.address() as AddressInfo).port, servername: 'docs.test', rejectUnauthorized: false });
+      t.on('error', () => {});
+      t.once('close', () => capture.close());
+    });
+  });
+  const stream = await tunnel(gateway, 'docs.test:443');
+  // Node 24's ClientHello is ~1.6 KB (a post-quantum key share): eight pieces, well within sni_timeout_ms.
+  for (let at = 0; at < hello.length; at += 200) {
+    stream.write(hello.subarray(at, at + 200));
+    await sleep(5);
+  }
+  await until(() => receivedBytes() === hello.length, 2000, 'the whole ClientHello, once');
+  assert.deepEqual(Buffer.concat(sink.received), hello);
+  stream.close();
+});
+
+test('match passes a protocol that is not TLS; require refuses it', async () => {
+  const matching = await startGateway('match');
+  sink.received.length = 0;
+  const plain = await tunnel(matching, 'mail.test:25');
+  plain.write('EHLO agent\r\n');
+  await until(() => Buffer.concat(sink.received).toString() === 'EHLO agent\r\n', 2000, 'plain bytes pass under match');
+  plain.close();
+
+  const requiring = await startGateway('require');
+  sink.received.length = 0;
+  const refused = await tunnel(requiring, 'mail.test:25');
+  refused.resume(); // read the greeting, so the stream can close
+  refused.write('EHLO agent\r\n');
+  await once(refused, 'close');
+  assert.equal(receivedBytes(), 0);
+});
+
+test('a ClientHello that never completes is refused at sni_timeout_ms', async () => {
+  const gateway = await startGateway('match');
+  sink.received.length = 0;
+  const stream = await tunnel(gateway, 'docs.test:443');
+  stream.resume();
+  const started = performance.now();
+  stream.write(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]));
+  await once(stream, 'close');
+  assert.ok(performance.now() - started >= 250, 'not before the timeout');
+  assert.equal(receivedBytes(), 0);
+});

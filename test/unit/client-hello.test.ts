@@ -1,0 +1,122 @@
+/**
+ * The ClientHello reader behind `[egress] sni` (DESIGN §9c): real ClientHellos from Node's TLS
+ * client, split over records and segments, the mode table, and a fuzz run.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
+import { test } from 'node:test';
+import { connect as tlsConnect } from 'node:tls';
+import { MAX_CLIENT_HELLO_BYTES, parseClientHello, sniVerdict } from '../../gateway/src/client-hello.js';
+
+/** The first bytes a real TLS client sends (its ClientHello), captured by a plain TCP server. */
+async function realClientHello(servername: string | undefined): Promise<Buffer> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const got = new Promise<Buffer>((resolve) => server.once('connection', (socket) => socket.once('data', (chunk: Buffer) => { resolve(chunk); socket.destroy(); })));
+  const client = tlsConnect({ host: '127.0.0.1', port: (server.address() as AddressInfo).port, ...(servername ? { servername } : {}), rejectUnauthorized: false });
+  client.on('error', () => {});
+  const bytes = await got;
+  client.destroy();
+  server.close();
+  return bytes;
+}
+
+/** The same handshake message re-framed into records of at most `size` bytes. */
+function reframe(hello: Buffer, size: number): Buffer {
+  const body = hello.subarray(5, 5 + hello.readUInt16BE(3));
+  const records: Buffer[] = [];
+  for (let at = 0; at < body.length; at += size) {
+    const part = body.subarray(at, at + size);
+    records.push(Buffer.from([0x16, 0x03, 0x01, part.length >> 8, part.length & 0xff]), part);
+  }
+  return Buffer.concat(records);
+}
+
+const DOCS = await realClientHello('docs.example.com');
+const UPPER = await realClientHello('Docs.Example.COM');
+const NONE = await realClientHello(undefined);
+
+test('client hello: the server_name of a real ClientHello, lowercased; none without SNI', () => {
+  assert.deepEqual(parseClientHello(DOCS), { kind: 'client_hello', serverName: 'docs.example.com' });
+  assert.deepEqual(parseClientHello(UPPER), { kind: 'client_hello', serverName: 'docs.example.com' });
+  assert.deepEqual(parseClientHello(NONE), { kind: 'client_hello', serverName: undefined });
+});
+
+test('client hello: split over records of 1, 7 and 100 bytes, and fed one segment at a time', () => {
+  for (const size of [1, 7, 100]) {
+    const framed = reframe(DOCS, size);
+    assert.deepEqual(parseClientHello(framed), { kind: 'client_hello', serverName: 'docs.example.com' }, `records of ${size}`);
+    for (const cut of [1, 4, 5, 6, Math.floor(framed.length / 2), framed.length - 1]) {
+      assert.deepEqual(parseClientHello(framed.subarray(0, cut)), { kind: 'incomplete' }, `records of ${size}, first ${cut} bytes`);
+    }
+  }
+});
+
+test('client hello: other protocols are not TLS; broken handshakes are invalid', () => {
+  assert.equal(parseClientHello(Buffer.from('GET / HTTP/1.1\r\n')).kind, 'not_tls');
+  assert.equal(parseClientHello(Buffer.from('SSH-2.0-OpenSSH\r\n')).kind, 'not_tls');
+  assert.equal(parseClientHello(Buffer.from([0x16, 0x02, 0x00, 0x00, 0x01, 0x01])).kind, 'not_tls');
+  const serverHello = Buffer.from(DOCS);
+  serverHello[5] = 0x02;
+  assert.equal(parseClientHello(serverHello).kind, 'invalid');
+  const huge = Buffer.from([0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0xff, 0xff, 0xff]);
+  assert.deepEqual(parseClientHello(huge), { kind: 'invalid', why: `ClientHello of ${0xffffff + 4} bytes` });
+  assert.equal(parseClientHello(reframe(DOCS, 50).subarray(0, 60)).kind, 'incomplete');
+  assert.equal(parseClientHello(Buffer.concat([reframe(DOCS, 50).subarray(0, 55), Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])])).kind, 'invalid');
+});
+
+const CASES: readonly { name: string; data: Buffer; mode: 'match' | 'require'; host: string; ip?: boolean; ended?: boolean; verdict: string }[] = [
+  { name: 'match: same name', data: DOCS, mode: 'match', host: 'docs.example.com', verdict: 'pass' },
+  { name: 'match: case differs only', data: UPPER, mode: 'match', host: 'docs.example.com', verdict: 'pass' },
+  { name: 'match: another name (fronting)', data: DOCS, mode: 'match', host: 'api.example.com', verdict: 'refuse' },
+  { name: 'match: no server_name for a hostname', data: NONE, mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
+  { name: 'match: no server_name for an IP literal', data: NONE, mode: 'match', host: '93.184.216.34', ip: true, verdict: 'pass' },
+  { name: 'match: a name for an IP literal', data: DOCS, mode: 'match', host: '93.184.216.34', ip: true, verdict: 'refuse' },
+  { name: 'match: not TLS', data: Buffer.from('EHLO x\r\n'), mode: 'match', host: 'mail.example.com', verdict: 'pass' },
+  { name: 'require: not TLS', data: Buffer.from('EHLO x\r\n'), mode: 'require', host: 'mail.example.com', verdict: 'refuse' },
+  { name: 'require: same name', data: DOCS, mode: 'require', host: 'docs.example.com', verdict: 'pass' },
+  { name: 'match: half a ClientHello', data: DOCS.subarray(0, 40), mode: 'match', host: 'docs.example.com', verdict: 'wait' },
+  { name: 'match: half a ClientHello, then the client ends', data: DOCS.subarray(0, 40), mode: 'match', host: 'docs.example.com', ended: true, verdict: 'refuse' },
+  { name: 'match: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'match', host: 'docs.example.com', ended: true, verdict: 'pass' },
+  { name: 'require: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'require', host: 'docs.example.com', ended: true, verdict: 'refuse' },
+];
+
+for (const c of CASES) {
+  test(`sni verdict: ${c.name} → ${c.verdict}`, () => {
+    assert.equal(sniVerdict(c.data, c.mode, c.host, c.ip ?? false, c.ended ?? false).kind, c.verdict);
+  });
+}
+
+test('client hello fuzz: 100,000 random and mutated inputs, never a throw, always a known kind', () => {
+  const kinds = new Set(['incomplete', 'not_tls', 'invalid', 'client_hello']);
+  const seeds = [DOCS, UPPER, NONE, reframe(DOCS, 13)];
+  const counts: Record<string, number> = {};
+  const started = performance.now();
+  for (let i = 0; i < 100_000; i++) {
+    let input: Buffer;
+    const seed = seeds[i % seeds.length]!;
+    switch (i % 4) {
+      case 0: // random bytes behind a handshake record header
+        input = Buffer.concat([Buffer.from([0x16, 0x03, 0x01]), randomBytes(2 + (i % 600))]);
+        break;
+      case 1: // a few byte flips
+        input = Buffer.from(seed);
+        for (let f = 0; f < 1 + (i % 5); f++) { const at = (i * 7919 + f * 104729) % input.length; input[at] = input[at]! ^ (1 + (i % 255)); }
+        break;
+      case 2: // truncated or extended
+        input = i % 8 === 2 ? seed.subarray(0, i % seed.length) : Buffer.concat([seed, randomBytes(i % 64)]);
+        break;
+      default: // a random length field rewritten
+        input = Buffer.from(seed);
+        input.writeUInt16BE(i % 65536, Math.min(input.length - 2, 3 + ((i * 31) % 200)));
+    }
+    const result = parseClientHello(input);
+    assert.ok(kinds.has(result.kind));
+    counts[result.kind] = (counts[result.kind] ?? 0) + 1;
+  }
+  console.log(`# fuzz: 100,000 inputs in ${(performance.now() - started).toFixed(0)} ms: ${JSON.stringify(counts)}`);
+  assert.ok(MAX_CLIENT_HELLO_BYTES === 16 * 1024 + 5);
+});
