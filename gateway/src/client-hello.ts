@@ -163,7 +163,8 @@ export function sniVerdict(data: Uint8Array, mode: SniMode, host: string, hostIs
   const hello = parseClientHello(data);
   switch (hello.kind) {
     case 'incomplete':
-      if (!ended) return data.length > MAX_CLIENT_HELLO_BYTES * 2 ? { kind: 'refuse', why: 'ClientHello too large' } : WAIT;
+      // DESIGN §9c: at most 16 KiB + 5 bytes are held waiting for a ClientHello to complete.
+      if (!ended) return data.length >= MAX_CLIENT_HELLO_BYTES ? { kind: 'refuse', why: `no complete ClientHello in ${MAX_CLIENT_HELLO_BYTES} bytes` } : WAIT;
       return data.length === 0 && mode === 'match' ? PASS : { kind: 'refuse', why: 'the client ended before a complete ClientHello' };
     case 'not_tls':
       return mode === 'require' ? { kind: 'refuse', why: 'the first bytes are not a TLS ClientHello' } : PASS;

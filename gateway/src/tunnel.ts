@@ -196,7 +196,7 @@ export class Tunnel {
 
   /**
    * Holds the client's first bytes until they show a ClientHello whose server_name fits the
-   * CONNECT host (or are not TLS, under `match`), at most MAX_CLIENT_HELLO_BYTES x 2 and
+   * CONNECT host (or are not TLS, under `match`), at most MAX_CLIENT_HELLO_BYTES (16 KiB + 5) and
    * `timeoutMs` from the first byte. A refusal closes the tunnel before any client byte reaches
    * the destination.
    */

@@ -81,6 +81,7 @@ const CASES: readonly { name: string; data: Buffer; mode: 'match' | 'require'; h
   { name: 'match: half a ClientHello', data: DOCS.subarray(0, 40), mode: 'match', host: 'docs.example.com', verdict: 'wait' },
   { name: 'match: half a ClientHello, then the client ends', data: DOCS.subarray(0, 40), mode: 'match', host: 'docs.example.com', ended: true, verdict: 'refuse' },
   { name: 'match: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'match', host: 'docs.example.com', ended: true, verdict: 'pass' },
+  { name: 'match: 16 KiB + 5 bytes without a complete ClientHello', data: Buffer.concat([Buffer.from([0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x40, 0x00]), Buffer.alloc(16 * 1024 - 4)]), mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
   { name: 'require: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'require', host: 'docs.example.com', ended: true, verdict: 'refuse' },
 ];
 
