@@ -578,15 +578,7 @@ describe('cancelled CONNECTs are recorded', () => {
 
 describe('the sidecar never trips the gateway rapid-reset defence', () => {
   test('1,500 denied CONNECTs through one sidecar: its session (and an open tunnel on it) survive', async () => {
-    const gateway = await startGateway({ limits: { max_streams_per_session: 1000 } });
-    let handshakes = 0;
-    gateway.server.on('secureConnection', () => handshakes++);
-    const sidecar: Sidecar = await startSidecar({
-      gatewayUrl: `https://localhost:${gateway.address!.port}`,
-      secureContext: createSecureContext({ cert: legit.certPem, key: legit.privateKeyPem, ca: world.tls.caPem }),
-      logger: pino({ level: 'silent' }),
-      backoffMaxMs: 500,
-    });
+    const { sidecar, handshakes } = await gatewayWithSidecar(1000);
     try {
       const tunnel = await localConnect(sidecar.port, world.echoAuthority);
       assert.equal(tunnel.status, 200);
@@ -599,7 +591,7 @@ describe('the sidecar never trips the gateway rapid-reset defence', () => {
         }
       }
       assert.equal(denied, 1500);
-      assert.equal(handshakes, 1, 'one TLS session throughout');
+      assert.equal(handshakes(), 1, 'one TLS session throughout');
       tunnel.socket.write('after 1500 denials');
       const [echoed] = (await once(tunnel.socket, 'data')) as [Buffer];
       assert.equal(echoed.toString(), 'after 1500 denials');
@@ -615,15 +607,7 @@ describe('the sidecar never trips the gateway rapid-reset defence', () => {
 
 describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
   test('2,000 tunnels through one sidecar closed at once by the gateway: the sidecar keeps its session', async () => {
-    const gateway = await startGateway({ limits: { max_streams_per_session: 5000 } });
-    let handshakes = 0;
-    gateway.server.on('secureConnection', () => handshakes++);
-    const sidecar: Sidecar = await startSidecar({
-      gatewayUrl: `https://localhost:${gateway.address!.port}`,
-      secureContext: createSecureContext({ cert: legit.certPem, key: legit.privateKeyPem, ca: world.tls.caPem }),
-      logger: pino({ level: 'silent' }),
-      backoffMaxMs: 500,
-    });
+    const { gateway, sidecar, handshakes } = await gatewayWithSidecar(5000);
     try {
       const agents: Socket[] = [];
       for (let batch = 0; batch < 20; batch++) {
@@ -641,11 +625,11 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
       assert.equal(gateway.tunnels.closeAll('revoked'), 2000);
       await Promise.all(ended);
       await until(() => gateway.openTunnels === 0, 5000, 'every tunnel closed');
-      assert.equal(handshakes, 1, 'still the one TLS session');
+      assert.equal(handshakes(), 1, 'still the one TLS session');
       const after = await localConnect(sidecar.port, world.echoAuthority);
       assert.equal(after.status, 200, 'the same session carries new tunnels');
       after.socket.destroy();
-      assert.equal(handshakes, 1);
+      assert.equal(handshakes(), 1);
       const closes = lines.slice(rstBefore).filter((l) => l.event === 'tunnel_closed');
       assert.equal(closes.filter((l) => l.detail === 'revoked').length, 2000, 'each close recorded with detail revoked');
     } finally {
@@ -653,6 +637,20 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
     }
   });
 });
+
+/** A gateway and a sidecar (software key) with one session to it; counts TLS handshakes. */
+async function gatewayWithSidecar(maxStreams: number): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
+  const gateway = await startGateway({ limits: { max_streams_per_session: maxStreams } });
+  let handshakes = 0;
+  gateway.server.on('secureConnection', () => handshakes++);
+  const sidecar = await startSidecar({
+    gatewayUrl: `https://localhost:${gateway.address!.port}`,
+    secureContext: createSecureContext({ cert: legit.certPem, key: legit.privateKeyPem, ca: world.tls.caPem }),
+    logger: pino({ level: 'silent' }),
+    backoffMaxMs: 500,
+  });
+  return { gateway, sidecar, handshakes: () => handshakes };
+}
 
 /** A CONNECT through the sidecar's local proxy: status line and, for refusals, the body. */
 async function localConnect(port: number, authority: string): Promise<{ status: number; body: string; socket: Socket }> {
