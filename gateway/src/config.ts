@@ -39,6 +39,9 @@ const listenAddress = z.string().superRefine((value, ctx) => {
 
 const millis = (defaultValue: number) => z.number().int().min(1).max(3_600_000).default(defaultValue);
 
+/** 0 switches a limit off; otherwise at least 1 ms. */
+const millisOrOff = (defaultValue: number) => z.number().int().min(0).max(86_400_000).default(defaultValue);
+
 const postgresUrl = z.string().superRefine((value, ctx) => {
   let url: URL;
   try {
@@ -62,6 +65,12 @@ const serverSchema = z.strictObject({
    * HTTP/2 receive windows (DESIGN §9f): per stream (SETTINGS_INITIAL_WINDOW_SIZE, bounds one
    * tunnel's upload) and per session. Defaults: registry/flow-control.ts, chosen by measurement.
    */
+  /**
+   * A session older than this gets GOAWAY (its open tunnels run to their end; the sidecar opens a
+   * new session, through the balancer, for new CONNECTs): sessions spread over replicas and a
+   * drained replica empties (DESIGN §9g). 0 = no bound.
+   */
+  max_session_age_ms: millisOrOff(0),
   stream_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(STREAM_WINDOW_BYTES),
   session_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(SESSION_WINDOW_BYTES),
 });
@@ -101,8 +110,6 @@ const observabilitySchema = z.strictObject({
   otlp_endpoint: z.url({ protocol: /^https?$/ }).optional(),
 });
 
-/** 0 switches a limit off; otherwise at least 1 ms. */
-const millisOrOff = (defaultValue: number) => z.number().int().min(0).max(86_400_000).default(defaultValue);
 
 const limitsSchema = z
   .strictObject({

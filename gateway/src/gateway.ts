@@ -205,7 +205,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
 
   server.on('session', (session: ServerHttp2Session) => {
-    sessions.adopt(session, config.server.session_window_bytes);
+    sessions.adopt(session, config.server.session_window_bytes, config.server.max_session_age_ms);
     if (closing) session.close();
   });
 

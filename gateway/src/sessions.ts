@@ -81,7 +81,7 @@ export class SessionGuard {
   }
 
   /** Takes charge of a new session; returns its state. */
-  adopt(session: ServerHttp2Session, sessionWindowBytes: number): PeerSession {
+  adopt(session: ServerHttp2Session, sessionWindowBytes: number, maxAgeMs = 0): PeerSession {
     const limits = this.#limits();
     // Node destroys a session on error; without a listener the error would end the process.
     session.on('error', (error) => this.#log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'session error'));
@@ -135,7 +135,12 @@ export class SessionGuard {
     }, limits.handshake_timeout_ms);
     session.once('remoteSettings', () => clearTimeout(preface));
 
+    // Rebalancing: an old session is asked to go; its tunnels run to their end (no destroy).
+    const aged = maxAgeMs > 0 ? setTimeout(() => goAway(session, () => state.openStreams === 0), maxAgeMs) : undefined;
+    aged?.unref();
+
     session.once('close', () => {
+      clearTimeout(aged);
       clearTimeout(preface);
       clearTimeout(state.idleTimer);
       clearTimeout(state.anonymousTimer);

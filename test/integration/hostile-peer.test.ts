@@ -37,9 +37,9 @@ const lines: Record<string, unknown>[] = [];
 
 const LIMITS = { handshake_timeout_ms: 1000, max_streams_per_session: 100, idle_timeout_ms: 0 };
 
-async function startGateway(overrides: { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown> } = {}): Promise<Gateway> {
+async function startGateway(overrides: { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown>; server?: Record<string, unknown> } = {}): Promise<Gateway> {
   const config = parseConfig({
-    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500 },
+    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, ...overrides.server },
     policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000, ...overrides.policy },
     observability: { log_level: 'debug' },
     // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
@@ -421,6 +421,26 @@ describe('limits of §9a', () => {
   });
 });
 
+describe('max_session_age_ms (DESIGN §9g)', () => {
+  test('an old session gets GOAWAY; its tunnel keeps flowing, and the sidecar takes new CONNECTs to a new session', async () => {
+    const { sidecar, handshakes } = await gatewayWithSidecar(1000, { max_session_age_ms: 600 });
+    try {
+      const old = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(old.status, 200);
+      await until(() => handshakes() === 2, 3000, 'a new session after the GOAWAY');
+      old.socket.write('old tunnel');
+      const [echoed] = (await once(old.socket, 'data')) as [Buffer];
+      assert.equal(echoed.toString(), 'old tunnel', 'the tunnel on the old session still flows');
+      const fresh = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(fresh.status, 200, 'new CONNECTs are served');
+      old.socket.destroy();
+      fresh.socket.destroy();
+    } finally {
+      await sidecar.close();
+    }
+  });
+});
+
 describe('work in proportion to what the peer spent', () => {
   test('rapid reset: HEADERS+RST_STREAM pairs from a stranger never reach PostgreSQL; a granted client is served meanwhile', async () => {
     const gateway = await startGateway();
@@ -639,8 +659,8 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
 });
 
 /** A gateway and a sidecar (software key) with one session to it; counts TLS handshakes. */
-async function gatewayWithSidecar(maxStreams: number): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
-  const gateway = await startGateway({ limits: { max_streams_per_session: maxStreams } });
+async function gatewayWithSidecar(maxStreams: number, server: Record<string, unknown> = {}): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
+  const gateway = await startGateway({ limits: { max_streams_per_session: maxStreams }, server });
   let handshakes = 0;
   gateway.server.on('secureConnection', () => handshakes++);
   const sidecar = await startSidecar({
