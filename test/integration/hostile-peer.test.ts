@@ -539,8 +539,10 @@ describe('work in proportion to what the peer spent', () => {
     );
     for (const session of sessions) session.close();
     await until(() => gateway.openSessions === 0, 5000, 'sessions closed');
-    // Not a hostile case: 2,000 echo sockets of this process wind down with the load, given 5 s.
-    await until(() => descriptors(gateway) <= base.fds, 5000, 'burst: descriptors back');
+    // Not a hostile case: 4,000 sockets of this process (the gateway's and the echo server's) wind
+    // down through FIN exchanges on a loaded CI machine; bounded, but generously.
+    await until(() => gateway.openTunnels === 0, 15_000, 'burst: tunnels closed');
+    await until(() => descriptors(gateway) <= base.fds, 15_000, `burst: descriptors back (${descriptors(gateway)} > ${base.fds})`);
     await backToBaseline(gateway, base, 'burst');
   });
 
