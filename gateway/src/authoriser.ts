@@ -1,7 +1,7 @@
 import { LRUCache } from 'lru-cache';
 import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
 import type { ChangeFeed } from './change-feed.js';
-import type { LookupQueue } from './lookups.js';
+import { decisionKey, type LookupQueue } from './lookups.js';
 import type { GatewayMetrics } from './metrics.js';
 
 /** A decision and what it is worth: from the cache or the registry, read at which feed generation. */
@@ -22,10 +22,6 @@ interface CachedDecision {
 export interface AuthoriserOptions {
   readonly enabled: boolean;
   readonly maxEntries: number;
-}
-
-export function decisionKey(request: AuthorizationRequest): string {
-  return `${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
 }
 
 /**

@@ -40,11 +40,6 @@ export class ChangeFeed extends EventEmitter {
   #changeScheduled = false;
   #polling: Promise<void> | undefined;
   #lostSignalled = false;
-  /** When the last change was learnt of, and how long after the counter advanced (ms). */
-  lastChangeAt = 0;
-  notifications = 0;
-  polls = 0;
-  pollFailures = 0;
 
   constructor(options: ChangeFeedOptions) {
     super();
@@ -94,7 +89,6 @@ export class ChangeFeed extends EventEmitter {
 
   #poll(): Promise<void> {
     this.#polling ??= (async () => {
-      this.polls++;
       try {
         const counter = await this.#options.readCounter();
         const wasConfirmed = this.confirmed;
@@ -104,7 +98,6 @@ export class ChangeFeed extends EventEmitter {
         this.#counter = counter;
         if (!wasConfirmed) this.emit('state');
       } catch (error) {
-        this.pollFailures++;
         this.#options.log.debug({ event: 'change_feed_poll_failed', err: (error as Error).message }, 'registry change counter unreadable');
         if (!this.confirmed) this.#lost();
       }
@@ -142,7 +135,6 @@ export class ChangeFeed extends EventEmitter {
     client.on('end', () => down('connection ended'));
     client.on('notification', (message) => {
       if (message.channel !== CHANGE_CHANNEL) return;
-      this.notifications++;
       this.#changed('notify');
     });
     client
@@ -172,7 +164,6 @@ export class ChangeFeed extends EventEmitter {
 
   #changed(source: 'notify' | 'poll'): void {
     this.#generation++;
-    this.lastChangeAt = performance.now();
     if (this.#changeScheduled) return;
     this.#changeScheduled = true;
     // Coalesced: a bulk write raising many notifications is one re-check.

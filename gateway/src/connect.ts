@@ -54,6 +54,8 @@ export class ConnectRequest {
   readonly #abort = new AbortController();
   #spanContext: Context | undefined;
   #decided = false;
+  /** The normalised CONNECT destination, once #check has read it. */
+  #destination: Destination | undefined;
 
   constructor(deps: ConnectDeps, session: PeerSession, stream: ServerHttp2Stream, headers: IncomingHttpHeaders) {
     this.#deps = deps;
@@ -113,6 +115,7 @@ export class ConnectRequest {
       return { ok: false, outcome: { reason: 'authority_invalid', detail: (error as Error).message } };
     }
     this.facts.destination = destination.authority;
+    this.#destination = destination;
     const identity = this.#session.identity;
     if (!identity) return { ok: false, outcome: { reason: 'identity_invalid', detail: this.#session.identityError } };
     if (this.#deps.isClosing()) return { ok: false, outcome: { reason: 'shutting_down' } };
@@ -175,8 +178,9 @@ export class ConnectRequest {
     this.stage = 'vet';
     // [resolve] overrides are the operator's choice and exempt from [egress]; authorization used
     // the normalised name either way. Anything else is resolved once and every address vetted.
+    const connectHost = this.#destination!;
     const override = config.resolve.get(destination);
-    const target = override ?? normaliseDestination(destination);
+    const target = override ?? connectHost;
     let vetted: readonly ResolvedAddress[] | undefined;
     if (!override) {
       const verdict = await resolveAndVet(target.host, config.egress.policy, this.#deps.resolver, this.#deps.limits().dial_timeout_ms, signal);
@@ -209,7 +213,6 @@ export class ConnectRequest {
     this.#session.answered(true);
     this.#record({ reason: 'allowed' });
     const egress = config.egress;
-    const connectHost = normaliseDestination(destination);
     const guard: SniGuard | undefined =
       egress.sni === 'off'
         ? undefined

@@ -1,6 +1,11 @@
 import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
 import { RegistryUnavailableError } from '../../registry/errors.js';
 
+/** One key per (identity, SPKI, destination): what a decision is about (lookups and the cache). */
+export function decisionKey(request: AuthorizationRequest): string {
+  return `${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
+}
+
 /** What runs one lookup (RegistryClient.authorize, bound). */
 export type LookupFn = (request: AuthorizationRequest) => Promise<AuthorizationResult>;
 
@@ -88,7 +93,7 @@ export class LookupQueue {
   authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0): Promise<AuthorizationResult> {
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
     // The generation keeps a lookup asked after a registry change from joining one asked before it.
-    const key = `${generation}\n${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
+    const key = `${generation}\n${decisionKey(request)}`;
     let job = this.#inFlight.get(key);
     if (!job) {
       if (this.queued >= this.#options.maxQueued) {

@@ -77,11 +77,6 @@ export class PolicyEnforcer {
     this.#expiry.delete(key);
   }
 
-  /** Resolves when no re-check is pending or running (tests, shutdown). */
-  async idle(): Promise<void> {
-    while (this.#running) await this.#running;
-  }
-
   close(): void {
     this.#closed = true;
     clearTimeout(this.#retryTimer);
