@@ -15,8 +15,8 @@
  */
 import { once } from 'node:events';
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { sendBytes } from './send-bytes.js';
 
-const CHUNK = Buffer.alloc(256 * 1024, 0x61);
 
 function track(server: Server): Set<Socket> {
   const sockets = new Set<Socket>();
@@ -50,16 +50,7 @@ const traffic = createServer({ allowHalfOpen: true, noDelay: true }, (socket) =>
     const size = Number(header.readBigUInt64BE(1));
     if (mode === 0x44) {
       socket.resume();
-      let left = size;
-      const pump = () => {
-        while (left > 0) {
-          const n = Math.min(left, CHUNK.length);
-          left -= n;
-          if (!socket.write(n === CHUNK.length ? CHUNK : CHUNK.subarray(0, n))) return void socket.once('drain', pump);
-        }
-        socket.end();
-      };
-      pump();
+      sendBytes(socket, size, () => socket.end());
     } else {
       let got = header.length - 9;
       let reads = got > 0 ? 1 : 0;

@@ -11,23 +11,15 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
-APT_PACKAGES=(nghttp2-proxy squid procps openssl)
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "bench/setup: installing ${missing[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# shellcheck source=../scripts/apt.sh
+source scripts/apt.sh
+if apt_install_missing bench/setup nghttp2-proxy squid procps openssl; then
   for service in squid nghttpx; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
-      $SUDO systemctl stop "$service" || true
-      $SUDO systemctl disable --quiet "$service" 2>/dev/null || true
+      $APT_SUDO systemctl stop "$service" || true
+      $APT_SUDO systemctl disable --quiet "$service" 2>/dev/null || true
     elif [ -x "/etc/init.d/$service" ] && "/etc/init.d/$service" status >/dev/null 2>&1; then
-      $SUDO "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+      $APT_SUDO "/etc/init.d/$service" stop >/dev/null 2>&1 || true
     fi
   done
 fi

@@ -34,6 +34,7 @@ import { clientCredentials, serverTls, TEST_OID, type ServerTls } from '../test/
 import { createDatabase, testServer } from '../test/helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../test/helpers/registry-fixture.js';
 import { QUIET_TPM_LOG_ENV, startSwtpm, type SwtpmInstance } from '../test/helpers/swtpm.js';
+import { CHUNK, sendBytes } from './send-bytes.js';
 
 const { values } = parseArgs({
   options: {
@@ -51,7 +52,6 @@ const ROUNDS = Number(values.rounds);
 const TTFB_SAMPLES = Number(values.ttfb);
 const HANDSHAKES = Number(values.handshakes);
 const USE_TPM = values.key !== 'software';
-const CHUNK = Buffer.alloc(256 * 1024, 0x61);
 const NODE_DEFAULT_WINDOW = 65_535;
 const HOST = 'bench.test';
 
@@ -71,15 +71,7 @@ async function trafficServer(certPath: string, keyPath: string) {
       const size = Number(header.readBigUInt64BE(1));
       const rest = header.subarray(9);
       if (mode === 0x44) {
-        let left = size;
-        const pump = () => {
-          while (left > 0) {
-            const n = Math.min(left, CHUNK.length);
-            left -= n;
-            if (!socket.write(n === CHUNK.length ? CHUNK : CHUNK.subarray(0, n))) return void socket.once('drain', pump);
-          }
-        };
-        pump();
+        sendBytes(socket, size);
       } else {
         let got = rest.length;
         const done = () => socket.write('ok');

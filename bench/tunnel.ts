@@ -15,12 +15,12 @@ import { gatewaySession, request } from '../test/helpers/net.js';
 import { clientCredentials, serverTls, TEST_OID } from '../test/helpers/pki.js';
 import { createDatabase, testServer } from '../test/helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../test/helpers/registry-fixture.js';
+import { CHUNK, sendBytes } from './send-bytes.js';
 
 const { values } = parseArgs({ options: { mib: { type: 'string', default: '256' }, tunnels: { type: 'string', default: '2000' }, rounds: { type: 'string', default: '3' } } });
 const BYTES = Number(values.mib) * 1024 * 1024;
 const TUNNELS = Number(values.tunnels);
 const ROUNDS = Number(values.rounds);
-const CHUNK = Buffer.alloc(256 * 1024, 0x61);
 
 /** First byte 'D': the server sends BYTES and ends. 'U': it reads until the client ends, then answers "ok". */
 async function trafficServer() {
@@ -28,16 +28,7 @@ async function trafficServer() {
     socket.on('error', () => {});
     socket.once('data', (first: Buffer) => {
       if (first[0] === 0x44) {
-        let left = BYTES;
-        const pump = () => {
-          while (left > 0) {
-            const n = Math.min(left, CHUNK.length);
-            left -= n;
-            if (!socket.write(n === CHUNK.length ? CHUNK : CHUNK.subarray(0, n))) return void socket.once('drain', pump);
-          }
-          socket.end();
-        };
-        pump();
+        sendBytes(socket, BYTES, () => socket.end());
       } else {
         socket.resume();
         socket.on('end', () => socket.end('ok'));

@@ -20,17 +20,10 @@ APT_PACKAGES=(
 
 # AGENT_GATEWAY_SKIP_APT=1: a production host that brings its own system packages gets only Node.js,
 # node_modules and dist/ from this script (deploy/systemd/*.service).
-missing=()
-[ "${AGENT_GATEWAY_SKIP_APT:-}" = "1" ] && APT_PACKAGES=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "setup: installing ${missing[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# shellcheck source=apt.sh
+source scripts/apt.sh
+if [ "${AGENT_GATEWAY_SKIP_APT:-}" != "1" ]; then
+  apt_install_missing setup "${APT_PACKAGES[@]}" || true
 fi
 
 # Debian's postgresql package creates a default cluster and may start it; we never use it.
