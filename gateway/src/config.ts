@@ -7,7 +7,7 @@ import { normaliseDestination } from '../../registry/destination.js';
 import { ConfigError } from '../../registry/errors.js';
 import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { isDottedOid } from '../../registry/identity.js';
-import { isCidr, parseCidrs, type EgressPolicy } from './egress.js';
+import { isCidr, parseCidrs, type Cidr, type EgressPolicy } from './egress.js';
 import { parseLogFilter } from './logger.js';
 
 /**
@@ -55,6 +55,8 @@ const postgresUrl = z.string().superRefine((value, ctx) => {
   }
 });
 
+const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8')).default([]);
+
 const serverSchema = z.strictObject({
   listen_addr: listenAddress.default('127.0.0.1:8443'),
   tls_cert_path: z.string().min(1),
@@ -71,6 +73,12 @@ const serverSchema = z.strictObject({
    * drained replica empties (DESIGN §9g). 0 = no bound.
    */
   max_session_age_ms: millisOrOff(0),
+  /**
+   * Balancers whose PROXY protocol v2 header is trusted (DESIGN §9g): connections from these must
+   * start with one, and their client address becomes the agent's; anyone else sending one is
+   * refused. Empty: no header is read, and one sent fails the TLS handshake.
+   */
+  proxy_protocol_from: cidrList,
   stream_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(STREAM_WINDOW_BYTES),
   session_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(SESSION_WINDOW_BYTES),
 });
@@ -192,8 +200,6 @@ const cacheSchema = z.strictObject({
   poll_interval_ms: z.number().int().min(50).max(3_600_000).default(1000),
 });
 
-const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8')).default([]);
-
 /** `[egress]`: which addresses tunnels may reach (DESIGN §9c). */
 const egressSchema = z.strictObject({
   /** Ranges allowed although not global unicast (an internal mirror: ["10.1.2.3/32"]). */
@@ -245,7 +251,7 @@ export interface Dialable {
 }
 
 export type GatewayConfig = Readonly<{
-  server: Readonly<ConfigFile['server']>;
+  server: Readonly<ConfigFile['server']> & { readonly proxyProtocolFrom: readonly Cidr[] };
   policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string };
   observability: Readonly<ConfigFile['observability']>;
   limits: Readonly<ConfigFile['limits']>;
@@ -315,7 +321,7 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
     resolve.set(normaliseDestination(key).authority, { host: target.host, port: target.port });
   }
   return deepFreeze({
-    server: { ...file.server, tls_cert_path: resolvePath(baseDir, file.server.tls_cert_path), tls_key_path: resolvePath(baseDir, file.server.tls_key_path) },
+    server: { ...file.server, proxyProtocolFrom: parseCidrs(file.server.proxy_protocol_from), tls_cert_path: resolvePath(baseDir, file.server.tls_cert_path), tls_key_path: resolvePath(baseDir, file.server.tls_key_path) },
     policy: { ...file.policy, databaseUrl: databaseUrl! },
     observability: file.observability,
     limits: file.limits,

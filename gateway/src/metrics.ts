@@ -1,4 +1,5 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { ProxyRefusal } from './proxy-protocol.js';
 import type { OpenTunnel } from './tunnels.js';
 
 /**
@@ -44,6 +45,7 @@ export class GatewayMetrics {
   readonly #authorization: Histogram;
   readonly #bytes: Counter;
   readonly #handshakeFailures: Counter;
+  readonly #proxyRefusals: Counter;
   readonly #idleTimeouts: Counter;
   readonly #reloads: Counter;
   readonly #cacheLookups: Counter;
@@ -112,6 +114,12 @@ export class GatewayMetrics {
     this.#handshakeFailures = new Counter({
       name: `${METRIC_PREFIX}tls_handshake_failures_total`,
       help: 'TLS handshakes that failed or timed out (reason="timeout" or "error").',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.#proxyRefusals = new Counter({
+      name: `${METRIC_PREFIX}proxy_protocol_refusals_total`,
+      help: 'Connections refused before TLS by the PROXY protocol check ([server] proxy_protocol_from), by reason.',
       labelNames: ['reason'],
       registers,
     });
@@ -275,6 +283,10 @@ export class GatewayMetrics {
 
   handshakeFailure(reason: 'timeout' | 'error'): void {
     this.#handshakeFailures.inc({ reason });
+  }
+
+  proxyProtocolRefused(reason: ProxyRefusal): void {
+    this.#proxyRefusals.inc({ reason });
   }
 
   reload(result: 'success' | 'failure'): void {
