@@ -97,6 +97,12 @@ const policySchema = z
      * registry_unavailable at once. A lookup waits at most pool_acquire_timeout_ms to start.
      */
     lookup_queue_size: z.number().int().min(1).max(1_000_000).default(10_000),
+    /**
+     * Environment variable holding the URL of a streaming standby for lookups (DESIGN §9g). Used
+     * only while it has replayed the newest change the feed (on the primary) has seen; else, or
+     * when it fails, the primary answers. Pool and timeouts as for the primary.
+     */
+    read_database_url_env: z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be an environment variable name').optional(),
   })
   .superRefine((policy, ctx) => {
     if (policy.database_url === undefined && policy.database_url_env === undefined) {
@@ -252,7 +258,8 @@ export interface Dialable {
 
 export type GatewayConfig = Readonly<{
   server: Readonly<ConfigFile['server']> & { readonly proxyProtocolFrom: readonly Cidr[] };
-  policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string };
+  /** `readDatabaseUrl`: the standby named by `read_database_url_env`, if any. */
+  policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string; readonly readDatabaseUrl?: string };
   observability: Readonly<ConfigFile['observability']>;
   limits: Readonly<ConfigFile['limits']>;
   admin: Readonly<NonNullable<ConfigFile['admin']>>;
@@ -322,7 +329,11 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
   }
   return deepFreeze({
     server: { ...file.server, proxyProtocolFrom: parseCidrs(file.server.proxy_protocol_from), tls_cert_path: resolvePath(baseDir, file.server.tls_cert_path), tls_key_path: resolvePath(baseDir, file.server.tls_key_path) },
-    policy: { ...file.policy, databaseUrl: databaseUrl! },
+    policy: {
+      ...file.policy,
+      databaseUrl: databaseUrl!,
+      ...(file.policy.read_database_url_env !== undefined ? { readDatabaseUrl: urlFromEnv('policy.read_database_url_env', file.policy.read_database_url_env) } : {}),
+    },
     observability: file.observability,
     limits: file.limits,
     admin: file.admin ?? adminSchema.parse({ enabled: false }),

@@ -101,7 +101,8 @@ export interface Gateway {
 
 export function createGateway(config: GatewayConfig, options: GatewayOptions = {}): Gateway {
   const log = options.logger ?? createLogger({ filter: config.observability.log_level });
-  const registry = new RegistryClient(config.policy, log);
+  // The feed and metrics are built below; these run only once lookups start.
+  const registry: RegistryClient = new RegistryClient(config.policy, log, { knownCounter: (): bigint | undefined => feed.knownCounter, standbyOutcome: (outcome) => metrics?.standbyLookup(outcome) });
   const lookups = new LookupQueue((request) => registry.authorize(request), {
     concurrency: config.policy.max_connections,
     maxQueued: config.policy.lookup_queue_size,
@@ -150,7 +151,10 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           tunnels: () => tunnels,
           lookups: () => ({ queued: lookups.queued, running: lookups.running }),
           feed: () => feed,
-          pools: () => [{ pool: 'registry', ...registry.poolStats }, ...(audit ? [{ pool: 'audit', ...audit.poolStats }] : [])],
+          pools: () => {
+            const standby = registry.standbyPoolStats;
+            return [{ pool: 'registry', ...registry.poolStats }, ...(standby ? [{ pool: 'standby', ...standby }] : []), ...(audit ? [{ pool: 'audit', ...audit.poolStats }] : [])];
+          },
           audit: () => audit?.stats,
         },
       )
