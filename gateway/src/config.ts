@@ -64,6 +64,12 @@ const serverSchema = z.strictObject({
   /** How long SIGINT/SIGTERM lets open tunnels run before closing them. */
   shutdown_grace_ms: millis(10_000),
   /**
+   * On SIGINT/SIGTERM, /readyz answers 503 for this long first while everything else carries on,
+   * so a balancer's health check takes the replica out before it stops accepting and sends GOAWAY
+   * (DESIGN §9g). 0 = stop at once.
+   */
+  drain_delay_ms: millisOrOff(0),
+  /**
    * HTTP/2 receive windows (DESIGN §9f): per stream (SETTINGS_INITIAL_WINDOW_SIZE, bounds one
    * tunnel's upload) and per session. Defaults: registry/flow-control.ts, chosen by measurement.
    */

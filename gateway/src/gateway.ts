@@ -124,6 +124,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   const connectIdPrefix = randomBytes(6).toString('hex');
   let connectSeq = 0;
   let closing = false;
+  /** /readyz says 503 (the balancer's cue); CONNECTs are still served until `closing`. */
+  let draining = false;
   let address: AddressInfo | undefined;
   let admin: AdminServer | undefined;
   let tracing: GatewayTracing | undefined;
@@ -250,7 +252,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
 
   async function readiness(): Promise<Readiness> {
-    if (closing) return { ready: false, body: { status: 'shutting_down' } };
+    if (draining) return { ready: false, body: { status: 'shutting_down' } };
     if (!address) return { ready: false, body: { status: 'starting' } };
     const state = await registry.readiness();
     if (state.ready) return { ready: true, body: { status: 'ready', registry: 'ok', schema_version: SCHEMA_VERSION } };
@@ -280,7 +282,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         if (differs((config[section] as Record<string, unknown>)[key], (next[section] as Record<string, unknown>)[key])) keys.push(`${section}.${key}`);
       }
     }
-    for (const key of ['listen_addr', 'shutdown_grace_ms', 'proxy_protocol_from'] as const) if (differs(config.server[key], next.server[key])) keys.push(`server.${key}`);
+    for (const key of ['listen_addr', 'shutdown_grace_ms', 'drain_delay_ms', 'proxy_protocol_from'] as const) if (differs(config.server[key], next.server[key])) keys.push(`server.${key}`);
     if (differs([...config.resolve], [...next.resolve])) keys.push('resolve');
     // Node fixes the handshake timeout when the server is created.
     if (next.limits.handshake_timeout_ms !== config.limits.handshake_timeout_ms) keys.push('limits.handshake_timeout_ms');
@@ -289,6 +291,11 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
 
   let stopped: Promise<void> | undefined;
   async function stop(graceMs: number): Promise<void> {
+    draining = true;
+    if (config.server.drain_delay_ms > 0 && listener.listening) {
+      log.info({ event: 'draining', drain_delay_ms: config.server.drain_delay_ms }, 'not ready: waiting for the balancer to stop sending new connections');
+      await new Promise((resolve) => setTimeout(resolve, config.server.drain_delay_ms));
+    }
     closing = true;
     const wasListening = listener.listening;
     const serverClosed = new Promise<void>((resolve) => listener.close(() => resolve()));
