@@ -20,8 +20,8 @@ export interface ScaleWorld {
   readonly tls: ServerTls;
   readonly echoAuthority: string;
   readonly fixture: RegistryFixture;
-  /** A new agent granted the echo destination; waits until the standby has the grant. */
-  grant(identity: string): Promise<ClientCredentials & { readonly permissionId: string }>;
+  /** An agent (new credentials unless given) granted the echo destination; waits until the standby has the grant. */
+  grant(identity: string, credentials?: ClientCredentials): Promise<ClientCredentials & { readonly permissionId: string }>;
   /** Revokes a permission on the primary. */
   revoke(permissionId: string): Promise<void>;
   /** Waits until the standby has replayed everything the primary has committed. */
@@ -62,8 +62,8 @@ export async function startScaleWorld(): Promise<ScaleWorld> {
     tls,
     echoAuthority,
     fixture,
-    async grant(identity) {
-      const client = await clientCredentials({ identity });
+    async grant(identity, credentials) {
+      const client = credentials ?? (await clientCredentials({ identity }));
       const permissionId = await fixture.permit(alice, { identity, spkiDer: client.spkiDer }, echoAuthority);
       await caughtUp();
       return { ...client, permissionId };
