@@ -178,8 +178,11 @@ export class GatewaySession extends EventEmitter {
         return await this.#request(session, authority, extraHeaders);
       } catch (error) {
         if (!(error instanceof StreamRefusedError)) throw error;
-        // That session takes no new streams; the next attempt waits for its successor.
-        if (this.#current === session) this.#current = undefined;
+        // That session takes no new streams: its open tunnels finish, the next attempt waits for its successor.
+        if (this.#current === session) {
+          this.#current = undefined;
+          session.close();
+        }
         if (attempt >= REFUSED_RETRIES) throw new GatewayUnavailableError(`gateway refused the stream ${attempt + 1} times: ${error.message}`);
         this.#options.log.debug({ event: 'connect_retried', err: error.message }, 'CONNECT refused unprocessed: sending it on a new session');
       }
