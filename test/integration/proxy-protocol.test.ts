@@ -11,6 +11,7 @@ import { connect as h2connect, type ClientHttp2Session } from 'node:http2';
 import { connect as netConnect, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
 import { connect as tlsConnect } from 'node:tls';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { parseConfig } from '../../gateway/src/config.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { encodeProxyV2, type ProxyHeader } from '../../gateway/src/proxy-protocol.js';
@@ -24,6 +25,7 @@ let world: EchoRegistry;
 let agent: ClientCredentials;
 let gateway: Gateway;
 const lines: Record<string, unknown>[] = [];
+const spans = new InMemorySpanExporter();
 
 const AGENT: ProxyHeader = { command: 'proxy', family: 'inet', source: { address: '198.51.100.23', port: 40404 }, destination: { address: '127.0.0.1', port: 8443 } };
 
@@ -39,7 +41,7 @@ before(async () => {
     admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
     limits: { handshake_timeout_ms: 1000 },
   });
-  gateway = createGateway(config, { logger: captureLogger(lines) });
+  gateway = createGateway(config, { logger: captureLogger(lines), tracerProvider: new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(spans)] }) });
   await gateway.listen();
 });
 
@@ -88,7 +90,7 @@ async function tunnelWorks(session: ClientHttp2Session): Promise<void> {
   assert.deepEqual(await exchange(stream, Buffer.from('via balancer')), Buffer.from('via balancer'));
 }
 
-test('a trusted balancer header makes the agent the client: decision log and tunnel log', async () => {
+test('a trusted balancer header makes the agent the client: decision log, tunnel log and spans', async () => {
   const session = await sessionVia('127.0.0.1', encodeProxyV2(AGENT));
   try {
     await tunnelWorks(session);
@@ -101,6 +103,13 @@ test('a trusted balancer header makes the agent the client: decision log and tun
   assert.equal(decision?.client_port, 40404);
   const closed = lines.find((l) => l.event === 'tunnel_closed' && l.identity === 'agent-proxied');
   assert.equal(closed?.client_address, '198.51.100.23');
+  await until(() => spans.getFinishedSpans().some((span) => span.name === 'agent_gateway.session'), 5000, 'the session span ended');
+  const sessionSpan = spans.getFinishedSpans().find((span) => span.name === 'agent_gateway.session')!;
+  assert.equal(sessionSpan.attributes['client.address'], '198.51.100.23');
+  assert.equal(sessionSpan.attributes['client.port'], 40404);
+  assert.equal(sessionSpan.attributes['network.peer.address'], '127.0.0.1', 'the balancer stays visible as the TCP peer');
+  const connect = spans.getFinishedSpans().find((span) => span.attributes['agent_gateway.reason'] === 'allowed')!;
+  assert.equal(connect.attributes['client.address'], '198.51.100.23');
 });
 
 test('a LOCAL header from the balancer is accepted and the connection is the balancer\'s own', async () => {
