@@ -1,25 +1,13 @@
-import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { sidecarReasonForError, sidecarResponse } from '../../core/errors.js';
+import { childTraceparent } from '../../core/traceparent.js';
 import { normaliseDestination } from '../../registry/destination.js';
 import type { GatewaySession, TunnelResponse } from './gateway-session.js';
 import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
-
-const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/;
-
-/**
- * W3C trace context for the CONNECT sent to the gateway: continue the agent's trace when its
- * request carried one, else start a new one. A fresh parent id marks the sidecar's own span.
- */
-export function traceparentFor(incoming: string | string[] | undefined): string {
-  const m = typeof incoming === 'string' ? TRACEPARENT.exec(incoming) : null;
-  const traceId = m && !/^0+$/.test(m[1]!) ? m[1]! : randomBytes(16).toString('hex');
-  return `00-${traceId}-${randomBytes(8).toString('hex')}-${m ? m[2] : '01'}`;
-}
 
 export interface LocalProxyOptions {
   readonly hosts: readonly string[];
@@ -147,7 +135,7 @@ export class LocalProxy {
   async #openTunnel(authority: string, req: IncomingMessage): Promise<TunnelResponse> {
     const tracing = this.#options.tracing ?? TRACING_DISABLED;
     const span = tracing.startConnect(authority, req.headers);
-    const headers = tracing.enabled ? span.headers : { traceparent: traceparentFor(req.headers.traceparent) };
+    const headers = tracing.enabled ? span.headers : { traceparent: childTraceparent(req.headers.traceparent) };
     let tunnel: TunnelResponse;
     try {
       tunnel = await this.#options.gateway.openTunnel(authority, headers);
