@@ -3,10 +3,11 @@ import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessag
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { sidecarReasonForError, sidecarResponse } from '../../core/errors.js';
+import { sidecarReasonForError } from '../../core/errors.js';
 import { childTraceparent } from '../../core/traceparent.js';
 import { normaliseDestination } from '../../registry/destination.js';
 import type { GatewaySession, TunnelResponse } from './gateway-session.js';
+import { refusal, sidecarRefusal, type Refusal } from './refusal.js';
 import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
 
 export interface LocalProxyOptions {
@@ -44,25 +45,20 @@ function writeHead(agent: Socket, status: number, headers: Record<string, string
   agent.write(`${lines.join('\r\n')}\r\n\r\n`);
 }
 
-/** The reason code inside an RFC 9209 proxy-status value (`details="..."`). */
-export function detailsOf(proxyStatus: string | undefined): string | undefined {
-  return proxyStatus ? /details="([^"\\]{1,64})"/.exec(proxyStatus)?.[1] : undefined;
-}
-
-/** One line an agent (or the person reading its output) can act on. */
-export function refusalBody(authority: string, status: number, proxyStatus: string | undefined): string {
-  const reason = detailsOf(proxyStatus) ?? 'unknown';
-  // The authority is the agent's own input: printable ASCII only, capped, so the line stays one line.
-  const shown = authority.replace(/[^\x21-\x7e]/g, '?').slice(0, 300);
-  return `agent-gateway: CONNECT ${shown} refused: ${status} ${reason}\n`;
-}
-
-/** Ends a refused local request with its status, proxy-status and the one-line body. */
-function refuse(agent: Socket, authority: string, status: number, proxyStatus: string | undefined): void {
+/** Ends a refused CONNECT with its status, proxy-status and the one-line body. */
+function refuse(agent: Socket, answer: Refusal): void {
   if (!agent.writable) return;
-  const body = refusalBody(authority, status, proxyStatus);
-  writeHead(agent, status, { 'proxy-status': proxyStatus, 'content-type': 'text/plain; charset=utf-8', 'content-length': String(Buffer.byteLength(body)), connection: 'close' });
-  agent.end(body);
+  writeHead(agent, answer.status, { ...answer.headers, connection: 'close' });
+  agent.end(answer.body);
+}
+
+/** Answers a plain request with a refusal; the connection closes after it. */
+function refuseRequest(res: ServerResponse, answer: Refusal): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  res.writeHead(answer.status, { ...answer.headers, connection: 'close' }).end(answer.body);
 }
 
 /**
@@ -107,7 +103,9 @@ export class LocalProxy {
         socket.once('close', () => this.#agents.delete(socket));
       });
       server.on('clientError', (_error, socket: Socket) => {
-        if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n');
+        // Not HTTP/1.1 at all (or headers too large): still a readable 400, never a bare close.
+        if (socket.writable) refuse(socket, sidecarRefusal('malformed', 'request', 'request_invalid'));
+        else socket.destroy();
       });
       try {
         server.listen({ host, port, ipv6Only: host.includes(':') });
@@ -153,8 +151,7 @@ export class LocalProxy {
     const authority = req.url ?? '';
     agent.on('error', () => {});
     if (!validAuthority(authority)) {
-      const response = sidecarResponse('authority_invalid');
-      refuse(agent, authority, response.status, response.headers['proxy-status']);
+      refuse(agent, sidecarRefusal('CONNECT', authority, 'authority_invalid'));
       return;
     }
     let tunnel;
@@ -162,8 +159,7 @@ export class LocalProxy {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
       log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
-      const response = sidecarResponse(sidecarReasonForError(error));
-      refuse(agent, authority, response.status, response.headers['proxy-status']);
+      refuse(agent, sidecarRefusal('CONNECT', authority, sidecarReasonForError(error)));
       return;
     }
     const { status, headers, stream } = tunnel;
@@ -171,7 +167,7 @@ export class LocalProxy {
     if (status !== 200) {
       // The gateway's answer is the agent's answer: 403 stays 403 with its reason.
       finishRefused(stream);
-      refuse(agent, authority, status, headers['proxy-status'] as string | undefined);
+      refuse(agent, refusal('CONNECT', authority, status, headers['proxy-status'] as string | undefined));
       return;
     }
     if (agent.destroyed) {
@@ -186,31 +182,34 @@ export class LocalProxy {
   /** Absolute-URI plain HTTP (`GET http://host/path`) goes through a CONNECT to host:80. */
   async #onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const { log } = this.#options;
-    let target: URL;
+    const method = req.method ?? 'GET';
+    // A proxy request names an absolute http:// URL; `GET /` means a client took the proxy for a server.
+    let target: URL | undefined;
     try {
-      target = new URL(req.url ?? '');
-      if (target.protocol !== 'http:') throw new Error('only http:// URLs can be proxied without CONNECT');
-    } catch (error) {
-      res.writeHead(400, { 'content-type': 'text/plain' }).end(`agent-gateway sidecar: ${(error as Error).message}\n`);
+      target = /^http:\/\//i.test(req.url ?? '') ? new URL(req.url!) : undefined;
+    } catch {
+      target = undefined;
+    }
+    if (target === undefined) {
+      refuseRequest(res, sidecarRefusal(method, req.url ?? '', 'request_invalid'));
       return;
     }
     const authority = `${target.hostname}:${target.port || '80'}`;
-    const refuseRequest = (status: number, proxyStatus: string | undefined) => {
-      const body = refusalBody(authority, status, proxyStatus);
-      res.writeHead(status, { ...(proxyStatus ? { 'proxy-status': proxyStatus } : {}), 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(body) }).end(body);
-    };
+    if (!validAuthority(authority)) {
+      refuseRequest(res, sidecarRefusal(method, authority, 'authority_invalid'));
+      return;
+    }
     let tunnel;
     try {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
-      const response = sidecarResponse(sidecarReasonForError(error));
-      refuseRequest(response.status, response.headers['proxy-status']);
+      refuseRequest(res, sidecarRefusal(method, authority, sidecarReasonForError(error)));
       log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');
       return;
     }
     if (tunnel.status !== 200) {
       finishRefused(tunnel.stream);
-      refuseRequest(tunnel.status, tunnel.headers['proxy-status'] as string | undefined);
+      refuseRequest(res, refusal(method, authority, tunnel.status, tunnel.headers['proxy-status'] as string | undefined));
       return;
     }
     const headers = { ...req.headers };
@@ -226,8 +225,7 @@ export class LocalProxy {
       response.pipe(res);
     });
     upstream.on('error', (error) => {
-      if (!res.headersSent) res.writeHead(502).end();
-      else res.destroy();
+      refuseRequest(res, sidecarRefusal(method, authority, 'upstream_failed'));
       log.debug({ err: error.message }, 'proxied request failed');
     });
     req.pipe(upstream);
