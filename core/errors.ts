@@ -27,6 +27,8 @@ export const EXIT = {
   refused: 3,
   /** The database schema is not what this build expects: not migrated, another version, an edited or out-of-order migration. */
   schema: 4,
+  /** `agent-gateway-sidecar run` could not start CMD (no isolation, no sidecar socket): 125, as env, chroot and docker run use, so every code CMD itself exits with passes through unambiguously. */
+  wrapper: 125,
 } as const;
 
 export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
@@ -253,7 +255,10 @@ export const ERROR_CODES = {
   ERR_ADMIN_LISTEN: { exit: EXIT.runtime, hint: 'choose a free [admin] listen_addr (port 0 picks one), or stop what holds the port' },
 
   // The sidecar.
-  ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one), or stop what holds the port' },
+  ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one) or another --listen-socket, or stop what holds it' },
+  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs a new network namespace: run as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
+  ERR_SIDECAR_SOCKET: { exit: EXIT.wrapper, hint: 'start the sidecar with --listen-socket PATH and give run the same --socket PATH (env AGENT_GATEWAY_SIDECAR_SOCKET), as the user the sidecar runs as' },
+  ERR_RUN_USAGE: { exit: EXIT.wrapper, hint: 'see `agent-gateway-sidecar run --help`: run [--socket PATH] [--no-isolation] -- CMD [ARGS...]' },
   ERR_PORT_FILE: { exit: EXIT.runtime, hint: 'the --port-file directory must exist and be writable by the sidecar' },
   ERR_GATEWAY_UNAVAILABLE: { exit: EXIT.runtime, status: 503, sidecar: 'gateway_unavailable', hint: 'the sidecar has no session to the gateway: check --gateway, the gateway, and the sidecar log for TLS or network errors' },
   ERR_TLS_IDENTITY: { exit: EXIT.runtime, hint: 'loading the TPM-backed TLS identity failed: the message names the step' },

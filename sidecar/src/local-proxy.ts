@@ -1,7 +1,8 @@
 import { once } from 'node:events';
 import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
-import type { AddressInfo, Socket } from 'node:net';
+import { chmodSync, lstatSync, rmSync } from 'node:fs';
+import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { sidecarReasonForError } from '../../core/errors.js';
 import { childTraceparent } from '../../core/traceparent.js';
@@ -13,9 +14,31 @@ import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
 export interface LocalProxyOptions {
   readonly hosts: readonly string[];
   readonly port: number;
+  /** Tried first when `port` is 0; a free port is picked when it is taken. */
+  readonly preferredPort?: number;
+  /** Also listen on this Unix socket (mode 0600), for isolated agents (`run`). */
+  readonly socketPath?: string;
   readonly gateway: GatewaySession;
   readonly log: Logger;
   readonly tracing?: SidecarTracing;
+}
+
+/** Removes a Unix socket no process listens on any more; refuses a live one or another kind of file. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let stat;
+  try {
+    stat = lstatSync(path);
+  } catch {
+    return; // nothing there
+  }
+  if (!stat.isSocket()) throw Object.assign(new Error(`${path} exists and is not a socket`), { code: 'EEXIST' });
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = netConnect(path);
+    probe.once('connect', () => (probe.destroy(), resolve(true)));
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) throw Object.assign(new Error(`another process listens on ${path}`), { code: 'EADDRINUSE' });
+  rmSync(path, { force: true });
 }
 
 /** Relays bytes both ways; each side's end half-closes the other (END_STREAM ⇄ FIN). */
@@ -92,21 +115,57 @@ export class LocalProxy {
     this.#options = options;
   }
 
+  #server(): Server {
+    const server = createServer();
+    server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => void this.#onConnect(req, socket, head));
+    server.on('request', (req: IncomingMessage, res: ServerResponse) => void this.#onRequest(req, res));
+    server.on('connection', (socket: Socket) => {
+      this.#agents.add(socket);
+      socket.once('close', () => this.#agents.delete(socket));
+    });
+    server.on('clientError', (_error, socket: Socket) => {
+      // Not HTTP/1.1 at all (or headers too large): still a readable 400, never a bare close.
+      if (socket.writable) refuse(socket, sidecarRefusal('malformed', 'request', 'request_invalid'));
+      else socket.destroy();
+    });
+    return server;
+  }
+
+  /**
+   * Listens on every host at one port, and on the Unix socket when one is given. With a
+   * preferred port (the one a previous run of this sidecar took), that port is tried first and a
+   * free one picked only when it is taken, so agents holding the old HTTPS_PROXY keep working.
+   */
   async listen(): Promise<number> {
-    let port = this.#options.port;
+    const { preferredPort, port } = this.#options;
+    let listened: number;
+    if (port === 0 && preferredPort !== undefined && preferredPort !== 0) {
+      try {
+        listened = await this.#listenHosts(preferredPort);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EADDRINUSE' && (error as NodeJS.ErrnoException).code !== 'EACCES') throw error;
+        this.#options.log.info({ event: 'preferred_port_taken', port: preferredPort }, 'the previous port is taken; picking a free one');
+        await this.#closeServers();
+        listened = await this.#listenHosts(0);
+      }
+    } else {
+      listened = await this.#listenHosts(port);
+    }
+    if (this.#options.socketPath !== undefined) {
+      try {
+        await this.#listenSocket(this.#options.socketPath);
+      } catch (error) {
+        await this.#closeServers();
+        throw error;
+      }
+    }
+    return listened;
+  }
+
+  async #listenHosts(firstPort: number): Promise<number> {
+    let port = firstPort;
     for (const host of this.#options.hosts) {
-      const server = createServer();
-      server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => void this.#onConnect(req, socket, head));
-      server.on('request', (req: IncomingMessage, res: ServerResponse) => void this.#onRequest(req, res));
-      server.on('connection', (socket: Socket) => {
-        this.#agents.add(socket);
-        socket.once('close', () => this.#agents.delete(socket));
-      });
-      server.on('clientError', (_error, socket: Socket) => {
-        // Not HTTP/1.1 at all (or headers too large): still a readable 400, never a bare close.
-        if (socket.writable) refuse(socket, sidecarRefusal('malformed', 'request', 'request_invalid'));
-        else socket.destroy();
-      });
+      const server = this.#server();
       try {
         server.listen({ host, port, ipv6Only: host.includes(':') });
         await once(server, 'listening');
@@ -116,6 +175,7 @@ export class LocalProxy {
           this.#options.log.warn({ host, err: (error as Error).message }, 'local listener not available');
           continue;
         }
+        await this.#closeServers();
         throw error;
       }
       const address = server.address() as AddressInfo;
@@ -124,6 +184,32 @@ export class LocalProxy {
       this.#servers.push(server);
     }
     return port;
+  }
+
+  /**
+   * The Unix-socket listener `agent-gateway-sidecar run` reaches from inside an agent's network
+   * namespace: mode 0600 from the moment it exists (umask around the bind), so only this user
+   * may borrow the TPM identity through it. A socket left by a dead sidecar is replaced; a live
+   * one, or any other file, is not.
+   */
+  async #listenSocket(path: string): Promise<void> {
+    await removeStaleSocket(path);
+    const server = this.#server();
+    const umask = process.umask(0o177);
+    try {
+      server.listen({ path });
+    } finally {
+      process.umask(umask);
+    }
+    await once(server, 'listening');
+    chmodSync(path, 0o600);
+    this.#servers.push(server);
+  }
+
+  async #closeServers(): Promise<void> {
+    const servers = this.#servers.splice(0);
+    this.addresses.length = 0;
+    await Promise.all(servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
   }
 
   /**
@@ -233,8 +319,8 @@ export class LocalProxy {
 
   async close(): Promise<void> {
     // server.close() waits for every open connection, so stop accepting first, then end them.
-    const closed = Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    const closed = this.#closeServers();
     for (const socket of this.#agents) socket.destroy();
-    await closed;
+    await closed; // Node unlinks the socket file as its server closes
   }
 }

@@ -5,7 +5,6 @@
  * fetch see them. Real gateway, PostgreSQL, HTTP services and client programs.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer, type Server } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
@@ -15,6 +14,7 @@ import { pino } from 'pino';
 import type { Gateway } from '../../gateway/src/gateway.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startTestGateway } from '../helpers/gateway.js';
+import { runFile } from '../registry-cli/run-cli.js';
 import { clientCredentials, serverTls, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
 import { createDatabase, freePort, testServer } from '../helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../helpers/registry-fixture.js';
@@ -29,20 +29,6 @@ let plain: Server;
 let client: ClientCredentials;
 let sidecar: Sidecar;
 let proxyUrl: string;
-
-interface Ran {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function runProgram(file: string, args: readonly string[], env: NodeJS.ProcessEnv = process.env): Promise<Ran> {
-  return new Promise((done) => {
-    execFile(file, [...args], { env, encoding: 'utf8', timeout: 30_000 }, (error, stdout, stderr) => {
-      done({ code: error ? (typeof error.code === 'number' ? error.code : null) : 0, stdout, stderr });
-    });
-  });
-}
 
 /** What an HTTP/1.1 client reads back for one raw request to the sidecar: status line, headers, body. */
 async function raw(port: number, text: string): Promise<{ status: number; headers: Record<string, string>; body: string }> {
@@ -103,16 +89,16 @@ test('a refused CONNECT: the gateway status, its proxy-status and one line namin
 
 test('curl: plain HTTP refused shows the line; HTTPS refused shows the proxy-status and fails', async () => {
   const env = { ...process.env, http_proxy: proxyUrl, HTTPS_PROXY: proxyUrl, NO_PROXY: '', no_proxy: '' };
-  const allowed = await runProgram('curl', ['-sS', '--max-time', '10', 'http://plain.test/ok'], env);
+  const allowed = await runFile('curl', ['-sS', '--max-time', '10', 'http://plain.test/ok'], { env, timeoutMs: 60_000 });
   assert.equal(allowed.stdout, 'plain /ok\n', allowed.stderr);
-  const refusedPlain = await runProgram('curl', ['-sS', '--max-time', '10', '-D', '-', 'http://denied.test/doc'], env);
+  const refusedPlain = await runFile('curl', ['-sS', '--max-time', '10', '-D', '-', 'http://denied.test/doc'], { env, timeoutMs: 60_000 });
   assert.match(refusedPlain.stdout, /^HTTP\/1\.1 403 Forbidden\r\n/);
   assert.match(refusedPlain.stdout, /\r\nproxy-status: agent-gateway; error=http_request_denied; details="not_authorized"\r\n/i);
   assert.ok(refusedPlain.stdout.endsWith(`\r\n\r\nagent-gateway: GET denied.test:80 refused (not_authorized): ${NOT_AUTHORIZED}\n`), refusedPlain.stdout);
-  const failing = await runProgram('curl', ['-sS', '--fail', '--max-time', '10', 'http://denied.test/doc'], env);
-  assert.equal(failing.code, 22, 'curl --fail exits 22 on the 403');
-  const refusedTls = await runProgram('curl', ['-sS', '-v', '--max-time', '10', 'https://denied.test/doc'], env);
-  assert.equal(refusedTls.code, 56, refusedTls.stderr);
+  const failing = await runFile('curl', ['-sS', '--fail', '--max-time', '10', 'http://denied.test/doc'], { env, timeoutMs: 60_000 });
+  assert.equal(failing.status, 22, 'curl --fail exits 22 on the 403');
+  const refusedTls = await runFile('curl', ['-sS', '-v', '--max-time', '10', 'https://denied.test/doc'], { env, timeoutMs: 60_000 });
+  assert.equal(refusedTls.status, 56, refusedTls.stderr);
   assert.match(refusedTls.stderr, /< proxy-status: agent-gateway; error=http_request_denied; details="not_authorized"/i);
   assert.match(refusedTls.stderr, /CONNECT tunnel failed, response 403/);
 });
@@ -141,8 +127,8 @@ r = c.getresponse()
 out['plain'] = [r.status, r.getheader('proxy-status'), r.read().decode()]
 print(json.dumps(out))
 `;
-  const ran = await runProgram('python3', ['-c', script, proxyUrl, String(sidecar.port)]);
-  assert.equal(ran.code, 0, ran.stderr);
+  const ran = await runFile('python3', ['-c', script, proxyUrl, String(sidecar.port)]);
+  assert.equal(ran.status, 0, ran.stderr);
   const out = JSON.parse(ran.stdout) as Record<string, [number, string, string] | string>;
   assert.deepEqual(out.connect, [403, DENIED_PROXY_STATUS, `agent-gateway: CONNECT denied.test:443 refused (not_authorized): ${NOT_AUTHORIZED}\n`]);
   assert.deepEqual(out.plain, [403, DENIED_PROXY_STATUS, `agent-gateway: GET denied.test:80 refused (not_authorized): ${NOT_AUTHORIZED}\n`]);
@@ -163,8 +149,8 @@ for (const url of ['http://denied.test/doc', 'https://denied.test/doc']) {
 }
 console.log(JSON.stringify(out));
 `;
-  const ran = await runProgram(process.execPath, ['--no-warnings', '--input-type=module', '-e', script], { ...process.env, NODE_USE_ENV_PROXY: '1', HTTP_PROXY: proxyUrl, HTTPS_PROXY: proxyUrl, NO_PROXY: '', no_proxy: '', NODE_OPTIONS: '' });
-  assert.equal(ran.code, 0, ran.stderr);
+  const ran = await runFile(process.execPath, ['--no-warnings', '--input-type=module', '-e', script], { env: { ...process.env, NODE_USE_ENV_PROXY: '1', HTTP_PROXY: proxyUrl, HTTPS_PROXY: proxyUrl, NO_PROXY: '', no_proxy: '', NODE_OPTIONS: '' }, timeoutMs: 60_000 });
+  assert.equal(ran.status, 0, ran.stderr);
   const out = JSON.parse(ran.stdout) as Record<string, unknown>;
   assert.deepEqual(out.allowed, [200, 'plain /ok\n']);
   assert.match(String(out['http://denied.test/doc']), /Proxy response \(403\)/);
