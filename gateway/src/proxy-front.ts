@@ -83,7 +83,8 @@ export class ProxyFront {
       if (settled) return;
       cleanup();
       this.#options.refused(reason);
-      this.#options.log.info({ event: 'proxy_protocol_refused', reason, peer: source, err: message }, 'connection refused before TLS');
+      // Debug, like failed TLS handshakes: anyone reaching the port could fill the log; the metric counts.
+      this.#options.log.debug({ event: 'proxy_protocol_refused', reason, peer: source, err: message }, 'connection refused before TLS');
       socket.destroy();
     };
     const handOff = (client: ClientAddress, rest: Buffer) => {
