@@ -1,0 +1,150 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { findPrincipalKey } from '../../registry/store.js';
+import { openToken } from '../../tpm/token.js';
+import { newP256Key } from '../helpers/pki.js';
+import { createDatabase, testServer } from '../helpers/postgres.js';
+import { RegistryFixture } from '../helpers/registry-fixture.js';
+import { QUIET_TPM_LOG_ENV, createPtoolKey, startSwtpm, type SwtpmInstance } from '../helpers/swtpm.js';
+import { describeRun, runCli, runInProcess, type CliRun } from './run-cli.js';
+
+/**
+ * Enrolment with TPM attestation through the registry CLI: a principal and an agent key proven
+ * TPM-resident against the configured EK CA, the policy that refuses unattested keys, and
+ * refusals that write nothing. Real swtpm (manufactured with EK certificates), real PostgreSQL.
+ */
+
+const USER_PIN = 'attest-cli-user-pin-4711';
+const SO_PIN = 'attest-cli-so-pin-0815';
+const SIDECAR_TOKEN = 'agent-gateway-sidecar';
+
+let tpm: SwtpmInstance;
+let foreignTpm: SwtpmInstance;
+let pgServer: Awaited<ReturnType<typeof testServer>>;
+let fixture: RegistryFixture;
+let scratch: string;
+let caPath: string;
+let env: NodeJS.ProcessEnv;
+let agentSpki: Buffer;
+
+const inProcess = (args: readonly string[], extra: NodeJS.ProcessEnv = {}) => runInProcess(args, { env: { ...env, ...extra } });
+
+function expectExit(run: CliRun, status: number, code?: string): void {
+  assert.equal(run.status, status, describeRun(run));
+  if (code) assert.equal(run.json.error?.code, code, describeRun(run));
+}
+
+async function count(table: string): Promise<number> {
+  return Number((await fixture.db.query(`SELECT count(*) AS n FROM ${table}`)).rows[0].n);
+}
+
+before(async () => {
+  scratch = mkdtempSync(join(tmpdir(), 'agw-attest-cli-'));
+  [tpm, foreignTpm] = await Promise.all([startSwtpm({ ekCaDir: join(scratch, 'ca') }), startSwtpm({ ekCaDir: join(scratch, 'foreign-ca') })]);
+  caPath = join(scratch, 'ca', 'ca.pem');
+  Object.assign(process.env, tpm.env, QUIET_TPM_LOG_ENV);
+  // The agent's key, made the way the sidecar makes it (PKCS#11 in its own token).
+  const token = openToken({ tokenLabel: SIDECAR_TOKEN, userPin: USER_PIN, soPin: SO_PIN, createIfMissing: true });
+  try {
+    agentSpki = token.generateP256Key('agent-tls').publicKeySpkiDer;
+  } finally {
+    token.close();
+  }
+  await createPtoolKey(foreignTpm, { token: SIDECAR_TOKEN, key: 'agent-tls', userPin: USER_PIN, soPin: SO_PIN });
+  pgServer = await testServer();
+  const databaseUrl = await createDatabase(pgServer.url);
+  fixture = await RegistryFixture.connect(databaseUrl);
+  env = { ...process.env, ...tpm.env, ...QUIET_TPM_LOG_ENV, AGENT_GATEWAY_DATABASE_URL: databaseUrl, AGENT_GATEWAY_TPM_USER_PIN: USER_PIN, AGENT_GATEWAY_TPM_SO_PIN: SO_PIN };
+  for (const name of ['AGENT_GATEWAY_TPM_TOKEN', 'AGENT_GATEWAY_PRINCIPAL_KEY_ID', 'AGENT_GATEWAY_EK_CA_FILE', 'AGENT_GATEWAY_SIDECAR_TPM_TOKEN', 'AGENT_GATEWAY_SIDECAR_TPM_KEY']) delete env[name];
+});
+
+after(async () => {
+  await fixture?.close();
+  pgServer?.close();
+  await Promise.all([tpm?.stop(), foreignTpm?.stop()]);
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
+});
+
+describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }, () => {
+  test('register-principal without an EK CA or --allow-unattested is refused before the TPM or the registry is touched', async () => {
+    const run = await inProcess(['--json', 'register-principal', 'org-alice']);
+    expectExit(run, 3, 'ERR_REFUSED_UNATTESTED');
+    assert.match(run.stderr, /hint: enrol the key with TPM evidence first/);
+    assert.equal(await findPrincipalKey(fixture.db, 'org-alice'), undefined);
+    assert.equal(await count('key_attestations'), 0);
+  });
+
+  test('register-principal --ek-ca: the principal key is attested and the evidence stored with it', async () => {
+    const run = await inProcess(['--json', 'register-principal', 'org-alice', '--ek-ca', caPath]);
+    expectExit(run, 0);
+    assert.equal(run.json.attestation.verified, true);
+    assert.match(run.json.attestation.ek_fingerprint, /^[0-9a-f]{64}$/);
+    console.log(`# principal enrolment with attestation: ${run.json.attestation_ms} ms`);
+    const { rows } = await fixture.db.query('SELECT verified, ek_certificate_sha256, evidence, verification FROM key_attestations WHERE public_key_spki_der = $1', [Buffer.from(run.json.public_key_spki_der, 'hex')]);
+    assert.equal(rows.length, 1);
+    assert.equal(rows[0].verified, true);
+    assert.equal(rows[0].ek_certificate_sha256, run.json.attestation.ek_fingerprint);
+    assert.equal(rows[0].evidence.format, 'agent-gateway-tpm-attestation-v1');
+    assert.deepEqual(Object.keys(rows[0].evidence).sort(), ['activation_proof_sha256', 'ak_public', 'certify_info', 'certify_signature', 'credential', 'ek_certificate', 'format', 'key_public']);
+    assert.ok(rows[0].verification.keyAttributes.includes('fixedTPM'));
+    const listed = await inProcess(['--json', 'list', 'principals']);
+    assert.deepEqual(listed.json.principals.map((p: { key_id: string; attestation: { verified: boolean } }) => [p.key_id, p.attestation.verified]), [['org-alice', true]]);
+    const human = await inProcess(['list', 'principals']);
+    assert.match(human.stdout, /ATTESTED[\s\S]*org-alice.*yes \d{4}-\d\d-\d\dT.* ek:[0-9a-f]{16}/);
+    expectExit(await inProcess(['grant-scope', 'org-alice', 'docstore']), 0);
+  });
+
+  test('grant-permission refuses an agent key without attestation, writes nothing; --allow-unattested grants it', async () => {
+    const software = newP256Key().spkiDer.toString('hex');
+    const base = ['--json', 'grant-permission', '--principal', 'org-alice', '--identity', 'agent-soft', '--spki', software, 'docstore'];
+    const refused = await inProcess(base);
+    expectExit(refused, 3, 'ERR_REFUSED_UNATTESTED');
+    assert.match(refused.json.error.message, /has no verified TPM attestation: enrol it first/);
+    assert.equal(await count('permission_registry'), 0);
+    const allowed = await inProcess([...base, '--allow-unattested']);
+    expectExit(allowed, 0);
+    assert.equal(allowed.json.subject_attested, false);
+    assert.match(allowed.stderr, /not TPM-attested; granting anyway/);
+  });
+
+  test('enrol-agent-key proves the sidecar\'s key lives in its TPM; then grant, list and explain show it', async () => {
+    const run = await inProcess(['--json', 'enrol-agent-key', '--spki', agentSpki.toString('hex'), '--ek-ca', caPath]);
+    expectExit(run, 0);
+    assert.equal(run.json.attestation.verified, true);
+    assert.equal(run.json.public_key_spki_der, agentSpki.toString('hex'));
+    console.log(`# agent enrolment with attestation: ${run.json.attestation_ms} ms`);
+    const grant = await inProcess(['--json', 'grant-permission', '--principal', 'org-alice', '--identity', 'agent-alpha', '--spki', agentSpki.toString('hex'), 'docstore']);
+    expectExit(grant, 0);
+    assert.equal(grant.json.subject_attested, true);
+    const listed = await inProcess(['--json', 'list', 'permissions', '--identity', 'agent-alpha']);
+    assert.equal(listed.json.permissions[0].subject_attestation.verified, true);
+    assert.equal(listed.json.permissions[0].subject_attestation.ek_fingerprint, run.json.attestation.ek_fingerprint);
+    const explained = await inProcess(['--json', 'explain', 'agent-alpha', 'docstore', '--spki', agentSpki.toString('hex')]);
+    expectExit(explained, 0);
+    assert.equal(explained.json.subject_attestation.verified, true);
+    const human = await inProcess(['explain', 'agent-alpha', 'docstore', '--spki', agentSpki.toString('hex')]);
+    assert.match(human.stdout, /agent key attestation: TPM-attested \(EK [0-9a-f]{16}…, verified /);
+  });
+
+  test('enrol-agent-key refuses a key other than the one given, and writes nothing', async () => {
+    const before = await count('key_attestations');
+    const run = await inProcess(['--json', 'enrol-agent-key', '--spki', newP256Key().spkiDer.toString('hex'), '--ek-ca', caPath]);
+    expectExit(run, 3, 'ERR_REFUSED_ATTESTATION_KEY_MISMATCH');
+    assert.equal(await count('key_attestations'), before);
+  });
+
+  test('an EK certificate from another CA (a second swtpm) is refused and writes nothing', async () => {
+    const before = await count('key_attestations');
+    const run = await runCli(['--json', 'enrol-agent-key', '--ek-ca', caPath], { env: { ...env, ...foreignTpm.env } });
+    expectExit(run, 3, 'ERR_REFUSED_ATTESTATION_EK_UNTRUSTED');
+    assert.match(run.stderr, /not signed by any configured EK CA/);
+    assert.match(run.stderr, /hint: the TPM's EK certificate must be issued by a CA in --ek-ca/);
+    assert.ok(!`${run.stdout}${run.stderr}`.includes(USER_PIN), 'the PIN never shows');
+    assert.equal(await count('key_attestations'), before);
+    // Without any CA there is nothing to check against: refused up front.
+    expectExit(await inProcess(['--json', 'enrol-agent-key']), 3, 'ERR_REFUSED_UNATTESTED');
+  });
+});
