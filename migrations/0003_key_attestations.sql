@@ -25,6 +25,22 @@ CREATE TABLE key_attestations (
 
 CREATE INDEX key_attestations_ek ON key_attestations (ek_certificate_sha256);
 
+-- Challenges of enrolments split across machines (`attest challenge` on the registry side,
+-- `attest activate` where the TPM is, `enrol-agent-key --proof` back on the registry side). Only
+-- the SHA-256 of the secret is kept; a challenge is used once, and refused after expires_at.
+CREATE TABLE attestation_challenges (
+    challenge_id          text PRIMARY KEY CHECK (challenge_id ~ '^chal-[0-9a-f-]{36}$'),
+    public_key_spki_der   bytea NOT NULL CHECK (octet_length(public_key_spki_der) > 0),
+    -- The evidence the TPM side sent (format agent-gateway-tpm-evidence-v1), verified when the
+    -- challenge was made, plus the credential made for it.
+    evidence              jsonb NOT NULL,
+    secret_sha256         bytea NOT NULL CHECK (octet_length(secret_sha256) = 32),
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    expires_at            timestamptz NOT NULL,
+    used_at               timestamptz NULL,
+    CHECK (expires_at > created_at)
+);
+
 UPDATE schema_version SET version = 3;
 
 COMMIT;

@@ -55,3 +55,44 @@ export function attestationSummary(row: KeyAttestationRow | undefined): { verifi
 export function describeAttestation(row: KeyAttestationRow | undefined): string {
   return row && row.verified ? `TPM-attested (EK ${row.ekFingerprint.slice(0, 16)}…, verified ${row.verifiedAt})` : 'not attested';
 }
+
+export interface ChallengeRow {
+  readonly challengeId: string;
+  readonly publicKeySpkiDer: Buffer;
+  readonly evidence: Record<string, unknown>;
+  readonly secretSha256: Buffer;
+  readonly usedAt: CanonicalTimestamp | null;
+  readonly expired: boolean;
+}
+
+/** Records a challenge made for an enrolment; it may be answered once, before `validForSeconds` pass. */
+export async function insertChallenge(db: Queryable, input: { challengeId: string; spkiDer: Buffer; evidence: Record<string, unknown>; secretSha256: Buffer; validForSeconds: number }): Promise<void> {
+  await db.query(
+    `INSERT INTO attestation_challenges (challenge_id, public_key_spki_der, evidence, secret_sha256, expires_at)
+     VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))`,
+    [input.challengeId, input.spkiDer, JSON.stringify(input.evidence), input.secretSha256, input.validForSeconds],
+  );
+}
+
+/** One challenge, locked until the transaction ends so two answers cannot both use it. */
+export async function lockChallenge(db: Queryable, challengeId: string): Promise<ChallengeRow | undefined> {
+  const { rows } = await db.query(
+    `SELECT challenge_id, public_key_spki_der, evidence, secret_sha256, ${sqlCanonicalTimestamp('used_at')} AS used_at, expires_at <= now() AS expired
+       FROM attestation_challenges WHERE challenge_id = $1 FOR UPDATE`,
+    [challengeId],
+  );
+  const row = rows[0];
+  if (!row) return undefined;
+  return {
+    challengeId: row.challenge_id as string,
+    publicKeySpkiDer: row.public_key_spki_der as Buffer,
+    evidence: row.evidence as Record<string, unknown>,
+    secretSha256: row.secret_sha256 as Buffer,
+    usedAt: row.used_at as CanonicalTimestamp | null,
+    expired: row.expired as boolean,
+  };
+}
+
+export async function markChallengeUsed(db: Queryable, challengeId: string): Promise<void> {
+  await db.query('UPDATE attestation_challenges SET used_at = now() WHERE challenge_id = $1', [challengeId]);
+}

@@ -29,6 +29,9 @@ export class AttestationError extends AgentGatewayError {
   }
 }
 
+/** The evidence before activation: what the TPM side sends first. */
+export type StaticEvidence = Omit<AttestationEvidence, 'credential' | 'activationProof'>;
+
 /** The binary parts of the evidence, as the TPM produced them. */
 export interface AttestationEvidence {
   /** DER of the EK certificate read from NV index 0x01c00002 (RSA 2048 EK). */
@@ -52,8 +55,8 @@ export interface VerifyOptions {
   readonly caCertificates: readonly X509Certificate[];
   /** The SPKI DER being enrolled: the certified key must be exactly this key. */
   readonly enrolledSpkiDer: Buffer;
-  /** The secret made for this enrolment (never reused): the activation proof must equal it. */
-  readonly expectedSecret: Buffer;
+  /** SHA-256 of the secret made for this enrolment (never reused): the activation proof must hash to it. */
+  readonly expectedSecretSha256: Buffer;
   readonly now: Date;
 }
 
@@ -275,7 +278,7 @@ function missing(attributes: number, required: readonly (keyof typeof TPMA)[]): 
  * certifies. Returns the AK's name and the EK's public key, which the verifier then makes the
  * credential for.
  */
-export function verifyStatic(evidence: Omit<AttestationEvidence, 'credential' | 'activationProof'>, options: Omit<VerifyOptions, 'expectedSecret'>): { verified: VerifiedAttestation; ekPublicKey: KeyObject; ak: EccPublicArea } {
+export function verifyStatic(evidence: StaticEvidence, options: Omit<VerifyOptions, 'expectedSecretSha256'>): { verified: VerifiedAttestation; ekPublicKey: KeyObject; ak: EccPublicArea } {
   const { ek, ca, ekPublicKey } = verifyEkCertificate(evidence.ekCertificate, options.caCertificates, options.now);
   const ak = parseEccPublic(evidence.akPublic, 'AK public area');
   const akMissing = missing(ak.attributes, AK_REQUIRED);
@@ -319,8 +322,8 @@ export function verifyStatic(evidence: Omit<AttestationEvidence, 'credential' | 
 /** Every check, activation included. Throws AttestationError naming the first link that fails. */
 export function verifyAttestation(evidence: AttestationEvidence, options: VerifyOptions): VerifiedAttestation {
   const { verified } = verifyStatic(evidence, options);
-  const proof = evidence.activationProof;
-  if (options.expectedSecret.length === 0 || proof.length !== options.expectedSecret.length || !timingSafeEqual(proof, options.expectedSecret)) {
+  const proofHash = createHash('sha256').update(evidence.activationProof).digest();
+  if (evidence.activationProof.length === 0 || options.expectedSecretSha256.length !== proofHash.length || !timingSafeEqual(proofHash, options.expectedSecretSha256)) {
     throw new AttestationError('ERR_REFUSED_ATTESTATION_ACTIVATION', 'the activation proof is not the secret made for this enrolment: the AK is not in the TPM holding this EK, or the proof was replayed');
   }
   return verified;
@@ -348,6 +351,54 @@ export function evidenceDocument(evidence: AttestationEvidence): EvidenceDocumen
     certify_signature: evidence.certifySignature.toString('base64'),
     credential: evidence.credential.toString('base64'),
     activation_proof_sha256: sha256Hex(evidence.activationProof),
+  };
+}
+
+/** The first message of a split enrolment: the TPM side's evidence, before any challenge. */
+export const EVIDENCE_REQUEST_FORMAT = 'agent-gateway-tpm-evidence-v1';
+
+export function evidenceRequestDocument(evidence: StaticEvidence): Record<string, string> {
+  return {
+    format: EVIDENCE_REQUEST_FORMAT,
+    ek_certificate: evidence.ekCertificate.toString('base64'),
+    ak_public: evidence.akPublic.toString('base64'),
+    key_public: evidence.keyPublic.toString('base64'),
+    certify_info: evidence.certifyInfo.toString('base64'),
+    certify_signature: evidence.certifySignature.toString('base64'),
+  };
+}
+
+const MAX_FIELD_BYTES = 8192;
+
+/** Decodes one base64 field of a hostile JSON document: present, canonical base64, bounded. */
+export function base64Field(document: Record<string, unknown>, name: string, what: string): Buffer {
+  const value = document[name];
+  if (typeof value !== 'string' || value.length === 0 || value.length > (MAX_FIELD_BYTES * 4) / 3 + 4 || !/^[A-Za-z0-9+/]+={0,2}$/.test(value)) {
+    throw malformed(`${what}: field ${name} is missing or not base64 of at most ${MAX_FIELD_BYTES} bytes`);
+  }
+  const bytes = Buffer.from(value, 'base64');
+  if (bytes.toString('base64') !== value) throw malformed(`${what}: field ${name} is not canonical base64`);
+  return bytes;
+}
+
+/** Parses the evidence a TPM side sent (EVIDENCE_REQUEST_FORMAT), refusing anything else. */
+export function parseEvidenceRequest(text: string): StaticEvidence {
+  let document: unknown;
+  try {
+    document = JSON.parse(text);
+  } catch {
+    throw malformed('the evidence is not JSON');
+  }
+  if (typeof document !== 'object' || document === null || Array.isArray(document) || (document as Record<string, unknown>).format !== EVIDENCE_REQUEST_FORMAT) {
+    throw malformed(`the evidence is not a ${EVIDENCE_REQUEST_FORMAT} document`);
+  }
+  const fields = document as Record<string, unknown>;
+  return {
+    ekCertificate: base64Field(fields, 'ek_certificate', 'evidence'),
+    akPublic: base64Field(fields, 'ak_public', 'evidence'),
+    keyPublic: base64Field(fields, 'key_public', 'evidence'),
+    certifyInfo: base64Field(fields, 'certify_info', 'evidence'),
+    certifySignature: base64Field(fields, 'certify_signature', 'evidence'),
   };
 }
 

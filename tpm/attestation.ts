@@ -15,7 +15,7 @@
  * as --userpin (for the second it runs); the object's auth value goes through a 0600 file.
  */
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TpmError } from './errors.js';
@@ -34,11 +34,16 @@ export interface TpmSideEvidence {
 }
 
 export interface AttestorOptions {
-  readonly tokenLabel: string;
-  readonly keyLabel: string;
-  readonly userPin: string;
+  /** The tpm2-pkcs11 key to certify; needed by collect() only. */
+  readonly key?: { readonly tokenLabel: string; readonly keyLabel: string; readonly userPin: string };
   /** Environment for the tools: TPM2TOOLS_TCTI or TPM2_PKCS11_TCTI, TPM2_PKCS11_STORE, DBUS_SESSION_BUS_ADDRESS. */
   readonly env: NodeJS.ProcessEnv;
+  /**
+   * Where the EK and AK contexts live between collect() and activate(). A private temp dir by
+   * default (removed by close()); a directory given here is kept, so a later process can answer
+   * the verifier's challenge with the same AK (TPM context blobs stay loadable until the TPM resets).
+   */
+  readonly stateDir?: string;
 }
 
 function toolEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
@@ -100,11 +105,18 @@ export class TpmAttestor {
   readonly #options: AttestorOptions;
   readonly #env: NodeJS.ProcessEnv;
   readonly #dir: string;
+  readonly #ownsDir: boolean;
 
   constructor(options: AttestorOptions) {
     this.#options = options;
     this.#env = toolEnv(options.env);
-    this.#dir = mkdtempSync(join(tmpdir(), 'agw-attest-'));
+    this.#ownsDir = options.stateDir === undefined;
+    if (options.stateDir === undefined) {
+      this.#dir = mkdtempSync(join(tmpdir(), 'agw-attest-'));
+    } else {
+      mkdirSync(options.stateDir, { recursive: true, mode: 0o700 });
+      this.#dir = options.stateDir;
+    }
   }
 
   #path(name: string): string {
@@ -113,7 +125,8 @@ export class TpmAttestor {
 
   async collect(): Promise<TpmSideEvidence> {
     const env = this.#env;
-    const { tokenLabel, keyLabel, userPin } = this.#options;
+    if (!this.#options.key) throw new TpmError('ERR_TPM_INVALID_ARGUMENT', 'collecting evidence needs the token, key label and user PIN');
+    const { tokenLabel, keyLabel, userPin } = this.#options.key;
     await runTool('tpm2_nvread', [RSA_EK_CERT_NV_INDEX, '-o', this.#path('ek.der')], env, `reading the EK certificate at NV ${RSA_EK_CERT_NV_INDEX}`);
     await runTool('tpm2_createek', ['-c', this.#path('ek.ctx'), '-G', 'rsa', '-u', this.#path('ek.pub')], env, 'creating the EK');
     await runTool('tpm2_createak', ['-C', this.#path('ek.ctx'), '-c', this.#path('ak.ctx'), '-G', 'ecc', '-g', 'sha256', '-s', 'ecdsa', '-u', this.#path('ak.pub'), '-n', this.#path('ak.name')], env, 'creating the attestation key');
@@ -128,9 +141,14 @@ export class TpmAttestor {
     writeFileSync(this.#path('key.pub'), key.publicBlob);
     writeFileSync(this.#path('key.priv'), key.privateBlob);
     writeFileSync(this.#path('key.auth'), auth, { mode: 0o600 });
-    await runTool('tpm2_load', ['-C', `0x${key.parent.toString(16)}`, '-u', this.#path('key.pub'), '-r', this.#path('key.priv'), '-c', this.#path('key.ctx')], env, 'loading the key');
-    await runTool('tpm2_certify', ['-c', this.#path('key.ctx'), '-P', `file:${this.#path('key.auth')}`, '-C', this.#path('ak.ctx'), '-g', 'sha256', '-o', this.#path('attest'), '-s', this.#path('signature')], env, 'certifying the key with the AK');
-    await runTool('tpm2_flushcontext', [this.#path('key.ctx')], env, 'unloading the key').catch(() => undefined);
+    try {
+      await this.#certify(key.parent, env);
+    } finally {
+      // The object's auth value must not outlive the certification in a kept state dir.
+      rmSync(this.#path('key.auth'), { force: true });
+      rmSync(this.#path('key.pem'), { force: true });
+      rmSync(this.#path('key.priv'), { force: true });
+    }
     return {
       ekCertificate: readFileSync(this.#path('ek.der')),
       akPublic: readFileSync(this.#path('ak.pub')),
@@ -141,9 +159,18 @@ export class TpmAttestor {
     };
   }
 
+  async #certify(parent: number, env: NodeJS.ProcessEnv): Promise<void> {
+    await runTool('tpm2_load', ['-C', `0x${parent.toString(16)}`, '-u', this.#path('key.pub'), '-r', this.#path('key.priv'), '-c', this.#path('key.ctx')], env, 'loading the key');
+    await runTool('tpm2_certify', ['-c', this.#path('key.ctx'), '-P', `file:${this.#path('key.auth')}`, '-C', this.#path('ak.ctx'), '-g', 'sha256', '-o', this.#path('attest'), '-s', this.#path('signature')], env, 'certifying the key with the AK');
+    await runTool('tpm2_flushcontext', [this.#path('key.ctx')], env, 'unloading the key').catch(() => undefined);
+  }
+
   /** TPM2_ActivateCredential with the AK from collect() and the EK (policy: endorsement secret). */
   async activate(credential: Buffer): Promise<Buffer> {
     const env = this.#env;
+    for (const context of ['ek.ctx', 'ak.ctx']) {
+      if (!existsSync(this.#path(context))) throw new TpmError('ERR_TPM_ATTESTATION', `no ${context} in ${this.#dir}: collect the evidence first, with the same state directory`);
+    }
     writeFileSync(this.#path('credential'), credential);
     const session = this.#path('session.ctx');
     await runTool('tpm2_startauthsession', ['--policy-session', '-S', session], env, 'starting a policy session');
@@ -153,11 +180,15 @@ export class TpmAttestor {
     } finally {
       await runTool('tpm2_flushcontext', [session], env, 'closing the policy session').catch(() => undefined);
     }
-    return readFileSync(this.#path('secret'));
+    try {
+      return readFileSync(this.#path('secret'));
+    } finally {
+      rmSync(this.#path('secret'), { force: true });
+    }
   }
 
   close(): void {
-    rmSync(this.#dir, { recursive: true, force: true });
+    if (this.#ownsDir) rmSync(this.#dir, { recursive: true, force: true });
   }
 }
 

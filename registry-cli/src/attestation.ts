@@ -1,4 +1,4 @@
-import { randomBytes, type X509Certificate } from 'node:crypto';
+import { createHash, randomBytes, type X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { AttestationError, evidenceDocument, parseCaBundle, verifyAttestation, verifyStatic, type EvidenceDocument, type VerifiedAttestation } from '../../registry/attestation.js';
 import { EK_CA_VARIABLE } from './environment.js';
@@ -54,7 +54,7 @@ export interface TokenKeyAttestation {
 export async function attestTokenKey(env: NodeJS.ProcessEnv, key: { tokenLabel: string; keyLabel: string; userPin: string; spkiDer: Buffer }, caCertificates: readonly X509Certificate[]): Promise<TokenKeyAttestation> {
   const started = performance.now();
   const { TpmAttestor, makeCredential } = await import('../../tpm/attestation.js');
-  const attestor = new TpmAttestor({ tokenLabel: key.tokenLabel, keyLabel: key.keyLabel, userPin: key.userPin, env });
+  const attestor = new TpmAttestor({ key, env });
   try {
     const collected = await attestor.collect();
     const options = { caCertificates, enrolledSpkiDer: key.spkiDer, now: new Date() };
@@ -70,9 +70,52 @@ export async function attestTokenKey(env: NodeJS.ProcessEnv, key: { tokenLabel: 
       throw new AttestationError('ERR_REFUSED_ATTESTATION_ACTIVATION', `the TPM could not activate the credential made for its EK certificate and AK (${(error as Error).message}): the AK is not in the TPM that holds this EK`, { cause: error });
     }
     const evidence = { ...collected, credential, activationProof };
-    const verified = verifyAttestation(evidence, { ...options, expectedSecret: secret });
+    const verified = verifyAttestation(evidence, { ...options, expectedSecretSha256: createHash('sha256').update(secret).digest() });
     return { evidence: evidenceDocument(evidence), verified, elapsedMs: Math.round(performance.now() - started) };
   } finally {
     attestor.close();
   }
 }
+
+/** The sidecar's defaults and variables (sidecar/src/config.ts): the key it presents is the one to enrol. */
+export const SIDECAR_TOKEN_VARIABLE = 'AGENT_GATEWAY_SIDECAR_TPM_TOKEN';
+export const SIDECAR_KEY_VARIABLE = 'AGENT_GATEWAY_SIDECAR_TPM_KEY';
+export const DEFAULT_SIDECAR_TOKEN = 'agent-gateway-sidecar';
+export const DEFAULT_SIDECAR_KEY = 'agent-tls';
+
+export function sidecarKeyLabels(env: NodeJS.ProcessEnv, options: { tokenLabel?: string; keyLabel?: string }): { tokenLabel: string; keyLabel: string } {
+  return {
+    tokenLabel: options.tokenLabel ?? (env[SIDECAR_TOKEN_VARIABLE] || DEFAULT_SIDECAR_TOKEN),
+    keyLabel: options.keyLabel ?? (env[SIDECAR_KEY_VARIABLE] || DEFAULT_SIDECAR_KEY),
+  };
+}
+
+export const CHALLENGE_FORMAT = 'agent-gateway-tpm-challenge-v1';
+export const PROOF_FORMAT = 'agent-gateway-tpm-proof-v1';
+export const CHALLENGE_VALID_SECONDS = 600;
+
+export function readJsonFile(option: string, path: string, format: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    throw new UsageError(`cannot read ${option} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+  }
+  let document: unknown;
+  try {
+    document = JSON.parse(text);
+  } catch {
+    throw new AttestationError('ERR_REFUSED_ATTESTATION_MALFORMED', `${option} ${path} is not JSON`);
+  }
+  if (typeof document !== 'object' || document === null || Array.isArray(document) || (document as Record<string, unknown>).format !== format) {
+    throw new AttestationError('ERR_REFUSED_ATTESTATION_MALFORMED', `${option} ${path} is not a ${format} document`);
+  }
+  return document as Record<string, unknown>;
+}
+
+export function challengeIdOf(document: Record<string, unknown>, what: string): string {
+  const id = document.challenge_id;
+  if (typeof id !== 'string' || !/^chal-[0-9a-f-]{36}$/.test(id)) throw new AttestationError('ERR_REFUSED_ATTESTATION_MALFORMED', `${what}: challenge_id is missing or malformed`);
+  return id;
+}
+

@@ -125,7 +125,33 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .option('--user-pin-file <file>', `file holding the token's user PIN (default: $${USER_PIN_VARIABLE})`)
     .option('--ek-ca <pem-file>', `CA certificates trusted to issue EK certificates (default: $${EK_CA_VARIABLE})`)
     .option('--oid <oid>', 'OID of the identity extension read from --cert', DEFAULT_IDENTITY_OID)
+    .option('--proof <file>', 'finish an enrolment split across machines with the proof from `attest activate` (no TPM needed here)')
     .action(run(async () => (await import('./commands/enrol-agent-key.js')).enrolAgentKey));
+
+  const attest = program.command('attest').description('enrol a key whose TPM the registry side cannot reach: collect (TPM) → challenge (registry) → activate (TPM) → enrol-agent-key --proof (registry)');
+  attest
+    .command('collect')
+    .description('where the TPM is: write the evidence (EK certificate, a new attestation key, its certification of the sidecar key); no database needed')
+    .requiredOption('--out <file>', 'evidence JSON to give to the registry side')
+    .requiredOption('--state-dir <dir>', 'private directory keeping the EK and AK contexts until attest activate')
+    .option('--token-label <label>', 'tpm2-pkcs11 token of the sidecar (default: $AGENT_GATEWAY_SIDECAR_TPM_TOKEN, else agent-gateway-sidecar)')
+    .option('--key-label <label>', 'label of the sidecar\'s TLS key (default: $AGENT_GATEWAY_SIDECAR_TPM_KEY, else agent-tls)')
+    .option('--user-pin-file <file>', `file holding the token's user PIN (default: $${USER_PIN_VARIABLE})`)
+    .action(run(async () => (await import('./commands/attest.js')).attestCollect));
+  subjectOptions(attest.command('challenge'), false)
+    .description('registry side: verify the evidence against the EK CAs and write a single-use challenge only that TPM can answer')
+    .requiredOption('--evidence <file>', 'evidence JSON from attest collect')
+    .requiredOption('--out <file>', 'challenge JSON to give to the TPM side')
+    .option('--ek-ca <pem-file>', `CA certificates trusted to issue EK certificates (default: $${EK_CA_VARIABLE})`)
+    .option('--oid <oid>', 'OID of the identity extension read from --cert', DEFAULT_IDENTITY_OID)
+    .action(run(async () => (await import('./commands/attest.js')).attestChallenge));
+  attest
+    .command('activate')
+    .description('where the TPM is: answer the challenge with the attestation key from attest collect; no database needed')
+    .requiredOption('--challenge <file>', 'challenge JSON from attest challenge')
+    .requiredOption('--state-dir <dir>', 'the directory given to attest collect')
+    .requiredOption('--out <file>', 'proof JSON (private, written 0600) for enrol-agent-key --proof')
+    .action(run(async () => (await import('./commands/attest.js')).attestActivate));
 
   timeOptions(program.command('grant-scope'), 'delegation')
     .description('admin: allow principal KEY_ID to delegate these destinations (stored normalised: docstore -> docstore:443); re-granting reactivates')

@@ -48,7 +48,7 @@ test('0001, 0002 then 0003 apply to an empty database with psql -v ON_ERROR_STOP
   const third = psql(url, ATTESTATION_FILE);
   assert.equal(third.status, 0, third.stderr);
   assert.deepEqual(await snapshot(url), {
-    tables: ['audit_log', 'key_attestations', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'registry_changes', 'schema_version'],
+    tables: ['attestation_challenges', 'audit_log', 'key_attestations', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'registry_changes', 'schema_version'],
     versions: [SCHEMA_VERSION],
   });
   assert.equal(SCHEMA_VERSION, 3);

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -156,5 +156,63 @@ describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }
     assert.equal(await count('key_attestations'), before);
     // Without any CA there is nothing to check against: refused up front.
     expectExit(await inProcess(['--json', 'enrol-agent-key']), 3, 'ERR_REFUSED_UNATTESTED');
+  });
+
+  describe('split across machines: attest collect → challenge → activate → enrol-agent-key --proof', { concurrency: false }, () => {
+    const file = (name: string) => join(scratch, name);
+    // The TPM side has no database; the registry side has no TPM.
+    const tpmSide = (args: readonly string[], which = tpm) => inProcess(args, { ...which.env, AGENT_GATEWAY_DATABASE_URL: '' });
+    const registrySide = (args: readonly string[]) => inProcess(args, { TPM2_PKCS11_TCTI: '', TPM2TOOLS_TCTI: '', TPM2_PKCS11_STORE: '' });
+    const challengeRows = async () => Number((await fixture.db.query('SELECT count(*) AS n FROM attestation_challenges')).rows[0].n);
+
+    test('the four steps enrol the key; the proof is private; replaying it is refused and writes nothing', async () => {
+      expectExit(await tpmSide(['--json', 'attest', 'collect', '--out', file('evidence.json'), '--state-dir', file('attest-state')]), 0);
+      const challenge = await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('challenge.json'), '--ek-ca', caPath, '--spki', agentSpki.toString('hex')]);
+      expectExit(challenge, 0);
+      assert.match(challenge.json.challenge_id, /^chal-/);
+      expectExit(await tpmSide(['--json', 'attest', 'activate', '--challenge', file('challenge.json'), '--state-dir', file('attest-state'), '--out', file('proof.json')]), 0);
+      assert.equal(statSync(file('proof.json')).mode & 0o777, 0o600);
+      const enrolled = await registrySide(['--json', 'enrol-agent-key', '--proof', file('proof.json'), '--ek-ca', caPath]);
+      expectExit(enrolled, 0);
+      assert.equal(enrolled.json.attestation.verified, true);
+      assert.equal(enrolled.json.public_key_spki_der, agentSpki.toString('hex'));
+      const before = await fixture.db.query('SELECT verified_at::text FROM key_attestations WHERE public_key_spki_der = $1', [agentSpki]);
+      const replay = await registrySide(['--json', 'enrol-agent-key', '--proof', file('proof.json'), '--ek-ca', caPath]);
+      expectExit(replay, 3, 'ERR_REFUSED_ATTESTATION_ACTIVATION');
+      assert.match(replay.json.error.message, /answered already/);
+      assert.deepEqual((await fixture.db.query('SELECT verified_at::text FROM key_attestations WHERE public_key_spki_der = $1', [agentSpki])).rows, before.rows);
+    });
+
+    test('a proof that is not the secret, or for an expired or unknown challenge, is refused and consumes nothing', async () => {
+      expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('challenge2.json'), '--ek-ca', caPath]), 0);
+      const proof = JSON.parse(readFileSync(file('proof.json'), 'utf8'));
+      const challengeId = JSON.parse(readFileSync(file('challenge2.json'), 'utf8')).challenge_id;
+      // The old secret presented for the new challenge: the credential activation never happened.
+      writeFileSync(file('wrong-proof.json'), JSON.stringify({ ...proof, challenge_id: challengeId }));
+      expectExit(await registrySide(['--json', 'enrol-agent-key', '--proof', file('wrong-proof.json'), '--ek-ca', caPath]), 3, 'ERR_REFUSED_ATTESTATION_ACTIVATION');
+      assert.equal((await fixture.db.query('SELECT used_at FROM attestation_challenges WHERE challenge_id = $1', [challengeId])).rows[0].used_at, null);
+      writeFileSync(file('unknown-proof.json'), JSON.stringify({ ...proof, challenge_id: 'chal-00000000-0000-4000-8000-000000000000' }));
+      expectExit(await registrySide(['--json', 'enrol-agent-key', '--proof', file('unknown-proof.json'), '--ek-ca', caPath]), 3, 'ERR_REFUSED_ATTESTATION_ACTIVATION');
+      expectExit(await tpmSide(['--json', 'attest', 'activate', '--challenge', file('challenge2.json'), '--state-dir', file('attest-state'), '--out', file('proof2.json')]), 0);
+      await fixture.db.query(`UPDATE attestation_challenges SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 hour' WHERE challenge_id = $1`, [challengeId]);
+      const expired = await registrySide(['--json', 'enrol-agent-key', '--proof', file('proof2.json'), '--ek-ca', caPath]);
+      expectExit(expired, 3, 'ERR_REFUSED_ATTESTATION_ACTIVATION');
+      assert.match(expired.json.error.message, /has expired/);
+    });
+
+    test('a challenge is refused for evidence from an untrusted EK, altered evidence, or another key; no challenge is stored', async () => {
+      const before = await challengeRows();
+      expectExit(await tpmSide(['--json', 'attest', 'collect', '--out', file('foreign-evidence.json'), '--state-dir', file('foreign-state')], foreignTpm), 0);
+      expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('foreign-evidence.json'), '--out', file('c.json'), '--ek-ca', caPath]), 3, 'ERR_REFUSED_ATTESTATION_EK_UNTRUSTED');
+      const evidence = JSON.parse(readFileSync(file('evidence.json'), 'utf8'));
+      const signature = Buffer.from(evidence.certify_signature, 'base64');
+      signature[10] = signature[10]! ^ 0x01;
+      writeFileSync(file('altered.json'), JSON.stringify({ ...evidence, certify_signature: signature.toString('base64') }));
+      expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('altered.json'), '--out', file('c.json'), '--ek-ca', caPath]), 3, 'ERR_REFUSED_ATTESTATION_SIGNATURE');
+      writeFileSync(file('garbage.json'), JSON.stringify({ ...evidence, ak_public: 'not base64!' }));
+      expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('garbage.json'), '--out', file('c.json'), '--ek-ca', caPath]), 3, 'ERR_REFUSED_ATTESTATION_MALFORMED');
+      expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('c.json'), '--ek-ca', caPath, '--spki', newP256Key().spkiDer.toString('hex')]), 3, 'ERR_REFUSED_ATTESTATION_KEY_MISMATCH');
+      assert.equal(await challengeRows(), before);
+    });
   });
 });

@@ -22,6 +22,7 @@ const TOKEN = 'agent-gateway-sidecar';
 const KEY = 'agent-tls';
 const USER_PIN = 'attest-user-pin-4711';
 const SO_PIN = 'attest-so-pin-0815';
+const KEY_REF = { tokenLabel: TOKEN, keyLabel: KEY, userPin: USER_PIN };
 
 let tpmA: SwtpmInstance;
 let tpmB: SwtpmInstance;
@@ -44,7 +45,7 @@ function envOf(tpm: SwtpmInstance): NodeJS.ProcessEnv {
 /** One full enrolment as the registry CLI runs it, keeping the parts the refusal tables alter. */
 async function enrol(tpm: SwtpmInstance, spki: Buffer, cas: readonly X509Certificate[]): Promise<Enrolment> {
   const started = performance.now();
-  const attestor = new TpmAttestor({ tokenLabel: TOKEN, keyLabel: KEY, userPin: USER_PIN, env: envOf(tpm) });
+  const attestor = new TpmAttestor({ key: KEY_REF, env: envOf(tpm) });
   try {
     const collected = await attestor.collect();
     const { ekPublicKey, ak } = verifyStatic(collected, { caCertificates: cas, enrolledSpkiDer: spki, now: new Date() });
@@ -58,7 +59,7 @@ async function enrol(tpm: SwtpmInstance, spki: Buffer, cas: readonly X509Certifi
 }
 
 function verify(evidence: AttestationEvidence, secret: Buffer, overrides: { cas?: readonly X509Certificate[]; spki?: Buffer } = {}): VerifiedAttestation {
-  return verifyAttestation(evidence, { caCertificates: overrides.cas ?? trusted, enrolledSpkiDer: overrides.spki ?? spkiA, expectedSecret: secret, now: new Date() });
+  return verifyAttestation(evidence, { caCertificates: overrides.cas ?? trusted, enrolledSpkiDer: overrides.spki ?? spkiA, expectedSecretSha256: createHash('sha256').update(secret).digest(), now: new Date() });
 }
 
 function flip(buffer: Buffer, offset: number, mask = 0x01): Buffer {
@@ -109,7 +110,7 @@ before(async () => {
   }
   // TPM B: a key made with tpm2_ptool, the other way tpm2-pkcs11 keys come to exist.
   await createPtoolKey(tpmB, { token: TOKEN, key: KEY, userPin: USER_PIN, soPin: SO_PIN });
-  const attestorB = new TpmAttestor({ tokenLabel: TOKEN, keyLabel: KEY, userPin: USER_PIN, env: envOf(tpmB) });
+  const attestorB = new TpmAttestor({ key: KEY_REF, env: envOf(tpmB) });
   try {
     const { parseEccPublic } = await import('../../registry/attestation.js');
     spkiB = parseEccPublic((await attestorB.collect()).keyPublic, 'key B').spkiDer;
@@ -212,7 +213,7 @@ describe('TPM attestation at enrolment (swtpm with EK certificates)', { concurre
     const secret = randomBytes(32);
     const credential = await makeCredential(ekPublicKey.export({ type: 'spki', format: 'pem' }).toString(), parsedAk.name, secret);
     // The forger owns TPM A and its real AK, but the credential names the software AK.
-    const attestor = new TpmAttestor({ tokenLabel: TOKEN, keyLabel: KEY, userPin: USER_PIN, env: envOf(tpmA) });
+    const attestor = new TpmAttestor({ key: KEY_REF, env: envOf(tpmA) });
     try {
       await attestor.collect();
       await assert.rejects(attestor.activate(credential), { code: 'ERR_TPM_ATTESTATION' });
@@ -225,7 +226,7 @@ describe('TPM attestation at enrolment (swtpm with EK certificates)', { concurre
   test('an AK from TPM A cannot answer a credential made for TPM B\'s EK', async () => {
     const b = await enrol(tpmB, spkiB, otherCa);
     const ekB = new (await import('node:crypto')).X509Certificate(b.evidence.ekCertificate).publicKey;
-    const attestor = new TpmAttestor({ tokenLabel: TOKEN, keyLabel: KEY, userPin: USER_PIN, env: envOf(tpmA) });
+    const attestor = new TpmAttestor({ key: KEY_REF, env: envOf(tpmA) });
     try {
       const collected = await attestor.collect();
       const { ak } = verifyStatic(collected, { caCertificates: trusted, enrolledSpkiDer: spkiA, now: new Date() });
