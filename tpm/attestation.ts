@@ -65,11 +65,13 @@ function runTool(file: string, args: readonly string[], env: NodeJS.ProcessEnv, 
 
 /** Reads one DER TLV at `offset`; returns [tag, value start, value end]. */
 function tlv(der: Buffer, offset: number): [number, number, number] {
+  if (offset + 2 > der.length) throw new Error('truncated DER');
   const tag = der[offset]!;
   let length = der[offset + 1]!;
   let start = offset + 2;
   if (length & 0x80) {
     const count = length & 0x7f;
+    if (count === 0 || count > 4 || start + count > der.length) throw new Error('bad DER length');
     length = 0;
     for (let i = 0; i < count; i++) length = length * 256 + der[start + i]!;
     start += count;
@@ -78,21 +80,39 @@ function tlv(der: Buffer, offset: number): [number, number, number] {
   return [tag, start, start + length];
 }
 
+/**
+ * The certificate inside an NV index's contents: on hardware TPMs the index may be larger than the
+ * certificate (padding after the DER), so keep exactly the outer SEQUENCE.
+ */
+export function certificateDer(nv: Buffer): Buffer {
+  try {
+    const [tag, , end] = tlv(nv, 0);
+    if (tag === 0x30) return nv.subarray(0, end);
+  } catch {
+    // not DER: the verifier says so with the whole contents in hand
+  }
+  return nv;
+}
+
 /** The parent handle and blobs of a `TSS2 PRIVATE KEY` PEM (the TPM 2.0 key file format tpm2_ptool export writes). */
 export function parseTss2PrivateKey(pem: string): { parent: number; publicBlob: Buffer; privateBlob: Buffer } {
   const body = /-----BEGIN TSS2 PRIVATE KEY-----([\s\S]+?)-----END TSS2 PRIVATE KEY-----/.exec(pem)?.[1];
   if (!body) throw new TpmError('ERR_TPM_ATTESTATION', 'tpm2_ptool export wrote no TSS2 PRIVATE KEY');
   const der = Buffer.from(body.replace(/\s+/g, ''), 'base64');
-  const [, seqStart, seqEnd] = tlv(der, 0);
   const fields: [number, Buffer][] = [];
-  for (let offset = seqStart; offset < seqEnd;) {
-    const [tag, start, end] = tlv(der, offset);
-    fields.push([tag, der.subarray(start, end)]);
-    offset = end;
+  try {
+    const [, seqStart, seqEnd] = tlv(der, 0);
+    for (let offset = seqStart; offset < seqEnd;) {
+      const [tag, start, end] = tlv(der, offset);
+      fields.push([tag, der.subarray(start, end)]);
+      offset = end;
+    }
+  } catch (error) {
+    throw new TpmError('ERR_TPM_ATTESTATION', `tpm2_ptool export wrote a malformed TSS2 PRIVATE KEY: ${(error as Error).message}`, { cause: error });
   }
   const integers = fields.filter(([tag]) => tag === 0x02).map(([, value]) => value);
   const octets = fields.filter(([tag]) => tag === 0x04).map(([, value]) => value);
-  if (integers.length !== 1 || octets.length !== 2) throw new TpmError('ERR_TPM_ATTESTATION', 'unexpected TSS2 PRIVATE KEY layout');
+  if (integers.length !== 1 || integers[0]!.length === 0 || integers[0]!.length > 5 || octets.length !== 2) throw new TpmError('ERR_TPM_ATTESTATION', 'unexpected TSS2 PRIVATE KEY layout');
   const parent = Number(BigInt(`0x${integers[0]!.toString('hex')}`) & 0xffffffffn);
   return { parent, publicBlob: Buffer.from(octets[0]!), privateBlob: Buffer.from(octets[1]!) };
 }
@@ -150,7 +170,7 @@ export class TpmAttestor {
       rmSync(this.#path('key.priv'), { force: true });
     }
     return {
-      ekCertificate: readFileSync(this.#path('ek.der')),
+      ekCertificate: certificateDer(readFileSync(this.#path('ek.der'))),
       akPublic: readFileSync(this.#path('ak.pub')),
       akName: readFileSync(this.#path('ak.name')),
       keyPublic: key.publicBlob,
