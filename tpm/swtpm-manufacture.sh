@@ -15,6 +15,9 @@ mkdir -p "$ca_dir" "$state_dir"
 ca_dir="$(cd "$ca_dir" && pwd)"
 state_dir="$(cd "$state_dir" && pwd)"
 umask 077
+# Several TPMs may be manufactured with one CA at once: one at a time per CA (its key, its serial).
+exec 9>"$ca_dir/.lock"
+flock 9
 if [ ! -s "$ca_dir/ca.pem" ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 -days 3650 \
     -keyout "$ca_dir/ca-key.pem" -out "$ca_dir/ca.pem.tmp" -subj "/CN=agent-gateway local EK CA $(date -u +%Y%m%dT%H%M%SZ)-$$" \
@@ -41,7 +44,6 @@ create_certs_tool_config = $conf_dir/localca.conf
 create_certs_tool_options = $conf_dir/localca.options
 active_pcr_banks = sha256
 CONF
-# swtpm_localca serialises its serial counter with a lock file in statedir.
 if ! swtpm_setup --tpm2 --tpmstate "$state_dir" --create-ek-cert --config "$conf_dir/setup.conf" \
   --logfile "$conf_dir/setup.log" --not-overwrite >/dev/null 2>&1; then
   cat "$conf_dir/setup.log" >&2
