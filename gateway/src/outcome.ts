@@ -104,6 +104,8 @@ export class OutcomeRecorder {
       permission_id: facts.permissionId,
       trace_id: facts.traceId,
       connect_id: facts.connectId,
+      client_address: facts.client.address,
+      client_port: facts.client.port,
     });
     const span = facts.span;
     if (span) {
@@ -165,6 +167,8 @@ export class OutcomeRecorder {
       duration_ms: Math.round(stats.durationMs * 1000) / 1000,
       trace_id: facts.traceId,
       connect_id: facts.connectId,
+      client_address: facts.client.address,
+      client_port: facts.client.port,
     });
   }
 }

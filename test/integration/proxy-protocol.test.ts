@@ -90,7 +90,7 @@ async function tunnelWorks(session: ClientHttp2Session): Promise<void> {
   assert.deepEqual(await exchange(stream, Buffer.from('via balancer')), Buffer.from('via balancer'));
 }
 
-test('a trusted balancer header makes the agent the client: decision log, tunnel log and spans', async () => {
+test('a trusted balancer header makes the agent the client: decision log, tunnel log, spans and audit rows', async () => {
   const session = await sessionVia('127.0.0.1', encodeProxyV2(AGENT));
   try {
     await tunnelWorks(session);
@@ -110,6 +110,12 @@ test('a trusted balancer header makes the agent the client: decision log, tunnel
   assert.equal(sessionSpan.attributes['network.peer.address'], '127.0.0.1', 'the balancer stays visible as the TCP peer');
   const connect = spans.getFinishedSpans().find((span) => span.attributes['agent_gateway.reason'] === 'allowed')!;
   assert.equal(connect.attributes['client.address'], '198.51.100.23');
+  const audited = async () => (await world.fixture.db.query("SELECT reason, client_address, client_port FROM audit_log WHERE identity = 'agent-proxied' ORDER BY id")).rows;
+  await until(async () => (await audited()).length === 2, 10_000, 'decision and tunnel_closed audit rows');
+  assert.deepEqual(await audited(), [
+    { reason: 'allowed', client_address: '198.51.100.23', client_port: 40404 },
+    { reason: 'tunnel_closed', client_address: '198.51.100.23', client_port: 40404 },
+  ]);
 });
 
 test('a LOCAL header from the balancer is accepted and the connection is the balancer\'s own', async () => {

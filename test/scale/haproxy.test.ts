@@ -124,7 +124,7 @@ async function openTunnels(replica: Replica): Promise<number> {
   return ((await (await fetch(`http://127.0.0.1:${replica.adminPort}/tunnels`)).json()) as unknown[]).length;
 }
 
-test('CONNECTs through HAProxy land on both replicas, which log the agent\'s address from the PROXY header', async () => {
+test('CONNECTs through HAProxy land on both replicas, which log and audit the agent\'s address from the PROXY header', async () => {
   for (const sidecar of sidecars) await connectOnce(sidecar);
   for (const replica of replicas) {
     const seen = decisions(replica);
@@ -133,6 +133,9 @@ test('CONNECTs through HAProxy land on both replicas, which log the agent\'s add
     assert.equal(seen[0]!.client_address, '127.0.0.1');
     assert.notEqual(seen[0]!.client_port, 0);
   }
+  const audited = async () => (await world.fixture.db.query<{ client_address: string | null; n: number }>("SELECT client_address, count(*)::int AS n FROM audit_log WHERE identity = 'agent-scaled' AND reason = 'allowed' GROUP BY 1")).rows;
+  await until(async () => (await audited()).reduce((sum, row) => sum + row.n, 0) >= 2, 10_000, 'both replicas wrote their audit rows');
+  assert.deepEqual((await audited()).map((row) => row.client_address), ['127.0.0.1'], 'the agent\'s address, never the balancer\'s 127.0.0.2');
 });
 
 test('a PROXY header sent straight to a replica from an address it does not trust is refused', async () => {
