@@ -256,7 +256,7 @@ export const ERROR_CODES = {
 
   // The sidecar.
   ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one) or another --listen-socket, or stop what holds it' },
-  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs a new network namespace: run as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
+  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs user, network and PID namespaces: allow user namespaces (user.max_user_namespaces > 0; for non-root users also kernel.unprivileged_userns_clone=1 or kernel.apparmor_restrict_unprivileged_userns=0 where those exist), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
   ERR_SIDECAR_SOCKET: { exit: EXIT.wrapper, hint: 'start the sidecar with --listen-socket PATH and give run the same --socket PATH (env AGENT_GATEWAY_SIDECAR_SOCKET), as the user the sidecar runs as' },
   ERR_RUN_USAGE: { exit: EXIT.wrapper, hint: 'see `agent-gateway-sidecar run --help`: run [--socket PATH] [--no-isolation] -- CMD [ARGS...]' },
   ERR_PORT_FILE: { exit: EXIT.runtime, hint: 'the --port-file directory must exist and be writable by the sidecar' },

@@ -36,7 +36,7 @@ export function refusal(method: string, target: string, status: number, proxySta
   const reason = parsed?.details;
   const hint = reason !== undefined ? agentHint(name, reason) : undefined;
   const why = reason !== undefined ? `(${reason})` : `(status ${status})`;
-  const body = `${name}: ${shown(method)} ${shown(target)} refused ${why}: ${hint ?? `the answer carried no reason code this sidecar knows; status ${status}`}.\n`;
+  const body = `${name}: ${shown(method)} ${shown(target)} refused ${why}: ${hint ?? 'the answer carried no reason code this sidecar knows'}.\n`;
   return {
     status,
     headers: { ...(proxyStatus !== undefined ? { 'proxy-status': proxyStatus } : {}), 'content-type': 'text/plain; charset=utf-8', 'content-length': String(Buffer.byteLength(body)) },

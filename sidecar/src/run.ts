@@ -15,8 +15,8 @@ import { startForwarder } from './forwarder.js';
  * than starting one: a sidecar holds the agent's TPM key and gateway session for many commands,
  * and several commands may share it.
  *
- * Isolated (the default), CMD runs in new network and PID namespaces (`unshare -n -p -f` as root,
- * plus `-U -r`, a user namespace, when unprivileged). Inside, only loopback is up; this program,
+ * Isolated (the default), CMD runs in new user, network and PID namespaces (`unshare -U -r -n -p
+ * -f`, as root too: see unshareFlags). Inside, only loopback is up; this program,
  * re-invoked as the namespace's first process, serves a forwarder on 127.0.0.1 that leads to the
  * sidecar's socket (a socket file crosses network namespaces), points HTTPS_PROXY/HTTP_PROXY
  * and their lowercase forms at it, clears NO_PROXY, sets NODE_USE_ENV_PROXY=1, and runs CMD. There
@@ -144,9 +144,13 @@ function findIp(env: NodeJS.ProcessEnv): string | undefined {
   return undefined;
 }
 
-/** unshare's flags: a user namespace only when not root (root may make the others itself). */
+/**
+ * unshare's flags. A user namespace even for root: real root inside a bare network namespace
+ * keeps CAP_SYS_ADMIN over the host's, and `nsenter --net=/proc/PID/ns/net` walks straight out
+ * (tried). Root inside a user namespace has no capability over the host's namespaces.
+ */
 function unshareFlags(): string[] {
-  return [...(process.getuid?.() === 0 ? [] : ['--user', '--map-root-user']), '--net', '--pid', '--fork'];
+  return ['--user', '--map-root-user', '--net', '--pid', '--fork'];
 }
 
 /** Proves namespaces work here (unshare, then loopback up inside) before CMD is started. */
@@ -155,7 +159,7 @@ function checkIsolation(ip: string | undefined): void {
   const probe = spawnSync('unshare', [...unshareFlags(), '--', ip, 'link', 'set', 'lo', 'up'], { encoding: 'utf8', timeout: 10_000 });
   if (probe.error || probe.status !== 0) {
     const why = probe.error ? ((probe.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'util-linux `unshare` is not installed' : probe.error.message) : (probe.stderr.trim().split('\n')[0] ?? `exit ${probe.status}`);
-    throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', `cannot isolate CMD in a new network namespace (${why}); refusing to run it unisolated without --no-isolation`);
+    throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', `cannot isolate CMD in new user and network namespaces (${why}); refusing to run it unisolated without --no-isolation`);
   }
 }
 

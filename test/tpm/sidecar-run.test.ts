@@ -91,6 +91,9 @@ try:
     socket.getaddrinfo('docstore.example.com', 443); out['resolver'] = 'ok'
 except OSError as e:
     out['resolver'] = repr(e)
+if ${process.getuid!() === 0 ? 'True' : 'False'}:
+    ns = subprocess.run(['nsenter', '--net=/proc/${process.pid}/ns/net', 'true'], capture_output=True, text=True)
+    out['nsenter'] = 'ok' if ns.returncode == 0 else ns.stderr.strip()
 curl = subprocess.run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', 'docstore.test:443:127.0.0.1:${docstore.port}', 'https://docstore.test/health'], capture_output=True, text=True)
 out['curl_noproxy'] = 'ok' if curl.returncode == 0 else curl.stderr.strip()
 print(json.dumps(out))`,
@@ -161,11 +164,12 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.equal(outside.status, 0, outside.stderr);
     const got = JSON.parse(outside.stdout) as Record<string, string>;
     for (const name of ['gateway', 'database', 'host_service', 'dns', 'curl_noproxy']) assert.equal(got[name], 'ok', `${name} outside: ${got[name]}`);
+    if (process.getuid!() === 0) assert.equal(got.nsenter, 'ok', 'root outside may enter this network namespace');
     const unisolated = await run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore.test:443:127.0.0.1:${docstore.port}`, 'https://docstore.test/health'], { flags: ['--no-isolation'] });
     assert.equal(unisolated.status, 0, `--no-isolation lets curl bypass the proxy: ${unisolated.stderr}`);
   });
 
-  test('inside, --noproxy, raw TCP to the gateway, the database and a host loopback service, and DNS all fail', async () => {
+  test('inside, --noproxy, raw TCP to the gateway, the database and a host loopback service, DNS, and nsenter back out all fail', async () => {
     const inside = await run(bypassAttempts());
     assert.equal(inside.status, 0, inside.stderr);
     const got = JSON.parse(inside.stdout) as Record<string, string>;
@@ -173,6 +177,8 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.match(got.dns!, /ConnectionRefused|Network is unreachable|timed out/, `a DNS query inside: ${got.dns}`);
     assert.notEqual(got.resolver, 'ok', 'the system resolver answers nothing inside');
     assert.match(got.curl_noproxy!, /Failed to connect|Couldn't connect/, `curl --noproxy inside: ${got.curl_noproxy}`);
+    // Root inside a bare network namespace could walk out with nsenter; inside the user namespace it cannot.
+    if (process.getuid!() === 0) assert.match(got.nsenter!, /Permission denied|Operation not permitted/, `nsenter to the host's network inside: ${got.nsenter}`);
   });
 
   test('the proxy environment inside: all four variables, NO_PROXY cleared, NODE_USE_ENV_PROXY=1', async () => {
@@ -214,7 +220,7 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     const env = { ...process.env, PATH: join(scratch, 'empty-path') };
     const refused = await run(['/bin/true'], { env });
     assert.equal(refused.status, 125);
-    assert.match(refused.stderr, /cannot isolate CMD in a new network namespace \(util-linux `unshare` is not installed\); refusing to run it unisolated without --no-isolation/);
+    assert.match(refused.stderr, /cannot isolate CMD in new user and network namespaces \(util-linux `unshare` is not installed\); refusing to run it unisolated without --no-isolation/);
     assert.equal((await run(['/bin/true'], { env, flags: ['--no-isolation'] })).status, 0);
     const noSocket = await runFile(process.execPath, [SIDECAR_BIN, 'run', '--socket', join(scratch, 'nothing.sock'), '--', 'true']);
     assert.equal(noSocket.status, 125);
