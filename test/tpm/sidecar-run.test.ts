@@ -206,6 +206,14 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     trapped.kill('SIGTERM');
     const [code] = await exited;
     assert.equal(code, 42, 'CMD trapped the SIGTERM sent to run');
+    // A signal sent at once, before the namespace is set up (or before run's handlers exist), still ends CMD.
+    const marker = `${30 + Math.floor(Math.random() * 1000)}.${process.pid}`;
+    const early = spawn(process.execPath, runArgs(['sleep', marker]), { stdio: 'ignore' });
+    const earlyExit = once(early, 'exit');
+    early.kill('SIGTERM');
+    const [earlyCode, earlySignal] = await earlyExit;
+    assert.ok(earlyCode === 128 + 15 || earlySignal === 'SIGTERM', `run ended by the early SIGTERM: ${earlyCode ?? earlySignal}`);
+    await until(async () => (await runFile('pgrep', ['-f', `sleep ${marker}`])).stdout.trim() === '', 30_000, 'no sleep left behind');
   });
 
   test('what CMD leaves running is ended with the namespace', async () => {
