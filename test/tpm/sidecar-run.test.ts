@@ -147,7 +147,7 @@ describe('run: the sidecar is the only way out', () => {
     assert.equal(sidecar.line.socket, socketPath);
   });
 
-  test('inside, curl and Python reach the granted HTTPS destination through the proxy', async () => {
+  test('inside, curl, Python and Node fetch reach the granted HTTPS destination through the proxy', async () => {
     const curl = await run(['curl', '-sS', '--max-time', '20', 'https://docstore.test/health']);
     assert.equal(curl.status, 0, curl.stderr);
     assert.deepEqual(JSON.parse(curl.stdout), { service: 'docstore', status: 'ok' });
@@ -156,6 +156,10 @@ ctx = ssl.create_default_context(cafile=os.environ['CURL_CA_BUNDLE'])
 print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, timeout=20).read().decode())`]);
     assert.equal(python.status, 0, python.stderr);
     assert.deepEqual(JSON.parse(python.stdout), { service: 'docstore', path: '/documents' });
+    // Node's fetch follows HTTPS_PROXY only because run sets NODE_USE_ENV_PROXY=1.
+    const node = await run([process.execPath, '-e', "fetch('https://docstore.test/from-node').then(async (r) => console.log(r.status, await r.text()))"], { env: { ...process.env, NODE_EXTRA_CA_CERTS: serviceTls.caPath, NODE_OPTIONS: '' } });
+    assert.equal(node.status, 0, node.stderr);
+    assert.equal(node.stdout, '200 {"service":"docstore","path":"/from-node"}\n');
   });
 
   test('outside the namespace every bypass works, so each check inside can fail', async () => {
