@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -217,15 +217,14 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     early.kill('SIGTERM');
     const [earlyCode, earlySignal] = await earlyExit;
     assert.ok(earlyCode === 128 + 15 || earlySignal === 'SIGTERM', `run ended by the early SIGTERM: ${earlyCode ?? earlySignal}`);
-    await until(async () => (await runFile('pgrep', ['-f', `sleep ${marker}`])).stdout.trim() === '', 30_000, 'no sleep left behind');
+    await until(() => running(`sleep ${marker}`).length === 0, 30_000, 'no sleep left behind');
   });
 
   test('what CMD leaves running is ended with the namespace', async () => {
     const marker = `${300 + Math.floor(Math.random() * 1000)}.${process.pid}`;
     const left = await run(['sh', '-c', `sleep ${marker} & exit 0`]);
     assert.equal(left.status, 0);
-    const pgrep = await runFile('pgrep', ['-f', `sleep ${marker}`]);
-    assert.equal(pgrep.stdout.trim(), '', 'no leftover process');
+    assert.deepEqual(running(`sleep ${marker}`), [], 'no leftover process');
   });
 
   test('without namespaces run refuses (exit 125, a clear message) unless --no-isolation says so', async () => {
@@ -289,6 +288,17 @@ describe('runSidecar in-process', () => {
     assert.equal(existsSync(socket), false, 'the socket is gone with the sidecar');
   });
 });
+
+/** Pids whose command line is exactly `command` (procps may be absent on a fresh machine). */
+function running(command: string): string[] {
+  return readdirSync('/proc').filter((pid) => {
+    try {
+      return /^\d+$/.test(pid) && readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean).join(' ') === command;
+    } catch {
+      return false; // gone meanwhile
+    }
+  });
+}
 
 function pgPort(): number {
   return Number(new URL(databaseUrl).port);
