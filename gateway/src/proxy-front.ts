@@ -90,7 +90,10 @@ export class ProxyFront {
     const handOff = (client: ClientAddress, rest: Buffer) => {
       cleanup();
       this.#clients.set(key, client);
-      socket.once('close', () => this.#clients.delete(key));
+      // Only its own entry: the balancer may reuse the port for a new connection before this 'close'.
+      socket.once('close', () => {
+        if (this.#clients.get(key) === client) this.#clients.delete(key);
+      });
       if (rest.length > 0) socket.unshift(rest);
       this.#options.handOff(socket);
     };
