@@ -52,6 +52,8 @@ export function startHaproxy(options: { listenPort: number; source: string; repl
   child.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
   child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
   child.once('exit', (code) => (output += `\n[haproxy exited ${code}]`));
+  // Not installed: say so (scripts/setup.sh installs Debian's haproxy) instead of an unhandled error.
+  child.once('error', (error) => (output += `\n[haproxy did not start: ${error.message}; run scripts/setup.sh]`));
 
   async function command(line: string): Promise<string> {
     const socket = netConnect(socketPath);
@@ -82,7 +84,7 @@ export function startHaproxy(options: { listenPort: number; source: string; repl
     command,
     async waitUp(name) {
       await until(async () => {
-        if (child.exitCode !== null) throw new Error(`HAProxy exited: ${output}`);
+        if (child.exitCode !== null || output.includes('[haproxy did not start')) throw new Error(`HAProxy is not running: ${output}`);
         return (await status().catch(() => ({}) as Record<string, string>))[name] === 'UP';
       }, 20_000, `HAProxy sees ${name} UP`);
     },
