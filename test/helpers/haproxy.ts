@@ -89,7 +89,7 @@ export function startHaproxy(options: { listenPort: number; source: string; repl
       }, 20_000, `HAProxy sees ${name} UP`);
     },
     async stop() {
-      if (child.exitCode === null) {
+      if (child.exitCode === null && child.pid !== undefined) {
         child.kill('SIGTERM');
         await once(child, 'exit');
       }
