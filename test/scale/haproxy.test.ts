@@ -40,18 +40,19 @@ let frontendPort: number;
 const replicas: Replica[] = [];
 const sidecars: Sidecar[] = [];
 
-function replicaConfig(replica: { port: number; adminPort: number }) {
+function replicaConfig(replica: { port: number; adminPort: number }, maxSessionAgeMs: number) {
   const base = testGatewayConfig({ databaseUrl: world.databaseUrl, tls: world.tls, port: replica.port, policy: { read_database_url_env: STANDBY_ENV } });
   return {
     ...base,
-    server: { ...base.server, proxy_protocol_from: [`${BALANCER_SOURCE}/32`], shutdown_grace_ms: 3000, drain_delay_ms: 1500 },
+    server: { ...base.server, proxy_protocol_from: [`${BALANCER_SOURCE}/32`], shutdown_grace_ms: 3000, drain_delay_ms: 1500, max_session_age_ms: maxSessionAgeMs },
     admin: { listen_addr: `127.0.0.1:${replica.adminPort}`, process_metrics: false },
     limits: { handshake_timeout_ms: 2000 },
   };
 }
 
-async function startReplica(replica: { port: number; adminPort: number }): Promise<GatewayProcess> {
-  return startGatewayProcess(replicaConfig(replica), { [STANDBY_ENV]: world.standbyUrl });
+/** `maxSessionAgeMs` 0 until the rolling restart: the first cases rely on where sessions stay. */
+async function startReplica(replica: { port: number; adminPort: number }, maxSessionAgeMs = 0): Promise<GatewayProcess> {
+  return startGatewayProcess(replicaConfig(replica, maxSessionAgeMs), { [STANDBY_ENV]: world.standbyUrl });
 }
 
 before(async () => {
@@ -205,7 +206,7 @@ test('killing one replica: its sidecar reconnects through HAProxy to the other w
   await haproxy.waitUp(victim.name);
 });
 
-test('a rolling restart of both replicas under a steady stream of CONNECTs fails none of them', async () => {
+test('a rolling restart of both replicas under a steady stream of CONNECTs fails none of them (they come back with max_session_age_ms)', async () => {
   let stop = false;
   let succeeded = 0;
   const failures: string[] = [];
@@ -226,7 +227,8 @@ test('a rolling restart of both replicas under a steady stream of CONNECTs fails
       const before = succeeded;
       // SIGTERM: /readyz 503 for drain_delay_ms, HAProxy takes the replica out, then GOAWAY.
       assert.equal(await replica.process.terminate(), 0, `${replica.name} exited cleanly`);
-      replica.process = await startReplica(replica);
+      // Back with sessions aged out every 2 s: more GOAWAYs under the same steady stream.
+      replica.process = await startReplica(replica, 2000);
       await haproxy.waitUp(replica.name);
       assert.ok(succeeded > before, `CONNECTs went on while ${replica.name} restarted`);
     }
@@ -237,4 +239,22 @@ test('a rolling restart of both replicas under a steady stream of CONNECTs fails
   assert.deepEqual(failures, [], `${failures.length} of ${succeeded + failures.length} CONNECTs failed`);
   // Both replicas serve again.
   for (const replica of replicas) assert.equal((await haproxy.status())[replica.name], 'UP');
+});
+
+test('max_session_age_ms: sessions that all landed on one replica spread over both again, without a failed CONNECT', async () => {
+  // The rolling restart ended by moving every session off the replica restarted last.
+  const seenBy = new Map<string, Set<Sidecar>>();
+  const failures: string[] = [];
+  await until(async () => {
+    for (const sidecar of sidecars) {
+      try {
+        const replica = await replicaOf(sidecar);
+        seenBy.set(replica.name, (seenBy.get(replica.name) ?? new Set()).add(sidecar));
+      } catch (error) {
+        failures.push((error as Error).message);
+      }
+    }
+    return seenBy.size === 2;
+  }, 20_000, 'CONNECTs served by both replicas again');
+  assert.deepEqual(failures, []);
 });
