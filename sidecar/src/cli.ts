@@ -1,12 +1,14 @@
-import { once } from 'node:events';
+import { once, type EventEmitter } from 'node:events';
 import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import type { DestinationStream } from 'pino';
 import { EXIT, type ExitCode } from '../../core/errors.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { probeToken } from '../../tpm/token.js';
-import { addSidecarOptions, cliValues, loadSidecarConfig, type LoadedConfig } from './config.js';
+import { addSidecarOptions, cliValues, type LoadedConfig } from './config.js';
 import { startHealthServer } from './health.js';
+import { runKeyCommand } from './key-commands.js';
+import { loadSidecarSettings, SettingsReloader } from './rotation.js';
 import { createSidecarLogger } from './logger.js';
 import { startSidecar, type Sidecar } from './sidecar.js';
 import { loadTlsIdentity, type TlsIdentity } from './tls-identity.js';
@@ -30,6 +32,8 @@ export interface SidecarIo {
   readonly log?: DestinationStream;
   /** Aborted on SIGINT/SIGTERM (main.ts), or by an in-process test: the sidecar stops and resolves 0. */
   readonly stop?: AbortSignal;
+  /** Emits 'reload' on SIGHUP (main.ts): settings are re-read, a changed key rotates (rotation.ts). */
+  readonly reload?: EventEmitter;
 }
 
 function describe(error: unknown): string {
@@ -89,6 +93,7 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
     io.stderr.write(`${NAME}: PINs are never taken as flag values (ps and shell history would show them): set AGENT_GATEWAY_TPM_USER_PIN / AGENT_GATEWAY_TPM_SO_PIN or pass --user-pin-file / --so-pin-file\n`);
     return EXIT.usage;
   }
+  if (argv[0] === 'key') return runKeyCommand(argv.slice(1), io);
   const command = program(io);
   try {
     command.parse([...argv], { from: 'user' });
@@ -98,7 +103,7 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
   }
   let loaded: LoadedConfig;
   try {
-    loaded = loadSidecarConfig(cliValues(command), io.env);
+    loaded = loadSidecarSettings(cliValues(command), io.env);
   } catch (error) {
     return fail(error);
   }
@@ -168,6 +173,7 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
       listenHosts: config.listenHosts,
       listenPort: config.listenPort,
       connectWaitMs: config.connectWaitMs,
+      keyFingerprint: identity.spkiFingerprint,
       streamWindowBytes: config.streamWindowBytes,
       sessionWindowBytes: config.sessionWindowBytes,
       logger: log,
@@ -182,6 +188,11 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
   }
   opened.push(() => sidecar.close()); // stops accepting, ends agent connections, closes the gateway session
   if (stopping()) return stopped();
+  const reloader = new SettingsReloader({ flags: cliValues(command), env: io.env, initial: loaded, gateway: sidecar.gateway, log });
+  await reloader.start();
+  const onReload = () => void reloader.reload();
+  io.reload?.on('reload', onReload);
+  opened.push(() => io.reload?.off('reload', onReload));
 
   if (config.portFile !== undefined) {
     const portFile = config.portFile;

@@ -21,8 +21,10 @@ export class GatewayUnavailableError extends AgentGatewayError {
 export interface GatewaySessionOptions {
   /** `https://host:port` of the gateway. */
   readonly url: string;
-  /** One context for every (re)connect: it holds the TPM-backed key handle. */
+  /** One context for every (re)connect: it holds the TPM-backed key handle (until `rotate`). */
   readonly secureContext: SecureContext;
+  /** `sha256:<hex>` of the key in `secureContext`, for log lines that say which key a session uses. */
+  readonly keyFingerprint?: string;
   readonly servername?: string;
   /** How long a CONNECT waits for a session while (re)connecting before it gets 503. */
   readonly connectWaitMs: number;
@@ -36,6 +38,14 @@ export interface GatewaySessionOptions {
   readonly streamWindowBytes?: number;
   readonly sessionWindowBytes?: number;
   readonly log: Logger;
+}
+
+/** How a session of a rotated-out key ended: its streams all finished, or the drain timeout cut them. */
+export interface SessionDrained {
+  readonly spkiFingerprint: string | undefined;
+  readonly reason: 'drained' | 'drain_timeout';
+  /** Streams still open when the timeout cut them (0 when drained). */
+  readonly streamsCut: number;
 }
 
 export interface TunnelResponse {
@@ -57,12 +67,76 @@ export class GatewaySession extends EventEmitter {
   #attempt = 0;
   #retryTimer: NodeJS.Timeout | undefined;
   #pingTimer: NodeJS.Timeout | undefined;
+  #secureContext: SecureContext;
+  #keyFingerprint: string | undefined;
+  /** A rotation waits for a session with the new key; the old session serves until it is up. */
+  #rotating = false;
+  #drainTimeoutMs = 0;
+  /** Sessions of rotated-out keys, running their tunnels to their end. */
+  readonly #draining = new Set<ClientHttp2Session>();
+  /** Which key each session presented, and how many CONNECT streams it has open. */
+  readonly #sessionKeys = new WeakMap<ClientHttp2Session, string | undefined>();
+  readonly #openStreams = new WeakMap<ClientHttp2Session, number>();
   /** TLS sessions established so far (each one is a TPM-signed handshake). */
   handshakes = 0;
 
   constructor(options: GatewaySessionOptions) {
     super();
     this.#options = options;
+    this.#secureContext = options.secureContext;
+    this.#keyFingerprint = options.keyFingerprint;
+  }
+
+  /** The key new sessions use. */
+  get keyFingerprint(): string | undefined {
+    return this.#keyFingerprint;
+  }
+
+  /** Sessions of rotated-out keys still draining. */
+  get drainingSessions(): number {
+    return this.#draining.size;
+  }
+
+  /**
+   * Moves to a new key without dropping a tunnel: a second session is opened with the new
+   * context while the current one keeps serving new CONNECTs; once it is up it takes every new
+   * CONNECT and the old session is closed gracefully (its open streams run to their end), cut
+   * after `drainTimeoutMs`. A failed handshake is retried with back-off, the old session serving
+   * meanwhile. Emits 'drained' (SessionDrained) when the old session is gone.
+   */
+  rotate(secureContext: SecureContext, options: { keyFingerprint?: string; drainTimeoutMs: number }): void {
+    if (this.#closed) return;
+    this.#secureContext = secureContext;
+    this.#keyFingerprint = options.keyFingerprint;
+    this.#rotating = true;
+    this.#drainTimeoutMs = options.drainTimeoutMs;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#attempt = 0;
+    this.#connect();
+  }
+
+  #drain(session: ClientHttp2Session, fingerprint: string | undefined, drainTimeoutMs: number): void {
+    const { log } = this.#options;
+    this.#draining.add(session);
+    log.info({ event: 'gateway_session_draining', spki_fingerprint: fingerprint, drain_timeout_ms: drainTimeoutMs }, 'old key\'s session draining: its tunnels run to their end, new CONNECTs use the new key');
+    let reason: SessionDrained['reason'] = 'drained';
+    let streamsCut = 0;
+    const timer = setTimeout(() => {
+      reason = 'drain_timeout';
+      streamsCut = this.#openStreams.get(session) ?? 0;
+      session.destroy();
+    }, drainTimeoutMs);
+    timer.unref();
+    session.once('close', () => {
+      clearTimeout(timer);
+      this.#draining.delete(session);
+      const drained: SessionDrained = { spkiFingerprint: fingerprint, reason, streamsCut };
+      (reason === 'drained' ? log.info : log.warn).call(log, { event: 'gateway_session_drained', spki_fingerprint: fingerprint, reason, streams_cut: streamsCut }, reason === 'drained' ? 'old key\'s session drained' : 'old key\'s session cut by the drain timeout');
+      this.emit('drained', drained);
+    });
+    // Graceful: GOAWAY, no new streams; closes by itself once the last stream has ended.
+    session.close();
   }
 
   get connected(): boolean {
@@ -75,19 +149,23 @@ export class GatewaySession extends EventEmitter {
   }
 
   #connect(): void {
-    if (this.#closed || this.#connecting || this.connected) return;
+    if (this.#closed || this.#connecting || (this.connected && !this.#rotating)) return;
     this.#connecting = true;
-    const { url, secureContext, servername, log } = this.#options;
+    const { url, servername, log } = this.#options;
+    const secureContext = this.#secureContext;
+    const fingerprint = this.#keyFingerprint;
     const session = h2connect(url, {
       secureContext,
       ...(servername ? { servername } : {}),
       settings: { initialWindowSize: this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES, enablePush: false },
       maxSessionMemory: MAX_SESSION_MEMORY_MB,
     });
+    this.#sessionKeys.set(session, fingerprint);
     let established = false;
     // Why a connect failed (TLS verification, refused, …): the warning below is what operators see.
     let lastError: string | undefined;
     const lost = (why: string) => {
+      if (this.#draining.has(session)) return; // #drain reports it
       if (this.#current === session) this.#current = undefined;
       if (!established) this.#connecting = false;
       if (!this.#closed) {
@@ -102,8 +180,14 @@ export class GatewaySession extends EventEmitter {
       this.#attempt = 0;
       this.handshakes++;
       session.setLocalWindowSize(this.#options.sessionWindowBytes ?? SESSION_WINDOW_BYTES);
+      const previous = this.#current;
+      if (secureContext === this.#secureContext) this.#rotating = false;
       this.#current = session;
-      log.info({ event: 'gateway_session_up', url }, 'gateway session established');
+      log.info({ event: 'gateway_session_up', url, spki_fingerprint: fingerprint }, 'gateway session established');
+      // Only a rotation opens a session beside a live one; the one it replaces drains.
+      if (previous && previous !== session && !previous.closed && !previous.destroyed) this.#drain(previous, this.#sessionKeys.get(previous), this.#drainTimeoutMs);
+      // A session still opened with an older key finished first: the rotation needs another one.
+      if (this.#rotating) this.#connect();
       this.emit('connected');
     });
     session.once('goaway', () => {
@@ -158,8 +242,12 @@ export class GatewaySession extends EventEmitter {
 
   /** Opens a CONNECT stream and resolves with the gateway's response headers. */
   async openTunnel(authority: string, extraHeaders: OutgoingHttpHeaders = {}): Promise<TunnelResponse> {
-    const session = await this.session();
+    let session = await this.session();
+    // A rotation may have closed it to new streams between the lookup and now: take its successor.
+    if (session.closed || session.destroyed) session = await this.session();
     const stream = session.request({ ':method': 'CONNECT', ':authority': authority, ...extraHeaders });
+    this.#openStreams.set(session, (this.#openStreams.get(session) ?? 0) + 1);
+    stream.once('close', () => this.#openStreams.set(session, (this.#openStreams.get(session) ?? 1) - 1));
     return new Promise((resolve, reject) => {
       const onClose = () => reject(new GatewayUnavailableError(`gateway closed the stream before answering (code ${stream.rstCode})`));
       stream.once('response', (headers) => {
@@ -183,6 +271,7 @@ export class GatewaySession extends EventEmitter {
     clearInterval(this.#pingTimer);
     const session = this.#current;
     this.#current = undefined;
+    for (const old of this.#draining) old.destroy();
     if (session && !session.closed) {
       const closed = once(session, 'close');
       session.close();
