@@ -40,14 +40,6 @@ export interface GatewaySessionOptions {
   readonly log: Logger;
 }
 
-/** How a session of a rotated-out key ended: its streams all finished, or the drain timeout cut them. */
-export interface SessionDrained {
-  readonly spkiFingerprint: string | undefined;
-  readonly reason: 'drained' | 'drain_timeout';
-  /** Streams still open when the timeout cut them (0 when drained). */
-  readonly streamsCut: number;
-}
-
 export interface TunnelResponse {
   readonly status: number;
   readonly headers: IncomingHttpHeaders;
@@ -92,17 +84,12 @@ export class GatewaySession extends EventEmitter {
     return this.#keyFingerprint;
   }
 
-  /** Sessions of rotated-out keys still draining. */
-  get drainingSessions(): number {
-    return this.#draining.size;
-  }
-
   /**
    * Moves to a new key without dropping a tunnel: a second session is opened with the new
    * context while the current one keeps serving new CONNECTs; once it is up it takes every new
    * CONNECT and the old session is closed gracefully (its open streams run to their end), cut
    * after `drainTimeoutMs`. A failed handshake is retried with back-off, the old session serving
-   * meanwhile. Emits 'drained' (SessionDrained) when the old session is gone.
+   * meanwhile. The old session's end is logged (`gateway_session_drained`).
    */
   rotate(secureContext: SecureContext, options: { keyFingerprint?: string; drainTimeoutMs: number }): void {
     if (this.#closed) return;
@@ -120,7 +107,7 @@ export class GatewaySession extends EventEmitter {
     const { log } = this.#options;
     this.#draining.add(session);
     log.info({ event: 'gateway_session_draining', spki_fingerprint: fingerprint, drain_timeout_ms: drainTimeoutMs }, 'old key\'s session draining: its tunnels run to their end, new CONNECTs use the new key');
-    let reason: SessionDrained['reason'] = 'drained';
+    let reason: 'drained' | 'drain_timeout' = 'drained';
     let streamsCut = 0;
     const timer = setTimeout(() => {
       reason = 'drain_timeout';
@@ -131,9 +118,7 @@ export class GatewaySession extends EventEmitter {
     session.once('close', () => {
       clearTimeout(timer);
       this.#draining.delete(session);
-      const drained: SessionDrained = { spkiFingerprint: fingerprint, reason, streamsCut };
       (reason === 'drained' ? log.info : log.warn).call(log, { event: 'gateway_session_drained', spki_fingerprint: fingerprint, reason, streams_cut: streamsCut }, reason === 'drained' ? 'old key\'s session drained' : 'old key\'s session cut by the drain timeout');
-      this.emit('drained', drained);
     });
     // Graceful: GOAWAY, no new streams; closes by itself once the last stream has ended.
     session.close();
