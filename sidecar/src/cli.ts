@@ -1,5 +1,6 @@
 import { once, type EventEmitter } from 'node:events';
 import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { Command, CommanderError } from 'commander';
 import type { DestinationStream } from 'pino';
 import { EXIT, type ExitCode } from '../../core/errors.js';
@@ -50,6 +51,21 @@ function writePortFile(file: string, port: number): void {
   const temporary = `${file}.tmp-${process.pid}`;
   writeFileSync(temporary, `${port}\n`);
   renameSync(temporary, file);
+}
+
+/** Where a sidecar keeps the port it took, beside its carrier certificate (its state). */
+export function keptPortFile(certOut: string): string {
+  return join(dirname(certOut), 'sidecar-listen-port');
+}
+
+function readKeptPort(file: string): number | undefined {
+  try {
+    const text = readFileSync(file, 'utf8').trim();
+    const port = /^[1-9][0-9]{0,4}$/.test(text) ? Number(text) : 0;
+    return port > 0 && port < 65536 ? port : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function removePortFile(file: string, port: number): void {
@@ -164,6 +180,8 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
   opened.push(() => identity.close()); // finalises PKCS#11: tpm2-pkcs11 flushes its TPM sessions and objects
   if (stopping()) return stopped();
 
+  const keptPort = keptPortFile(config.certOut);
+  const previousPort = config.listenPort === 0 ? readKeptPort(keptPort) : undefined;
   let sidecar: Sidecar;
   try {
     sidecar = await startSidecar({
@@ -172,6 +190,8 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
       ...(config.servername !== undefined ? { servername: config.servername } : {}),
       listenHosts: config.listenHosts,
       listenPort: config.listenPort,
+      ...(previousPort !== undefined ? { preferredPort: previousPort } : {}),
+      ...(config.listenSocket !== undefined ? { listenSocket: config.listenSocket } : {}),
       connectWaitMs: config.connectWaitMs,
       keyFingerprint: identity.spkiFingerprint,
       streamWindowBytes: config.streamWindowBytes,
@@ -184,9 +204,20 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
     if (stopping()) return stopped();
     await closeAll();
     const code = (error as NodeJS.ErrnoException).code;
-    return fail(new AgentGatewayError('ERR_LISTEN', `cannot listen on ${config.listenHosts.join(', ')} port ${config.listenPort}: ${code ?? (error as Error).message}`, { cause: error }));
+    const where = `${config.listenHosts.join(', ')} port ${config.listenPort}${config.listenSocket !== undefined ? ` and ${config.listenSocket}` : ''}`;
+    return fail(new AgentGatewayError('ERR_LISTEN', `cannot listen on ${where}: ${[code, (error as Error).message].filter(Boolean).join(': ')}`, { cause: error }));
   }
   opened.push(() => sidecar.close()); // stops accepting, ends agent connections, closes the gateway session
+  const portReused = previousPort !== undefined && sidecar.port === previousPort;
+  if (config.listenPort === 0) {
+    try {
+      writePortFile(keptPort, sidecar.port);
+    } catch (error) {
+      // Only the next start's convenience is lost; this one serves.
+      log.warn({ event: 'port_not_kept', file: keptPort, err: (error as Error).message }, 'cannot keep the port for the next start');
+    }
+  }
+  log.info({ event: 'port_taken', port: sidecar.port, previous_port: previousPort ?? null, reused: portReused }, portReused ? `took port ${sidecar.port} again` : `took port ${sidecar.port}`);
   if (stopping()) return stopped();
   const reloader = new SettingsReloader({ flags: cliValues(command), env: io.env, initial: loaded, gateway: sidecar.gateway, log });
   await reloader.start();
@@ -233,7 +264,9 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
       event: 'sidecar_listening',
       port: sidecar.port,
       proxy_url: `http://${host.includes(':') ? `[${host}]` : host}:${sidecar.port}`,
+      port_reused: portReused,
       hosts: config.listenHosts,
+      ...(config.listenSocket !== undefined ? { socket: config.listenSocket } : {}),
       gateway: config.gatewayUrl,
       identity: identity.identity,
       spki_fingerprint: identity.spkiFingerprint,

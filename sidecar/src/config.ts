@@ -42,6 +42,7 @@ export const SIDECAR_OPTIONS = {
   servername: { flag: '--servername', arg: '<name>', env: ['AGENT_GATEWAY_SERVERNAME'], help: 'TLS server name to verify, when the URL host differs' },
   listenPort: { flag: '--listen-port', arg: '<port>', env: ['AGENT_GATEWAY_SIDECAR_PORT'], help: 'local proxy port; 0 picks a free one' },
   listenHosts: { flag: '--listen-host', arg: '<ip>', env: ['AGENT_GATEWAY_SIDECAR_HOSTS'], help: 'loopback address to listen on, repeatable (variable: comma list)', repeatable: true },
+  listenSocket: { flag: '--listen-socket', arg: '<path>', env: ['AGENT_GATEWAY_SIDECAR_SOCKET'], help: 'also listen on this Unix socket (mode 0600, owned by this user): the way out of `run`, for isolated agents (default: off)' },
   identity: { flag: '--identity', arg: '<id>', env: ['AGENT_GATEWAY_IDENTITY'], help: 'identity carried in the certificate extension; required' },
   extensionOid: { flag: '--ext-oid', arg: '<oid>', env: ['AGENT_GATEWAY_CLIENT_EXT_OID'], help: 'identity extension OID' },
   tokenLabel: { flag: '--token-label', arg: '<label>', env: ['AGENT_GATEWAY_SIDECAR_TPM_TOKEN'], help: 'tpm2-pkcs11 token label' },
@@ -52,7 +53,7 @@ export const SIDECAR_OPTIONS = {
   storeDir: { env: ['TPM2_PKCS11_STORE'], help: 'tpm2-pkcs11 store directory (token metadata)' },
   pkcs11Module: { flag: '--pkcs11-module', arg: '<file>', env: ['PKCS11_MODULE_PATH'], help: 'tpm2-pkcs11 module' },
   pkcs11Engine: { flag: '--pkcs11-engine', arg: '<file>', env: ['AGENT_GATEWAY_PKCS11_ENGINE'], help: 'libp11 OpenSSL engine, full path' },
-  certOut: { flag: '--cert-out', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_CERT_OUT'], help: 'where to write the carrier certificate' },
+  certOut: { flag: '--cert-out', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_CERT_OUT'], help: 'where to write the carrier certificate; the port this sidecar took is kept beside it (sidecar-listen-port) and taken again on restart when free' },
   streamWindowBytes: { flag: '--stream-window-bytes', arg: '<n>', env: ['AGENT_GATEWAY_SIDECAR_STREAM_WINDOW_BYTES'], help: 'HTTP/2 stream receive window toward the gateway (downloads)' },
   sessionWindowBytes: { flag: '--session-window-bytes', arg: '<n>', env: ['AGENT_GATEWAY_SIDECAR_SESSION_WINDOW_BYTES'], help: 'HTTP/2 session receive window toward the gateway' },
   connectWaitMs: { flag: '--connect-wait-ms', arg: '<ms>', env: ['AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS'], help: 'how long a CONNECT waits for the gateway session before 503' },
@@ -139,6 +140,10 @@ const configSchema = z.strictObject({
     .optional(),
   listenPort: wholeNumber(0, 65535).prefault('0'),
   /** Node clients may try ::1 first for `localhost`. */
+  listenSocket: path
+    .refine((value) => Buffer.byteLength(resolvePath(value)) <= 107, 'must be at most 107 bytes as an absolute path (sun_path)')
+    .transform((value) => resolvePath(value))
+    .optional(),
   listenHosts: z.array(loopbackHost).min(1, 'needs at least one address').prefault(['127.0.0.1', '::1']),
   identity: z.string().superRefine((value, ctx) => {
     try {

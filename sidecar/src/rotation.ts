@@ -27,7 +27,7 @@ import { createTpmSecureContext, ensureTpmKey, writeCarrierCertificate, type Tpm
  */
 
 /** Relative paths in the file are relative to the file, so it means the same from any directory. */
-const PATH_FIELDS = new Set<Field>(['gatewayCaPem', 'userPin', 'soPin', 'pkcs11Module', 'pkcs11Engine', 'certOut', 'nextCertOut', 'portFile']);
+const PATH_FIELDS = new Set<Field>(['gatewayCaPem', 'listenSocket', 'userPin', 'soPin', 'pkcs11Module', 'pkcs11Engine', 'certOut', 'nextCertOut', 'portFile']);
 
 /** The file's key for a flagged field: the flag without `--`, in snake_case (`--key-label` → key_label). */
 const FILE_KEYS = new Map<string, Field>(

@@ -86,6 +86,17 @@ test('agent-alpha reaches docstore and messaging (200)', async () => {
   assert.match(messages.stdout, /"messages"/);
 });
 
+test('run isolates: curl --noproxy cannot go around agent-alpha\'s sidecar, though it can with --no-isolation', async () => {
+  // --connect-to names the mock's real address, so only the namespace stands between curl and docstore.
+  const bypass = ['curl', '-sS', '--fail', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore:443:127.0.0.1:${ports.docstore}`, 'https://docstore/health'];
+  const isolated = await agent('run', 'agent-alpha', '--', ...bypass).catch((error: { code: number; stderr: string }) => error);
+  assert.equal((isolated as { code: number }).code, 7, (isolated as { stderr: string }).stderr);
+  const proxied = await agent('run', 'agent-alpha', '--', 'curl', '-sS', '--fail', '--max-time', '15', 'https://docstore/health');
+  assert.match(proxied.stdout, /"service":"docstore"/);
+  const unisolated = await agent('run', 'agent-alpha', '--no-isolation', '--', ...bypass);
+  assert.match(unisolated.stdout, /"service":"docstore"/);
+});
+
 test('rotate agent-alpha: new key, rows re-signed, old session drained, old rows revoked, old key destroyed; it keeps reaching docstore', { timeout: 180_000 }, async () => {
   const before = readFileSync(join(dir, 'state/agents/agent-alpha/machine-client.pem'), 'utf8');
   const { stderr } = await agent('rotate', 'agent-alpha');
