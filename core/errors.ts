@@ -157,6 +157,7 @@ export const SIDECAR_RESPONSES = {
   authority_invalid: { status: 400, error: 'http_request_error', hint: 'the agent asked for a CONNECT target that is not host:port (DESIGN §3 destination rules)', agent: 'the CONNECT target is not a valid host:port; fix the address' },
   request_invalid: { status: 400, error: 'http_request_error', hint: 'the local proxy takes CONNECT host:port, or a plain request with an absolute http:// URL; anything else is refused', agent: 'send CONNECT host:port, or a request with an absolute http:// URL, as HTTPS_PROXY/HTTP_PROXY clients do' },
   gateway_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'no usable session to the gateway within --connect-wait-ms (gateway down or unreachable, TLS refused, sidecar stopping): check the sidecar log and the gateway', agent: 'the sidecar has no session to the gateway; retry later, or ask an operator to check the sidecar' },
+  sidecar_unavailable: { status: 503, error: 'proxy_internal_error', hint: "run's forwarder could not reach the sidecar's Unix socket (the sidecar stopped or is restarting): check that it runs with --listen-socket at the path run was given", agent: 'the sidecar is not running; retry shortly, or ask an operator to restart it' },
   upstream_failed: { status: 502, error: 'http_response_incomplete', hint: 'a plain http:// request was sent through the tunnel but no complete response came back from the destination', agent: 'no complete response came back from the destination; retry later' },
   internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the sidecar (a bug): report the sidecar log line', agent: 'the sidecar failed unexpectedly; retry, and report it if it persists' },
 } as const satisfies Record<string, SidecarResponseSpec>;
@@ -258,7 +259,7 @@ export const ERROR_CODES = {
 
   // The sidecar.
   ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one) or another --listen-socket, or stop what holds it' },
-  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs a new network namespace: run as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
+  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs user, network and PID namespaces: allow user namespaces (user.max_user_namespaces > 0; for non-root users also kernel.unprivileged_userns_clone=1 or kernel.apparmor_restrict_unprivileged_userns=0 where those exist), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
   ERR_SIDECAR_SOCKET: { exit: EXIT.wrapper, hint: 'start the sidecar with --listen-socket PATH and give run the same --socket PATH (env AGENT_GATEWAY_SIDECAR_SOCKET), as the user the sidecar runs as' },
   ERR_RUN_USAGE: { exit: EXIT.wrapper, hint: 'see `agent-gateway-sidecar run --help`: run [--socket PATH] [--no-isolation] -- CMD [ARGS...]' },
   ERR_PORT_FILE: { exit: EXIT.runtime, hint: 'the --port-file directory must exist and be writable by the sidecar' },

@@ -1,5 +1,4 @@
 import { EventEmitter } from 'node:events';
-import { runSidecar } from './cli.js';
 import { NAMESPACE_INIT, namespaceInit, runIsolated } from './run.js';
 
 const argv = process.argv.slice(2);
@@ -21,6 +20,8 @@ else {
   // handler SIGHUP's default action would end the process).
   const reload = new EventEmitter();
   process.on('SIGHUP', () => reload.emit('reload'));
+  // Loaded here, not above: `run` starts CMD without loading the TPM, TLS and tracing stack.
+  const { runSidecar } = await import('./cli.js');
   code = await runSidecar(argv, { ...io, stop: stop.signal, reload });
 }
 // Exit now: a library handle (the OpenSSL engine, a late OTLP retry) must not keep a finished process alive.
