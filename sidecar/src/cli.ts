@@ -89,7 +89,9 @@ function program(io: SidecarIo): Command {
     .addHelpText(
       'after',
       '\nExit status: 0 after SIGINT/SIGTERM, 1 on a runtime failure (TPM, PIN, listener), 2 on bad flags or settings.' +
-        `\n\nRun an agent isolated, its only way out this sidecar's --listen-socket:\n  ${NAME} run --socket PATH [--no-isolation] -- CMD [ARGS...]   (see ${NAME} run --help)`,
+        `\n\nRun an agent isolated, its only way out this sidecar's --listen-socket:\n  ${NAME} run --socket PATH [--no-isolation] -- CMD [ARGS...]   (see ${NAME} run --help)` +
+        `\n\nSIGHUP re-reads the settings; a new key_label in --config rotates keys without dropping a tunnel (README, "Key rotation").` +
+        `\nDestroy a rotated-out key:\n  ${NAME} key destroy --key-label LABEL [--config FILE]   (see ${NAME} key destroy --help)`,
     )
     .showHelpAfterError(`(run ${NAME} --help for every flag)`)
     .configureOutput({ writeOut: (text) => void io.stdout.write(text), writeErr: (text) => void io.stderr.write(text) })
