@@ -231,6 +231,14 @@ export const ERROR_CODES = {
   ERR_REFUSED_NOTHING_TO_ROTATE: { exit: EXIT.refused, hint: '`agent-gateway-registry list permissions --identity ID` shows which key and principal hold its rows; check --from-cert and --principal' },
   ERR_REFUSED_SAME_KEY: { exit: EXIT.refused, hint: 'let the sidecar make the new key first (next_key_label in its --config, then SIGHUP) and pass the certificate it writes (next_cert_out) as --to-cert' },
   ERR_REFUSED_PERMISSION_UNKNOWN: { exit: EXIT.refused, hint: '`agent-gateway-registry list` shows the permission ids in the registry' },
+  ERR_REFUSED_UNATTESTED: { exit: EXIT.refused, hint: 'enrol the key with TPM evidence first (`agent-gateway-registry enrol-agent-key`, or register-principal with --ek-ca), or pass --allow-unattested to accept a key nothing proves is TPM-resident' },
+  ERR_REFUSED_ATTESTATION_MALFORMED: { exit: EXIT.refused, hint: 'the evidence is not what tpm2-tools produces for an ECC P-256 key certified by an ECDSA AK under the RSA EK: collect it again on the machine that owns the TPM' },
+  ERR_REFUSED_ATTESTATION_EK_UNTRUSTED: { exit: EXIT.refused, hint: 'the TPM\'s EK certificate must be issued by a CA in --ek-ca / AGENT_GATEWAY_EK_CA_FILE: add its manufacturer\'s CA if you trust it, or enrol a key from another TPM' },
+  ERR_REFUSED_ATTESTATION_AK_ATTRIBUTES: { exit: EXIT.refused, hint: 'the attestation key must be restricted, sign, fixedTPM and fixedParent (tpm2_createak makes one): anything else can sign forged certify structures' },
+  ERR_REFUSED_ATTESTATION_SIGNATURE: { exit: EXIT.refused, hint: 'the certify structure was not signed by the presented attestation key: the evidence was altered or forged' },
+  ERR_REFUSED_ATTESTATION_KEY_MISMATCH: { exit: EXIT.refused, hint: 'the TPM certified another key than the one being enrolled: enrol the key the TPM holds under that label' },
+  ERR_REFUSED_ATTESTATION_KEY_ATTRIBUTES: { exit: EXIT.refused, hint: 'the key must be generated inside the TPM and bound to it (fixedTPM, fixedParent, sensitiveDataOrigin): generate a new key in the token, never import one' },
+  ERR_REFUSED_ATTESTATION_ACTIVATION: { exit: EXIT.refused, hint: 'credential activation failed: the attestation key is not in the TPM that holds this EK, or an old proof was replayed; enrol again from the machine that owns the TPM' },
   ERR_MIGRATION_CHECKSUM: { exit: EXIT.schema, hint: 'restore the applied migration file as it was and put the change in a new, higher-numbered migration' },
   ERR_MIGRATION_ORDER: { exit: EXIT.schema, hint: 'renumber the new migration after the last one applied' },
   ERR_MIGRATION_MISSING: { exit: EXIT.schema, hint: 'run the CLI from a release at least as new as the database (its migrations directory lacks an applied file)' },
@@ -253,6 +261,7 @@ export const ERROR_CODES = {
   ERR_TPM_PIN_INVALID: { exit: EXIT.runtime, hint: 'the PIN has the wrong length or characters, or the token user PIN was never set (re-create the token with the SO PIN)' },
   ERR_TPM_INVALID_ARGUMENT: { exit: EXIT.usage, hint: 'fix the label, PIN or argument named in the message (labels: 1-32 bytes, no control characters)' },
   ERR_TPM_CLOSED: { exit: EXIT.runtime, hint: REPORT_HINT },
+  ERR_TPM_ATTESTATION: { exit: EXIT.runtime, hint: 'a tpm2-tools step of the attestation failed (named in the message): check TPM2TOOLS_TCTI / TPM2_PKCS11_TCTI, that the TPM has an EK certificate at NV 0x01c00002 (swtpm_setup --create-ek-cert), and the token\'s user PIN' },
 
   // The gateway.
   ERR_ADMIN_LISTEN: { exit: EXIT.runtime, hint: 'choose a free [admin] listen_addr (port 0 picks one), or stop what holds the port' },
