@@ -173,7 +173,11 @@ cmd_rotate() {
   printf 'key_label = "%s"\nnext_key_label = "%s"\n' "$old" "$new" >"$dir/sidecar.toml"
   reload_sidecar "$handle" next_key_ready
   fingerprint="$(grep '"event":"next_key_ready"' "$LOG_DIR/$handle-sidecar.log" | tail -n 1 | sed -n 's/.*"spki_fingerprint":"\([^"]*\)".*/\1/p')"
-  say "rotate $handle: 1/6 new key $new ($fingerprint) generated in its TPM, certificate $dir/machine-client.next.pem"
+  # Like any agent key, the new one is granted only once its TPM attestation is recorded.
+  # shellcheck disable=SC1091
+  (source "$dir/tpm/env" && registry_cli enrol-agent-key --cert "$dir/machine-client.next.pem" --key-label "$new" --ek-ca "$EK_CA" >/dev/null) \
+    || die "rotate: could not enrol $handle's new key with TPM attestation"
+  say "rotate $handle: 1/6 new key $new ($fingerprint) generated in its TPM and TPM-attested, certificate $dir/machine-client.next.pem"
 
   principal_cli node "$ROOT/bin/agent-gateway-registry.js" rotate-key --principal "$PRINCIPAL" --identity "$(cat "$dir/identity")" \
     --from-cert "$dir/machine-client.pem" --to-cert "$dir/machine-client.next.pem" >&2

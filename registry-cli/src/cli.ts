@@ -176,6 +176,7 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .requiredOption('--to-cert <pem-file>', 'carrier certificate of the new key (must carry --identity)')
     .option('--principal <key-id>', `signing principal key id (default: $${PRINCIPAL_KEY_ID_VARIABLE})`)
     .option('--oid <oid>', 'OID of the identity extension checked in --to-cert', DEFAULT_IDENTITY_OID)
+    .option('--allow-unattested', 'rotate to a new key that enrol-agent-key has not attested')
     .action(run(async () => (await import('./commands/rotate-key.js')).rotateKey));
 
   subjectOptions(program.command('delete-permission'), false)

@@ -140,7 +140,7 @@ before(async () => {
     AGENT_GATEWAY_IDENTITY: IDENTITY,
     AGENT_GATEWAY_CLIENT_EXT_OID: TEST_OID,
   };
-  for (const args of [['register-principal', 'org-tpm'], ['grant-scope', 'org-tpm', 'docstore.test', 'messaging.test']]) {
+  for (const args of [['register-principal', '--allow-unattested', 'org-tpm'], ['grant-scope', 'org-tpm', 'docstore.test', 'messaging.test']]) {
     const run = await cli(args);
     assert.equal(run.status, 0, describeRun(run));
   }
@@ -159,7 +159,8 @@ before(async () => {
   await until(() => stdout.includes('\n') || sidecar.exitCode !== null, WAIT_MS, 'the sidecar to listen');
   assert.ok(stdout.includes('\n'), `sidecar did not start:\n${sidecarLog}`);
   proxyUrl = JSON.parse(stdout.split('\n')[0]!).proxy_url;
-  const granted = await cli(['grant-permission', '--identity', IDENTITY, '--cert', certPath, '--oid', TEST_OID, 'docstore.test', 'messaging.test']);
+  // TPM attestation at enrolment has its own tests; here the keys are granted without it.
+  const granted = await cli(['grant-permission', '--allow-unattested', '--identity', IDENTITY, '--cert', certPath, '--oid', TEST_OID, 'docstore.test', 'messaging.test']);
   assert.equal(granted.status, 0, describeRun(granted));
 });
 
@@ -204,7 +205,7 @@ describe('key rotation', { concurrency: false }, () => {
 
   test('list --expiring-within shows the permissions to renew, soonest first', async () => {
     const soon = new Date(Date.now() + 2 * 3600_000).toISOString();
-    const beta = await cli(['grant-permission', '--identity', 'agent-beta', '--spki', readCarrierCertificate(certPath, TEST_OID)!.spkiDer.toString('hex'), '--not-after', soon, 'docstore.test']);
+    const beta = await cli(['grant-permission', '--allow-unattested', '--identity', 'agent-beta', '--spki', readCarrierCertificate(certPath, TEST_OID)!.spkiDer.toString('hex'), '--not-after', soon, 'docstore.test']);
     assert.equal(beta.status, 0, describeRun(beta));
     const table = await runCli(['list', 'permissions', '--expiring-within', '1d'], { env: cliEnv });
     assert.equal(table.status, 0, describeRun(table));
@@ -238,7 +239,9 @@ describe('key rotation', { concurrency: false }, () => {
 
     const before = await cli(['list', 'permissions']);
     assert.equal((await cli(['revoke', 'scope', 'org-tpm', 'messaging.test'])).status, 0);
-    const refused = await cli(['rotate-key', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
+    const unattested = await cli(['rotate-key', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
+    assert.equal(unattested.json.error?.code, 'ERR_REFUSED_UNATTESTED', describeRun(unattested));
+    const refused = await cli(['rotate-key', '--allow-unattested', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
     assert.equal(refused.status, 3, describeRun(refused));
     assert.equal(refused.json.error.code, 'ERR_REFUSED_OUT_OF_SCOPE');
     assert.match(refused.json.error.message, /messaging\.test:443/);
@@ -266,10 +269,10 @@ describe('key rotation', { concurrency: false }, () => {
     const ended = once(res, 'end');
     await until(() => received >= 1024 * 1024, WAIT_MS, 'the first MiB of the download');
 
-    const rotated = await cli(['rotate-key', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
+    const rotated = await cli(['rotate-key', '--allow-unattested', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
     assert.equal(rotated.status, 0, describeRun(rotated));
     assert.deepEqual(rotated.json.permissions.map((p: { destination: string }) => p.destination).sort(), ['docstore.test:443', 'messaging.test:443']);
-    const rerun = await cli(['rotate-key', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
+    const rerun = await cli(['rotate-key', '--allow-unattested', '--identity', IDENTITY, '--from-cert', certPath, '--to-cert', join(scratch, 'machine-client.next.pem'), '--oid', TEST_OID]);
     assert.deepEqual(rerun.json.permissions, [], 'a rerun signs nothing twice');
     const newFingerprint = certFingerprint(join(scratch, 'machine-client.next.pem'));
     copyFileSync(certPath, join(scratch, 'old.pem'));

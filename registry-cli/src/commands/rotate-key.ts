@@ -1,3 +1,4 @@
+import { findKeyAttestations } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
 import { permissionFields, signPermission } from '../../../registry/signing.js';
 import { findPrincipalKey, insertPermission, listDelegations, listPermissions, registryNow, type PermissionRow } from '../../../registry/store.js';
@@ -18,6 +19,7 @@ export interface RotateKeyOptions extends TokenOptions {
   readonly oid?: string;
   readonly notBefore?: string;
   readonly notAfter?: string;
+  readonly allowUnattested?: boolean;
 }
 
 /** Rows of the old key still to be used (active or not yet valid): the ones the new key must inherit. */
@@ -46,6 +48,14 @@ export async function rotateKey(context: CommandContext, options: RotateKeyOptio
   if (warning) context.output.warn(warning);
 
   return withRegistry(registryTarget(context), async (db) => {
+    // The new key is granted like any agent key: only once its TPM attestation is recorded (DESIGN §9e).
+    const attestation = (await findKeyAttestations(db, [to.spkiDer])).get(to.spkiDer.toString('hex'));
+    if (!attestation?.verified) {
+      if (!options.allowUnattested) {
+        throw new RefusedError('ERR_REFUSED_UNATTESTED', `the new agent key ${to.fingerprint} has no verified TPM attestation: enrol it first with \`agent-gateway-registry enrol-agent-key --cert ${options.toCert} --key-label LABEL\` on the machine that owns its TPM, or pass --allow-unattested. Nothing was written.`);
+      }
+      context.output.warn(`the new agent key ${to.fingerprint} is not TPM-attested; rotating anyway (--allow-unattested)`);
+    }
     const tpm = await openPrincipalToken(context, options, { create: false });
     try {
       const key = tpm.findKey(keyId);
