@@ -121,10 +121,6 @@ export class SettingsReloader {
     this.#current = options.initial;
   }
 
-  get settings(): LoadedConfig {
-    return this.#current;
-  }
-
   /** Prepares the next key named at start, if any; a failure is logged, the sidecar keeps running. */
   start(): Promise<void> {
     this.#queue = this.#queue.then(async () => {
@@ -161,12 +157,23 @@ export class SettingsReloader {
     const applied: SidecarConfig = { ...after, ...Object.fromEntries(needRestart.map((field) => [field, before[field as keyof SidecarConfig]])) } as SidecarConfig;
     const rotate = KEY_FIELDS.some((field) => changed.includes(field));
     let fingerprint = gateway.keyFingerprint;
+    if (rotate) {
+      try {
+        fingerprint = await this.#rotate(applied);
+      } catch (error) {
+        log.error({ event: 'sidecar_reload_failed', err: (error as Error).message }, 'reload refused: the key cannot be used; keeping the running key and settings');
+        return;
+      }
+    }
     try {
-      if (rotate) fingerprint = await this.#rotate(applied);
       await this.#prepareNext(applied);
     } catch (error) {
-      log.error({ event: 'sidecar_reload_failed', err: (error as Error).message }, 'reload refused: the key cannot be used; keeping the running key and settings');
-      return;
+      // Once the switch has begun the reload stands; without one, nothing was applied.
+      if (!rotate) {
+        log.error({ event: 'sidecar_reload_failed', err: (error as Error).message }, 'reload refused: the next key cannot be prepared; keeping the running settings');
+        return;
+      }
+      log.error({ event: 'next_key_failed', err: (error as Error).message }, 'the next key could not be prepared');
     }
     this.#current = { ...next, config: applied };
     log.info({ event: 'sidecar_reloaded', changed: changed.filter((field) => !needRestart.includes(field)), drain_timeout_ms: applied.drainTimeoutMs, spki_fingerprint: fingerprint, rotated: rotate }, 'settings reloaded');
