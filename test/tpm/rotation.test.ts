@@ -332,5 +332,7 @@ describe('key rotation', { concurrency: false }, () => {
     }
     assert.equal(await healthThroughSidecar(), 200);
     assert.equal(allowedFingerprints().at(-1), newFingerprint);
+    // The audit trail says the same: the newest allowed CONNECT came with the new key.
+    await until(async () => (await cli(['audit', '--identity', IDENTITY, '--status', '200', '--limit', '1'])).json.rows?.[0]?.spki_fingerprint === newFingerprint, WAIT_MS, 'an audit row with the new key');
   });
 });
