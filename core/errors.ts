@@ -228,6 +228,8 @@ export const ERROR_CODES = {
   ERR_REFUSED_IDENTITY_MISMATCH: { exit: EXIT.refused, hint: 'grant the identity the certificate carries, or issue a certificate for this identity' },
   ERR_REFUSED_CERTIFICATE_IDENTITY_INVALID: { exit: EXIT.refused, hint: 're-issue the carrier certificate with a valid identity extension (the sidecar writes one at start)' },
   ERR_REFUSED_SCOPE_UNKNOWN: { exit: EXIT.refused, hint: '`agent-gateway-registry list` shows the delegations this principal holds' },
+  ERR_REFUSED_NOTHING_TO_ROTATE: { exit: EXIT.refused, hint: '`agent-gateway-registry list permissions --identity ID` shows which key and principal hold its rows; check --from-cert and --principal' },
+  ERR_REFUSED_SAME_KEY: { exit: EXIT.refused, hint: 'let the sidecar make the new key first (next_key_label in its --config, then SIGHUP) and pass the certificate it writes (next_cert_out) as --to-cert' },
   ERR_REFUSED_PERMISSION_UNKNOWN: { exit: EXIT.refused, hint: '`agent-gateway-registry list` shows the permission ids in the registry' },
   ERR_REFUSED_UNATTESTED: { exit: EXIT.refused, hint: 'enrol the key with TPM evidence first (`agent-gateway-registry enrol-agent-key`, or register-principal with --ek-ca), or pass --allow-unattested to accept a key nothing proves is TPM-resident' },
   ERR_REFUSED_ATTESTATION_MALFORMED: { exit: EXIT.refused, hint: 'the evidence is not what tpm2-tools produces for an ECC P-256 key certified by an ECDSA AK under the RSA EK: collect it again on the machine that owns the TPM' },
@@ -281,6 +283,7 @@ export const ERROR_CODES = {
   ERR_TLS_IDENTITY_TPM_UNAVAILABLE: { exit: EXIT.runtime, hint: 'check --tcti / TPM2_PKCS11_TCTI (and DBUS_SESSION_BUS_ADDRESS for tpm2-abrmd), and --pkcs11-module' },
   ERR_TLS_IDENTITY_ENGINE: { exit: EXIT.runtime, hint: 'install libengine-pkcs11-openssl and libtpm2-pkcs11-1, or pass --pkcs11-engine / --pkcs11-module' },
   ERR_TLS_IDENTITY_CERTIFICATE: { exit: EXIT.runtime, hint: 'the carrier certificate could not be built or written: check that the --cert-out directory exists or can be created, and is writable' },
+  ERR_REFUSED_KEY_IN_USE: { exit: EXIT.refused, hint: 'the sidecar\'s certificate (--cert-out) still presents this key: switch the sidecar to the new key (key_label in its --config, then SIGHUP) and wait for its old session to drain first' },
   ERR_TLS_IDENTITY_INVALID_ARGUMENT: { exit: EXIT.runtime, hint: 'fix the value named in the message: an --identity of 1-255 bytes without control characters, a non-empty user PIN, labels of 1-32 bytes' },
 } as const satisfies Record<`ERR_${string}`, ErrorSpec>;
 

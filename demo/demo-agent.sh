@@ -5,6 +5,7 @@
 #   demo/demo-agent.sh run HANDLE [--no-isolation] -- CMD [ARGS...]  CMD whose only way out is the sidecar
 #   demo/demo-agent.sh prompt HANDLE --prompt TEXT                 Claude Code through the sidecar
 #   demo/demo-agent.sh start HANDLE                                restart its swtpm and sidecar
+#   demo/demo-agent.sh rotate HANDLE                               new TPM key, rows re-signed, no tunnel dropped
 #   demo/demo-agent.sh delete HANDLE                               stop it, revoke its rows, remove its state
 #
 # Needs `demo/demo.sh setup` first (gateway, registry, principal). The handle is the identity.
@@ -12,7 +13,7 @@ set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 agent_dir() { echo "$AGENTS_DIR/$1"; }
 
@@ -34,6 +35,8 @@ start_agent() {
   fi
   tpm_start "$dir/tpm" "$port" "$handle"
   if pid_alive "$(pid_of "$handle-sidecar")"; then return; fi
+  # The settings SIGHUP re-reads (key rotation); the flags below stay as they are.
+  [ -s "$dir/sidecar.toml" ] || printf 'key_label = "agent-tls"\n' >"$dir/sidecar.toml"
   rm -f "$dir/port"
   sidecar_port="$(cat "$dir/sidecar-port-request" 2>/dev/null || echo 0)"
   # shellcheck disable=SC1091
@@ -42,7 +45,7 @@ start_agent() {
     start_bg "$handle-sidecar" "$LOG_DIR/$handle-sidecar.log" node "$ROOT/bin/agent-gateway-sidecar.js" \
       --gateway "https://localhost:$GATEWAY_PORT" --gateway-ca "$CERTS/server-ca.pem" \
       --identity "$(cat "$dir/identity")" --tcti "$TPM2_PKCS11_TCTI" \
-      --cert-out "$dir/machine-client.pem" --listen-port "$sidecar_port" --port-file "$dir/port" \
+      --config "$dir/sidecar.toml" --cert-out "$dir/machine-client.pem" --listen-port "$sidecar_port" --port-file "$dir/port" \
       --listen-socket "$dir/proxy.sock"
   )
   if ! wait_for "sidecar" 60 test -s "$dir/port"; then
@@ -139,6 +142,68 @@ cmd_prompt() {
   cmd_run "$handle" -- claude -p "$prompt" --allowedTools "Bash(curl:*)"
 }
 
+# reload_sidecar HANDLE EVENT: SIGHUP, then wait for the sidecar to log EVENT once more (or a refusal).
+reload_sidecar() {
+  local handle=$1 event=$2 log="$LOG_DIR/$1-sidecar.log" seen failed
+  seen="$(grep -c "\"event\":\"$event\"" "$log" || true)"
+  failed="$(grep -c '"event":"sidecar_reload_failed"' "$log" || true)"
+  kill -HUP "$(pid_of "$handle-sidecar")"
+  wait_for "$event" 60 sh -c '[ "$(grep -c "\"event\":\"$1\"" "$2")" -gt "$3" ] || [ "$(grep -c "\"event\":\"sidecar_reload_failed\"" "$2")" -gt "$4" ]' \
+    _ "$event" "$log" "$seen" "$failed" || die "rotate: the sidecar did not log $event (see $log)"
+  if [ "$(grep -c '"event":"sidecar_reload_failed"' "$log" || true)" -gt "$failed" ]; then
+    grep '"event":"sidecar_reload_failed"' "$log" | tail -n 1 >&2
+    die "rotate: the sidecar refused the reload"
+  fi
+}
+
+# Key rotation, composed of the operator steps (sidecar/README.md, "Key rotation"):
+# next key in the TPM -> rows signed for it -> switch -> old session drained -> old rows
+# revoked -> old key destroyed. Tunnels open on the old key run to their end meanwhile.
+cmd_rotate() {
+  local handle=${1:-} dir old new drained fingerprint
+  require_agent "$handle"
+  dir="$(agent_dir "$handle")"
+  pid_alive "$(pid_of "$handle-sidecar")" || start_agent "$handle"
+  [ -s "$dir/sidecar.toml" ] || die "rotate: the sidecar of $handle was started without a settings file; restart it (demo/demo-agent.sh start $handle)"
+  old="$(sed -n 's/^key_label = "\(.*\)"$/\1/p' "$dir/sidecar.toml")"
+  old="${old:-agent-tls}"
+  new="agent-tls-$(date +%s)"
+  [ "$new" != "$old" ] || die "rotate: rotated within this second already; try again"
+
+  printf 'key_label = "%s"\nnext_key_label = "%s"\n' "$old" "$new" >"$dir/sidecar.toml"
+  reload_sidecar "$handle" next_key_ready
+  fingerprint="$(grep '"event":"next_key_ready"' "$LOG_DIR/$handle-sidecar.log" | tail -n 1 | sed -n 's/.*"spki_fingerprint":"\([^"]*\)".*/\1/p')"
+  # Like any agent key, the new one is granted only once its TPM attestation is recorded.
+  # shellcheck disable=SC1091
+  (source "$dir/tpm/env" && registry_cli enrol-agent-key --cert "$dir/machine-client.next.pem" --key-label "$new" --ek-ca "$EK_CA" >/dev/null) \
+    || die "rotate: could not enrol $handle's new key with TPM attestation"
+  say "rotate $handle: 1/6 new key $new ($fingerprint) generated in its TPM and TPM-attested, certificate $dir/machine-client.next.pem"
+
+  principal_cli node "$ROOT/bin/agent-gateway-registry.js" rotate-key --principal "$PRINCIPAL" --identity "$(cat "$dir/identity")" \
+    --from-cert "$dir/machine-client.pem" --to-cert "$dir/machine-client.next.pem" >&2
+  say "rotate $handle: 2/6 $PRINCIPAL signed the same permissions for the new key"
+
+  cp "$dir/machine-client.pem" "$dir/machine-client.old.pem"
+  drained="$(grep -c '"event":"gateway_session_drained"' "$LOG_DIR/$handle-sidecar.log" || true)"
+  printf 'key_label = "%s"\n' "$new" >"$dir/sidecar.toml"
+  reload_sidecar "$handle" gateway_session_draining
+  say "rotate $handle: 3/6 sidecar reloaded (SIGHUP): new CONNECTs use the new key's session"
+
+  # The drain timeout (5 minutes by default) bounds this wait; the sidecar logs why it ended.
+  wait_for "old session" 330 sh -c '[ "$(grep -c "\"event\":\"gateway_session_drained\"" "$1")" -gt "$2" ]' _ "$LOG_DIR/$handle-sidecar.log" "$drained" \
+    || die "rotate: the old session did not drain (see $LOG_DIR/$handle-sidecar.log)"
+  say "rotate $handle: 4/6 old session drained: $(grep '"event":"gateway_session_drained"' "$LOG_DIR/$handle-sidecar.log" | tail -n 1 | sed -n 's/.*"reason":"\([a-z_]*\)".*/\1/p')"
+
+  AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/agent-permissions.sh" delete \
+    --identity "$(cat "$dir/identity")" --cert "$dir/machine-client.old.pem" >&2
+  say "rotate $handle: 5/6 old key's permissions revoked"
+
+  # shellcheck disable=SC1091
+  (source "$dir/tpm/env" && node "$ROOT/bin/agent-gateway-sidecar.js" key destroy --key-label "$old" --config "$dir/sidecar.toml" --tcti "$TPM2_PKCS11_TCTI" >/dev/null)
+  rm -f "$dir/machine-client.old.pem" "$dir/machine-client.next.pem"
+  say "rotate $handle: 6/6 old key $old destroyed in the TPM; $handle now presents $new ($fingerprint)"
+}
+
 cmd_delete() {
   local handle=${1:-} dir
   require_agent "$handle"
@@ -159,6 +224,7 @@ case "${1:-}" in
   run) shift; cmd_run "$@" ;;
   prompt) shift; cmd_prompt "$@" ;;
   start) shift; require_agent "${1:-}"; start_agent "$1"; say "agent $1: sidecar on 127.0.0.1:$(cat "$(agent_dir "$1")/port")"; cat "$(agent_dir "$1")/port" ;;
+  rotate) shift; cmd_rotate "$@" ;;
   delete) shift; cmd_delete "$@" ;;
   *) usage ;;
 esac

@@ -436,6 +436,26 @@ export class TpmToken {
     return this.findKeyOrUndefined(label) ?? this.generateP256Key(label);
   }
 
+  /**
+   * Destroys the key pair (private and public objects) in the token: nothing can sign with it
+   * afterwards. Used after a rotation, once no session needs the old key.
+   */
+  destroyKey(key: TpmKey): void {
+    this.#own(key);
+    const pkcs11 = this.#pkcs11();
+    try {
+      const publics = this.#findObjects([
+        { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_PUBLIC_KEY },
+        { type: pkcs11js.CKA_LABEL, value: key.label },
+        ...(key.id.length > 0 ? [{ type: pkcs11js.CKA_ID, value: key.id }] : []),
+      ], 2);
+      pkcs11.C_DestroyObject(this.#session, key.privateHandle);
+      for (const handle of publics) pkcs11.C_DestroyObject(this.#session, handle);
+    } catch (error) {
+      throw toTpmError(error, `${this.#context(key.label)}: destroying the key`);
+    }
+  }
+
   publicKeySpkiDer(key: TpmKey): Buffer {
     this.#own(key);
     return Buffer.from(key.publicKeySpkiDer);

@@ -66,3 +66,21 @@ export function normaliseDestinations(values: readonly string[], options: { requ
   }
   return [...seen];
 }
+
+const DURATION_UNITS_MS: Readonly<Record<string, number>> = { w: 7 * 86_400_000, d: 86_400_000, h: 3_600_000, m: 60_000, s: 1000 };
+/** Longer than any permission an operator would sign; keeps the arithmetic far from overflow. */
+const MAX_DURATION_MS = 100 * 365 * 86_400_000;
+
+/**
+ * A duration such as `30d`, `12h`, `1d12h`, `90m` or `2w` (units w, d, h, m, s, largest first,
+ * each at most once) in milliseconds. No bare numbers: `30` could mean seconds or days.
+ */
+export function durationOption(option: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const match = /^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/.exec(value.trim());
+  if (!match || value.trim() === '') throw new UsageError(`${option}: ${JSON.stringify(value)} is not a duration such as 30d, 12h, 1d12h, 90m or 2w (units w, d, h, m, s)`);
+  const ms = ['w', 'd', 'h', 'm', 's'].reduce((sum, unit, i) => sum + Number(match[i + 1] ?? 0) * DURATION_UNITS_MS[unit]!, 0);
+  if (ms <= 0) throw new UsageError(`${option}: the duration must be longer than zero`);
+  if (ms > MAX_DURATION_MS) throw new UsageError(`${option}: the duration must be at most 100 years`);
+  return ms;
+}

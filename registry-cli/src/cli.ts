@@ -169,6 +169,16 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .option('--allow-unattested', 'grant to an agent key that enrol-agent-key has not attested')
     .action(run(async () => (await import('./commands/grant-permission.js')).grantPermission));
 
+  tokenOptions(timeOptions(program.command('rotate-key'), 'new permissions'))
+    .description('key rotation: sign, for the agent\'s new key, a permission for every active or not-yet-valid one the principal signed for its old key (same destination and window unless given); all or nothing, old rows left for delete-permission')
+    .requiredOption('--identity <identity>', 'agent identity')
+    .requiredOption('--from-cert <pem-file>', 'carrier certificate of the old key')
+    .requiredOption('--to-cert <pem-file>', 'carrier certificate of the new key (must carry --identity)')
+    .option('--principal <key-id>', `signing principal key id (default: $${PRINCIPAL_KEY_ID_VARIABLE})`)
+    .option('--oid <oid>', 'OID of the identity extension checked in --to-cert', DEFAULT_IDENTITY_OID)
+    .option('--allow-unattested', 'rotate to a new key that enrol-agent-key has not attested')
+    .action(run(async () => (await import('./commands/rotate-key.js')).rotateKey));
+
   subjectOptions(program.command('delete-permission'), false)
     .description('revoke the active (and not yet valid) permissions of an identity, narrowed by key, principal and destinations when given')
     .argument('[destinations...]', 'only these destinations')
@@ -201,6 +211,7 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .option('--identity <identity>', 'only permissions of this identity')
     .option('--principal <key-id>', 'only rows of this principal key')
     .addOption(new Option('--state <state>', 'only rows in this state').choices(['active', 'not-yet-valid', 'expired', 'revoked']))
+    .option('--expiring-within <duration>', 'only rows to renew: active or not yet valid, ending within this duration (30d, 12h, 1d12h, 90m, 2w), soonest first')
     .action(run(async () => (await import('./commands/list.js')).list));
 
   subjectOptions(program.command('explain'), true)

@@ -1,4 +1,4 @@
-import { once } from 'node:events';
+import { once, type EventEmitter } from 'node:events';
 import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { Command, CommanderError } from 'commander';
@@ -6,8 +6,10 @@ import type { DestinationStream } from 'pino';
 import { EXIT, type ExitCode } from '../../core/errors.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { probeToken } from '../../tpm/token.js';
-import { addSidecarOptions, cliValues, loadSidecarConfig, type LoadedConfig } from './config.js';
+import { addSidecarOptions, cliValues, type LoadedConfig } from './config.js';
 import { startHealthServer } from './health.js';
+import { runKeyCommand } from './key-commands.js';
+import { loadSidecarSettings, SettingsReloader } from './rotation.js';
 import { createSidecarLogger } from './logger.js';
 import { startSidecar, type Sidecar } from './sidecar.js';
 import { loadTlsIdentity, type TlsIdentity } from './tls-identity.js';
@@ -31,6 +33,8 @@ export interface SidecarIo {
   readonly log?: DestinationStream;
   /** Aborted on SIGINT/SIGTERM (main.ts), or by an in-process test: the sidecar stops and resolves 0. */
   readonly stop?: AbortSignal;
+  /** Emits 'reload' on SIGHUP (main.ts): settings are re-read, a changed key rotates (rotation.ts). */
+  readonly reload?: EventEmitter;
 }
 
 function describe(error: unknown): string {
@@ -85,7 +89,9 @@ function program(io: SidecarIo): Command {
     .addHelpText(
       'after',
       '\nExit status: 0 after SIGINT/SIGTERM, 1 on a runtime failure (TPM, PIN, listener), 2 on bad flags or settings.' +
-        `\n\nRun an agent isolated, its only way out this sidecar's --listen-socket:\n  ${NAME} run --socket PATH [--no-isolation] -- CMD [ARGS...]   (see ${NAME} run --help)`,
+        `\n\nRun an agent isolated, its only way out this sidecar's --listen-socket:\n  ${NAME} run --socket PATH [--no-isolation] -- CMD [ARGS...]   (see ${NAME} run --help)` +
+        `\n\nSIGHUP re-reads the settings; a new key_label in --config rotates keys without dropping a tunnel (README, "Key rotation").` +
+        `\nDestroy a rotated-out key:\n  ${NAME} key destroy --key-label LABEL [--config FILE]   (see ${NAME} key destroy --help)`,
     )
     .showHelpAfterError(`(run ${NAME} --help for every flag)`)
     .configureOutput({ writeOut: (text) => void io.stdout.write(text), writeErr: (text) => void io.stderr.write(text) })
@@ -109,6 +115,7 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
     io.stderr.write(`${NAME}: PINs are never taken as flag values (ps and shell history would show them): set AGENT_GATEWAY_TPM_USER_PIN / AGENT_GATEWAY_TPM_SO_PIN or pass --user-pin-file / --so-pin-file\n`);
     return EXIT.usage;
   }
+  if (argv[0] === 'key') return runKeyCommand(argv.slice(1), io);
   const command = program(io);
   try {
     command.parse([...argv], { from: 'user' });
@@ -118,7 +125,7 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
   }
   let loaded: LoadedConfig;
   try {
-    loaded = loadSidecarConfig(cliValues(command), io.env);
+    loaded = loadSidecarSettings(cliValues(command), io.env);
   } catch (error) {
     return fail(error);
   }
@@ -192,6 +199,7 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
       ...(previousPort !== undefined ? { preferredPort: previousPort } : {}),
       ...(config.listenSocket !== undefined ? { listenSocket: config.listenSocket } : {}),
       connectWaitMs: config.connectWaitMs,
+      keyFingerprint: identity.spkiFingerprint,
       streamWindowBytes: config.streamWindowBytes,
       sessionWindowBytes: config.sessionWindowBytes,
       logger: log,
@@ -217,6 +225,11 @@ export async function runSidecar(argv: readonly string[], io: SidecarIo): Promis
   }
   log.info({ event: 'port_taken', port: sidecar.port, previous_port: previousPort ?? null, reused: portReused }, portReused ? `took port ${sidecar.port} again` : `took port ${sidecar.port}`);
   if (stopping()) return stopped();
+  const reloader = new SettingsReloader({ flags: cliValues(command), env: io.env, initial: loaded, gateway: sidecar.gateway, log });
+  await reloader.start();
+  const onReload = () => void reloader.reload();
+  io.reload?.on('reload', onReload);
+  opened.push(() => io.reload?.off('reload', onReload));
 
   if (config.portFile !== undefined) {
     const portFile = config.portFile;

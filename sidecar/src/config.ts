@@ -21,7 +21,7 @@ import { parseLogFilter } from './logger.js';
  * `ps` and in shell history.
  */
 
-interface OptionSpec {
+export interface OptionSpec {
   /** The long flag; absent for settings taken from the environment only. */
   readonly flag?: string;
   /** The flag's value placeholder, e.g. `<url>`. */
@@ -36,6 +36,7 @@ interface OptionSpec {
 }
 
 export const SIDECAR_OPTIONS = {
+  configFile: { flag: '--config', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_CONFIG'], help: 'TOML file of settings: the flags\' names without -- in snake_case (key_label = "..."); flags and variables win over it; SIGHUP re-reads it (sidecar/src/rotation.ts)' },
   gatewayUrl: { flag: '--gateway', arg: '<url>', env: ['AGENT_GATEWAY_URL'], help: 'gateway URL' },
   gatewayCaPem: { flag: '--gateway-ca', arg: '<file>', env: ['AGENT_GATEWAY_CA'], help: 'PEM CA certificates that verify the gateway (default: system roots)' },
   servername: { flag: '--servername', arg: '<name>', env: ['AGENT_GATEWAY_SERVERNAME'], help: 'TLS server name to verify, when the URL host differs' },
@@ -56,13 +57,16 @@ export const SIDECAR_OPTIONS = {
   streamWindowBytes: { flag: '--stream-window-bytes', arg: '<n>', env: ['AGENT_GATEWAY_SIDECAR_STREAM_WINDOW_BYTES'], help: 'HTTP/2 stream receive window toward the gateway (downloads)' },
   sessionWindowBytes: { flag: '--session-window-bytes', arg: '<n>', env: ['AGENT_GATEWAY_SIDECAR_SESSION_WINDOW_BYTES'], help: 'HTTP/2 session receive window toward the gateway' },
   connectWaitMs: { flag: '--connect-wait-ms', arg: '<ms>', env: ['AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS'], help: 'how long a CONNECT waits for the gateway session before 503' },
+  nextKeyLabel: { flag: '--next-key-label', arg: '<label>', env: ['AGENT_GATEWAY_SIDECAR_NEXT_TPM_KEY'], help: 'key rotation, step 1: generate this key in the token (if missing) and write its carrier certificate to --next-cert-out, while the sidecar keeps using --key-label' },
+  nextCertOut: { flag: '--next-cert-out', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_NEXT_CERT_OUT'], help: 'where to write the next key\'s carrier certificate (default: --cert-out with .next.pem)' },
+  drainTimeoutMs: { flag: '--drain-timeout-ms', arg: '<ms>', env: ['AGENT_GATEWAY_SIDECAR_DRAIN_TIMEOUT_MS'], help: 'after a key rotation, how long the old key\'s session keeps its open tunnels before they are cut' },
   portFile: { flag: '--port-file', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_PORT_FILE'], help: 'write the listening port to this file once the proxy listens (for scripts)' },
   healthPort: { flag: '--health-port', arg: '<port>', env: ['AGENT_GATEWAY_SIDECAR_HEALTH_PORT'], help: 'serve /healthz and /readyz (gateway session up and TPM answering) on this loopback port; 0 picks one (default: off)' },
   logLevel: { env: ['AGENT_GATEWAY_SIDECAR_LOG', 'RUST_LOG'], help: 'log filter, e.g. info, debug, agent_gateway_sidecar=debug' },
   logQuiet: { env: ['AGENT_GATEWAY_LOG_STDOUT'], help: 'false: write no log lines (logs go to stderr; stdout has only the JSON line)' },
 } as const satisfies Record<string, OptionSpec>;
 
-type Field = keyof typeof SIDECAR_OPTIONS;
+export type Field = keyof typeof SIDECAR_OPTIONS;
 
 /** What commander hands over, keyed by field: strings as typed, before any validation. */
 export type SidecarCliValues = Partial<Record<Field, string | readonly string[]>>;
@@ -127,6 +131,7 @@ const pemFile = path.transform((file, ctx) => {
 });
 
 const configSchema = z.strictObject({
+  configFile: path.transform((value) => resolvePath(value)).optional(),
   gatewayUrl: gatewayUrl.prefault(DEFAULT_GATEWAY_URL),
   gatewayCaPem: pemFile.optional(),
   servername: z
@@ -163,6 +168,10 @@ const configSchema = z.strictObject({
   streamWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES).prefault(String(STREAM_WINDOW_BYTES)),
   sessionWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES).prefault(String(SESSION_WINDOW_BYTES)),
   connectWaitMs: wholeNumber(1, 600_000).prefault('5000'),
+  nextKeyLabel: pkcs11Label.optional(),
+  nextCertOut: path.transform((value) => resolvePath(value)).optional(),
+  /** 5 minutes: the gateway's default idle timeout, long enough for a large download to finish. */
+  drainTimeoutMs: wholeNumber(1000, 86_400_000).prefault('300000'),
   portFile: path.transform((value) => resolvePath(value)).optional(),
   healthPort: wholeNumber(0, 65535).optional(),
   logLevel: z

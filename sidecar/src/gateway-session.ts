@@ -31,8 +31,10 @@ const REFUSED_RETRIES = 2;
 export interface GatewaySessionOptions {
   /** `https://host:port` of the gateway. */
   readonly url: string;
-  /** One context for every (re)connect: it holds the TPM-backed key handle. */
+  /** One context for every (re)connect: it holds the TPM-backed key handle (until `rotate`). */
   readonly secureContext: SecureContext;
+  /** `sha256:<hex>` of the key in `secureContext`, for log lines that say which key a session uses. */
+  readonly keyFingerprint?: string;
   readonly servername?: string;
   /** How long a CONNECT waits for a session while (re)connecting before it gets 503. */
   readonly connectWaitMs: number;
@@ -67,12 +69,69 @@ export class GatewaySession extends EventEmitter {
   #attempt = 0;
   #retryTimer: NodeJS.Timeout | undefined;
   #pingTimer: NodeJS.Timeout | undefined;
+  #secureContext: SecureContext;
+  #keyFingerprint: string | undefined;
+  /** A rotation waits for a session with the new key; the old session serves until it is up. */
+  #rotating = false;
+  #drainTimeoutMs = 0;
+  /** Sessions of rotated-out keys, running their tunnels to their end. */
+  readonly #draining = new Set<ClientHttp2Session>();
+  /** Which key each session presented, and how many CONNECT streams it has open. */
+  readonly #sessionKeys = new WeakMap<ClientHttp2Session, string | undefined>();
+  readonly #openStreams = new WeakMap<ClientHttp2Session, number>();
   /** TLS sessions established so far (each one is a TPM-signed handshake). */
   handshakes = 0;
 
   constructor(options: GatewaySessionOptions) {
     super();
     this.#options = options;
+    this.#secureContext = options.secureContext;
+    this.#keyFingerprint = options.keyFingerprint;
+  }
+
+  /** The key new sessions use. */
+  get keyFingerprint(): string | undefined {
+    return this.#keyFingerprint;
+  }
+
+  /**
+   * Moves to a new key without dropping a tunnel: a second session is opened with the new
+   * context while the current one keeps serving new CONNECTs; once it is up it takes every new
+   * CONNECT and the old session is closed gracefully (its open streams run to their end), cut
+   * after `drainTimeoutMs`. A failed handshake is retried with back-off, the old session serving
+   * meanwhile. The old session's end is logged (`gateway_session_drained`).
+   */
+  rotate(secureContext: SecureContext, options: { keyFingerprint?: string; drainTimeoutMs: number }): void {
+    if (this.#closed) return;
+    this.#secureContext = secureContext;
+    this.#keyFingerprint = options.keyFingerprint;
+    this.#rotating = true;
+    this.#drainTimeoutMs = options.drainTimeoutMs;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#attempt = 0;
+    this.#connect();
+  }
+
+  #drain(session: ClientHttp2Session, fingerprint: string | undefined, drainTimeoutMs: number): void {
+    const { log } = this.#options;
+    this.#draining.add(session);
+    log.info({ event: 'gateway_session_draining', spki_fingerprint: fingerprint, drain_timeout_ms: drainTimeoutMs }, 'old key\'s session draining: its tunnels run to their end, new CONNECTs use the new key');
+    let reason: 'drained' | 'drain_timeout' = 'drained';
+    let streamsCut = 0;
+    const timer = setTimeout(() => {
+      reason = 'drain_timeout';
+      streamsCut = this.#openStreams.get(session) ?? 0;
+      session.destroy();
+    }, drainTimeoutMs);
+    timer.unref();
+    session.once('close', () => {
+      clearTimeout(timer);
+      this.#draining.delete(session);
+      (reason === 'drained' ? log.info : log.warn).call(log, { event: 'gateway_session_drained', spki_fingerprint: fingerprint, reason, streams_cut: streamsCut }, reason === 'drained' ? 'old key\'s session drained' : 'old key\'s session cut by the drain timeout');
+    });
+    // Graceful: GOAWAY, no new streams; closes by itself once the last stream has ended.
+    session.close();
   }
 
   get connected(): boolean {
@@ -85,19 +144,23 @@ export class GatewaySession extends EventEmitter {
   }
 
   #connect(): void {
-    if (this.#closed || this.#connecting || this.connected) return;
+    if (this.#closed || this.#connecting || (this.connected && !this.#rotating)) return;
     this.#connecting = true;
-    const { url, secureContext, servername, log } = this.#options;
+    const { url, servername, log } = this.#options;
+    const secureContext = this.#secureContext;
+    const fingerprint = this.#keyFingerprint;
     const session = h2connect(url, {
       secureContext,
       ...(servername ? { servername } : {}),
       settings: { initialWindowSize: this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES, enablePush: false },
       maxSessionMemory: MAX_SESSION_MEMORY_MB,
     });
+    this.#sessionKeys.set(session, fingerprint);
     let established = false;
     // Why a connect failed (TLS verification, refused, …): the warning below is what operators see.
     let lastError: string | undefined;
     const lost = (why: string) => {
+      if (this.#draining.has(session)) return; // #drain reports it
       if (this.#current === session) this.#current = undefined;
       if (!established) this.#connecting = false;
       if (!this.#closed) {
@@ -112,8 +175,14 @@ export class GatewaySession extends EventEmitter {
       this.#attempt = 0;
       this.handshakes++;
       session.setLocalWindowSize(this.#options.sessionWindowBytes ?? SESSION_WINDOW_BYTES);
+      const previous = this.#current;
+      if (secureContext === this.#secureContext) this.#rotating = false;
       this.#current = session;
-      log.info({ event: 'gateway_session_up', url }, 'gateway session established');
+      log.info({ event: 'gateway_session_up', url, spki_fingerprint: fingerprint }, 'gateway session established');
+      // Only a rotation opens a session beside a live one; the one it replaces drains.
+      if (previous && previous !== session && !previous.closed && !previous.destroyed) this.#drain(previous, this.#sessionKeys.get(previous), this.#drainTimeoutMs);
+      // A session still opened with an older key finished first: the rotation needs another one.
+      if (this.#rotating) this.#connect();
       this.emit('connected');
     });
     session.once('goaway', () => {
@@ -199,6 +268,9 @@ export class GatewaySession extends EventEmitter {
       throw error;
     }
     const refused = () => stream.rstCode === h2constants.NGHTTP2_REFUSED_STREAM;
+    // Counted per session: a drain timeout reports how many tunnels it cut.
+    this.#openStreams.set(session, (this.#openStreams.get(session) ?? 0) + 1);
+    stream.once('close', () => this.#openStreams.set(session, (this.#openStreams.get(session) ?? 1) - 1));
     return new Promise((resolve, reject) => {
       const onClose = () => reject(refused() ? new StreamRefusedError('REFUSED_STREAM') : new GatewayUnavailableError(`gateway closed the stream before answering (code ${stream.rstCode})`));
       stream.once('response', (headers) => {
@@ -222,6 +294,7 @@ export class GatewaySession extends EventEmitter {
     clearInterval(this.#pingTimer);
     const session = this.#current;
     this.#current = undefined;
+    for (const old of this.#draining) old.destroy();
     if (session && !session.closed) {
       const closed = once(session, 'close');
       session.close();

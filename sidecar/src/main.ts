@@ -1,3 +1,4 @@
+import { EventEmitter } from 'node:events';
 import { NAMESPACE_INIT, namespaceInit, runIsolated } from './run.js';
 
 const argv = process.argv.slice(2);
@@ -15,9 +16,13 @@ else {
   // the TPM sessions of a killed process leak until the TPM runs out of them.
   const stop = new AbortController();
   for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => stop.abort(signal));
+  // SIGHUP re-reads the settings (a reload during start-up has nothing to apply yet; without a
+  // handler SIGHUP's default action would end the process).
+  const reload = new EventEmitter();
+  process.on('SIGHUP', () => reload.emit('reload'));
   // Loaded here, not above: `run` starts CMD without loading the TPM, TLS and tracing stack.
   const { runSidecar } = await import('./cli.js');
-  code = await runSidecar(argv, { ...io, stop: stop.signal });
+  code = await runSidecar(argv, { ...io, stop: stop.signal, reload });
 }
 // Exit now: a library handle (the OpenSSL engine, a late OTLP retry) must not keep a finished process alive.
 process.exit(code);

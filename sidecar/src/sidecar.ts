@@ -8,6 +8,8 @@ export interface SidecarOptions {
   readonly gatewayUrl: string;
   /** Built by tls-identity.ts around the TPM key (or any key, in embedding tests). */
   readonly secureContext: SecureContext;
+  /** Fingerprint of the key in `secureContext`, for the log lines of a key rotation. */
+  readonly keyFingerprint?: string;
   readonly servername?: string;
   /** Default 127.0.0.1 and ::1: Node clients may try ::1 first for `localhost`. */
   readonly listenHosts?: readonly string[];
@@ -40,6 +42,7 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
   const gateway = new GatewaySession({
     url: options.gatewayUrl,
     secureContext: options.secureContext,
+    ...(options.keyFingerprint ? { keyFingerprint: options.keyFingerprint } : {}),
     ...(options.servername ? { servername: options.servername } : {}),
     connectWaitMs: options.connectWaitMs ?? 5000,
     pingIntervalMs: options.pingIntervalMs ?? 15_000,

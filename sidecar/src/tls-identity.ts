@@ -139,6 +139,8 @@ export interface TpmKeyOptions {
   readonly storeDir?: string;
   /** libtpm2_pkcs11.so; the engine loads the same file. */
   readonly modulePath?: string;
+  /** False: a missing key is an error instead of being generated (a reload must not invent a key). */
+  readonly createKey?: boolean;
 }
 
 export interface TpmKeyInfo {
@@ -174,6 +176,9 @@ export function ensureTpmKey(options: TpmKeyOptions): TpmKeyInfo {
   try {
     let key = token.findKeyOrUndefined(options.keyLabel);
     const keyCreated = key === undefined;
+    if (keyCreated && options.createKey === false) {
+      throw new TlsIdentityError('ERR_TLS_IDENTITY_KEY_NOT_FOUND', `TPM token "${options.tokenLabel}" has no key "${options.keyLabel}" (create it with \`agent-gateway-sidecar key new\`)`);
+    }
     key ??= token.generateP256Key(options.keyLabel);
     const attributes = token.privateKeyAttributes(key, [pkcs11js.CKA_SENSITIVE, pkcs11js.CKA_EXTRACTABLE, pkcs11js.CKA_NEVER_EXTRACTABLE, pkcs11js.CKA_ALWAYS_SENSITIVE]);
     const flag = (type: number) => attributes.get(type)?.[0] === 1;
@@ -224,12 +229,12 @@ export function readCarrierCertificate(path: string, extensionOid: string): { id
  * Writes `machine-client.pem` for this key and identity, atomically (temp file + rename, so a
  * reader never sees half a certificate). It is public material: mode 0644.
  */
-export async function writeCarrierCertificate(options: { path: string; spkiDer: Uint8Array; identity: string; extensionOid: string }): Promise<CarrierCertificateResult> {
+export async function writeCarrierCertificate(options: { path: string; spkiDer: Uint8Array; identity: string; extensionOid: string; pem?: string }): Promise<CarrierCertificateResult> {
   const path = resolvePath(options.path);
   const previous = readCarrierCertificate(path, options.extensionOid);
   let pem: string;
   try {
-    pem = await createCarrierCertificate({ subjectSpkiDer: options.spkiDer, extensionOid: options.extensionOid, identity: options.identity });
+    pem = options.pem ?? (await createCarrierCertificate({ subjectSpkiDer: options.spkiDer, extensionOid: options.extensionOid, identity: options.identity }));
   } catch (error) {
     throw new TlsIdentityError('ERR_TLS_IDENTITY_CERTIFICATE', `cannot build the carrier certificate: ${(error as Error).message}`, { cause: error });
   }

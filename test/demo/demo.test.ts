@@ -100,6 +100,18 @@ test('run isolates: curl --noproxy cannot go around agent-alpha\'s sidecar, thou
   assert.match(unisolated.stdout, /"service":"docstore"/);
 });
 
+test('rotate agent-alpha: new key, rows re-signed, old session drained, old rows revoked, old key destroyed; it keeps reaching docstore', { timeout: 180_000 }, async () => {
+  const before = readFileSync(join(dir, 'state/agents/agent-alpha/machine-client.pem'), 'utf8');
+  const { stderr } = await agent('rotate', 'agent-alpha');
+  for (let step = 1; step <= 6; step++) assert.match(stderr, new RegExp(`rotate agent-alpha: ${step}/6 `), `step ${step} printed`);
+  assert.match(stderr, /4\/6 old session drained: drained/);
+  assert.notEqual(readFileSync(join(dir, 'state/agents/agent-alpha/machine-client.pem'), 'utf8'), before, 'machine-client.pem presents the new key');
+  const docs = await agent('run', 'agent-alpha', '--', 'curl', '-sS', '--fail', '--max-time', '15', 'https://docstore/documents');
+  assert.match(docs.stdout, /"documents"/);
+  const { stdout } = await run('psql', ['-X', '-tA', '-d', `postgres://agent_gateway_admin:agent-gateway-demo@127.0.0.1:${ports.pg}/agent_gateway`, '-c', "SELECT count(DISTINCT subject_public_key_spki_der) FILTER (WHERE revoked_at IS NULL) || ' ' || count(*) FILTER (WHERE revoked_at IS NOT NULL) FROM permission_registry WHERE subject_identity = 'agent-alpha'"], { env });
+  assert.equal(stdout.trim(), '1 2', 'one active key; the old key\'s two rows revoked');
+});
+
 test('agent-beta with only messaging: docstore refused with 403 at CONNECT, messaging 200', { timeout: 120_000 }, async () => {
   const { stdout: handle } = await agent('create', '--identity', 'agent-beta', '--grant', 'messaging');
   assert.equal(handle.trim(), 'agent-beta');

@@ -7,7 +7,7 @@ import { InvalidDestinationError, InvalidPermissionFieldError, SchemaVersionErro
 import type { DelegationRow, PrincipalKeyRow } from '../../registry/store.js';
 import type { CanonicalTimestamp } from '../../registry/timestamp.js';
 import { TpmError } from '../../tpm/errors.js';
-import { checkTextField, checkValidityWindow, normaliseDestinations, timestampOption } from '../../registry-cli/src/arguments.js';
+import { checkTextField, checkValidityWindow, durationOption, normaliseDestinations, timestampOption } from '../../registry-cli/src/arguments.js';
 import { runCli } from '../../registry-cli/src/cli.js';
 import { delegationAction } from '../../registry-cli/src/commands/grant-scope.js';
 import { checkCertificateIdentity, checkSigningAuthority } from '../../registry-cli/src/commands/grant-permission.js';
@@ -53,6 +53,19 @@ describe('exit codes: one mapping for every error', () => {
 });
 
 describe('arguments', () => {
+  test('durations: units w d h m s, largest first, combined; bare numbers, zero and over 100 years refused', () => {
+    const HOUR = 3_600_000;
+    assert.equal(durationOption('--x', '30d'), 30 * 24 * HOUR);
+    assert.equal(durationOption('--x', '1d12h'), 36 * HOUR);
+    assert.equal(durationOption('--x', '2w'), 14 * 24 * HOUR);
+    assert.equal(durationOption('--x', '90m'), 1.5 * HOUR);
+    assert.equal(durationOption('--x', '1h30m15s'), 1.5 * HOUR + 15_000);
+    assert.equal(durationOption('--x', undefined), undefined);
+    for (const bad of ['30', '', 'd', '12h1d', '1.5h', '-1d', '0d', '1y', '1d 2h', '36501d']) {
+      assert.throws(() => durationOption('--expiring-within', bad), (error: Error) => error instanceof UsageError && error.message.startsWith('--expiring-within'), bad);
+    }
+  });
+
   test('destinations are normalised and de-duplicated; a malformed one is a usage error', () => {
     assert.deepEqual(normaliseDestinations(['DocStore', 'docstore:443', '[0:0::1]:8443']), ['docstore:443', '[::1]:8443']);
     assert.throws(() => normaliseDestinations(['bad_host']), InvalidDestinationError);

@@ -1,6 +1,8 @@
 import { attestationSummary, findKeyAttestations, type KeyAttestationRow } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
-import { listDelegations, listPermissions, listPrincipalKeys, type RowState } from '../../../registry/store.js';
+import { listDelegations, listPermissions, listPrincipalKeys, registryNow, type RowState } from '../../../registry/store.js';
+import { parseTimestampMicros, type CanonicalTimestamp } from '../../../registry/timestamp.js';
+import { durationOption } from '../arguments.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
 import { withRegistry } from '../database.js';
 import { UsageError } from '../errors.js';
@@ -14,6 +16,18 @@ export interface ListOptions {
   readonly identity?: string;
   readonly principal?: string;
   readonly state?: string;
+  /** `--expiring-within 30d`: only rows still to be used (active or not yet valid) whose not_after falls within it. */
+  readonly expiringWithin?: string;
+}
+
+/**
+ * What an operator must renew: rows that are active or not yet valid and end before `cutoff`
+ * (database clock), soonest first. Rows without an end never expire.
+ */
+function expiringBefore<T extends { state: RowState; notAfter: CanonicalTimestamp | null }>(rows: T[], cutoff: bigint): T[] {
+  return rows
+    .filter((row) => (row.state === 'active' || row.state === 'not-yet-valid') && row.notAfter !== null && parseTimestampMicros(row.notAfter) <= cutoff)
+    .sort((a, b) => (parseTimestampMicros(a.notAfter!) < parseTimestampMicros(b.notAfter!) ? -1 : parseTimestampMicros(a.notAfter!) > parseTimestampMicros(b.notAfter!) ? 1 : 0));
 }
 
 /** The ATTESTED column: when and by which EK a key was proven TPM-resident, or `no`. */
@@ -25,10 +39,15 @@ function attestedCell(row: KeyAttestationRow | undefined): string {
 export async function list(context: CommandContext, kind: string | undefined, options: ListOptions): Promise<CommandResult> {
   if (kind !== undefined && !(LIST_KINDS as readonly string[]).includes(kind)) throw new UsageError(`list what? ${JSON.stringify(kind)} is not one of ${LIST_KINDS.join(', ')}`);
   if (options.state !== undefined && !(ROW_STATES as readonly string[]).includes(options.state)) throw new UsageError(`--state must be one of ${ROW_STATES.join(', ')}`);
+  const withinMs = durationOption('--expiring-within', options.expiringWithin);
   const kinds = kind ? [kind as ListKind] : [...LIST_KINDS];
-  const keep = <T extends { state: RowState }>(rows: T[]) => (options.state ? rows.filter((row) => row.state === options.state) : rows);
   const keyId = options.principal;
   return withRegistry(registryTarget(context), async (db) => {
+    const cutoff = withinMs === undefined ? undefined : parseTimestampMicros(await registryNow(db)) + BigInt(withinMs) * 1000n;
+    const keep = <T extends { state: RowState; notAfter: CanonicalTimestamp | null }>(rows: T[]) => {
+      const inState = options.state ? rows.filter((row) => row.state === options.state) : rows;
+      return cutoff === undefined ? inState : expiringBefore(inState, cutoff);
+    };
     const data: Record<string, unknown> = {};
     const human: string[] = [];
     const section = (title: string, lines: string[], count: number) => {
