@@ -78,6 +78,7 @@ export class ProxyFront {
       clearTimeout(deadline);
       socket.removeListener('readable', onReadable);
       socket.removeListener('end', onEnd);
+      socket.removeListener('close', onEnd);
     };
     const refuse = (reason: ProxyRefusal, message: string) => {
       if (settled) return;
@@ -125,6 +126,8 @@ export class ProxyFront {
     socket.on('error', () => socket.destroy());
     socket.on('readable', onReadable);
     socket.on('end', onEnd);
+    // A reset (or any error) closes without 'end': let go of it now, not at the deadline.
+    socket.on('close', onEnd);
     const deadline = setTimeout(() => refuse(received.length > 0 ? 'truncated' : 'timeout', `no complete header within ${this.#options.timeoutMs()} ms`), this.#options.timeoutMs());
     deadline.unref();
   }

@@ -199,3 +199,32 @@ test('hostile balancer-side peers: stall mid-header, huge length, TLV garbage, d
     after.destroy();
   }
 });
+
+test('a balancer-side peer that resets mid-header is let go at once, not held until the handshake deadline (it was held, and counted as a stall, until then)', async () => {
+  const config = parseConfig({
+    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
+    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
+    observability: { log_level: 'info' },
+    admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
+    // Far beyond the wait below: only letting go on the reset itself can pass.
+    limits: { handshake_timeout_ms: 120_000 },
+  });
+  const patient = createGateway(config, { logger: captureLogger([]) });
+  await patient.listen();
+  try {
+    const refusals = async (reason: string) => {
+      const text = await (await fetch(`http://127.0.0.1:${patient.adminAddress!.port}/metrics`)).text();
+      const line = text.split('\n').find((l) => l.startsWith(`agent_gateway_proxy_protocol_refusals_total{reason="${reason}"}`));
+      return line ? Number(line.split(' ').pop()) : 0;
+    };
+    const socket = netConnect({ host: '127.0.0.1', port: patient.address!.port, localAddress: '127.0.0.1' });
+    socket.on('error', () => {});
+    await once(socket, 'connect');
+    socket.write(encodeProxyV2(AGENT).subarray(0, 20));
+    socket.resetAndDestroy();
+    await until(async () => (await refusals('truncated')) === 1, 20_000, 'the reset peer to be refused as truncated');
+    assert.equal(await refusals('timeout'), 0, 'not counted as a stall');
+  } finally {
+    await patient.close(200);
+  }
+});
