@@ -5,6 +5,7 @@ import { connect, Socket } from 'node:net';
 import { constants as os } from 'node:os';
 import { Command, CommanderError } from 'commander';
 import { AgentGatewayError, EXIT } from '../../core/errors.js';
+import { SIDECAR_OPTIONS, type OptionSpec } from './config.js';
 import { startForwarder } from './forwarder.js';
 
 /**
@@ -54,10 +55,13 @@ export function exitStatus(code: number | null, signal: NodeJS.Signals | null): 
   return code ?? EXIT.runtime;
 }
 
-/** The environment CMD gets: the proxy for every scheme, no exceptions, Node's fetch told to use it. */
+/** Variables holding the TPM PINs themselves: the agent must never learn the PIN of its own key. */
+const SECRET_VARIABLES = (Object.values(SIDECAR_OPTIONS) as OptionSpec[]).filter((spec) => spec.secretFile).flatMap((spec) => spec.env);
+
+/** The environment CMD gets: the proxy for every scheme, no exceptions, Node's fetch told to use it; no PINs. */
 export function agentEnvironment(env: NodeJS.ProcessEnv, proxyUrl: string): NodeJS.ProcessEnv {
   const out: NodeJS.ProcessEnv = { ...env };
-  for (const name of ['NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete out[name];
+  for (const name of ['NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy', ...SECRET_VARIABLES]) delete out[name];
   for (const name of ['HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy']) out[name] = proxyUrl;
   out.NODE_USE_ENV_PROXY = '1';
   return out;

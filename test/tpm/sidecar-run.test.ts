@@ -196,6 +196,13 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.equal(vars.NODE_USE_ENV_PROXY, '1');
   });
 
+  test('the TPM PINs of the caller (the variables the sidecar reads) do not reach CMD (they did: an agent could read its own key\'s PIN)', async () => {
+    const env = await run(['env'], { env: { ...process.env, AGENT_GATEWAY_TPM_USER_PIN: 'pin-outside', AGENT_GATEWAY_TPM_SO_PIN: 'so-pin-outside', AGENT_GATEWAY_RUN_TEST_KEEP: 'kept' } });
+    assert.equal(env.status, 0, env.stderr);
+    assert.doesNotMatch(env.stdout, /pin-outside/);
+    assert.match(env.stdout, /^AGENT_GATEWAY_RUN_TEST_KEEP=kept$/m, 'other variables still pass through');
+  });
+
   test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async () => {
     const [exit7, killed, missing] = await Promise.all([run(['sh', '-c', 'exit 7']), run(['sh', '-c', 'kill -TERM $$']), run(['no-such-command-here'])]);
     assert.equal(exit7.status, 7);
