@@ -58,10 +58,17 @@ export function exitStatus(code: number | null, signal: NodeJS.Signals | null): 
 /** Variables holding the TPM PINs themselves: the agent must never learn the PIN of its own key. */
 const SECRET_VARIABLES = (Object.values(SIDECAR_OPTIONS) as OptionSpec[]).filter((spec) => spec.secretFile).flatMap((spec) => spec.env);
 
+/** `env` without the PIN variables. */
+function withoutSecrets(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const out: NodeJS.ProcessEnv = { ...env };
+  for (const name of SECRET_VARIABLES) delete out[name];
+  return out;
+}
+
 /** The environment CMD gets: the proxy for every scheme, no exceptions, Node's fetch told to use it; no PINs. */
 export function agentEnvironment(env: NodeJS.ProcessEnv, proxyUrl: string): NodeJS.ProcessEnv {
-  const out: NodeJS.ProcessEnv = { ...env };
-  for (const name of ['NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy', ...SECRET_VARIABLES]) delete out[name];
+  const out = withoutSecrets(env);
+  for (const name of ['NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete out[name];
   for (const name of ['HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy']) out[name] = proxyUrl;
   out.NODE_USE_ENV_PROXY = '1';
   return out;
@@ -196,7 +203,8 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
     return fail(error as AgentGatewayError);
   }
   // fd 3 is a lifeline: the first process inside reports its pid on it, and ends CMD if it closes (this process died).
-  const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'] });
+  // The first process inside is CMD's to read (same user namespace): it gets no PINs either.
+  const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'], env: withoutSecrets(io.env) });
   let initPid: number | undefined;
   // Signals that come before the first process inside has said who it is wait for it.
   const early: NodeJS.Signals[] = [];

@@ -15,6 +15,7 @@ import { after, before, describe, test } from 'node:test';
 import type { Gateway } from '../../gateway/src/gateway.js';
 import { readPeerIdentity } from '../../registry/identity.js';
 import { runSidecar } from '../../sidecar/src/cli.js';
+import { NAMESPACE_INIT } from '../../sidecar/src/run.js';
 import { X509Certificate } from '../../registry/x509.js';
 import { httpsService } from '../helpers/chain.js';
 import { startTestGateway } from '../helpers/gateway.js';
@@ -201,6 +202,21 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.equal(env.status, 0, env.stderr);
     assert.doesNotMatch(env.stdout, /pin-outside/);
     assert.match(env.stdout, /^AGENT_GATEWAY_RUN_TEST_KEEP=kept$/m, 'other variables still pass through');
+    // Nor through the first process inside: CMD is root in its user namespace and may read that
+    // process's environment (found by its host pid: /proc is still the host's).
+    const peek = `const fs = require('fs');
+      let pid = fs.readlinkSync('/proc/self');
+      for (let i = 0; i < 6; i++) {
+        pid = /PPid:\\s+(\\d+)/.exec(fs.readFileSync('/proc/' + pid + '/status', 'utf8'))[1];
+        if (fs.readFileSync('/proc/' + pid + '/cmdline', 'utf8').includes('${NAMESPACE_INIT}')) {
+          console.log(fs.readFileSync('/proc/' + pid + '/environ', 'utf8').split('\\0').join('\\n'));
+          break;
+        }
+      }`;
+    const init = await run([process.execPath, '-e', peek], { env: { ...process.env, AGENT_GATEWAY_TPM_USER_PIN: 'pin-outside', AGENT_GATEWAY_TPM_SO_PIN: 'so-pin-outside', AGENT_GATEWAY_RUN_TEST_KEEP: 'kept' } });
+    assert.equal(init.status, 0, init.stderr);
+    assert.match(init.stdout, /^AGENT_GATEWAY_RUN_TEST_KEEP=kept$/m, 'the first process\'s environment was read');
+    assert.doesNotMatch(init.stdout, /pin-outside/);
   });
 
   test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async () => {
