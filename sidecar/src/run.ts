@@ -1,6 +1,6 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants as fs, readlinkSync } from 'node:fs';
+import { accessSync, constants as fs, readdirSync, readFileSync } from 'node:fs';
 import { connect, Socket } from 'node:net';
 import { constants as os } from 'node:os';
 import { Command, CommanderError } from 'commander';
@@ -16,8 +16,9 @@ import { startForwarder } from './forwarder.js';
  * than starting one: a sidecar holds the agent's TPM key and gateway session for many commands,
  * and several commands may share it.
  *
- * Isolated (the default), CMD runs in new user, network and PID namespaces (`unshare -U -r -n -p
- * -f`, as root too: see unshareFlags). Inside, only loopback is up; this program,
+ * Isolated (the default), CMD runs in new user, network, PID and mount namespaces (`unshare -U -r
+ * -n -p -f --mount-proc`, as root too: see unshareFlags), /proc showing only its own PID namespace.
+ * Inside, only loopback is up; this program,
  * re-invoked as the namespace's first process, serves a forwarder on 127.0.0.1 that leads to the
  * sidecar's socket (a socket file crosses network namespaces), points HTTPS_PROXY/HTTP_PROXY
  * and their lowercase forms at it, clears NO_PROXY, sets NODE_USE_ENV_PROXY=1, and runs CMD. There
@@ -161,7 +162,25 @@ function findIp(env: NodeJS.ProcessEnv): string | undefined {
  * (tried). Root inside a user namespace has no capability over the host's namespaces.
  */
 function unshareFlags(): string[] {
-  return ['--user', '--map-root-user', '--net', '--pid', '--fork'];
+  // --mount-proc: a mount namespace whose /proc shows only the new PID namespace. With the host's
+  // /proc, CMD (root in the user namespace) could write the memory of the waiting unshare process,
+  // which is outside the PID namespace and may signal any process of this user (tried, and tested).
+  return ['--user', '--map-root-user', '--net', '--pid', '--fork', '--mount-proc'];
+}
+
+/** The pid of `parent`'s child, from the host's /proc: unshare --fork has one, the first process inside. */
+function childOf(parent: number): number | undefined {
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      // After the command name (which may hold spaces and parentheses): state, then ppid.
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === parent) return Number(entry);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return undefined;
 }
 
 /** Proves namespaces work here (unshare, then loopback up inside) before CMD is started. */
@@ -202,7 +221,7 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
   } catch (error) {
     return fail(error as AgentGatewayError);
   }
-  // fd 3 is a lifeline: the first process inside reports its pid on it, and ends CMD if it closes (this process died).
+  // fd 3 is a lifeline: the first process inside says on it when CMD runs, and ends CMD if it closes (this process died).
   // The first process inside is CMD's to read (same user namespace): it gets no PINs either.
   const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'], env: withoutSecrets(io.env) });
   let initPid: number | undefined;
@@ -214,9 +233,9 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
   lifeline.on('data', (chunk: string) => {
     if (initPid !== undefined) return;
     reported += chunk;
-    const line = /^(\d+)\n/.exec(reported);
-    if (!line) return;
-    initPid = Number(line[1]);
+    if (!reported.includes('\n') || child.pid === undefined) return;
+    initPid = childOf(child.pid);
+    if (initPid === undefined) return;
     for (const name of early.splice(0)) signal(initPid, name);
   });
   lifeline.on('error', () => {});
@@ -257,8 +276,7 @@ export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'en
     return await runCommand(command, forwarder.port, io, (spawned) => {
       child = spawned;
       // Only now: as PID 1 here, this process ignores signals it has no handler for, even from outside.
-      // /proc is still the host's (no new mount namespace), so /proc/self names this process's pid out there.
-      lifeline.write(`${readlinkSync('/proc/self')}\n`);
+      lifeline.write('ready\n');
     });
   } finally {
     await forwarder.close();

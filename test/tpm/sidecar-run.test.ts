@@ -182,8 +182,9 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.match(got.dns!, /ConnectionRefused|Network is unreachable|timed out/, `a DNS query inside: ${got.dns}`);
     assert.notEqual(got.resolver, 'ok', 'the system resolver answers nothing inside');
     assert.match(got.curl_noproxy!, /Failed to connect|Couldn't connect/, `curl --noproxy inside: ${got.curl_noproxy}`);
-    // Root inside a bare network namespace could walk out with nsenter; inside the user namespace it cannot.
-    if (process.getuid!() === 0) assert.match(got.nsenter!, /Permission denied|Operation not permitted/, `nsenter to the host's network inside: ${got.nsenter}`);
+    // Root inside a bare network namespace could walk out with nsenter; inside the user namespace it cannot
+    // (and with /proc showing only its PID namespace it cannot even name the host's namespace).
+    if (process.getuid!() === 0) assert.match(got.nsenter!, /Permission denied|Operation not permitted|No such file or directory/, `nsenter to the host's network inside: ${got.nsenter}`);
   });
 
   test('the proxy environment inside: all four variables, NO_PROXY cleared, NODE_USE_ENV_PROXY=1', async () => {
@@ -217,6 +218,21 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.equal(init.status, 0, init.stderr);
     assert.match(init.stdout, /^AGENT_GATEWAY_RUN_TEST_KEEP=kept$/m, 'the first process\'s environment was read');
     assert.doesNotMatch(init.stdout, /pin-outside/);
+  });
+
+  test('CMD sees only its own PID namespace in /proc (it saw the host\'s, and could write the memory of the unshare process outside it)', async () => {
+    const look = `const fs = require('fs');
+      for (const entry of fs.readdirSync('/proc').filter((name) => /^[0-9]+$/.test(name))) {
+        let cmd = '?';
+        try { cmd = fs.readFileSync('/proc/' + entry + '/cmdline', 'utf8').replace(/\\s+/g, ' '); } catch {}
+        console.log(entry + ' ' + cmd);
+      }`;
+    const seen = await run([process.execPath, '-e', look]);
+    assert.equal(seen.status, 0, seen.stderr);
+    const processes = seen.stdout.trim().split('\n');
+    assert.ok(processes.every((line) => !/^\d+ unshare /.test(line)), `the unshare process outside the PID namespace is visible:\n${seen.stdout}`);
+    assert.match(processes.find((line) => line.startsWith('1 ')) ?? '', new RegExp(NAMESPACE_INIT), `pid 1 in /proc is run's first process:\n${seen.stdout}`);
+    assert.ok(processes.length <= 4, `only the namespace's processes:\n${seen.stdout}`);
   });
 
   test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async () => {
