@@ -142,19 +142,40 @@ async function reachable(socketPath: string): Promise<string | undefined> {
   });
 }
 
-/** `ip` lives in /usr/sbin on Debian, which an unprivileged user's PATH may lack. */
-function findIp(env: NodeJS.ProcessEnv): string | undefined {
-  const dirs = [...(env.PATH ?? '').split(':').filter(Boolean), '/usr/sbin', '/sbin', '/usr/bin', '/bin'];
-  for (const dir of dirs) {
+/** `name` as a shell would find it in PATH (then in `extraDirs`); a name with a slash is taken as it is when it exists. */
+function findExecutable(name: string, env: NodeJS.ProcessEnv, extraDirs: readonly string[] = []): string | undefined {
+  if (name.includes('/')) {
     try {
-      accessSync(`${dir}/ip`, fs.X_OK);
-      return `${dir}/ip`;
+      accessSync(name, fs.F_OK);
+      return name;
+    } catch {
+      return undefined;
+    }
+  }
+  for (const dir of [...(env.PATH ?? '').split(':').filter(Boolean), ...extraDirs]) {
+    try {
+      accessSync(`${dir}/${name}`, fs.X_OK);
+      return `${dir}/${name}`;
     } catch {
       // next
     }
   }
   return undefined;
 }
+
+/** `ip` lives in /usr/sbin on Debian, which an unprivileged user's PATH may lack. */
+function findIp(env: NodeJS.ProcessEnv): string | undefined {
+  return findExecutable('ip', env, ['/usr/sbin', '/sbin', '/usr/bin', '/bin']);
+}
+
+/**
+ * CMD's own user and mount namespaces, nested in run's (unshare without --fork execs CMD in them).
+ * Mounts inherited into them are locked, so CMD cannot unmount the /proc of its PID namespace to
+ * uncover the host's; and CMD has no capability over the first process inside or the waiting
+ * unshare, which belong to the outer user namespace (it could read their environment and write
+ * their memory).
+ */
+const CMD_UNSHARE_FLAGS = ['--user', '--map-root-user', '--mount'];
 
 /**
  * unshare's flags. A user namespace even for root: real root inside a bare network namespace
@@ -187,8 +208,10 @@ function childOf(parent: number): number | undefined {
 function checkIsolation(ip: string | undefined): void {
   if (ip === undefined) throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', 'cannot isolate CMD: iproute2\'s `ip` is not installed (needed to bring loopback up inside the namespace)');
   const probe = spawnSync('unshare', [...unshareFlags(), '--', ip, 'link', 'set', 'lo', 'up'], { encoding: 'utf8', timeout: 10_000 });
-  if (probe.error || probe.status !== 0) {
-    const why = probe.error ? ((probe.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'util-linux `unshare` is not installed' : probe.error.message) : (probe.stderr.trim().split('\n')[0] ?? `exit ${probe.status}`);
+  // And the nested namespaces CMD gets (CMD_UNSHARE_FLAGS), where some kernels allow one level only.
+  const nested = probe.error || probe.status !== 0 ? probe : spawnSync('unshare', [...unshareFlags(), '--', 'unshare', ...CMD_UNSHARE_FLAGS, '--', ip, '-V'], { encoding: 'utf8', timeout: 10_000 });
+  if (nested.error || nested.status !== 0) {
+    const why = nested.error ? ((nested.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'util-linux `unshare` is not installed' : nested.error.message) : (nested.stderr.trim().split('\n')[0] ?? `exit ${nested.status}`);
     throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', `cannot isolate CMD in new user and network namespaces (${why}); refusing to run it unisolated without --no-isolation`);
   }
 }
@@ -273,7 +296,12 @@ export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'en
   let child: ChildProcess | undefined;
   lifeline.once('close', () => child?.kill('SIGKILL'));
   try {
-    return await runCommand(command, forwarder.port, io, (spawned) => {
+    const executable = findExecutable(command[0]!, io.env);
+    if (executable === undefined) {
+      io.stderr.write(`${NAME}: ${command[0]}: command not found\n`);
+      return EXIT_NOT_FOUND;
+    }
+    return await runCommand(['unshare', ...CMD_UNSHARE_FLAGS, '--', executable, ...command.slice(1)], forwarder.port, io, (spawned) => {
       child = spawned;
       // Only now: as PID 1 here, this process ignores signals it has no handler for, even from outside.
       lifeline.write('ready\n');
