@@ -296,12 +296,12 @@ export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'en
   let child: ChildProcess | undefined;
   lifeline.once('close', () => child?.kill('SIGKILL'));
   try {
-    const executable = findExecutable(command[0]!, io.env);
-    if (executable === undefined) {
+    // unshare finds CMD in PATH itself (argv[0] stays as given); looked up here only to say so plainly when it is missing.
+    if (findExecutable(command[0]!, io.env) === undefined) {
       io.stderr.write(`${NAME}: ${command[0]}: command not found\n`);
       return EXIT_NOT_FOUND;
     }
-    return await runCommand(['unshare', ...CMD_UNSHARE_FLAGS, '--', executable, ...command.slice(1)], forwarder.port, io, (spawned) => {
+    return await runCommand(['unshare', ...CMD_UNSHARE_FLAGS, '--', ...command], forwarder.port, io, (spawned) => {
       child = spawned;
       // Only now: as PID 1 here, this process ignores signals it has no handler for, even from outside.
       lifeline.write('ready\n');
