@@ -79,6 +79,8 @@ export async function grantPermission(context: CommandContext, destinationArgs: 
   if (certificateWarning) context.output.warn(certificateWarning);
 
   return withRegistry(registryTarget(context), async (db) => {
+    // An unregistered principal is a typo or a missing step, not a TPM problem: say so before the TPM is asked.
+    if (!(await findPrincipalKey(db, keyId))) checkSigningAuthority(keyId, undefined, Buffer.alloc(0), destinations, []);
     // The TPM comes first: a wrong PIN or a missing key fails before any transaction starts.
     const tpm = await openPrincipalToken(context, options, { create: false });
     try {
