@@ -198,6 +198,11 @@ export class LocalProxy {
   /** Absolute-URI plain HTTP (`GET http://host/path`) goes through a CONNECT to host:80. */
   async #onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const { log } = this.#options;
+    if (!/^[a-z][a-z0-9+.-]*:/i.test(req.url ?? '')) {
+      // Someone opened the port in a browser or with plain curl: say what this port is.
+      res.writeHead(400, { 'content-type': 'text/plain; charset=utf-8' }).end('agent-gateway sidecar: this port is an HTTP proxy, not a web server; use it as HTTPS_PROXY (CONNECT) or HTTP_PROXY (absolute http:// URLs)\n');
+      return;
+    }
     let target: URL;
     try {
       target = new URL(req.url ?? '');
