@@ -59,7 +59,8 @@ SQL
   fi
 }
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+# The comment block at the top is the usage text.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 CONFIG_CHANGED=0
 write_config() {

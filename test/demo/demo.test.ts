@@ -99,6 +99,7 @@ test('--help exits 0 and names a README that exists; an unknown command exits 2'
   for (const script of ['demo/demo.sh', 'demo/demo-agent.sh']) {
     const { stdout } = await run(join(ROOT, script), ['--help'], { env });
     assert.match(stdout, /setup|create/);
+    assert.doesNotMatch(stdout, /set -euo|shellcheck/, 'the usage text is the comment block only');
     assert.equal((await failure(run(join(ROOT, script), ['bogus'], { env }))).code, 2);
   }
   const { stdout } = await demo('--help');
