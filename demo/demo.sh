@@ -52,7 +52,7 @@ migrate_and_grant_roles() {
   registry_cli migrate >/dev/null
   if [ -z "$EXTERNAL_DB" ]; then
     # The migration creates the read-only group role(s); the gateway's login role joins them.
-    psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" >/dev/null <<'SQL'
+    PGOPTIONS='-c client_min_messages=warning' psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" >/dev/null <<'SQL'
 SELECT format('GRANT %I TO agent_gateway_runtime', rolname) FROM pg_roles
  WHERE rolname IN ('agent_gateway_reader', 'agent_gateway_auditor') \gexec
 SQL
@@ -284,7 +284,13 @@ cmd_env() {
   [ -f "$PRINCIPAL_TPM_DIR/env" ] || die "the principal TPM is not set up: run demo/demo.sh setup"
   printf '# the demo registry (admin role) and principal %s; demo values, not guidance\n' "$PRINCIPAL"
   printf 'export %s=%q\n' AGENT_GATEWAY_DATABASE_URL "$ADMIN_URL" AGENT_GATEWAY_PRINCIPAL_KEY_ID "$PRINCIPAL" \
-    AGENT_GATEWAY_TPM_USER_PIN "$AGENT_GATEWAY_TPM_USER_PIN" TSS2_LOG "$TSS2_LOG" TPM2_PKCS11_LOG_LEVEL "$TPM2_PKCS11_LOG_LEVEL"
+    TSS2_LOG "$TSS2_LOG" TPM2_PKCS11_LOG_LEVEL "$TPM2_PKCS11_LOG_LEVEL"
+  # Only the demo's own PIN is printed; one the operator chose stays in the operator's environment.
+  if [ "$AGENT_GATEWAY_TPM_USER_PIN" = "$DEMO_USER_PIN" ]; then
+    printf 'export AGENT_GATEWAY_TPM_USER_PIN=%q\n' "$AGENT_GATEWAY_TPM_USER_PIN"
+  else
+    printf '# AGENT_GATEWAY_TPM_USER_PIN: yours, not printed; export it yourself\n'
+  fi
   grep '^export ' "$PRINCIPAL_TPM_DIR/env"
   # The Node.js the demo runs on, for `node bin/agent-gateway-registry.js ...`.
   [ -z "$AGENT_GATEWAY_NODE_HOME" ] || printf 'export PATH=%q:"$PATH"\n' "$AGENT_GATEWAY_NODE_HOME/bin"

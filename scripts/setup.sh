@@ -16,6 +16,7 @@ APT_PACKAGES=(
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools
   libengine-pkcs11-openssl opensc openssl
   curl nghttp2-client nghttp2-server
+  wget git
 )
 
 # AGENT_GATEWAY_SKIP_APT=1: a production host that brings its own system packages gets only Node.js,
