@@ -56,7 +56,8 @@ export function scriptedReply(request: MessagesRequest): { content: Block[]; sto
   if (!tools.some((tool) => tool?.name === 'Bash')) {
     return { content: [{ type: 'text', text: 'Demo Messages API: nothing to do here.' }], stopReason: 'end_turn' };
   }
-  const url = SAFE_URL.exec(textOf(last?.content))?.[0] ?? DEFAULT_URL;
+  // A sentence's closing full stop is not part of the URL.
+  const url = SAFE_URL.exec(textOf(last?.content))?.[0].replace(/\.+$/, '') ?? DEFAULT_URL;
   const command = `curl -sS ${url}`;
   return {
     content: [
