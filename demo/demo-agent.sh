@@ -111,11 +111,16 @@ rollback_create() {
 # The CA bundle agents verify destinations with: the mock CA and the system's roots (so a granted
 # real destination verifies too), rebuilt whenever the mock CA is newer.
 ca_bundle() {
-  local bundle="$AGENT_STATE/ca-bundle.pem" system=/etc/ssl/certs/ca-certificates.crt
-  if [ ! -s "$bundle" ] || [ "$CERTS/mock-ca.pem" -nt "$bundle" ]; then
-    cat "$CERTS/mock-ca.pem" "$([ -r "$system" ] && echo "$system" || echo /dev/null)" >"$bundle.tmp"
-    mv "$bundle.tmp" "$bundle"
-    printf 'ca_certificate = %s\n' "$bundle" >"$AGENT_STATE/wgetrc"
+  local bundle="$AGENT_STATE/ca-bundle.pem" system=/etc/ssl/certs/ca-certificates.crt tmp
+  if [ ! -s "$bundle" ] || [ ! -s "$AGENT_STATE/wgetrc" ] || [ "$CERTS/mock-ca.pem" -nt "$bundle" ]; then
+    # Written aside and renamed: a command starting meanwhile never reads half a bundle.
+    tmp="$(mktemp "$bundle.XXXXXX")"
+    cat "$CERTS/mock-ca.pem" "$([ -r "$system" ] && echo "$system" || echo /dev/null)" >"$tmp"
+    chmod 644 "$tmp"
+    mv "$tmp" "$bundle"
+    tmp="$(mktemp "$AGENT_STATE/wgetrc.XXXXXX")"
+    printf 'ca_certificate = %s\n' "$bundle" >"$tmp"
+    mv "$tmp" "$AGENT_STATE/wgetrc"
   fi
   echo "$bundle"
 }

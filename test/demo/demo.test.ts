@@ -174,6 +174,9 @@ test('a create that fails (a grant outside the scope) rolls back: nothing runs, 
   assert.deepEqual(ps.split('\n').filter((line) => line.includes(join(dir, 'state/agents/agent-half')) && !line.startsWith('Z')), []);
   const { stdout: agents } = await agent('list');
   assert.doesNotMatch(agents, /agent-half/);
+  const { stdout: retried } = await agent('create', '--identity', 'agent-half', '--grant', 'messaging');
+  assert.equal(retried.trim(), 'agent-half');
+  await agent('delete', 'agent-half');
 });
 
 test('agent-beta with only messaging: docstore refused with 403 at CONNECT, messaging 200', { timeout: 120_000 }, async () => {
