@@ -116,8 +116,10 @@ async function readJson(req: IncomingMessage): Promise<MessagesRequest> {
 
 export async function messagesApi(req: IncomingMessage, res: ServerResponse): Promise<void> {
   const path = (req.url ?? '').split('?')[0];
-  // Claude Code asks for managed settings and policy limits first: there are none.
-  if (req.method === 'GET' && (path === '/api/claude_code/settings' || path === '/api/claude_code/policy_limits')) return json(res, 200, {});
+  // Claude Code asks for managed settings and policy limits first: there are none. Policy limits
+  // without `restrictions` do not parse, and Claude Code retries them with backoff (seconds).
+  if (req.method === 'GET' && path === '/api/claude_code/settings') return json(res, 200, {});
+  if (req.method === 'GET' && path === '/api/claude_code/policy_limits') return json(res, 200, { restrictions: {} });
   if (req.method === 'POST' && path === '/v1/messages') {
     let request: MessagesRequest;
     try {

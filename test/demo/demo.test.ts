@@ -18,7 +18,29 @@ import { promisify } from 'node:util';
 const ROOT = resolve(import.meta.dirname, '../..');
 const run = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'agw-demo-'));
-const ports = { gateway: 18443, admin: 19090, pg: 15433, docstore: 19443, messaging: 19444, anthropic: 19445, principalTpm: 12331, agentTpm: 12321 };
+
+function listening(port: number): Promise<boolean> {
+  return new Promise((resolvePort) => {
+    const socket = connect(port, '127.0.0.1');
+    socket.once('connect', () => (socket.destroy(), resolvePort(true)));
+    socket.once('error', () => resolvePort(false));
+  });
+}
+
+/**
+ * Ten consecutive free ports below the ephemeral range, at a random base: other worktrees run this
+ * test (and their own demos) on the same machine. The swtpm ports need their control port (+1).
+ */
+async function demoPorts() {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const base = 20_000 + 10 * Math.floor(Math.random() * 1200);
+    const block = Array.from({ length: 10 }, (_, i) => base + i);
+    if ((await Promise.all(block.map(listening))).some(Boolean)) continue;
+    return { gateway: base, admin: base + 1, pg: base + 2, docstore: base + 3, messaging: base + 4, anthropic: base + 5, principalTpm: base + 6, agentTpm: base + 8 };
+  }
+  throw new Error('no block of 10 free ports found for the demo test');
+}
+const ports = await demoPorts();
 const env: NodeJS.ProcessEnv = {
   ...process.env,
   AGENT_STATE: join(dir, 'state'),
@@ -46,14 +68,6 @@ const freshShell = (exports: string, script: string) =>
   run('env', ['-i', `HOME=${process.env.HOME}`, 'PATH=/usr/bin:/bin', 'bash', '-c', `${exports}\n${script}`], { cwd: ROOT, timeout: 60_000 });
 const registry = (...args: string[]) => run(process.execPath, [join(ROOT, 'bin/agent-gateway-registry.js'), ...args], { env: { ...env, AGENT_GATEWAY_DATABASE_URL: adminUrl } });
 const gatewayLog = () => readFileSync(join(dir, 'state/logs/gateway.log'), 'utf8');
-
-function listening(port: number): Promise<boolean> {
-  return new Promise((resolvePort) => {
-    const socket = connect(port, '127.0.0.1');
-    socket.once('connect', () => (socket.destroy(), resolvePort(true)));
-    socket.once('error', () => resolvePort(false));
-  });
-}
 
 let tornDown = false;
 before(async () => {
@@ -202,7 +216,11 @@ test('prompt: the real Claude Code, installed on first use, asks the scripted Me
     assert.ok((JSON.parse(audit) as { rows: unknown[] }).rows.length > 0, `audit rows: ${destination}`);
   }
   const mocks = readFileSync(join(dir, 'state/logs/mock-services.log'), 'utf8');
-  for (const path of ['/api/claude_code/settings', '/api/claude_code/policy_limits', '/v1/messages?beta=true']) assert.ok(mocks.includes(`"service":"anthropic","method":"${path.startsWith('/v1') ? 'POST' : 'GET'}","path":"${path}"`), path);
+  const asked = (method: string, path: string) => mocks.split(`"service":"anthropic","method":"${method}","path":"${path}","status":200`).length - 1;
+  // Once each: an answer Claude Code could not parse would be retried with backoff.
+  assert.equal(asked('GET', '/api/claude_code/settings'), 1);
+  assert.equal(asked('GET', '/api/claude_code/policy_limits'), 1);
+  assert.equal(asked('POST', '/v1/messages?beta=true'), 2, 'the prompt, then the tool result');
 });
 
 test('prompt from an agent without the docstore grant: Claude Code\'s tool gets the refusal, and the answer says so', { timeout: 300_000 }, async () => {
@@ -241,7 +259,7 @@ test('delete both agents: their sidecars stop and their rows are revoked', { tim
   await agent('delete', 'agent-beta');
   assert.equal(await listening(alphaPort), false);
   assert.ok(!existsSync(join(dir, 'state/agents/agent-alpha')));
-  const { stdout } = await run('psql', ['-X', '-tA', '-d', `postgres://agent_gateway_admin:agent-gateway-demo@127.0.0.1:${ports.pg}/agent_gateway`, '-c', 'SELECT count(*) FROM permission_registry WHERE revoked_at IS NULL'], { env });
+  const { stdout } = await run('psql', ['-X', '-tA', '-d', adminUrl, '-c', 'SELECT count(*) FROM permission_registry WHERE revoked_at IS NULL'], { env });
   assert.equal(stdout.trim(), '0');
 });
 
