@@ -224,7 +224,7 @@ cmd_prompt() {
   done
   [ -n "$prompt" ] || die "prompt: --prompt TEXT is required"
   dir="$(agent_dir "$handle")"
-  local claude_env=(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1)
+  local claude_env=(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1) unset_env=()
   if [ "$REAL_CLAUDE" = 1 ]; then
     # The user's own Claude Code and login (or ANTHROPIC_API_KEY); api.anthropic.com:443 must be granted.
     bin="$(command -v claude || claude_code_bin)"
@@ -234,13 +234,15 @@ cmd_prompt() {
     # in the user's ~/.claude.
     mkdir -p "$dir/claude-config"
     claude_env+=(ANTHROPIC_API_KEY=demo-key-for-the-scripted-messages-api "CLAUDE_CONFIG_DIR=$dir/claude-config")
+    # Nothing the user set for their own account may send this run elsewhere.
+    unset_env=(-u ANTHROPIC_BASE_URL -u ANTHROPIC_AUTH_TOKEN -u CLAUDE_CODE_USE_BEDROCK -u CLAUDE_CODE_USE_VERTEX)
   fi
   mkdir -p "$dir/workspace"
   cd "$dir/workspace"
   pid_alive "$(pid_of "$handle-sidecar")" || start_agent "$handle"
   local envs=()
   mapfile -t envs < <(proxy_env "$handle")
-  exec env "${envs[@]}" "${claude_env[@]}" "$bin" -p "$prompt" --allowedTools "Bash(curl:*)"
+  exec env "${unset_env[@]}" "${envs[@]}" "${claude_env[@]}" "$bin" -p "$prompt" --allowedTools "Bash(curl:*)"
 }
 
 cmd_delete() {

@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -205,7 +205,9 @@ test('agent-beta with only messaging: docstore refused with 403 at CONNECT, mess
 
 test('prompt: the real Claude Code, installed on first use, asks the scripted Messages API through the gateway and quotes the documents', { timeout: 600_000 }, async () => {
   const started = Date.now();
-  const { stdout, stderr } = await run(join(ROOT, 'demo/demo-agent.sh'), ['prompt', 'agent-alpha', '--prompt', 'Access https://docstore/documents using curl'], { env, timeout: 600_000 });
+  // The user's own account settings, inherited, must not send the demo's run elsewhere.
+  const userEnv = { ...env, ANTHROPIC_BASE_URL: 'https://elsewhere.invalid', ANTHROPIC_API_KEY: 'the-users-key' };
+  const { stdout, stderr } = await run(join(ROOT, 'demo/demo-agent.sh'), ['prompt', 'agent-alpha', '--prompt', 'Access https://docstore/documents using curl'], { env: userEnv, timeout: 600_000 });
   const installed = /installed in (\d+) s \(([^)]+)\)/.exec(stderr);
   console.log(`# prompt took ${((Date.now() - started) / 1000).toFixed(1)} s${installed ? ` (first install: ${installed[1]} s, ${installed[2]})` : ' (Claude Code already installed)'}`);
   assert.match(stdout, /"id":"doc-1","title":"Quarterly plan"/);
@@ -228,6 +230,17 @@ test('prompt from an agent without the docstore grant: Claude Code\'s tool gets 
   assert.match(stdout, /The command failed/);
   assert.match(stdout, /CONNECT tunnel failed, response 403/);
   assert.doesNotMatch(stdout, /Quarterly plan/);
+});
+
+test('AGENT_GATEWAY_DEMO_REAL_CLAUDE=1: prompt runs the user\'s own claude with their credentials, through the sidecar', async () => {
+  // A stand-in for the user's installed, logged-in claude: it reports what it was given.
+  const bin = join(dir, 'user-bin');
+  mkdirSync(bin);
+  writeFileSync(join(bin, 'claude'), '#!/bin/sh\necho "key=${ANTHROPIC_API_KEY:-unset} config=${CLAUDE_CONFIG_DIR:-unset} proxy=${HTTPS_PROXY:-unset} quiet=$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC args=$*"\n', { mode: 0o755 });
+  const { stdout } = await run(join(ROOT, 'demo/demo-agent.sh'), ['prompt', 'agent-alpha', '--prompt', 'hi'], {
+    env: { ...env, AGENT_GATEWAY_DEMO_REAL_CLAUDE: '1', PATH: `${bin}:${env.PATH}`, ANTHROPIC_API_KEY: 'the-users-key', CLAUDE_CONFIG_DIR: undefined },
+  });
+  assert.match(stdout, /^key=the-users-key config=unset proxy=http:\/\/127\.0\.0\.1:\d+ quiet=1 args=-p hi --allowedTools Bash\(curl:\*\)$/m);
 });
 
 test('setup never re-grants what an operator revoked: a delegation, a permission', { timeout: 300_000 }, async () => {
