@@ -172,7 +172,8 @@ cmd_run() {
 
 # Claude Code comes from the npm registry on first use, pinned, outside the clone: ~385 MB that a
 # teardown or a fresh clone (CI) must not download again. Its postinstall (which only links the
-# platform binary) is blocked by allowScripts, so the platform package's binary is run directly.
+# platform binary) is not run (allowScripts would block it anyway), so the platform package's
+# binary is run directly.
 CLAUDE_CODE_VERSION=2.1.332
 CLAUDE_CODE_DIR="${AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-gateway/claude-code}/$CLAUDE_CODE_VERSION"
 
@@ -199,7 +200,7 @@ claude_code_bin() {
       mkdir -p "$CLAUDE_CODE_DIR.partial"
       echo '{"private":true}' >"$CLAUDE_CODE_DIR.partial/package.json"
       # stdout to stderr: npm's progress and summary stay visible, the answer alone goes to stdout.
-      (cd "$CLAUDE_CODE_DIR.partial" && npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=http \
+      (cd "$CLAUDE_CODE_DIR.partial" && npm install --no-save --no-package-lock --no-audit --no-fund --ignore-scripts --loglevel=http \
         "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >&2) || die "installing Claude Code failed (see above)"
       rm -rf "$CLAUDE_CODE_DIR"
       mv "$CLAUDE_CODE_DIR.partial" "$CLAUDE_CODE_DIR"

@@ -63,6 +63,7 @@ SQL
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 CONFIG_CHANGED=0
+ALPHA_HELD="" # agent-alpha's permission rows from $PRINCIPAL, as registry_list prints them
 write_config() {
   if [ -f "$CONFIG" ]; then
     # Someone else's config lacks the demo's [resolve] entries and TLS paths: refuse rather than
@@ -172,11 +173,13 @@ grant_agent_alpha() {
   local dir="$AGENTS_DIR/agent-alpha" held dest missing=()
   held="$(registry_list permissions --identity agent-alpha --principal "$PRINCIPAL")"
   for dest in "${ACTIVE_SCOPE[@]}"; do [ -n "$(state_of "$dest" <<<"$held")" ] || missing+=("$dest"); done
+  ALPHA_HELD="$held"
   [ "${#missing[@]}" -gt 0 ] || return 0
   say "agent: granting agent-alpha ${missing[*]}"
   # shellcheck disable=SC1091
   (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/agent-permissions.sh" grant \
     --principal "$PRINCIPAL" --identity agent-alpha --cert "$dir/machine-client.pem" "${missing[@]}" >/dev/null)
+  ALPHA_HELD=""
 }
 
 cmd_setup() {
@@ -204,7 +207,8 @@ cmd_setup() {
     "$ROOT/demo/demo-agent.sh" start agent-alpha >/dev/null
     grant_agent_alpha
   fi
-  if [ "$(registry_list permissions --identity agent-alpha --principal "$PRINCIPAL" | state_of docstore:443)" = active ]; then
+  [ -n "$ALPHA_HELD" ] || ALPHA_HELD="$(registry_list permissions --identity agent-alpha --principal "$PRINCIPAL")"
+  if [ "$(state_of docstore:443 <<<"$ALPHA_HELD")" = active ]; then
     say "check: https://docstore/health through agent-alpha's sidecar"
     local out
     out="$("$ROOT/demo/demo-agent.sh" run agent-alpha -- curl -sS --fail --max-time 15 https://docstore/health)" \
