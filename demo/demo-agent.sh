@@ -225,6 +225,15 @@ cmd_prompt() {
   done
   [ -n "$prompt" ] || die "prompt: --prompt TEXT is required"
   dir="$(agent_dir "$handle")"
+  # The gateway decides where api.anthropic.com goes; the mode of this prompt must match it, or
+  # real credentials would reach the mock, or the dummy key the real API.
+  local scripted=0
+  grep -q '^"api.anthropic.com:443" = ' "$CONFIG" 2>/dev/null && scripted=1
+  if [ "$REAL_CLAUDE" = 1 ] && [ "$scripted" = 1 ]; then
+    die "the gateway sends api.anthropic.com to the scripted Messages API: run AGENT_GATEWAY_DEMO_REAL_CLAUDE=1 ./demo/demo.sh setup first"
+  elif [ "$REAL_CLAUDE" != 1 ] && [ "$scripted" = 0 ]; then
+    die "the gateway sends api.anthropic.com to the real API (set up with AGENT_GATEWAY_DEMO_REAL_CLAUDE=1): keep AGENT_GATEWAY_DEMO_REAL_CLAUDE=1, or run ./demo/demo.sh setup without it"
+  fi
   local claude_env=(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1) unset_env=()
   if [ "$REAL_CLAUDE" = 1 ]; then
     # The user's own Claude Code and login (or ANTHROPIC_API_KEY); api.anthropic.com:443 must be granted.

@@ -232,21 +232,28 @@ test('prompt from an agent without the docstore grant: Claude Code\'s tool gets 
   assert.doesNotMatch(stdout, /Quarterly plan/);
 });
 
-test('AGENT_GATEWAY_DEMO_REAL_CLAUDE=1: prompt runs the user\'s own claude with their credentials, through the sidecar', async () => {
+test('AGENT_GATEWAY_DEMO_REAL_CLAUDE=1: setup stops resolving api.anthropic.com, and prompt runs the user\'s own claude with their credentials through the sidecar', { timeout: 300_000 }, async () => {
   // A stand-in for the user's installed, logged-in claude: it reports what it was given.
   const bin = join(dir, 'user-bin');
   mkdirSync(bin);
   writeFileSync(join(bin, 'claude'), '#!/bin/sh\necho "key=${ANTHROPIC_API_KEY:-unset} config=${CLAUDE_CONFIG_DIR:-unset} proxy=${HTTPS_PROXY:-unset} quiet=$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC args=$*"\n', { mode: 0o755 });
-  const { stdout } = await run(join(ROOT, 'demo/demo-agent.sh'), ['prompt', 'agent-alpha', '--prompt', 'hi'], {
-    env: { ...env, AGENT_GATEWAY_DEMO_REAL_CLAUDE: '1', PATH: `${bin}:${env.PATH}`, ANTHROPIC_API_KEY: 'the-users-key', CLAUDE_CONFIG_DIR: undefined },
-  });
+  const realEnv = { ...env, AGENT_GATEWAY_DEMO_REAL_CLAUDE: '1', PATH: `${bin}:${env.PATH}`, ANTHROPIC_API_KEY: 'the-users-key', CLAUDE_CONFIG_DIR: undefined };
+  const prompt = (promptEnv: NodeJS.ProcessEnv) => run(join(ROOT, 'demo/demo-agent.sh'), ['prompt', 'agent-alpha', '--prompt', 'hi'], { env: promptEnv });
+  // The user's credentials never go to the mock: the gateway must be set up for the real API first.
+  assert.match((await failure(prompt(realEnv))).stderr, /AGENT_GATEWAY_DEMO_REAL_CLAUDE=1 \.\/demo\/demo\.sh setup first/);
+  const { stderr } = await run(join(ROOT, 'demo/demo.sh'), ['setup'], { env: realEnv, timeout: 300_000 });
+  assert.match(stderr, /gateway: restarting with the new/);
+  assert.doesNotMatch(readFileSync(join(dir, 'config.toml'), 'utf8'), /^"api\.anthropic\.com:443"/m);
+  const { stdout } = await prompt(realEnv);
   assert.match(stdout, /^key=the-users-key config=unset proxy=http:\/\/127\.0\.0\.1:\d+ quiet=1 args=-p hi --allowedTools Bash\(curl:\*\)$/m);
+  assert.match((await failure(prompt(env))).stderr, /sends api\.anthropic\.com to the real API/);
 });
 
 test('setup never re-grants what an operator revoked: a delegation, a permission', { timeout: 300_000 }, async () => {
   await registry('revoke', 'scope', 'org-alice', 'messaging');
   await registry('delete-permission', '--identity', 'agent-alpha', 'docstore');
   const { stderr } = await demo('setup');
+  assert.match(stderr, /gateway: restarting with the new/, 'back to the scripted Messages API');
   assert.match(stderr, /the delegation of messaging:443 to org-alice is revoked; setup leaves it so/);
   assert.match(stderr, /check: skipped, agent-alpha holds no active docstore permission/);
   const { stdout } = await registry('--json', 'list');
