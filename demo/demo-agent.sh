@@ -249,10 +249,9 @@ cmd_prompt() {
   fi
   mkdir -p "$dir/workspace"
   cd "$dir/workspace"
-  pid_alive "$(pid_of "$handle-sidecar")" || start_agent "$handle"
-  local envs=()
-  mapfile -t envs < <(proxy_env "$handle")
-  exec env "${unset_env[@]}" "${envs[@]}" "${claude_env[@]}" "$bin" -p "$prompt" --allowedTools "Bash(curl:*)"
+  # Through `run`, so Claude Code gets exactly what any agent command gets (and whatever confinement
+  # `run` provides).
+  cmd_run "$handle" -- env "${unset_env[@]}" "${claude_env[@]}" "$bin" -p "$prompt" --allowedTools "Bash(curl:*)"
 }
 
 cmd_delete() {
