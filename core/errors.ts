@@ -27,6 +27,8 @@ export const EXIT = {
   refused: 3,
   /** The database schema is not what this build expects: not migrated, another version, an edited or out-of-order migration. */
   schema: 4,
+  /** `agent-gateway-sidecar run` could not start CMD (no isolation, no sidecar socket): 125, as env, chroot and docker run use, so every code CMD itself exits with passes through unambiguously. */
+  wrapper: 125,
 } as const;
 
 export type ExitCode = (typeof EXIT)[keyof typeof EXIT];
@@ -62,6 +64,8 @@ export interface ConnectReasonSpec {
   /** The RFC 9209 `error=` type; null when no `proxy-status` is sent (200, a cancelled stream) or when it depends on the failure (`dial_failed`: a `DialErrorType`). */
   readonly error: ProxyErrorType | null;
   readonly hint: string;
+  /** What the refused agent reads after the reason code: what to do, revealing nothing the code does not. */
+  readonly agent: string;
 }
 
 /**
@@ -74,19 +78,19 @@ export interface ConnectReasonSpec {
  * client caused and is never mistaken for an answer that was sent.
  */
 export const CONNECT_REASONS = {
-  allowed: { status: 200, error: null, hint: 'nothing to do: the registry authorised the tunnel and the destination accepted the connection' },
-  method_not_allowed: { status: 405, error: 'http_request_error', hint: 'only CONNECT is served: the client is not speaking to the gateway as a proxy (agents go through the sidecar)' },
-  authority_invalid: { status: 400, error: 'http_request_error', hint: 'the CONNECT target must be host:port as DESIGN §3 normalises it (no userinfo, path, percent-encoding or embedded IPv4 in IPv6)' },
-  identity_invalid: { status: 403, error: 'http_request_denied', hint: 'the client certificate has no usable identity extension at policy.client_ext_oid: re-issue the carrier certificate (the sidecar writes one at start)' },
-  not_authorized: { status: 403, error: 'http_request_denied', hint: 'no active signed permission for this identity, key and destination: the log line names the registry reason; `agent-gateway-registry explain` shows the rows' },
-  destination_forbidden: { status: 403, error: 'destination_ip_prohibited', hint: 'the destination is, or resolves to, an address [egress] refuses: add its range to allow_cidrs, or a [resolve] override, if it is meant to be reached' },
-  rate_limited: { status: 429, error: 'http_request_denied', hint: 'this identity exceeds [limits] connect_rate_per_second / connect_burst: slow the client down or raise the limits' },
-  too_many_tunnels: { status: 429, error: 'http_request_denied', hint: 'this identity holds [limits] max_tunnels_per_identity open tunnels: close idle ones or raise the limit' },
-  registry_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'the registry could not be asked (database down, pool or query timeout, lookup queue full): check PostgreSQL and the gateway /readyz' },
-  shutting_down: { status: 503, error: 'proxy_internal_error', hint: 'the gateway is stopping: the client retries on another replica or after the restart' },
-  dial_failed: { status: 502, error: null, hint: 'the destination could not be reached: the proxy-status error type and the log detail say how (refused, timeout, not found, unavailable)' },
-  client_cancelled: { status: 499, error: null, hint: 'the client reset the stream before the answer: nothing to do unless it is frequent (client timeouts shorter than lookups or dials)' },
-  internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the gateway (a bug): report the decision log line and its detail' },
+  allowed: { status: 200, error: null, hint: 'nothing to do: the registry authorised the tunnel and the destination accepted the connection', agent: 'the tunnel is open' },
+  method_not_allowed: { status: 405, error: 'http_request_error', hint: 'only CONNECT is served: the client is not speaking to the gateway as a proxy (agents go through the sidecar)', agent: "the gateway serves only CONNECT; send the request through the sidecar's proxy" },
+  authority_invalid: { status: 400, error: 'http_request_error', hint: 'the CONNECT target must be host:port as DESIGN §3 normalises it (no userinfo, path, percent-encoding or embedded IPv4 in IPv6)', agent: 'the destination is not a valid host:port; fix the address' },
+  identity_invalid: { status: 403, error: 'http_request_denied', hint: 'the client certificate has no usable identity extension at policy.client_ext_oid: re-issue the carrier certificate (the sidecar writes one at start)', agent: "this agent's certificate carries no usable identity; ask an operator to restart its sidecar, which re-issues it" },
+  not_authorized: { status: 403, error: 'http_request_denied', hint: 'no active signed permission for this identity, key and destination: the log line names the registry reason; `agent-gateway-registry explain` shows the rows', agent: 'this agent holds no active permission for it; ask a principal to grant it' },
+  destination_forbidden: { status: 403, error: 'destination_ip_prohibited', hint: 'the destination is, or resolves to, an address [egress] refuses: add its range to allow_cidrs, or a [resolve] override, if it is meant to be reached', agent: 'the destination is, or resolves to, an address the gateway may not reach; ask an operator if it should be allowed' },
+  rate_limited: { status: 429, error: 'http_request_denied', hint: 'this identity exceeds [limits] connect_rate_per_second / connect_burst: slow the client down or raise the limits', agent: 'this agent opens connections too fast; wait, then retry more slowly' },
+  too_many_tunnels: { status: 429, error: 'http_request_denied', hint: 'this identity holds [limits] max_tunnels_per_identity open tunnels: close idle ones or raise the limit', agent: 'this agent holds too many open connections; close some, then retry' },
+  registry_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'the registry could not be asked (database down, pool or query timeout, lookup queue full): check PostgreSQL and the gateway /readyz', agent: 'the gateway cannot check permissions right now; retry later' },
+  shutting_down: { status: 503, error: 'proxy_internal_error', hint: 'the gateway is stopping: the client retries on another replica or after the restart', agent: 'the gateway is restarting; retry shortly' },
+  dial_failed: { status: 502, error: null, hint: 'the destination could not be reached: the proxy-status error type and the log detail say how (refused, timeout, not found, unavailable)', agent: 'the gateway could not reach the destination; check the host and port, or retry later' },
+  client_cancelled: { status: 499, error: null, hint: 'the client reset the stream before the answer: nothing to do unless it is frequent (client timeouts shorter than lookups or dials)', agent: 'the request was cancelled before an answer' },
+  internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the gateway (a bug): report the decision log line and its detail', agent: 'the gateway failed unexpectedly; retry, and report it if it persists' },
 } as const satisfies Record<string, ConnectReasonSpec>;
 
 /** Every reason a CONNECT can end with; the precise registry reason goes to the log only. */
@@ -141,6 +145,8 @@ export interface SidecarResponseSpec {
   readonly status: number;
   readonly error: ProxyErrorType;
   readonly hint: string;
+  /** What the agent reads after the reason code (see ConnectReasonSpec.agent). */
+  readonly agent: string;
 }
 
 /**
@@ -148,11 +154,11 @@ export interface SidecarResponseSpec {
  * own code: an authority the sidecar cannot send is not a gateway outage.
  */
 export const SIDECAR_RESPONSES = {
-  authority_invalid: { status: 400, error: 'http_request_error', hint: 'the agent asked for a CONNECT target that is not host:port (DESIGN §3 destination rules)' },
-  request_invalid: { status: 400, error: 'http_request_error', hint: 'the local proxy takes CONNECT host:port, or a plain request with an absolute http:// URL; anything else is refused' },
-  gateway_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'no usable session to the gateway within --connect-wait-ms (gateway down or unreachable, TLS refused, sidecar stopping): check the sidecar log and the gateway' },
-  upstream_failed: { status: 502, error: 'http_response_incomplete', hint: 'a plain http:// request was sent through the tunnel but no complete response came back from the destination' },
-  internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the sidecar (a bug): report the sidecar log line' },
+  authority_invalid: { status: 400, error: 'http_request_error', hint: 'the agent asked for a CONNECT target that is not host:port (DESIGN §3 destination rules)', agent: 'the CONNECT target is not a valid host:port; fix the address' },
+  request_invalid: { status: 400, error: 'http_request_error', hint: 'the local proxy takes CONNECT host:port, or a plain request with an absolute http:// URL; anything else is refused', agent: 'send CONNECT host:port, or a request with an absolute http:// URL, as HTTPS_PROXY/HTTP_PROXY clients do' },
+  gateway_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'no usable session to the gateway within --connect-wait-ms (gateway down or unreachable, TLS refused, sidecar stopping): check the sidecar log and the gateway', agent: 'the sidecar has no session to the gateway; retry later, or ask an operator to check the sidecar' },
+  upstream_failed: { status: 502, error: 'http_response_incomplete', hint: 'a plain http:// request was sent through the tunnel but no complete response came back from the destination', agent: 'no complete response came back from the destination; retry later' },
+  internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the sidecar (a bug): report the sidecar log line', agent: 'the sidecar failed unexpectedly; retry, and report it if it persists' },
 } as const satisfies Record<string, SidecarResponseSpec>;
 
 export type SidecarReason = keyof typeof SIDECAR_RESPONSES;
@@ -161,6 +167,16 @@ export type SidecarReason = keyof typeof SIDECAR_RESPONSES;
 export function sidecarResponse(reason: SidecarReason): Response {
   const spec: SidecarResponseSpec = SIDECAR_RESPONSES[reason];
   return { status: spec.status, headers: { 'proxy-status': proxyStatus(SIDECAR_PROXY_STATUS_NAME, spec.error, reason) } };
+}
+
+/**
+ * What a refused agent is told to do for a `proxy-status` answer: the catalogue's `agent` line
+ * for the reason code, looked up in the table of whoever answered (the sidecar's own answers
+ * carry its name). Undefined for a name or code this build does not know.
+ */
+export function agentHint(proxyStatusName: string, reason: string): string | undefined {
+  const table: Readonly<Record<string, { readonly agent: string }>> = proxyStatusName === SIDECAR_PROXY_STATUS_NAME ? SIDECAR_RESPONSES : proxyStatusName === PROXY_STATUS_NAME ? CONNECT_REASONS : {};
+  return Object.hasOwn(table, reason) ? table[reason]!.agent : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -239,7 +255,10 @@ export const ERROR_CODES = {
   ERR_ADMIN_LISTEN: { exit: EXIT.runtime, hint: 'choose a free [admin] listen_addr (port 0 picks one), or stop what holds the port' },
 
   // The sidecar.
-  ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one), or stop what holds the port' },
+  ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one) or another --listen-socket, or stop what holds it' },
+  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs a new network namespace: run as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
+  ERR_SIDECAR_SOCKET: { exit: EXIT.wrapper, hint: 'start the sidecar with --listen-socket PATH and give run the same --socket PATH (env AGENT_GATEWAY_SIDECAR_SOCKET), as the user the sidecar runs as' },
+  ERR_RUN_USAGE: { exit: EXIT.wrapper, hint: 'see `agent-gateway-sidecar run --help`: run [--socket PATH] [--no-isolation] -- CMD [ARGS...]' },
   ERR_PORT_FILE: { exit: EXIT.runtime, hint: 'the --port-file directory must exist and be writable by the sidecar' },
   ERR_GATEWAY_UNAVAILABLE: { exit: EXIT.runtime, status: 503, sidecar: 'gateway_unavailable', hint: 'the sidecar has no session to the gateway: check --gateway, the gateway, and the sidecar log for TLS or network errors' },
   ERR_TLS_IDENTITY: { exit: EXIT.runtime, hint: 'loading the TPM-backed TLS identity failed: the message names the step' },

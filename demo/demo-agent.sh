@@ -2,7 +2,7 @@
 # Demo agents: each has its own software TPM holding its key, a sidecar, and signed grants.
 #
 #   demo/demo-agent.sh create [--identity ID] [--grant DEST]...   prints the new agent's handle
-#   demo/demo-agent.sh run HANDLE -- CMD [ARGS...]                 CMD with HTTPS_PROXY set for it only
+#   demo/demo-agent.sh run HANDLE [--no-isolation] -- CMD [ARGS...]  CMD whose only way out is the sidecar
 #   demo/demo-agent.sh prompt HANDLE --prompt TEXT                 Claude Code through the sidecar
 #   demo/demo-agent.sh env HANDLE                                  exports for an agent's shell (proxy, CA)
 #   demo/demo-agent.sh list                                        every agent: state, port, certificate
@@ -46,7 +46,8 @@ start_agent() {
     start_bg "$handle-sidecar" "$LOG_DIR/$handle-sidecar.log" node "$ROOT/bin/agent-gateway-sidecar.js" \
       --gateway "https://localhost:$GATEWAY_PORT" --gateway-ca "$CERTS/server-ca.pem" \
       --identity "$(cat "$dir/identity")" --tcti "$TPM2_PKCS11_TCTI" \
-      --cert-out "$dir/machine-client.pem" --listen-port "$sidecar_port" --port-file "$dir/port"
+      --cert-out "$dir/machine-client.pem" --listen-port "$sidecar_port" --port-file "$dir/port" \
+      --listen-socket "$dir/proxy.sock"
   )
   if ! wait_for "sidecar" 60 test -s "$dir/port"; then
     tail -n 20 "$LOG_DIR/$handle-sidecar.log" >&2 || true
@@ -158,15 +159,24 @@ cmd_list() {
   done
 }
 
+# CMD runs in its own network namespace (agent-gateway-sidecar run) whose only way out is the
+# sidecar's Unix socket; --no-isolation gives it HTTPS_PROXY on the host's loopback instead.
 cmd_run() {
-  local handle=${1:-}
+  local handle=${1:-} isolation=1 dir
   require_agent "$handle"
   shift
+  [ "${1:-}" = "--no-isolation" ] && { isolation=0; shift; }
   [ "${1:-}" = "--" ] && shift
   [ $# -gt 0 ] || die "run: give a command after --, e.g. run $handle -- curl https://docstore/health"
+  dir="$(agent_dir "$handle")"
+  # A sidecar started before it had a socket is restarted once; it keeps its port.
+  if pid_alive "$(pid_of "$handle-sidecar")" && [ ! -S "$dir/proxy.sock" ]; then stop_pid "$handle-sidecar"; fi
   pid_alive "$(pid_of "$handle-sidecar")" || start_agent "$handle"
   local envs=()
   mapfile -t envs < <(proxy_env "$handle")
+  if [ "$isolation" = 1 ]; then
+    exec env "${envs[@]}" node "$ROOT/bin/agent-gateway-sidecar.js" run --socket "$dir/proxy.sock" -- "$@"
+  fi
   exec env "${envs[@]}" "$@"
 }
 
@@ -277,7 +287,7 @@ case "${1:-}" in
   prompt) shift; cmd_prompt "$@" ;;
   env) shift; cmd_env "$@" ;;
   list) cmd_list ;;
-  start) shift; require_agent "${1:-}"; start_agent "$1"; cat "$(agent_dir "$1")/port" ;;
+  start) shift; require_agent "${1:-}"; start_agent "$1"; say "agent $1: sidecar on 127.0.0.1:$(cat "$(agent_dir "$1")/port")"; cat "$(agent_dir "$1")/port" ;;
   delete) shift; cmd_delete "$@" ;;
   -h|--help|help) usage ;;
   *) usage_error ;;

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   libengine-pkcs11-openssl opensc openssl
   curl nghttp2-client nghttp2-server
   wget git
+  iproute2 # `agent-gateway-sidecar run` brings loopback up inside the agent's namespace (util-linux unshare is essential)
 )
 
 # AGENT_GATEWAY_SKIP_APT=1: a production host that brings its own system packages gets only Node.js,

@@ -22,8 +22,7 @@ import { p256SpkiFromPoint, rawSignatureToDer } from '../registry/ecdsa.js';
 import type { PermissionSigner } from '../registry/signing.js';
 import { TpmError, pkcs11ReturnValue, toTpmError } from './errors.js';
 
-const MULTIARCH: Readonly<Record<string, string>> = { x64: 'x86_64-linux-gnu', arm64: 'aarch64-linux-gnu' };
-export const DEFAULT_TPM2_PKCS11_MODULE = `/usr/lib/${MULTIARCH[process.arch] ?? 'x86_64-linux-gnu'}/pkcs11/libtpm2_pkcs11.so`;
+import { DEFAULT_TPM2_PKCS11_MODULE } from '../core/platform.js';
 
 /** DER of OID 1.2.840.10045.3.1.7 (prime256v1), the value of CKA_EC_PARAMS. */
 export const P256_EC_PARAMS = Buffer.from('06082a8648ce3d030107', 'hex');

@@ -1,7 +1,6 @@
-import { once } from 'node:events';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
+import { startProbeServer, type ProbeServer } from '../../core/probe-server.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { parseListenAddress } from './config.js';
 
@@ -33,13 +32,6 @@ export interface AdminServer {
   close(): Promise<void>;
 }
 
-function send(res: ServerResponse, status: number, contentType: string, body: string, head: boolean): void {
-  res.writeHead(status, { 'content-type': contentType, 'cache-control': 'no-store', 'content-length': Buffer.byteLength(body) });
-  res.end(head ? undefined : body);
-}
-
-const json = (res: ServerResponse, status: number, value: unknown, head: boolean) => send(res, status, 'application/json', `${JSON.stringify(value)}\n`, head);
-
 export async function startAdminServer(listenAddr: string, handlers: AdminHandlers, log: Logger): Promise<AdminServer> {
   // Probes run every few seconds from several places; one registry check at a time is enough.
   let pending: Promise<Readiness> | undefined;
@@ -49,61 +41,32 @@ export async function startAdminServer(listenAddr: string, handlers: AdminHandle
     });
     return pending;
   };
-
-  const handle = async (req: IncomingMessage, res: ServerResponse) => {
-    const head = req.method === 'HEAD';
-    if (req.method !== 'GET' && !head) {
-      res.setHeader('allow', 'GET, HEAD');
-      return json(res, 405, { error: 'method_not_allowed' }, false);
-    }
-    const path = (req.url ?? '/').split('?')[0];
-    switch (path) {
-      case '/healthz':
-        return json(res, 200, { status: 'ok' }, head);
-      case '/readyz': {
-        const result = await readiness();
-        return json(res, result.ready ? 200 : 503, result.body, head);
-      }
-      case '/tunnels':
-        if (!handlers.tunnels) return json(res, 404, { error: 'not_found' }, head);
-        return json(res, 200, handlers.tunnels(), head);
-      case '/metrics': {
-        if (!handlers.metrics) return json(res, 404, { error: 'not_found' }, head);
-        const { contentType, body } = await handlers.metrics();
-        return send(res, 200, contentType, body, head);
-      }
-      default:
-        return json(res, 404, { error: 'not_found' }, head);
-    }
-  };
-
-  const server: Server = createServer((req, res) => {
-    handle(req, res).catch((error: unknown) => {
-      log.error({ err: (error as Error).message, path: req.url }, 'admin request failed');
-      if (!res.headersSent) json(res, 500, { error: 'internal_error' }, false);
-      else res.destroy();
-    });
-  });
-  // Slow or idle clients must not hold sockets: probes are one short request each.
-  server.requestTimeout = 10_000;
-  server.headersTimeout = 5_000;
-  server.keepAliveTimeout = 5_000;
-
+  const notFound = { status: 404, json: { error: 'not_found' } } as const;
   const { host, port } = parseListenAddress(listenAddr);
-  server.listen(port, host);
+  let server: ProbeServer;
   try {
-    await once(server, 'listening'); // rejects on 'error' (address in use, ...)
+    server = await startProbeServer({
+      host,
+      port,
+      routes: {
+        '/healthz': () => ({ status: 200, json: { status: 'ok' } }),
+        '/readyz': async () => {
+          const result = await readiness();
+          return { status: result.ready ? 200 : 503, json: result.body };
+        },
+        '/tunnels': () => (handlers.tunnels ? { status: 200, json: handlers.tunnels() } : notFound),
+        '/metrics': async () => {
+          if (!handlers.metrics) return notFound;
+          const { contentType, body } = await handlers.metrics();
+          return { status: 200, contentType, text: body };
+        },
+      },
+      onError: (error, path) => log.error({ err: (error as Error).message, path }, 'admin request failed'),
+    });
   } catch (error) {
     throw new AgentGatewayError('ERR_ADMIN_LISTEN', `admin.listen_addr ${listenAddr}: cannot listen (${(error as Error).message})`, { cause: error });
   }
-  const address = server.address() as AddressInfo;
+  const { address } = server;
   log.info({ event: 'admin_listening', address: `${address.address}:${address.port}` }, 'admin endpoints listening');
-  return {
-    address,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        server.closeAllConnections();
-      }),
-  };
+  return server;
 }

@@ -12,7 +12,8 @@ import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } fr
 import type { GatewayMetrics } from './metrics.js';
 import type { PolicyEnforcer } from './revocation.js';
 import type { PeerSession } from './sessions.js';
-import { traceIdFromTraceparent, type GatewayTracing } from './tracing.js';
+import { traceIdFromTraceparent } from '../../core/traceparent.js';
+import type { GatewayTracing } from './tracing.js';
 import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS, type SniGuard } from './tunnel.js';
 import type { OpenTunnel, TunnelTracker } from './tunnels.js';
 

@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders } from 'node:http2';
 import { ROOT_CONTEXT, trace, type Context, type Span, type TextMapPropagator, type Tracer, type TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
+import { createOtlpTracerProvider, otlpEndpointFromEnv } from '../../core/otlp.js';
 import type { GatewayConfig } from './config.js';
 
 /**
@@ -15,24 +16,6 @@ import type { GatewayConfig } from './config.js';
  */
 
 export const TRACER_NAME = 'agent-gateway';
-/** How long close() waits for the last spans to reach the collector. */
-const SHUTDOWN_TIMEOUT_MS = 3000;
-
-const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?$/;
-
-/**
- * The trace id of a W3C `traceparent` header (version 00 or a later one, per the spec's forward
- * compatibility rule), or undefined when absent or malformed. Lets the decision log and the audit
- * row carry the sidecar's trace id even when this gateway exports no spans.
- */
-export function traceIdFromTraceparent(header: string | string[] | undefined): string | undefined {
-  if (typeof header !== 'string' || header.length > 512) return undefined;
-  const m = TRACEPARENT.exec(header.trim());
-  if (!m || m[1] === 'ff' || /^0+$/.test(m[2]!) || /^0+$/.test(m[3]!)) return undefined;
-  if (m[1] === '00' && header.trim().length !== 55) return undefined;
-  return m[2];
-}
-
 export interface TracingOptions {
   /** Use this provider (tests: BasicTracerProvider + InMemorySpanExporter). The gateway does not shut it down. */
   readonly tracerProvider?: TracerProvider;
@@ -69,7 +52,7 @@ const headerGetter = {
 
 /** Where spans go: the config's endpoint, else the standard OTel variable, else nowhere. */
 export function otlpEndpoint(config: GatewayConfig, env: NodeJS.ProcessEnv = process.env): string | undefined {
-  return config.observability.otlp_endpoint ?? (env.OTEL_EXPORTER_OTLP_ENDPOINT || env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT || undefined);
+  return config.observability.otlp_endpoint ?? otlpEndpointFromEnv(env);
 }
 
 /**
@@ -94,34 +77,5 @@ export async function startTracing(config: GatewayConfig, options: TracingOption
     extract: (headers) => propagator.extract(ROOT_CONTEXT, headers, headerGetter),
     withSpan: (parent, span) => trace.setSpan(parent, span),
     shutdown,
-  };
-}
-
-/**
- * A tracer provider exporting over OTLP gRPC in batches, shared by the gateway and the sidecar.
- * The SDK and exporter are imported here, only when an endpoint is set. Nothing is registered
- * globally, so several providers can live in one process.
- */
-export async function createOtlpTracerProvider(endpoint: string, serviceName: string, log: Logger): Promise<{ provider: TracerProvider; shutdown: () => Promise<void> }> {
-  const [{ BasicTracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { resourceFromAttributes }] = await Promise.all([
-    import('@opentelemetry/sdk-trace-base'),
-    import('@opentelemetry/exporter-trace-otlp-grpc'),
-    import('@opentelemetry/resources'),
-  ]);
-  const sdk = new BasicTracerProvider({
-    resource: resourceFromAttributes({ 'service.name': serviceName }),
-    // Batches leave on a timer; a slow or absent collector costs dropped spans, never CONNECT latency.
-    spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter({ url: endpoint }))],
-  });
-  log.info({ event: 'tracing', otlp_endpoint: endpoint }, 'exporting traces over OTLP gRPC');
-  return {
-    provider: sdk,
-    // Bounded: an unreachable collector must not hold up the process's exit.
-    shutdown: async () => {
-      let timer: NodeJS.Timeout | undefined;
-      const timeout = new Promise<void>((resolve) => (timer = setTimeout(resolve, SHUTDOWN_TIMEOUT_MS)));
-      await Promise.race([sdk.shutdown().catch((error: unknown) => log.warn({ err: (error as Error).message }, 'tracing shutdown failed')), timeout]);
-      clearTimeout(timer);
-    },
   };
 }

@@ -1,93 +1,75 @@
 import { readFileSync, statSync } from 'node:fs';
 import { resolve as resolvePath } from 'node:path';
+import { Command, Option } from 'commander';
 import ipaddr from 'ipaddr.js';
 import { z } from 'zod';
+import { DEFAULT_PKCS11_ENGINE, DEFAULT_TPM2_PKCS11_MODULE } from '../../core/platform.js';
 import { ConfigError } from '../../registry/errors.js';
 import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { encodeIdentityExtensionValue, isDottedOid } from '../../registry/identity.js';
 import { parseLogFilter } from './logger.js';
-import { DEFAULT_PKCS11_ENGINE, DEFAULT_TPM2_PKCS11_MODULE } from './tls-identity.js';
 
 /**
  * The sidecar's settings, from command-line flags and environment variables (a flag wins over
- * its variable). One zod schema is the only source of the type and of the checks; failures
- * become one ConfigError that names the flag and the variable of each bad field.
+ * its variable). SIDECAR_OPTIONS is the one description of every setting: the commander options,
+ * the --help text, the environment variables read and the names in error messages are all
+ * generated from it. The zod schema below is the only source of the type, of the checks and of
+ * the defaults; failures become one ConfigError that names the flag and the variable of each bad
+ * field.
  *
  * PINs come from the environment or from files, never from flag values, which would show in
  * `ps` and in shell history.
  */
 
-export const DEFAULT_GATEWAY_URL = 'https://127.0.0.1:8443';
-export const DEFAULT_EXTENSION_OID = '1.3.6.1.4.1.57264.1.1';
-export const DEFAULT_TOKEN_LABEL = 'agent-gateway-sidecar';
-export const DEFAULT_KEY_LABEL = 'agent-tls';
-/** The spec's simulator address; with tpm2-abrmd in front use `tabrmd:bus_type=session`. */
-export const DEFAULT_TCTI = 'swtpm:host=127.0.0.1,port=2321';
-export const DEFAULT_LISTEN_HOSTS = ['127.0.0.1', '::1'] as const;
-export const DEFAULT_CERT_OUT = 'machine-client.pem';
-export const DEFAULT_CONNECT_WAIT_MS = 5000;
-
-/** What commander hands over: strings as typed, before any validation. */
-export interface SidecarCliOptions {
-  readonly gateway?: string;
-  readonly gatewayCa?: string;
-  readonly servername?: string;
-  readonly listenPort?: string;
-  readonly listenHost?: readonly string[];
-  readonly identity?: string;
-  readonly extOid?: string;
-  readonly tokenLabel?: string;
-  readonly keyLabel?: string;
-  readonly userPinFile?: string;
-  readonly soPinFile?: string;
-  readonly tcti?: string;
-  readonly pkcs11Module?: string;
-  readonly pkcs11Engine?: string;
-  readonly certOut?: string;
-  readonly connectWaitMs?: string;
-  readonly streamWindowBytes?: string;
-  readonly sessionWindowBytes?: string;
-  readonly portFile?: string;
-  readonly healthPort?: string;
-}
-
-interface FieldSource {
+interface OptionSpec {
+  /** The long flag; absent for settings taken from the environment only. */
   readonly flag?: string;
-  readonly env?: readonly string[];
+  /** The flag's value placeholder, e.g. `<url>`. */
+  readonly arg?: string;
+  /** Variables read when the flag is absent, first set one wins. */
+  readonly env: readonly string[];
+  readonly help: string;
+  /** The flag may be given several times (the variable is then a comma list). */
+  readonly repeatable?: boolean;
+  /** The flag names a file holding the value; the variable holds the value itself (PINs). */
+  readonly secretFile?: boolean;
 }
 
-/** Where each field can come from; error messages and the README are written from this table. */
-export const FIELD_SOURCES = {
-  gatewayUrl: { flag: '--gateway', env: ['AGENT_GATEWAY_URL'] },
-  gatewayCaPem: { flag: '--gateway-ca', env: ['AGENT_GATEWAY_CA'] },
-  servername: { flag: '--servername', env: ['AGENT_GATEWAY_SERVERNAME'] },
-  listenPort: { flag: '--listen-port', env: ['AGENT_GATEWAY_SIDECAR_PORT'] },
-  listenHosts: { flag: '--listen-host', env: ['AGENT_GATEWAY_SIDECAR_HOSTS'] },
-  identity: { flag: '--identity', env: ['AGENT_GATEWAY_IDENTITY'] },
-  extensionOid: { flag: '--ext-oid', env: ['AGENT_GATEWAY_CLIENT_EXT_OID'] },
-  tokenLabel: { flag: '--token-label', env: ['AGENT_GATEWAY_SIDECAR_TPM_TOKEN'] },
-  keyLabel: { flag: '--key-label', env: ['AGENT_GATEWAY_SIDECAR_TPM_KEY'] },
-  userPin: { flag: '--user-pin-file', env: ['AGENT_GATEWAY_TPM_USER_PIN'] },
-  soPin: { flag: '--so-pin-file', env: ['AGENT_GATEWAY_TPM_SO_PIN'] },
-  tcti: { flag: '--tcti', env: ['TPM2_PKCS11_TCTI'] },
-  storeDir: { env: ['TPM2_PKCS11_STORE'] },
-  pkcs11Module: { flag: '--pkcs11-module', env: ['PKCS11_MODULE_PATH'] },
-  pkcs11Engine: { flag: '--pkcs11-engine', env: ['AGENT_GATEWAY_PKCS11_ENGINE'] },
-  certOut: { flag: '--cert-out', env: ['AGENT_GATEWAY_SIDECAR_CERT_OUT'] },
-  connectWaitMs: { flag: '--connect-wait-ms', env: ['AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS'] },
-  streamWindowBytes: { flag: '--stream-window-bytes', env: ['AGENT_GATEWAY_SIDECAR_STREAM_WINDOW_BYTES'] },
-  sessionWindowBytes: { flag: '--session-window-bytes', env: ['AGENT_GATEWAY_SIDECAR_SESSION_WINDOW_BYTES'] },
-  portFile: { flag: '--port-file', env: ['AGENT_GATEWAY_SIDECAR_PORT_FILE'] },
-  healthPort: { flag: '--health-port', env: ['AGENT_GATEWAY_SIDECAR_HEALTH_PORT'] },
-  logLevel: { env: ['AGENT_GATEWAY_SIDECAR_LOG', 'RUST_LOG'] },
-  logQuiet: { env: ['AGENT_GATEWAY_LOG_STDOUT'] },
-} as const satisfies Record<string, FieldSource>;
+export const SIDECAR_OPTIONS = {
+  gatewayUrl: { flag: '--gateway', arg: '<url>', env: ['AGENT_GATEWAY_URL'], help: 'gateway URL' },
+  gatewayCaPem: { flag: '--gateway-ca', arg: '<file>', env: ['AGENT_GATEWAY_CA'], help: 'PEM CA certificates that verify the gateway (default: system roots)' },
+  servername: { flag: '--servername', arg: '<name>', env: ['AGENT_GATEWAY_SERVERNAME'], help: 'TLS server name to verify, when the URL host differs' },
+  listenPort: { flag: '--listen-port', arg: '<port>', env: ['AGENT_GATEWAY_SIDECAR_PORT'], help: 'local proxy port; 0 picks a free one' },
+  listenHosts: { flag: '--listen-host', arg: '<ip>', env: ['AGENT_GATEWAY_SIDECAR_HOSTS'], help: 'loopback address to listen on, repeatable (variable: comma list)', repeatable: true },
+  listenSocket: { flag: '--listen-socket', arg: '<path>', env: ['AGENT_GATEWAY_SIDECAR_SOCKET'], help: 'also listen on this Unix socket (mode 0600, owned by this user): the way out of `run`, for isolated agents (default: off)' },
+  identity: { flag: '--identity', arg: '<id>', env: ['AGENT_GATEWAY_IDENTITY'], help: 'identity carried in the certificate extension; required' },
+  extensionOid: { flag: '--ext-oid', arg: '<oid>', env: ['AGENT_GATEWAY_CLIENT_EXT_OID'], help: 'identity extension OID' },
+  tokenLabel: { flag: '--token-label', arg: '<label>', env: ['AGENT_GATEWAY_SIDECAR_TPM_TOKEN'], help: 'tpm2-pkcs11 token label' },
+  keyLabel: { flag: '--key-label', arg: '<label>', env: ['AGENT_GATEWAY_SIDECAR_TPM_KEY'], help: 'label of the TLS key in the token' },
+  userPin: { flag: '--user-pin-file', arg: '<file>', env: ['AGENT_GATEWAY_TPM_USER_PIN'], help: 'file holding the token user PIN (the variable holds the PIN itself)', secretFile: true },
+  soPin: { flag: '--so-pin-file', arg: '<file>', env: ['AGENT_GATEWAY_TPM_SO_PIN'], help: 'file holding the token SO PIN, needed only to create the token (the variable holds the PIN itself)', secretFile: true },
+  tcti: { flag: '--tcti', arg: '<tcti>', env: ['TPM2_PKCS11_TCTI'], help: 'how tpm2-pkcs11 reaches the TPM' },
+  storeDir: { env: ['TPM2_PKCS11_STORE'], help: 'tpm2-pkcs11 store directory (token metadata)' },
+  pkcs11Module: { flag: '--pkcs11-module', arg: '<file>', env: ['PKCS11_MODULE_PATH'], help: 'tpm2-pkcs11 module' },
+  pkcs11Engine: { flag: '--pkcs11-engine', arg: '<file>', env: ['AGENT_GATEWAY_PKCS11_ENGINE'], help: 'libp11 OpenSSL engine, full path' },
+  certOut: { flag: '--cert-out', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_CERT_OUT'], help: 'where to write the carrier certificate; the port this sidecar took is kept beside it (sidecar-listen-port) and taken again on restart when free' },
+  streamWindowBytes: { flag: '--stream-window-bytes', arg: '<n>', env: ['AGENT_GATEWAY_SIDECAR_STREAM_WINDOW_BYTES'], help: 'HTTP/2 stream receive window toward the gateway (downloads)' },
+  sessionWindowBytes: { flag: '--session-window-bytes', arg: '<n>', env: ['AGENT_GATEWAY_SIDECAR_SESSION_WINDOW_BYTES'], help: 'HTTP/2 session receive window toward the gateway' },
+  connectWaitMs: { flag: '--connect-wait-ms', arg: '<ms>', env: ['AGENT_GATEWAY_SIDECAR_CONNECT_WAIT_MS'], help: 'how long a CONNECT waits for the gateway session before 503' },
+  portFile: { flag: '--port-file', arg: '<file>', env: ['AGENT_GATEWAY_SIDECAR_PORT_FILE'], help: 'write the listening port to this file once the proxy listens (for scripts)' },
+  healthPort: { flag: '--health-port', arg: '<port>', env: ['AGENT_GATEWAY_SIDECAR_HEALTH_PORT'], help: 'serve /healthz and /readyz (gateway session up and TPM answering) on this loopback port; 0 picks one (default: off)' },
+  logLevel: { env: ['AGENT_GATEWAY_SIDECAR_LOG', 'RUST_LOG'], help: 'log filter, e.g. info, debug, agent_gateway_sidecar=debug' },
+  logQuiet: { env: ['AGENT_GATEWAY_LOG_STDOUT'], help: 'false: write no log lines (logs go to stderr; stdout has only the JSON line)' },
+} as const satisfies Record<string, OptionSpec>;
 
-type Field = keyof typeof FIELD_SOURCES;
+type Field = keyof typeof SIDECAR_OPTIONS;
+
+/** What commander hands over, keyed by field: strings as typed, before any validation. */
+export type SidecarCliValues = Partial<Record<Field, string | readonly string[]>>;
 
 function describeField(field: Field): string {
-  const source: FieldSource = FIELD_SOURCES[field];
-  return [source.flag, ...(source.env ?? [])].filter(Boolean).join(' / ');
+  const spec: OptionSpec = SIDECAR_OPTIONS[field];
+  return [spec.flag, ...spec.env].filter(Boolean).join(' / ');
 }
 
 const wholeNumber = (min: number, max: number) =>
@@ -97,6 +79,8 @@ const wholeNumber = (min: number, max: number) =>
     .regex(/^(0|[1-9][0-9]*)$/, 'must be a whole number')
     .transform(Number)
     .pipe(z.number().min(min, `must be ${min}-${max}`).max(max, `must be ${min}-${max}`));
+
+const DEFAULT_GATEWAY_URL = 'https://127.0.0.1:8443';
 
 const gatewayUrl = z.string().transform((value, ctx) => {
   let url: URL;
@@ -129,15 +113,33 @@ const pkcs11Label = z
 
 const path = z.string().min(1, 'must not be empty');
 
+/** A PEM file's text, read here so a missing or wrong file is a config error naming the field. */
+const pemFile = path.transform((file, ctx) => {
+  let pem: string;
+  try {
+    pem = readFileSync(file, 'utf8');
+  } catch (error) {
+    ctx.addIssue({ code: 'custom', message: `cannot read ${file} (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})` });
+    return z.NEVER;
+  }
+  if (!pem.includes('-----BEGIN CERTIFICATE-----')) ctx.addIssue({ code: 'custom', message: `${file} holds no PEM certificate` });
+  return pem;
+});
+
 const configSchema = z.strictObject({
-  gatewayUrl,
-  gatewayCaPem: z.string().optional(),
+  gatewayUrl: gatewayUrl.prefault(DEFAULT_GATEWAY_URL),
+  gatewayCaPem: pemFile.optional(),
   servername: z
     .string()
     .regex(/^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$/, 'must be a DNS name')
     .optional(),
-  listenPort: wholeNumber(0, 65535),
-  listenHosts: z.array(loopbackHost).min(1, 'needs at least one address'),
+  listenPort: wholeNumber(0, 65535).prefault('0'),
+  /** Node clients may try ::1 first for `localhost`. */
+  listenSocket: path
+    .refine((value) => Buffer.byteLength(resolvePath(value)) <= 107, 'must be at most 107 bytes as an absolute path (sun_path)')
+    .transform((value) => resolvePath(value))
+    .optional(),
+  listenHosts: z.array(loopbackHost).min(1, 'needs at least one address').prefault(['127.0.0.1', '::1']),
   identity: z.string().superRefine((value, ctx) => {
     try {
       encodeIdentityExtensionValue(value);
@@ -145,35 +147,88 @@ const configSchema = z.strictObject({
       ctx.addIssue({ code: 'custom', message: (error as Error).message });
     }
   }),
-  extensionOid: z.string().refine(isDottedOid, 'must be a dotted OID such as 1.3.6.1.4.1.57264.1.1'),
-  tokenLabel: pkcs11Label,
-  keyLabel: pkcs11Label,
+  extensionOid: z.string().refine(isDottedOid, 'must be a dotted OID such as 1.3.6.1.4.1.57264.1.1').prefault('1.3.6.1.4.1.57264.1.1'),
+  tokenLabel: pkcs11Label.prefault('agent-gateway-sidecar'),
+  keyLabel: pkcs11Label.prefault('agent-tls'),
   // Never echo a PIN, not even in a validation message.
   userPin: z.string({ error: 'is required: set AGENT_GATEWAY_TPM_USER_PIN or pass --user-pin-file FILE' }).min(1, 'must not be empty'),
   soPin: z.string().min(1, 'must not be empty').optional(),
-  tcti: z.string().min(1, 'must not be empty').regex(/^[^\r\n\0]*$/, 'must be one line'),
+  /** The spec's simulator address; with tpm2-abrmd in front use `tabrmd:bus_type=session`. */
+  tcti: z.string().min(1, 'must not be empty').regex(/^[^\r\n\0]*$/, 'must be one line').prefault('swtpm:host=127.0.0.1,port=2321'),
   storeDir: path.optional(),
-  pkcs11Module: path,
-  pkcs11Engine: path,
-  certOut: path.transform((value) => resolvePath(value)),
-  connectWaitMs: wholeNumber(1, 600_000),
+  pkcs11Module: path.prefault(DEFAULT_TPM2_PKCS11_MODULE),
+  pkcs11Engine: path.prefault(DEFAULT_PKCS11_ENGINE),
+  certOut: path.transform((value) => resolvePath(value)).prefault('machine-client.pem'),
   /** HTTP/2 receive windows toward the gateway (downloads); bounded like the gateway's. */
-  streamWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES),
-  sessionWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES),
+  streamWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES).prefault(String(STREAM_WINDOW_BYTES)),
+  sessionWindowBytes: wholeNumber(65_535, MAX_WINDOW_BYTES).prefault(String(SESSION_WINDOW_BYTES)),
+  connectWaitMs: wholeNumber(1, 600_000).prefault('5000'),
   portFile: path.transform((value) => resolvePath(value)).optional(),
   healthPort: wholeNumber(0, 65535).optional(),
-  logLevel: z.string().transform((value, ctx) => {
-    try {
-      return parseLogFilter(value);
-    } catch (error) {
-      ctx.addIssue({ code: 'custom', message: (error as Error).message });
-      return z.NEVER;
-    }
-  }),
-  logQuiet: z.boolean(),
+  logLevel: z
+    .string()
+    .transform((value, ctx) => {
+      try {
+        return parseLogFilter(value);
+      } catch (error) {
+        ctx.addIssue({ code: 'custom', message: (error as Error).message });
+        return z.NEVER;
+      }
+    })
+    .prefault('info'),
+  logQuiet: z
+    .string()
+    .transform((value) => /^(false|0|no|off)$/i.test(value.trim()))
+    .prefault('true'),
 });
 
 export type SidecarConfig = z.output<typeof configSchema>;
+
+/** The default of a field as typed on the command line, from the schema (for --help). */
+function defaultOf(field: Field): string | undefined {
+  const def = (configSchema.shape[field] as unknown as { _zod: { def: { type: string; defaultValue?: unknown } } })._zod.def;
+  if (def.type !== 'prefault' && def.type !== 'default') return undefined;
+  return Array.isArray(def.defaultValue) ? def.defaultValue.join(', ') : String(def.defaultValue);
+}
+
+/** One line of --help for a field: what it is, its variables and its default. */
+function helpOf(field: Field): string {
+  const spec: OptionSpec = SIDECAR_OPTIONS[field];
+  const fallback = defaultOf(field);
+  return `${spec.help}${spec.env.length > 0 ? ` [env ${spec.env.join(', ')}]` : ''}${fallback !== undefined ? ` (default ${fallback})` : ''}`;
+}
+
+const collect = (value: string, previous: string[] | undefined) => [...(previous ?? []), value];
+
+/**
+ * Adds one commander option per flagged field, each stored under the field's own name, and
+ * lists the environment-only settings after the help.
+ */
+export function addSidecarOptions(command: Command): Command {
+  const envOnly: string[] = [];
+  for (const [field, spec] of Object.entries(SIDECAR_OPTIONS) as [Field, OptionSpec][]) {
+    if (spec.flag === undefined) {
+      envOnly.push(`  ${spec.env.join(', ').padEnd(42)} ${helpOf(field)}`.replace(/ \[env [^\]]*\]/, ''));
+      continue;
+    }
+    const option = new Option(`${spec.flag} ${spec.arg ?? '<value>'}`, helpOf(field));
+    if (spec.repeatable) option.argParser(collect);
+    command.addOption(option);
+  }
+  return command.addHelpText('after', `\nOther environment:\n${envOnly.join('\n')}`);
+}
+
+/** The values commander parsed, keyed by field (commander names them after the flag). */
+export function cliValues(command: Command): SidecarCliValues {
+  const parsed = command.opts<Record<string, string | string[] | undefined>>();
+  const values: Record<string, string | readonly string[]> = {};
+  for (const [field, spec] of Object.entries(SIDECAR_OPTIONS) as [Field, OptionSpec][]) {
+    if (spec.flag === undefined) continue;
+    const value = parsed[new Option(spec.flag).attributeName()];
+    if (value !== undefined) values[field] = value;
+  }
+  return values;
+}
 
 export interface LoadedConfig {
   readonly config: SidecarConfig;
@@ -197,70 +252,32 @@ function readSecretFile(flag: string, file: string, warnings: string[]): string 
   return pin;
 }
 
-function readCaFile(file: string): string {
-  let pem: string;
-  try {
-    pem = readFileSync(file, 'utf8');
-  } catch (error) {
-    throw new ConfigError(`invalid configuration\n  ${describeField('gatewayCaPem')}: cannot read ${file} (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})`);
-  }
-  if (!pem.includes('-----BEGIN CERTIFICATE-----')) throw new ConfigError(`invalid configuration\n  ${describeField('gatewayCaPem')}: ${file} holds no PEM certificate`);
-  return pem;
-}
-
 /**
- * Builds and validates the configuration. Throws ConfigError (exit status 2 in main.ts) whose
- * message lists each bad field with its flag and environment variable.
+ * Builds and validates the configuration. Throws ConfigError (exit status 2) whose message lists
+ * each bad field with its flag and environment variable.
  */
-export function loadSidecarConfig(cli: SidecarCliOptions, env: NodeJS.ProcessEnv = process.env): LoadedConfig {
+export function loadSidecarConfig(cli: SidecarCliValues, env: NodeJS.ProcessEnv = process.env): LoadedConfig {
   const warnings: string[] = [];
-  const pick = (flagValue: string | undefined, field: Field): string | undefined => {
-    if (flagValue !== undefined) return flagValue;
-    const source: FieldSource = FIELD_SOURCES[field];
-    for (const name of source.env ?? []) {
-      const value = env[name];
-      if (value !== undefined && value !== '') return value;
+  const raw: Record<string, string | string[] | undefined> = {};
+  for (const [field, spec] of Object.entries(SIDECAR_OPTIONS) as [Field, OptionSpec][]) {
+    const flagValue = cli[field];
+    if (flagValue !== undefined && !(Array.isArray(flagValue) && flagValue.length === 0)) {
+      raw[field] = spec.secretFile ? readSecretFile(spec.flag!, String(flagValue), warnings) : typeof flagValue === 'string' ? flagValue : [...flagValue];
+      continue;
     }
-    return undefined;
-  };
-  const caFile = pick(cli.gatewayCa, 'gatewayCaPem');
-  const hostsFromEnv = pick(undefined, 'listenHosts');
-  const userPin = cli.userPinFile !== undefined ? readSecretFile('--user-pin-file', cli.userPinFile, warnings) : env.AGENT_GATEWAY_TPM_USER_PIN || undefined;
-  const soPin = cli.soPinFile !== undefined ? readSecretFile('--so-pin-file', cli.soPinFile, warnings) : env.AGENT_GATEWAY_TPM_SO_PIN || undefined;
-  const quietValue = env.AGENT_GATEWAY_LOG_STDOUT;
-  const raw = {
-    gatewayUrl: pick(cli.gateway, 'gatewayUrl') ?? DEFAULT_GATEWAY_URL,
-    gatewayCaPem: caFile === undefined ? undefined : readCaFile(caFile),
-    servername: pick(cli.servername, 'servername'),
-    listenPort: pick(cli.listenPort, 'listenPort') ?? '0',
-    listenHosts: cli.listenHost && cli.listenHost.length > 0 ? [...cli.listenHost] : hostsFromEnv ? hostsFromEnv.split(',').map((h) => h.trim()).filter(Boolean) : [...DEFAULT_LISTEN_HOSTS],
-    identity: pick(cli.identity, 'identity'),
-    extensionOid: pick(cli.extOid, 'extensionOid') ?? DEFAULT_EXTENSION_OID,
-    tokenLabel: pick(cli.tokenLabel, 'tokenLabel') ?? DEFAULT_TOKEN_LABEL,
-    keyLabel: pick(cli.keyLabel, 'keyLabel') ?? DEFAULT_KEY_LABEL,
-    userPin,
-    soPin,
-    tcti: pick(cli.tcti, 'tcti') ?? DEFAULT_TCTI,
-    storeDir: pick(undefined, 'storeDir'),
-    pkcs11Module: pick(cli.pkcs11Module, 'pkcs11Module') ?? DEFAULT_TPM2_PKCS11_MODULE,
-    pkcs11Engine: pick(cli.pkcs11Engine, 'pkcs11Engine') ?? DEFAULT_PKCS11_ENGINE,
-    certOut: pick(cli.certOut, 'certOut') ?? DEFAULT_CERT_OUT,
-    connectWaitMs: pick(cli.connectWaitMs, 'connectWaitMs') ?? String(DEFAULT_CONNECT_WAIT_MS),
-    streamWindowBytes: pick(cli.streamWindowBytes, 'streamWindowBytes') ?? String(STREAM_WINDOW_BYTES),
-    sessionWindowBytes: pick(cli.sessionWindowBytes, 'sessionWindowBytes') ?? String(SESSION_WINDOW_BYTES),
-    portFile: pick(cli.portFile, 'portFile'),
-    healthPort: pick(cli.healthPort, 'healthPort'),
-    logLevel: pick(undefined, 'logLevel') ?? 'info',
-    logQuiet: quietValue !== undefined && /^(false|0|no|off)$/i.test(quietValue.trim()),
-  };
+    const fromEnv = spec.env.map((name) => env[name]).find((value) => value !== undefined && value !== '');
+    if (fromEnv === undefined) continue;
+    raw[field] = spec.repeatable ? fromEnv.split(',').map((item) => item.trim()).filter(Boolean) : fromEnv;
+  }
   const result = configSchema.safeParse(raw);
   if (!result.success) {
     const lines = result.error.issues.map((issue) => {
       const field = issue.path[0] as Field | undefined;
-      const label = field && field in FIELD_SOURCES ? describeField(field) : issue.path.join('.') || 'configuration';
-      const source: FieldSource | undefined = field ? FIELD_SOURCES[field] : undefined;
-      const missing = field !== undefined && raw[field] === undefined && issue.code === 'invalid_type';
-      const message = missing && source && field !== 'userPin' ? `is required: pass ${source.flag} or set ${source.env?.[0]}` : issue.message;
+      const known = field !== undefined && field in SIDECAR_OPTIONS;
+      const label = known ? describeField(field) : issue.path.join('.') || 'configuration';
+      const spec: OptionSpec | undefined = known ? SIDECAR_OPTIONS[field] : undefined;
+      const missing = known && raw[field] === undefined && issue.code === 'invalid_type';
+      const message = missing && spec && !spec.secretFile ? `is required: pass ${spec.flag} or set ${spec.env[0]}` : issue.message;
       return `  ${label}: ${message}`;
     });
     throw new ConfigError(`invalid configuration\n${[...new Set(lines)].join('\n')}`);

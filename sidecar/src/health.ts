@@ -1,6 +1,4 @@
-import { once } from 'node:events';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { startProbeServer } from '../../core/probe-server.js';
 
 export interface ReadinessCheck {
   readonly name: string;
@@ -38,21 +36,16 @@ export async function startHealthServer(options: { host: string; port: number; c
     cached = { at: Date.now(), body, ready };
     return cached;
   };
-  const server: Server = createServer((req, res) => {
-    const reply = (status: number, body: unknown) => res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify(body)}\n`);
-    if (req.method !== 'GET' && req.method !== 'HEAD') reply(405, { error: 'method not allowed' });
-    else if (req.url === '/healthz') reply(200, { status: 'alive' });
-    else if (req.url === '/readyz') {
-      evaluate().then(
-        ({ ready, body }) => reply(ready ? 200 : 503, { ready, ...body }),
-        () => reply(503, { ready: false }),
-      );
-    } else reply(404, { error: 'not found' });
+  const server = await startProbeServer({
+    host: options.host,
+    port: options.port,
+    routes: {
+      '/healthz': () => ({ status: 200, json: { status: 'alive' } }),
+      '/readyz': async () => {
+        const { ready, body } = await evaluate();
+        return { status: ready ? 200 : 503, json: { ready, ...body } };
+      },
+    },
   });
-  server.listen(options.port, options.host);
-  await once(server, 'listening');
-  return {
-    port: (server.address() as AddressInfo).port,
-    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
-  };
+  return { port: server.address.port, close: () => server.close() };
 }

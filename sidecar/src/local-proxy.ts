@@ -1,32 +1,44 @@
-import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
-import type { AddressInfo, Socket } from 'node:net';
+import { chmodSync, lstatSync, rmSync } from 'node:fs';
+import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { sidecarReasonForError, sidecarResponse } from '../../core/errors.js';
+import { sidecarReasonForError } from '../../core/errors.js';
+import { childTraceparent } from '../../core/traceparent.js';
 import { normaliseDestination } from '../../registry/destination.js';
 import type { GatewaySession, TunnelResponse } from './gateway-session.js';
+import { refusal, sidecarRefusal, type Refusal } from './refusal.js';
 import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
-
-const TRACEPARENT = /^00-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})$/;
-
-/**
- * W3C trace context for the CONNECT sent to the gateway: continue the agent's trace when its
- * request carried one, else start a new one. A fresh parent id marks the sidecar's own span.
- */
-export function traceparentFor(incoming: string | string[] | undefined): string {
-  const m = typeof incoming === 'string' ? TRACEPARENT.exec(incoming) : null;
-  const traceId = m && !/^0+$/.test(m[1]!) ? m[1]! : randomBytes(16).toString('hex');
-  return `00-${traceId}-${randomBytes(8).toString('hex')}-${m ? m[2] : '01'}`;
-}
 
 export interface LocalProxyOptions {
   readonly hosts: readonly string[];
   readonly port: number;
+  /** Tried first when `port` is 0; a free port is picked when it is taken. */
+  readonly preferredPort?: number;
+  /** Also listen on this Unix socket (mode 0600), for isolated agents (`run`). */
+  readonly socketPath?: string;
   readonly gateway: GatewaySession;
   readonly log: Logger;
   readonly tracing?: SidecarTracing;
+}
+
+/** Removes a Unix socket no process listens on any more; refuses a live one or another kind of file. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let stat;
+  try {
+    stat = lstatSync(path);
+  } catch {
+    return; // nothing there
+  }
+  if (!stat.isSocket()) throw Object.assign(new Error(`${path} exists and is not a socket`), { code: 'EEXIST' });
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = netConnect(path);
+    probe.once('connect', () => (probe.destroy(), resolve(true)));
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) throw Object.assign(new Error(`another process listens on ${path}`), { code: 'EADDRINUSE' });
+  rmSync(path, { force: true });
 }
 
 /** Relays bytes both ways; each side's end half-closes the other (END_STREAM ⇄ FIN). */
@@ -56,25 +68,20 @@ function writeHead(agent: Socket, status: number, headers: Record<string, string
   agent.write(`${lines.join('\r\n')}\r\n\r\n`);
 }
 
-/** The reason code inside an RFC 9209 proxy-status value (`details="..."`). */
-export function detailsOf(proxyStatus: string | undefined): string | undefined {
-  return proxyStatus ? /details="([^"\\]{1,64})"/.exec(proxyStatus)?.[1] : undefined;
-}
-
-/** One line an agent (or the person reading its output) can act on. */
-export function refusalBody(authority: string, status: number, proxyStatus: string | undefined): string {
-  const reason = detailsOf(proxyStatus) ?? 'unknown';
-  // The authority is the agent's own input: printable ASCII only, capped, so the line stays one line.
-  const shown = authority.replace(/[^\x21-\x7e]/g, '?').slice(0, 300);
-  return `agent-gateway: CONNECT ${shown} refused: ${status} ${reason}\n`;
-}
-
-/** Ends a refused local request with its status, proxy-status and the one-line body. */
-function refuse(agent: Socket, authority: string, status: number, proxyStatus: string | undefined): void {
+/** Ends a refused CONNECT with its status, proxy-status and the one-line body. */
+function refuse(agent: Socket, answer: Refusal): void {
   if (!agent.writable) return;
-  const body = refusalBody(authority, status, proxyStatus);
-  writeHead(agent, status, { 'proxy-status': proxyStatus, 'content-type': 'text/plain; charset=utf-8', 'content-length': String(Buffer.byteLength(body)), connection: 'close' });
-  agent.end(body);
+  writeHead(agent, answer.status, { ...answer.headers, connection: 'close' });
+  agent.end(answer.body);
+}
+
+/** Answers a plain request with a refusal; the connection closes after it. */
+function refuseRequest(res: ServerResponse, answer: Refusal): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  res.writeHead(answer.status, { ...answer.headers, connection: 'close' }).end(answer.body);
 }
 
 /**
@@ -108,19 +115,57 @@ export class LocalProxy {
     this.#options = options;
   }
 
+  #server(): Server {
+    const server = createServer();
+    server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => void this.#onConnect(req, socket, head));
+    server.on('request', (req: IncomingMessage, res: ServerResponse) => void this.#onRequest(req, res));
+    server.on('connection', (socket: Socket) => {
+      this.#agents.add(socket);
+      socket.once('close', () => this.#agents.delete(socket));
+    });
+    server.on('clientError', (_error, socket: Socket) => {
+      // Not HTTP/1.1 at all (or headers too large): still a readable 400, never a bare close.
+      if (socket.writable) refuse(socket, sidecarRefusal('malformed', 'request', 'request_invalid'));
+      else socket.destroy();
+    });
+    return server;
+  }
+
+  /**
+   * Listens on every host at one port, and on the Unix socket when one is given. With a
+   * preferred port (the one a previous run of this sidecar took), that port is tried first and a
+   * free one picked only when it is taken, so agents holding the old HTTPS_PROXY keep working.
+   */
   async listen(): Promise<number> {
-    let port = this.#options.port;
+    const { preferredPort, port } = this.#options;
+    let listened: number;
+    if (port === 0 && preferredPort !== undefined && preferredPort !== 0) {
+      try {
+        listened = await this.#listenHosts(preferredPort);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EADDRINUSE' && (error as NodeJS.ErrnoException).code !== 'EACCES') throw error;
+        this.#options.log.info({ event: 'preferred_port_taken', port: preferredPort }, 'the previous port is taken; picking a free one');
+        await this.#closeServers();
+        listened = await this.#listenHosts(0);
+      }
+    } else {
+      listened = await this.#listenHosts(port);
+    }
+    if (this.#options.socketPath !== undefined) {
+      try {
+        await this.#listenSocket(this.#options.socketPath);
+      } catch (error) {
+        await this.#closeServers();
+        throw error;
+      }
+    }
+    return listened;
+  }
+
+  async #listenHosts(firstPort: number): Promise<number> {
+    let port = firstPort;
     for (const host of this.#options.hosts) {
-      const server = createServer();
-      server.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => void this.#onConnect(req, socket, head));
-      server.on('request', (req: IncomingMessage, res: ServerResponse) => void this.#onRequest(req, res));
-      server.on('connection', (socket: Socket) => {
-        this.#agents.add(socket);
-        socket.once('close', () => this.#agents.delete(socket));
-      });
-      server.on('clientError', (_error, socket: Socket) => {
-        if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n');
-      });
+      const server = this.#server();
       try {
         server.listen({ host, port, ipv6Only: host.includes(':') });
         await once(server, 'listening');
@@ -130,6 +175,7 @@ export class LocalProxy {
           this.#options.log.warn({ host, err: (error as Error).message }, 'local listener not available');
           continue;
         }
+        await this.#closeServers();
         throw error;
       }
       const address = server.address() as AddressInfo;
@@ -141,13 +187,39 @@ export class LocalProxy {
   }
 
   /**
+   * The Unix-socket listener `agent-gateway-sidecar run` reaches from inside an agent's network
+   * namespace: mode 0600 from the moment it exists (umask around the bind), so only this user
+   * may borrow the TPM identity through it. A socket left by a dead sidecar is replaced; a live
+   * one, or any other file, is not.
+   */
+  async #listenSocket(path: string): Promise<void> {
+    await removeStaleSocket(path);
+    const server = this.#server();
+    const umask = process.umask(0o177);
+    try {
+      server.listen({ path });
+    } finally {
+      process.umask(umask);
+    }
+    await once(server, 'listening');
+    chmodSync(path, 0o600);
+    this.#servers.push(server);
+  }
+
+  async #closeServers(): Promise<void> {
+    const servers = this.#servers.splice(0);
+    this.addresses.length = 0;
+    await Promise.all(servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+  }
+
+  /**
    * One CONNECT stream to the gateway for an agent request, inside a span when tracing is on
    * (it ends with the stream); otherwise with a fresh traceparent so the gateway still logs one.
    */
   async #openTunnel(authority: string, req: IncomingMessage): Promise<TunnelResponse> {
     const tracing = this.#options.tracing ?? TRACING_DISABLED;
     const span = tracing.startConnect(authority, req.headers);
-    const headers = tracing.enabled ? span.headers : { traceparent: traceparentFor(req.headers.traceparent) };
+    const headers = tracing.enabled ? span.headers : { traceparent: childTraceparent(req.headers.traceparent) };
     let tunnel: TunnelResponse;
     try {
       tunnel = await this.#options.gateway.openTunnel(authority, headers);
@@ -165,8 +237,7 @@ export class LocalProxy {
     const authority = req.url ?? '';
     agent.on('error', () => {});
     if (!validAuthority(authority)) {
-      const response = sidecarResponse('authority_invalid');
-      refuse(agent, authority, response.status, response.headers['proxy-status']);
+      refuse(agent, sidecarRefusal('CONNECT', authority, 'authority_invalid'));
       return;
     }
     let tunnel;
@@ -174,8 +245,7 @@ export class LocalProxy {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
       log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
-      const response = sidecarResponse(sidecarReasonForError(error));
-      refuse(agent, authority, response.status, response.headers['proxy-status']);
+      refuse(agent, sidecarRefusal('CONNECT', authority, sidecarReasonForError(error)));
       return;
     }
     const { status, headers, stream } = tunnel;
@@ -183,7 +253,7 @@ export class LocalProxy {
     if (status !== 200) {
       // The gateway's answer is the agent's answer: 403 stays 403 with its reason.
       finishRefused(stream);
-      refuse(agent, authority, status, headers['proxy-status'] as string | undefined);
+      refuse(agent, refusal('CONNECT', authority, status, headers['proxy-status'] as string | undefined));
       return;
     }
     if (agent.destroyed) {
@@ -198,36 +268,34 @@ export class LocalProxy {
   /** Absolute-URI plain HTTP (`GET http://host/path`) goes through a CONNECT to host:80. */
   async #onRequest(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const { log } = this.#options;
-    if (!/^[a-z][a-z0-9+.-]*:/i.test(req.url ?? '')) {
-      // Someone opened the port in a browser or with plain curl: say what this port is.
-      res.writeHead(400, { 'content-type': 'text/plain; charset=utf-8' }).end('agent-gateway sidecar: this port is an HTTP proxy, not a web server; use it as HTTPS_PROXY (CONNECT) or HTTP_PROXY (absolute http:// URLs)\n');
-      return;
-    }
-    let target: URL;
+    const method = req.method ?? 'GET';
+    // A proxy request names an absolute http:// URL; `GET /` means a client took the proxy for a server.
+    let target: URL | undefined;
     try {
-      target = new URL(req.url ?? '');
-      if (target.protocol !== 'http:') throw new Error('only http:// URLs can be proxied without CONNECT');
-    } catch (error) {
-      res.writeHead(400, { 'content-type': 'text/plain' }).end(`agent-gateway sidecar: ${(error as Error).message}\n`);
+      target = /^http:\/\//i.test(req.url ?? '') ? new URL(req.url!) : undefined;
+    } catch {
+      target = undefined;
+    }
+    if (target === undefined) {
+      refuseRequest(res, sidecarRefusal(method, req.url ?? '', 'request_invalid'));
       return;
     }
     const authority = `${target.hostname}:${target.port || '80'}`;
-    const refuseRequest = (status: number, proxyStatus: string | undefined) => {
-      const body = refusalBody(authority, status, proxyStatus);
-      res.writeHead(status, { ...(proxyStatus ? { 'proxy-status': proxyStatus } : {}), 'content-type': 'text/plain; charset=utf-8', 'content-length': Buffer.byteLength(body) }).end(body);
-    };
+    if (!validAuthority(authority)) {
+      refuseRequest(res, sidecarRefusal(method, authority, 'authority_invalid'));
+      return;
+    }
     let tunnel;
     try {
       tunnel = await this.#openTunnel(authority, req);
     } catch (error) {
-      const response = sidecarResponse(sidecarReasonForError(error));
-      refuseRequest(response.status, response.headers['proxy-status']);
+      refuseRequest(res, sidecarRefusal(method, authority, sidecarReasonForError(error)));
       log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');
       return;
     }
     if (tunnel.status !== 200) {
       finishRefused(tunnel.stream);
-      refuseRequest(tunnel.status, tunnel.headers['proxy-status'] as string | undefined);
+      refuseRequest(res, refusal(method, authority, tunnel.status, tunnel.headers['proxy-status'] as string | undefined));
       return;
     }
     const headers = { ...req.headers };
@@ -243,8 +311,7 @@ export class LocalProxy {
       response.pipe(res);
     });
     upstream.on('error', (error) => {
-      if (!res.headersSent) res.writeHead(502).end();
-      else res.destroy();
+      refuseRequest(res, sidecarRefusal(method, authority, 'upstream_failed'));
       log.debug({ err: error.message }, 'proxied request failed');
     });
     req.pipe(upstream);
@@ -252,8 +319,8 @@ export class LocalProxy {
 
   async close(): Promise<void> {
     // server.close() waits for every open connection, so stop accepting first, then end them.
-    const closed = Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    const closed = this.#closeServers();
     for (const socket of this.#agents) socket.destroy();
-    await closed;
+    await closed; // Node unlinks the socket file as its server closes
   }
 }

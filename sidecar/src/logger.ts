@@ -1,19 +1,13 @@
 import { pino, type DestinationStream, type Logger } from 'pino';
-import { levelForTargets, type LogLevel } from '../../gateway/src/logger.js';
+import { GATEWAY_TARGET, levelForTargets, SIDECAR_TARGET, type LogLevel } from '../../core/log-filter.js';
 
-export { LOG_LEVELS, type LogLevel } from '../../gateway/src/logger.js';
+export { LOG_LEVELS, type LogLevel } from '../../core/log-filter.js';
 
 /**
- * The sidecar's log filter, read from AGENT_GATEWAY_SIDECAR_LOG or else RUST_LOG (the original
- * sidecar used tracing's filter syntax): `info`, `debug`, `agent_gateway_sidecar=debug`, or a
- * comma list such as `warn,agent_gateway_sidecar=debug`. A directive for the sidecar's target
- * beats one for `agent_gateway` (its parent in spirit), which beats the bare default; directives
- * for other targets are accepted and filter nothing here.
+ * The sidecar's log level, from AGENT_GATEWAY_SIDECAR_LOG or else RUST_LOG (core/log-filter.ts):
+ * a directive for `agent_gateway_sidecar` beats one for `agent_gateway`, which beats the bare
+ * default. Throws with a readable message.
  */
-const SIDECAR_TARGET = /^agent[_-]gateway[_-]sidecar(?:::[A-Za-z0-9_:]+)?$/;
-const GATEWAY_TARGET = /^agent[_-]gateway(?:::[A-Za-z0-9_:]+)?$/;
-
-/** The effective level for the sidecar's own lines. Throws with a readable message. */
 export function parseLogFilter(filter: string): LogLevel {
   return levelForTargets(filter, [SIDECAR_TARGET, GATEWAY_TARGET]);
 }

@@ -12,6 +12,10 @@ export interface SidecarOptions {
   /** Default 127.0.0.1 and ::1: Node clients may try ::1 first for `localhost`. */
   readonly listenHosts?: readonly string[];
   readonly listenPort?: number;
+  /** Tried first when listenPort is 0 (the port a previous run took); a free one when taken. */
+  readonly preferredPort?: number;
+  /** Also listen on this Unix socket (mode 0600), for agents isolated by `run`. */
+  readonly listenSocket?: string;
   readonly connectWaitMs?: number;
   readonly pingIntervalMs?: number;
   readonly backoffInitialMs?: number;
@@ -45,7 +49,10 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
     ...(options.sessionWindowBytes !== undefined ? { sessionWindowBytes: options.sessionWindowBytes } : {}),
     log,
   }).run();
-  const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0, gateway, log, ...(options.tracing ? { tracing: options.tracing } : {}) });
+  const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0,
+    ...(options.preferredPort !== undefined ? { preferredPort: options.preferredPort } : {}),
+    ...(options.listenSocket !== undefined ? { socketPath: options.listenSocket } : {}),
+    gateway, log, ...(options.tracing ? { tracing: options.tracing } : {}) });
   let port: number;
   try {
     port = await proxy.listen();

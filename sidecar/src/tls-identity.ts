@@ -55,12 +55,9 @@ import { AgentGatewayError } from '../../registry/errors.js';
 import { encodeIdentityExtensionValue, readPeerIdentity } from '../../registry/identity.js';
 import { X509Certificate } from '../../registry/x509.js';
 import { TpmError, pkcs11ReturnValue } from '../../tpm/errors.js';
-import { DEFAULT_TPM2_PKCS11_MODULE, openToken } from '../../tpm/token.js';
+import { DEFAULT_PKCS11_ENGINE, DEFAULT_TPM2_PKCS11_MODULE } from '../../core/platform.js';
+import { openToken } from '../../tpm/token.js';
 
-const MULTIARCH: Readonly<Record<string, string>> = { x64: 'x86_64-linux-gnu', arm64: 'aarch64-linux-gnu' };
-/** Debian's libengine-pkcs11-openssl (libp11) for OpenSSL 3. */
-export const DEFAULT_PKCS11_ENGINE = `/usr/lib/${MULTIARCH[process.arch] ?? 'x86_64-linux-gnu'}/engines-3/pkcs11.so`;
-export { DEFAULT_TPM2_PKCS11_MODULE };
 /** libp11's engine id, fixed by the library. */
 const LIBP11_ENGINE_ID = 'pkcs11';
 

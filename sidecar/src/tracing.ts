@@ -1,6 +1,6 @@
 import { ROOT_CONTEXT, SpanKind, SpanStatusCode, trace, type Span, type TextMapPropagator, type TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
-import { createOtlpTracerProvider } from '../../gateway/src/tracing.js';
+import { createOtlpTracerProvider, otlpEndpointFromEnv } from '../../core/otlp.js';
 
 /**
  * Sidecar spans: one per local CONNECT (or proxied plain-HTTP request), continuing the agent's
@@ -8,7 +8,7 @@ import { createOtlpTracerProvider } from '../../gateway/src/tracing.js';
  * continues it, so one trace spans agent, sidecar and gateway.
  *
  * Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set or a test injects a TracerProvider; then the
- * local proxy still sends a fresh W3C traceparent (local-proxy.ts traceparentFor) so gateway logs
+ * local proxy still sends a fresh W3C traceparent (core/traceparent.ts childTraceparent) so gateway logs
  * and audit rows carry a trace id, but no SDK is loaded and no span is made.
  */
 export const SIDECAR_TRACER_NAME = 'agent-gateway-sidecar';
@@ -40,7 +40,7 @@ const setter = { set: (carrier: Record<string, string>, key: string, value: stri
 
 export async function startSidecarTracing(options: { tracerProvider?: TracerProvider; log: Logger; env?: NodeJS.ProcessEnv }): Promise<SidecarTracing> {
   const env = options.env ?? process.env;
-  const endpoint = env.OTEL_EXPORTER_OTLP_ENDPOINT || env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT || undefined;
+  const endpoint = otlpEndpointFromEnv(env);
   if (!options.tracerProvider && !endpoint) return TRACING_DISABLED;
   const { W3CTraceContextPropagator } = await import('@opentelemetry/core');
   const propagator: TextMapPropagator = new W3CTraceContextPropagator();

@@ -195,6 +195,17 @@ test('a create that fails (a grant outside the scope) rolls back: nothing runs, 
   await agent('delete', 'agent-half');
 });
 
+test('run isolates: curl --noproxy cannot go around agent-alpha\'s sidecar, though it can with --no-isolation', async () => {
+  // --connect-to names the mock's real address, so only the namespace stands between curl and docstore.
+  const bypass = ['curl', '-sS', '--fail', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore:443:127.0.0.1:${ports.docstore}`, 'https://docstore/health'];
+  const isolated = await agent('run', 'agent-alpha', '--', ...bypass).catch((error: { code: number; stderr: string }) => error);
+  assert.equal((isolated as { code: number }).code, 7, (isolated as { stderr: string }).stderr);
+  const proxied = await agent('run', 'agent-alpha', '--', 'curl', '-sS', '--fail', '--max-time', '15', 'https://docstore/health');
+  assert.match(proxied.stdout, /"service":"docstore"/);
+  const unisolated = await agent('run', 'agent-alpha', '--no-isolation', '--', ...bypass);
+  assert.match(unisolated.stdout, /"service":"docstore"/);
+});
+
 test('agent-beta with only messaging: docstore refused with 403 at CONNECT, messaging 200', { timeout: 120_000 }, async () => {
   const { stdout: handle } = await agent('create', '--identity', 'agent-beta', '--grant', 'messaging', '--grant', 'api.anthropic.com');
   assert.equal(handle.trim(), 'agent-beta');

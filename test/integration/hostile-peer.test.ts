@@ -619,7 +619,7 @@ describe('the sidecar never trips the gateway rapid-reset defence', () => {
       assert.equal(echoed.toString(), 'after 1500 denials');
       tunnel.socket.destroy();
       const refused = await localConnect(sidecar.port, 'denied.test:443');
-      assert.match(refused.body, /^agent-gateway: CONNECT denied\.test:443 refused: 403 not_authorized\n$/);
+      assert.equal(refused.body, 'agent-gateway: CONNECT denied.test:443 refused (not_authorized): this agent holds no active permission for it; ask a principal to grant it.\n');
       refused.socket.destroy();
     } finally {
       await sidecar.close();

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { AUDIT_COLUMNS, AUDIT_INSERT_QUERY, buildAuditQuery, DEFAULT_AUDIT_LIMIT } from '../../registry/audit-query.js';
-import { traceIdFromTraceparent } from '../../gateway/src/tracing.js';
+import { traceIdFromTraceparent } from '../../core/traceparent.js';
 
 test('no filter: newest first, default limit, the limit as the only parameter', () => {
   const query = buildAuditQuery();

@@ -335,6 +335,10 @@ describe('registry CLI exit codes are unchanged', () => {
     ERR_MIGRATION_MISSING: 4,
     ERR_MIGRATION_FILES: 4,
     ERR_MIGRATION_BASELINE: 4,
+    // `agent-gateway-sidecar run`'s own failures, new with it: 125, so CMD's codes pass through unambiguously.
+    ERR_ISOLATION_UNAVAILABLE: 125,
+    ERR_SIDECAR_SOCKET: 125,
+    ERR_RUN_USAGE: 125,
   };
   const before = (code: string) => BEFORE[code] ?? (code.startsWith('ERR_REFUSED_') ? 3 : 1);
 

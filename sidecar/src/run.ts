@@ -1,0 +1,243 @@
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { accessSync, constants as fs, readlinkSync } from 'node:fs';
+import { connect, Socket } from 'node:net';
+import { constants as os } from 'node:os';
+import { Command, CommanderError } from 'commander';
+import { AgentGatewayError, EXIT } from '../../core/errors.js';
+import { startForwarder } from './forwarder.js';
+
+/**
+ * `agent-gateway-sidecar run [--socket PATH] [--no-isolation] -- CMD [ARGS...]`: CMD with the
+ * sidecar as its only way out.
+ *
+ * It attaches to a running sidecar's Unix socket (--listen-socket there, --socket here) rather
+ * than starting one: a sidecar holds the agent's TPM key and gateway session for many commands,
+ * and several commands may share it.
+ *
+ * Isolated (the default), CMD runs in new network and PID namespaces (`unshare -n -p -f` as root,
+ * plus `-U -r`, a user namespace, when unprivileged). Inside, only loopback is up; this program,
+ * re-invoked as the namespace's first process, serves a forwarder on 127.0.0.1 that leads to the
+ * sidecar's socket (a socket file crosses network namespaces), points HTTPS_PROXY/HTTP_PROXY
+ * and their lowercase forms at it, clears NO_PROXY, sets NODE_USE_ENV_PROXY=1, and runs CMD. There
+ * is no route, no other address and no DNS server: nothing but the proxy is reachable. When CMD
+ * ends the first process exits, and the kernel ends the namespaces and anything CMD left behind.
+ *
+ * Exit status: CMD's own, or 128+N when a signal N ended it; 125 when run itself could not start
+ * CMD (no namespaces, no sidecar socket), 126 when CMD cannot be executed, 127 when it is not found.
+ */
+
+const NAME = 'agent-gateway-sidecar run';
+/** The hidden argument that makes this program the first process inside the namespaces. */
+export const NAMESPACE_INIT = '__namespace-init';
+/** Signals passed on to CMD. SIGINT and SIGQUIT also reach CMD straight from a terminal. */
+const FORWARDED: readonly NodeJS.Signals[] = ['SIGTERM', 'SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGUSR2'];
+const TERMINAL_SIGNALS = new Set<NodeJS.Signals>(['SIGINT', 'SIGQUIT']);
+const EXIT_CANNOT_EXECUTE = 126;
+const EXIT_NOT_FOUND = 127;
+
+interface Writer {
+  write(text: string): unknown;
+}
+
+export interface RunIo {
+  readonly env: NodeJS.ProcessEnv;
+  readonly stderr: Writer;
+  readonly stdout: Writer;
+  /** How to start this program again (node, its flags, the entry script). */
+  readonly self: readonly string[];
+}
+
+/** 128+N for a death by signal N, as shells report it. */
+export function exitStatus(code: number | null, signal: NodeJS.Signals | null): number {
+  if (signal !== null) return 128 + (os.signals[signal] ?? 0);
+  return code ?? EXIT.runtime;
+}
+
+/** The environment CMD gets: the proxy for every scheme, no exceptions, Node's fetch told to use it. */
+export function agentEnvironment(env: NodeJS.ProcessEnv, proxyUrl: string): NodeJS.ProcessEnv {
+  const out: NodeJS.ProcessEnv = { ...env };
+  for (const name of ['NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete out[name];
+  for (const name of ['HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy']) out[name] = proxyUrl;
+  out.NODE_USE_ENV_PROXY = '1';
+  return out;
+}
+
+/** Passes signals on to `target()` (a pid) while it runs; terminal signals only when no terminal sends them itself. */
+function forwardSignals(target: () => number | undefined): () => void {
+  const handlers = FORWARDED.filter((signal) => !(TERMINAL_SIGNALS.has(signal) && process.stdin.isTTY)).map((signal) => {
+    const handler = () => {
+      const pid = target();
+      if (pid !== undefined) {
+        try {
+          process.kill(pid, signal);
+        } catch {
+          // gone already
+        }
+      }
+    };
+    process.on(signal, handler);
+    return () => process.off(signal, handler);
+  });
+  // A terminal's SIGINT reaches every process of the job, this one included: not a reason to die.
+  for (const signal of TERMINAL_SIGNALS) if (process.stdin.isTTY) process.on(signal, () => {});
+  return () => handlers.forEach((off) => off());
+}
+
+/** Runs CMD with the proxy environment; resolves with its exit status (126/127 when it cannot start). */
+async function runCommand(command: readonly string[], proxyPort: number, io: Pick<RunIo, 'env' | 'stderr'>, onSpawn?: (child: ChildProcess) => void): Promise<number> {
+  const child = spawn(command[0]!, command.slice(1), { stdio: 'inherit', env: agentEnvironment(io.env, `http://127.0.0.1:${proxyPort}`) });
+  onSpawn?.(child);
+  const stop = forwardSignals(() => child.pid);
+  try {
+    const [code, signal] = (await Promise.race([once(child, 'exit'), once(child, 'error').then(([error]) => Promise.reject(error))])) as [number | null, NodeJS.Signals | null];
+    return exitStatus(code, signal);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    io.stderr.write(`${NAME}: ${command[0]}: ${code === 'ENOENT' ? 'command not found' : (error as Error).message}\n`);
+    return code === 'ENOENT' ? EXIT_NOT_FOUND : EXIT_CANNOT_EXECUTE;
+  } finally {
+    stop();
+  }
+}
+
+function parse(argv: readonly string[], io: RunIo): { socket?: string; isolation: boolean; command: string[] } | number {
+  const command = new Command()
+    .name(NAME)
+    .description('Run CMD with the sidecar as its only way out: in its own network namespace whose one exit is the sidecar Unix socket.')
+    .option('--socket <path>', 'the running sidecar\'s Unix socket (its --listen-socket) [env AGENT_GATEWAY_SIDECAR_SOCKET]')
+    .option('--no-isolation', 'run CMD without a namespace (it could bypass the proxy): only when namespaces are unavailable and that is accepted')
+    .argument('<command...>', 'the command and its arguments, after --')
+    .passThroughOptions()
+    .addHelpText('after', '\nExit status: CMD\'s own; 128+N when signal N ended it; 125 when run could not start CMD; 126 CMD not executable; 127 CMD not found.')
+    .configureOutput({ writeOut: (text) => void io.stdout.write(text), writeErr: (text) => void io.stderr.write(text) })
+    .exitOverride();
+  try {
+    command.parse([...argv], { from: 'user' });
+  } catch (error) {
+    return error instanceof CommanderError && error.exitCode === 0 ? EXIT.ok : EXIT.wrapper;
+  }
+  const options = command.opts<{ socket?: string; isolation: boolean }>();
+  const socket = options.socket ?? (io.env.AGENT_GATEWAY_SIDECAR_SOCKET || undefined);
+  return { ...(socket !== undefined ? { socket } : {}), isolation: options.isolation, command: command.args };
+}
+
+async function reachable(socketPath: string): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const probe = connect(socketPath);
+    probe.once('connect', () => (probe.destroy(), resolve(undefined)));
+    probe.once('error', (error: NodeJS.ErrnoException) => resolve(error.code ?? error.message));
+  });
+}
+
+/** `ip` lives in /usr/sbin on Debian, which an unprivileged user's PATH may lack. */
+function findIp(env: NodeJS.ProcessEnv): string | undefined {
+  const dirs = [...(env.PATH ?? '').split(':').filter(Boolean), '/usr/sbin', '/sbin', '/usr/bin', '/bin'];
+  for (const dir of dirs) {
+    try {
+      accessSync(`${dir}/ip`, fs.X_OK);
+      return `${dir}/ip`;
+    } catch {
+      // next
+    }
+  }
+  return undefined;
+}
+
+/** unshare's flags: a user namespace only when not root (root may make the others itself). */
+function unshareFlags(): string[] {
+  return [...(process.getuid?.() === 0 ? [] : ['--user', '--map-root-user']), '--net', '--pid', '--fork'];
+}
+
+/** Proves namespaces work here (unshare, then loopback up inside) before CMD is started. */
+function checkIsolation(ip: string | undefined): void {
+  if (ip === undefined) throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', 'cannot isolate CMD: iproute2\'s `ip` is not installed (needed to bring loopback up inside the namespace)');
+  const probe = spawnSync('unshare', [...unshareFlags(), '--', ip, 'link', 'set', 'lo', 'up'], { encoding: 'utf8', timeout: 10_000 });
+  if (probe.error || probe.status !== 0) {
+    const why = probe.error ? ((probe.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'util-linux `unshare` is not installed' : probe.error.message) : (probe.stderr.trim().split('\n')[0] ?? `exit ${probe.status}`);
+    throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', `cannot isolate CMD in a new network namespace (${why}); refusing to run it unisolated without --no-isolation`);
+  }
+}
+
+/** The `run` subcommand, from outside the namespaces. Resolves with the exit status. */
+export async function runIsolated(argv: readonly string[], io: RunIo): Promise<number> {
+  const fail = (error: AgentGatewayError) => {
+    io.stderr.write(`${NAME}: ${error.message}\n`);
+    return EXIT.wrapper;
+  };
+  const parsed = parse(argv, io);
+  if (typeof parsed === 'number') return parsed;
+  if (parsed.socket === undefined) return fail(new AgentGatewayError('ERR_RUN_USAGE', 'give the sidecar\'s Unix socket: --socket PATH or AGENT_GATEWAY_SIDECAR_SOCKET (the sidecar\'s --listen-socket)'));
+  const socket = parsed.socket;
+  const unreachable = await reachable(socket);
+  if (unreachable !== undefined) return fail(new AgentGatewayError('ERR_SIDECAR_SOCKET', `no sidecar answers on ${socket} (${unreachable}): start it with --listen-socket ${socket}`));
+
+  if (!parsed.isolation) {
+    const forwarder = await startForwarder(socket);
+    try {
+      return await runCommand(parsed.command, forwarder.port, io);
+    } finally {
+      await forwarder.close();
+    }
+  }
+
+  const ip = findIp(io.env);
+  try {
+    checkIsolation(ip);
+  } catch (error) {
+    return fail(error as AgentGatewayError);
+  }
+  // fd 3 is a lifeline: the first process inside reports its pid on it, and ends CMD if it closes (this process died).
+  const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'] });
+  let initPid: number | undefined;
+  const lifeline = child.stdio[3] as Socket;
+  let reported = '';
+  lifeline.setEncoding('utf8');
+  lifeline.on('data', (chunk: string) => {
+    reported += chunk;
+    const line = /^(\d+)\n/.exec(reported);
+    if (line) initPid = Number(line[1]);
+  });
+  lifeline.on('error', () => {});
+  // unshare's own process ignores SIGINT and SIGTERM while it waits: signals go to the first process inside.
+  const stop = forwardSignals(() => initPid);
+  try {
+    const [code, signal] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];
+    return exitStatus(code, signal);
+  } finally {
+    stop();
+    lifeline.destroy();
+  }
+}
+
+/**
+ * The first process inside the namespaces (PID 1 there): loopback up, the forwarder, CMD. Its
+ * exit ends the PID namespace, and with it anything CMD left running.
+ */
+export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'env' | 'stderr'>): Promise<number> {
+  const [socket, ip, separator, ...command] = argv;
+  if (socket === undefined || ip === undefined || separator !== '--' || command.length === 0) {
+    io.stderr.write(`${NAME}: ${NAMESPACE_INIT} is internal to run\n`);
+    return EXIT.wrapper;
+  }
+  const lifeline = new Socket({ fd: 3, readable: true, writable: true });
+  lifeline.on('error', () => {});
+  let forwarder;
+  try {
+    execFileSync(ip, ['link', 'set', 'lo', 'up'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    forwarder = await startForwarder(socket);
+  } catch (error) {
+    io.stderr.write(`${NAME}: cannot set up the namespace: ${(error as Error).message}\n`);
+    return EXIT.wrapper;
+  }
+  // /proc is still the host's (no new mount namespace), so /proc/self names this process's pid out there.
+  lifeline.write(`${readlinkSync('/proc/self')}\n`);
+  let child: ChildProcess | undefined;
+  lifeline.once('close', () => child?.kill('SIGKILL'));
+  try {
+    return await runCommand(command, forwarder.port, io, (spawned) => (child = spawned));
+  } finally {
+    await forwarder.close();
+    lifeline.destroy();
+  }
+}

@@ -1,0 +1,232 @@
+/**
+ * `agent-gateway-sidecar run`: the agent's only way out is the sidecar, and a restarted sidecar
+ * keeps its port. Real swtpm + tpm2-pkcs11, PostgreSQL, gateway, HTTPS destination, curl, Python
+ * and real network namespaces (unshare; root here, a user namespace when unprivileged).
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createSocket } from 'node:dgram';
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { Gateway } from '../../gateway/src/gateway.js';
+import { readPeerIdentity } from '../../registry/identity.js';
+import { X509Certificate } from '../../registry/x509.js';
+import { httpsService } from '../helpers/chain.js';
+import { startTestGateway } from '../helpers/gateway.js';
+import { runFile, type CliRun } from '../registry-cli/run-cli.js';
+import { echoServer } from '../helpers/net.js';
+import { serverTls, TEST_OID, type ServerTls } from '../helpers/pki.js';
+import { createDatabase, testServer } from '../helpers/postgres.js';
+import { at, DAY, RegistryFixture } from '../helpers/registry-fixture.js';
+import { SIDECAR_BIN, startSidecarProcess, type SidecarProcess } from '../helpers/sidecar-process.js';
+import { QUIET_TPM_LOG_ENV, startSwtpm, type SwtpmInstance } from '../helpers/swtpm.js';
+
+const IDENTITY = 'agent-isolated';
+let tpm: SwtpmInstance;
+let pgServer: Awaited<ReturnType<typeof testServer>>;
+let databaseUrl: string;
+let gatewayTls: ServerTls;
+let serviceTls: ServerTls;
+let docstore: Awaited<ReturnType<typeof httpsService>>;
+let hostService: Awaited<ReturnType<typeof echoServer>>;
+let dns: { port: number; close: () => void };
+let gateway: Gateway;
+let scratch: string;
+let socketPath: string;
+let sidecar: SidecarProcess;
+let sidecarEnv: NodeJS.ProcessEnv;
+
+function runArgs(command: readonly string[], flags: readonly string[] = []): string[] {
+  return [SIDECAR_BIN, 'run', '--socket', socketPath, ...flags, '--', ...command];
+}
+
+/** `agent-gateway-sidecar run --socket ... -- CMD`, as an operator types it. */
+function run(command: readonly string[], options: { flags?: readonly string[]; env?: NodeJS.ProcessEnv } = {}): Promise<CliRun> {
+  return runFile(process.execPath, runArgs(command, options.flags), { env: options.env ?? { ...process.env, CURL_CA_BUNDLE: serviceTls.caPath }, timeoutMs: 60_000 });
+}
+
+/** A minimal DNS server on host loopback: every A query gets 127.0.0.1, so a lookup that fails inside failed for isolation. */
+async function dnsServer(): Promise<{ port: number; close: () => void }> {
+  const socket = createSocket('udp4');
+  socket.on('message', (query, peer) => {
+    if (query.length < 17) return;
+    const answer = Buffer.concat([query.subarray(0, 2), Buffer.from([0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]), query.subarray(12), Buffer.from([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1])]);
+    socket.send(answer, peer.port, peer.address);
+  });
+  socket.bind(0, '127.0.0.1');
+  await once(socket, 'listening');
+  return { port: socket.address().port, close: () => socket.close() };
+}
+
+/** A DNS lookup through the test's server: prints the address, or fails. */
+const LOOKUP = (port: number) => ['python3', '-c', `import socket,struct,sys
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2)
+q=b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x08docstore\\x04test\\x00\\x00\\x01\\x00\\x01'
+s.sendto(q,('127.0.0.1',${port})); r=s.recv(512); print('.'.join(map(str,r[-4:])))`];
+
+/** A raw TCP connect: exit 0 when it connects. */
+const TCP = (port: number) => ['python3', '-c', `import socket; socket.create_connection(('127.0.0.1', ${port}), timeout=3).close()`];
+
+before(async () => {
+  tpm = await startSwtpm();
+  pgServer = await testServer();
+  databaseUrl = await createDatabase(pgServer.url);
+  gatewayTls = await serverTls();
+  serviceTls = await serverTls(['docstore.test']);
+  docstore = await httpsService(serviceTls, 'docstore');
+  hostService = await echoServer();
+  dns = await dnsServer();
+  gateway = await startTestGateway({ databaseUrl, tls: gatewayTls, resolve: { 'docstore.test': `127.0.0.1:${docstore.port}` } });
+  scratch = mkdtempSync(join(tmpdir(), 'agw-sidecar-run-'));
+  socketPath = join(scratch, 'proxy.sock');
+  sidecarEnv = { ...process.env, ...tpm.env, ...QUIET_TPM_LOG_ENV, AGENT_GATEWAY_TPM_USER_PIN: 'run-user-pin', AGENT_GATEWAY_TPM_SO_PIN: 'run-so-pin' };
+  sidecar = await startSidecarProcess(sidecarArgs(), sidecarEnv);
+  const certificate = new X509Certificate(readFileSync(join(scratch, 'machine-client.pem'), 'utf8'));
+  const peer = readPeerIdentity(new Uint8Array(certificate.rawData), TEST_OID);
+  const fixture = await RegistryFixture.connect(databaseUrl);
+  const alice = await fixture.principal('org-alice', { notBefore: at(-DAY) });
+  await fixture.delegate(alice.keyId, 'docstore.test', { notBefore: at(-DAY) });
+  await fixture.permit(alice, { identity: IDENTITY, spkiDer: peer.spkiDer! }, 'docstore.test');
+  await fixture.close();
+});
+
+function sidecarArgs(): string[] {
+  return ['--gateway', `https://localhost:${gateway.address!.port}`, '--gateway-ca', gatewayTls.caPath, '--ext-oid', TEST_OID, '--identity', IDENTITY, '--tcti', tpm.env.TPM2_PKCS11_TCTI, '--cert-out', join(scratch, 'machine-client.pem'), '--listen-socket', socketPath];
+}
+
+after(async () => {
+  await sidecar?.kill();
+  await gateway?.close(100);
+  await docstore?.close();
+  await hostService?.close();
+  dns?.close();
+  pgServer?.close();
+  await tpm?.stop();
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+describe('run: the sidecar is the only way out', () => {
+  test('the sidecar socket is mode 0600 and owned by the user the sidecar runs as', () => {
+    const stat = statSync(socketPath);
+    assert.ok(stat.isSocket());
+    assert.equal(stat.mode & 0o777, 0o600);
+    assert.equal(stat.uid, process.getuid!());
+    assert.equal(sidecar.line.socket, socketPath);
+  });
+
+  test('inside, curl and Python reach the granted HTTPS destination through the proxy', async () => {
+    const curl = await run(['curl', '-sS', '--max-time', '20', 'https://docstore.test/health']);
+    assert.equal(curl.status, 0, curl.stderr);
+    assert.deepEqual(JSON.parse(curl.stdout), { service: 'docstore', status: 'ok' });
+    const python = await run(['python3', '-c', `import os, ssl, urllib.request
+ctx = ssl.create_default_context(cafile=os.environ['CURL_CA_BUNDLE'])
+print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, timeout=20).read().decode())`]);
+    assert.equal(python.status, 0, python.stderr);
+    assert.deepEqual(JSON.parse(python.stdout), { service: 'docstore', path: '/documents' });
+  });
+
+  test('outside the namespace the same bypasses work: each check below can fail', async () => {
+    const outside = { ...process.env, CURL_CA_BUNDLE: serviceTls.caPath };
+    for (const port of [gateway.address!.port, pgPort(), hostService.port]) assert.equal((await runFile(TCP(port)[0]!, TCP(port).slice(1), { env: outside, timeoutMs: 60_000 })).status, 0, `port ${port} reachable outside`);
+    const lookup = await runFile(LOOKUP(dns.port)[0]!, LOOKUP(dns.port).slice(1), { env: outside, timeoutMs: 60_000 });
+    assert.equal(lookup.stdout.trim(), '127.0.0.1', lookup.stderr);
+    const unisolated = await run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore.test:443:127.0.0.1:${docstore.port}`, 'https://docstore.test/health'], { flags: ['--no-isolation'] });
+    assert.equal(unisolated.status, 0, `--no-isolation lets curl bypass the proxy: ${unisolated.stderr}`);
+  });
+
+  test('inside, --noproxy, raw TCP to the gateway, the database and a host loopback service, and DNS all fail', async () => {
+    const targets = [['gateway', gateway.address!.port], ['database', pgPort()], ['host 127.0.0.1 service', hostService.port]] as const;
+    const [bypass, lookup, system, ...tcp] = await Promise.all([
+      run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore.test:443:127.0.0.1:${docstore.port}`, 'https://docstore.test/health']),
+      run(LOOKUP(dns.port)),
+      run(['getent', 'hosts', 'docstore.example.com']),
+      ...targets.map(([, port]) => run(TCP(port))),
+    ]);
+    assert.notEqual(bypass!.status, 0, 'curl --noproxy must not reach the destination');
+    assert.match(bypass!.stderr, /Failed to connect|Couldn't connect|Could not resolve/);
+    targets.forEach(([what, port], index) => {
+      assert.notEqual(tcp[index]!.status, 0, `${what} port ${port} must be unreachable inside`);
+      assert.match(tcp[index]!.stderr, /ConnectionRefused|Network is unreachable|timed out/, what);
+    });
+    assert.notEqual(lookup!.status, 0, 'a DNS query must get no answer inside');
+    assert.notEqual(system!.status, 0, 'the system resolver answers nothing inside');
+  });
+
+  test('the proxy environment inside: all four variables, NO_PROXY cleared, NODE_USE_ENV_PROXY=1', async () => {
+    const env = await run(['env'], { env: { ...process.env, NO_PROXY: '*', no_proxy: '*', HTTPS_PROXY: 'http://elsewhere:1' } });
+    assert.equal(env.status, 0, env.stderr);
+    const vars = Object.fromEntries(env.stdout.trim().split('\n').map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
+    assert.match(vars.HTTPS_PROXY ?? '', /^http:\/\/127\.0\.0\.1:\d+$/);
+    for (const name of ['https_proxy', 'HTTP_PROXY', 'http_proxy']) assert.equal(vars[name], vars.HTTPS_PROXY, name);
+    assert.equal(vars.NO_PROXY, undefined);
+    assert.equal(vars.no_proxy, undefined);
+    assert.equal(vars.NODE_USE_ENV_PROXY, '1');
+  });
+
+  test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async () => {
+    assert.equal((await run(['sh', '-c', 'exit 7'])).status, 7);
+    assert.equal((await run(['sh', '-c', 'kill -TERM $$'])).status, 128 + 15);
+    assert.equal((await run(['no-such-command-here'])).status, 127);
+    const trapped = spawn(process.execPath, runArgs(['sh', '-c', 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done']), { stdio: ['ignore', 'pipe', 'inherit'] });
+    const exited = once(trapped, 'exit');
+    let output = '';
+    trapped.stdout!.setEncoding('utf8');
+    await new Promise<void>((resolve) => trapped.stdout!.on('data', (chunk: string) => (output += chunk).includes('ready\n') && resolve()));
+    trapped.kill('SIGTERM');
+    const [code] = await exited;
+    assert.equal(code, 42, 'CMD trapped the SIGTERM sent to run');
+  });
+
+  test('what CMD leaves running is ended with the namespace', async () => {
+    const marker = `${300 + Math.floor(Math.random() * 1000)}.${process.pid}`;
+    const left = await run(['sh', '-c', `sleep ${marker} & exit 0`]);
+    assert.equal(left.status, 0);
+    const pgrep = await runFile('pgrep', ['-f', `sleep ${marker}`]);
+    assert.equal(pgrep.stdout.trim(), '', 'no leftover process');
+  });
+
+  test('without namespaces run refuses (exit 125, a clear message) unless --no-isolation says so', async () => {
+    const env = { ...process.env, PATH: join(scratch, 'empty-path') };
+    const refused = await run(['/bin/true'], { env });
+    assert.equal(refused.status, 125);
+    assert.match(refused.stderr, /cannot isolate CMD in a new network namespace \(util-linux `unshare` is not installed\); refusing to run it unisolated without --no-isolation/);
+    assert.equal((await run(['/bin/true'], { env, flags: ['--no-isolation'] })).status, 0);
+    const noSocket = await runFile(process.execPath, [SIDECAR_BIN, 'run', '--socket', join(scratch, 'nothing.sock'), '--', 'true']);
+    assert.equal(noSocket.status, 125);
+    assert.match(noSocket.stderr, /no sidecar answers on .*nothing\.sock \(ENOENT\)/);
+  });
+});
+
+describe('a restarted sidecar keeps its port', () => {
+  test('across kill -9 and restart the port stays (the stale socket is replaced); a taken port gives a new one, said in the JSON line', async () => {
+    const first = sidecar.line.port as number;
+    await sidecar.kill('SIGKILL');
+    sidecar = await startSidecarProcess(sidecarArgs(), sidecarEnv);
+    assert.equal(sidecar.line.port, first);
+    assert.equal(sidecar.line.port_reused, true);
+    assert.equal(readFileSync(join(scratch, 'sidecar-listen-port'), 'utf8').trim(), String(first));
+    const curl = await run(['curl', '-sS', '--max-time', '20', 'https://docstore.test/health']);
+    assert.equal(curl.status, 0, `the restarted sidecar serves run through the replaced socket: ${curl.stderr}`);
+
+    await sidecar.kill('SIGKILL');
+    const squatter: Server = createServer();
+    squatter.listen(first, '127.0.0.1');
+    await once(squatter, 'listening');
+    try {
+      sidecar = await startSidecarProcess(sidecarArgs(), sidecarEnv);
+      assert.notEqual(sidecar.line.port, first);
+      assert.equal(sidecar.line.port_reused, false);
+      assert.equal(readFileSync(join(scratch, 'sidecar-listen-port'), 'utf8').trim(), String(sidecar.line.port), 'the new port is kept for next time');
+    } finally {
+      squatter.close();
+    }
+  });
+});
+
+function pgPort(): number {
+  return Number(new URL(databaseUrl).port);
+}
