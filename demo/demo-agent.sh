@@ -185,7 +185,12 @@ cmd_run() {
 # platform binary) is not run (allowScripts would block it anyway), so the platform package's
 # binary is run directly.
 CLAUDE_CODE_VERSION=2.1.332
-CLAUDE_CODE_DIR="${AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-gateway/claude-code}/$CLAUDE_CODE_VERSION"
+# Read by prompt only, so that the other commands run without HOME (CI, service accounts).
+claude_code_dir() {
+  local cache="${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}"
+  [ -n "${AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR:-}$cache" ] || die "prompt: HOME is not set: set AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR to where Claude Code may be installed"
+  echo "${AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR:-$cache/agent-gateway/claude-code}/$CLAUDE_CODE_VERSION"
+}
 
 claude_code_platform() {
   local arch libc=""
@@ -196,7 +201,10 @@ claude_code_platform() {
 
 # Prints the path of the Claude Code binary, installing it first when needed (progress on stderr).
 claude_code_bin() {
-  local bin started
+  # Called as $(claude_code_bin), where bash drops errexit: any failed step must stop the install.
+  set -e
+  local bin started CLAUDE_CODE_DIR
+  CLAUDE_CODE_DIR="$(claude_code_dir)" || exit 1
   bin="$CLAUDE_CODE_DIR/node_modules/@anthropic-ai/claude-code-$(claude_code_platform)/claude"
   if [ ! -x "$bin" ]; then
     mkdir -p "$(dirname "$CLAUDE_CODE_DIR")"
