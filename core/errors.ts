@@ -157,6 +157,7 @@ export const SIDECAR_RESPONSES = {
   authority_invalid: { status: 400, error: 'http_request_error', hint: 'the agent asked for a CONNECT target that is not host:port (DESIGN §3 destination rules)', agent: 'the CONNECT target is not a valid host:port; fix the address' },
   request_invalid: { status: 400, error: 'http_request_error', hint: 'the local proxy takes CONNECT host:port, or a plain request with an absolute http:// URL; anything else is refused', agent: 'send CONNECT host:port, or a request with an absolute http:// URL, as HTTPS_PROXY/HTTP_PROXY clients do' },
   gateway_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'no usable session to the gateway within --connect-wait-ms (gateway down or unreachable, TLS refused, sidecar stopping): check the sidecar log and the gateway', agent: 'the sidecar has no session to the gateway; retry later, or ask an operator to check the sidecar' },
+  sidecar_unavailable: { status: 503, error: 'proxy_internal_error', hint: "run's forwarder could not reach the sidecar's Unix socket (the sidecar stopped or is restarting): check that it runs with --listen-socket at the path run was given", agent: 'the sidecar is not running; retry shortly, or ask an operator to restart it' },
   upstream_failed: { status: 502, error: 'http_response_incomplete', hint: 'a plain http:// request was sent through the tunnel but no complete response came back from the destination', agent: 'no complete response came back from the destination; retry later' },
   internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the sidecar (a bug): report the sidecar log line', agent: 'the sidecar failed unexpectedly; retry, and report it if it persists' },
 } as const satisfies Record<string, SidecarResponseSpec>;
@@ -228,6 +229,14 @@ export const ERROR_CODES = {
   ERR_REFUSED_CERTIFICATE_IDENTITY_INVALID: { exit: EXIT.refused, hint: 're-issue the carrier certificate with a valid identity extension (the sidecar writes one at start)' },
   ERR_REFUSED_SCOPE_UNKNOWN: { exit: EXIT.refused, hint: '`agent-gateway-registry list` shows the delegations this principal holds' },
   ERR_REFUSED_PERMISSION_UNKNOWN: { exit: EXIT.refused, hint: '`agent-gateway-registry list` shows the permission ids in the registry' },
+  ERR_REFUSED_UNATTESTED: { exit: EXIT.refused, hint: 'enrol the key with TPM evidence first (`agent-gateway-registry enrol-agent-key`, or register-principal with --ek-ca), or pass --allow-unattested to accept a key nothing proves is TPM-resident' },
+  ERR_REFUSED_ATTESTATION_MALFORMED: { exit: EXIT.refused, hint: 'the evidence is not what tpm2-tools produces for an ECC P-256 key certified by an ECDSA AK under the RSA EK: collect it again on the machine that owns the TPM' },
+  ERR_REFUSED_ATTESTATION_EK_UNTRUSTED: { exit: EXIT.refused, hint: 'the TPM\'s EK certificate must be issued by a CA in --ek-ca / AGENT_GATEWAY_EK_CA_FILE: add its manufacturer\'s CA if you trust it, or enrol a key from another TPM' },
+  ERR_REFUSED_ATTESTATION_AK_ATTRIBUTES: { exit: EXIT.refused, hint: 'the attestation key must be restricted, sign, fixedTPM and fixedParent (tpm2_createak makes one): anything else can sign forged certify structures' },
+  ERR_REFUSED_ATTESTATION_SIGNATURE: { exit: EXIT.refused, hint: 'the certify structure was not signed by the presented attestation key: the evidence was altered or forged' },
+  ERR_REFUSED_ATTESTATION_KEY_MISMATCH: { exit: EXIT.refused, hint: 'the TPM certified another key than the one being enrolled: enrol the key the TPM holds under that label' },
+  ERR_REFUSED_ATTESTATION_KEY_ATTRIBUTES: { exit: EXIT.refused, hint: 'the key must be generated inside the TPM and bound to it (fixedTPM, fixedParent, sensitiveDataOrigin): generate a new key in the token, never import one' },
+  ERR_REFUSED_ATTESTATION_ACTIVATION: { exit: EXIT.refused, hint: 'credential activation failed: the attestation key is not in the TPM that holds this EK, or an old proof was replayed; enrol again from the machine that owns the TPM' },
   ERR_MIGRATION_CHECKSUM: { exit: EXIT.schema, hint: 'restore the applied migration file as it was and put the change in a new, higher-numbered migration' },
   ERR_MIGRATION_ORDER: { exit: EXIT.schema, hint: 'renumber the new migration after the last one applied' },
   ERR_MIGRATION_MISSING: { exit: EXIT.schema, hint: 'run the CLI from a release at least as new as the database (its migrations directory lacks an applied file)' },
@@ -250,13 +259,14 @@ export const ERROR_CODES = {
   ERR_TPM_PIN_INVALID: { exit: EXIT.runtime, hint: 'the PIN has the wrong length or characters, or the token user PIN was never set (re-create the token with the SO PIN)' },
   ERR_TPM_INVALID_ARGUMENT: { exit: EXIT.usage, hint: 'fix the label, PIN or argument named in the message (labels: 1-32 bytes, no control characters)' },
   ERR_TPM_CLOSED: { exit: EXIT.runtime, hint: REPORT_HINT },
+  ERR_TPM_ATTESTATION: { exit: EXIT.runtime, hint: 'a tpm2-tools step of the attestation failed (named in the message): check TPM2TOOLS_TCTI / TPM2_PKCS11_TCTI, that the TPM has an EK certificate at NV 0x01c00002 (swtpm_setup --create-ek-cert), and the token\'s user PIN' },
 
   // The gateway.
   ERR_ADMIN_LISTEN: { exit: EXIT.runtime, hint: 'choose a free [admin] listen_addr (port 0 picks one), or stop what holds the port' },
 
   // The sidecar.
   ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one) or another --listen-socket, or stop what holds it' },
-  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs a new network namespace: run as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
+  ERR_ISOLATION_UNAVAILABLE: { exit: EXIT.wrapper, hint: 'run needs user, network and PID namespaces: allow user namespaces (user.max_user_namespaces > 0; for non-root users also kernel.unprivileged_userns_clone=1 or kernel.apparmor_restrict_unprivileged_userns=0 where those exist), with util-linux unshare and iproute2 ip installed; or pass --no-isolation to run CMD without isolation, knowingly' },
   ERR_SIDECAR_SOCKET: { exit: EXIT.wrapper, hint: 'start the sidecar with --listen-socket PATH and give run the same --socket PATH (env AGENT_GATEWAY_SIDECAR_SOCKET), as the user the sidecar runs as' },
   ERR_RUN_USAGE: { exit: EXIT.wrapper, hint: 'see `agent-gateway-sidecar run --help`: run [--socket PATH] [--no-isolation] -- CMD [ARGS...]' },
   ERR_PORT_FILE: { exit: EXIT.runtime, hint: 'the --port-file directory must exist and be writable by the sidecar' },

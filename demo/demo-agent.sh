@@ -88,6 +88,10 @@ cmd_create() {
   if ! start_agent "$identity"; then
     die "could not start agent $identity"
   fi
+  # Prove that the key the sidecar presents lives in this agent's TPM, before anything is granted.
+  # shellcheck disable=SC1091
+  (source "$dir/tpm/env" && registry_cli enrol-agent-key --cert "$dir/machine-client.pem" --ek-ca "$EK_CA" >/dev/null) \
+    || die "could not enrol $identity's key with TPM attestation"
   if [ "${#grants[@]}" -gt 0 ]; then
     local args=()
     for dest in "${grants[@]}"; do args+=(--grant "$dest"); done
@@ -95,7 +99,7 @@ cmd_create() {
       --identity "$identity" --cert "$dir/machine-client.pem" "${args[@]}" >/dev/null
   fi
   trap - EXIT
-  say "agent $identity: sidecar on 127.0.0.1:$(cat "$dir/port"), grants: ${grants[*]:-none}"
+  say "agent $identity: sidecar on 127.0.0.1:$(cat "$dir/port"), key TPM-attested, grants: ${grants[*]:-none}"
   echo "$identity"
 }
 

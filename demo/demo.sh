@@ -149,7 +149,7 @@ enrol_principal() {
   tpm_start "$PRINCIPAL_TPM_DIR" "$PRINCIPAL_SWTPM_PORT" principal "${AGENT_GATEWAY_DEMO_TPM2_PKCS11_STORE:-}"
   local rc=0 dest scope missing=()
   # shellcheck disable=SC1091
-  (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/register-principal-key.sh" "$PRINCIPAL" >/dev/null) || rc=$?
+  (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/register-principal-key.sh" "$PRINCIPAL" --ek-ca "$EK_CA" >/dev/null) || rc=$?
   if [ "$rc" -eq 3 ]; then
     die "principal $PRINCIPAL cannot sign (see above), and setup never undoes an operator's revocation. Go on with a new principal key: AGENT_GATEWAY_DEMO_PRINCIPAL=org-carol ./demo/demo.sh setup (set it for demo-agent.sh too); or start afresh: ./demo/demo.sh teardown && ./demo/demo.sh setup"
   fi
@@ -197,7 +197,7 @@ cmd_setup() {
   say "registry: migrating"; migrate_and_grant_roles
   say "mock services: starting docstore and messaging"; start_mocks
   say "gateway: starting"; start_gateway
-  say "principal: enrolling TPM-backed key $PRINCIPAL, scope ${DEMO_DESTINATIONS[*]}"; enrol_principal
+  say "principal: enrolling TPM-backed key $PRINCIPAL with attestation (EK CA $EK_CA), scope ${DEMO_DESTINATIONS[*]}"; enrol_principal
   if [ ! -d "$AGENTS_DIR/agent-alpha" ]; then
     say "agent: creating agent-alpha with grants ${ACTIVE_SCOPE[*]:-none}"
     local grants=() dest
@@ -260,6 +260,25 @@ cmd_status() {
     status_row "$handle-sidecar" "127.0.0.1:$(cat "$dir/port" 2>/dev/null || echo '?') (identity $(cat "$dir/identity" 2>/dev/null))"
     status_row "$handle-swtpm" "127.0.0.1:$(cat "$dir/swtpm-port" 2>/dev/null || echo '?')"
   done
+  attestation_rows
+}
+
+# One line per principal and per agent with active permissions: whether its key is TPM-attested,
+# by which EK (certificate SHA-256) and when. Silent when the registry cannot be asked.
+attestation_rows() {
+  local listed
+  listed="$(registry_cli --json list 2>/dev/null)" || return 0
+  printf '%s' "$listed" | node -e '
+    const listed = JSON.parse(require("node:fs").readFileSync(0, "utf8"));
+    const row = (who, a) => console.log(`${who.padEnd(22)} ${(a.verified ? "attested" : "NOT-attested").padEnd(12)} ${a.verified ? `ek ${a.ek_fingerprint.slice(0, 16)}… at ${a.verified_at}` : "-"}`);
+    for (const p of listed.principals ?? []) if (p.state === "active") row(`key ${p.key_id}`, p.attestation);
+    const seen = new Set();
+    for (const p of listed.permissions ?? []) {
+      if (p.state !== "active" || seen.has(p.identity)) continue;
+      seen.add(p.identity);
+      row(`key ${p.identity}`, p.subject_attestation);
+    }
+  '
 }
 
 cmd_teardown() {

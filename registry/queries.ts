@@ -1,7 +1,7 @@
 import { sqlCanonicalTimestamp } from './timestamp.js';
 
 /** The registry schema this build reads and writes; `schema_version` must hold exactly this. */
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 
 export const SCHEMA_VERSION_QUERY = 'SELECT version FROM schema_version';
 

@@ -51,6 +51,10 @@ pg_dir_resolve() {
   fi
 }
 PRINCIPAL_TPM_DIR="$AGENT_STATE/principal-tpm"
+# The demo's stand-in for a TPM vendor's CA: every demo TPM gets EK certificates signed by it, and
+# the registry CLI trusts exactly this CA when it attests principal and agent keys.
+EK_CA_DIR="${AGENT_GATEWAY_DEMO_EK_CA_DIR:-$AGENT_STATE/ek-ca}"
+EK_CA="$EK_CA_DIR/ca.pem"
 AGENTS_DIR="$AGENT_STATE/agents"
 LOG_DIR="$AGENT_STATE/logs"
 PID_DIR="$AGENT_STATE/pids"
@@ -124,6 +128,8 @@ tpm_start() {
   bus="unix:path=$dir/dbus.sock"
   if ! pid_alive "$(pid_of "$name-swtpm")"; then
     port_open "$port" && die "port $port for $name's swtpm is in use (set AGENT_GATEWAY_DEMO_*SWTPM_PORT)"
+    # Once per TPM (an existing state is left alone): EKs and EK certificates from the demo CA.
+    "$ROOT/tpm/swtpm-manufacture.sh" "$EK_CA_DIR" "$dir/state" || die "could not manufacture $name's TPM (EK certificates)"
     start_bg "$name-swtpm" "$LOG_DIR/$name-swtpm.log" swtpm socket --tpm2 \
       --server "type=tcp,port=$port,bindaddr=127.0.0.1" --ctrl "type=tcp,port=$ctrl,bindaddr=127.0.0.1" \
       --tpmstate "dir=$dir/state" --flags not-need-init,startup-clear

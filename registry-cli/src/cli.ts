@@ -2,6 +2,7 @@ import { Argument, Command, CommanderError, Option } from 'commander';
 import type { CommandContext, CommandResult } from './context.js';
 import {
   DEFAULT_IDENTITY_OID,
+  EK_CA_VARIABLE,
   DEFAULT_TOKEN_LABEL,
   PRINCIPAL_KEY_ID_VARIABLE,
   SO_PIN_VARIABLE,
@@ -25,6 +26,7 @@ Environment:
   ${SO_PIN_VARIABLE.padEnd(42)} TPM token SO PIN, to create the token (or --so-pin-file FILE)
   ${TOKEN_LABEL_VARIABLE.padEnd(42)} TPM token label (default ${DEFAULT_TOKEN_LABEL})
   ${PRINCIPAL_KEY_ID_VARIABLE.padEnd(42)} default for grant-permission --principal
+  ${EK_CA_VARIABLE.padEnd(42)} EK CA bundle for attestation (or --ek-ca FILE)
   TPM2_PKCS11_TCTI, TPM2_PKCS11_STORE        how tpm2-pkcs11 reaches the TPM and where it keeps
                                              token metadata (read by tpm2-pkcs11 itself)
 
@@ -117,7 +119,44 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .description('create (or reuse) a non-exportable P-256 key labelled KEY_ID in the TPM token and register only its public key')
     .argument('<key-id>', 'principal key id, e.g. org-alice (also the key label in the TPM, at most 32 bytes)')
     .option('--so-pin-file <file>', `file holding the token's SO PIN, needed to create the token (default: $${SO_PIN_VARIABLE})`)
+    .option('--ek-ca <pem-file>', `CA certificates trusted to issue EK certificates: the key is attested against them (default: $${EK_CA_VARIABLE})`)
+    .option('--allow-unattested', 'register the key without TPM attestation')
     .action(run(async () => (await import('./commands/register-principal.js')).registerPrincipal));
+
+  subjectOptions(program.command('enrol-agent-key'), false)
+    .description('prove with TPM evidence (EK certificate, credential activation, TPM2_Certify) that the agent key in this TPM token cannot leave it, and record the evidence so grant-permission accepts the key')
+    .option('--token-label <label>', 'tpm2-pkcs11 token of the sidecar (default: $AGENT_GATEWAY_SIDECAR_TPM_TOKEN, else agent-gateway-sidecar)')
+    .option('--key-label <label>', 'label of the sidecar\'s TLS key in that token (default: $AGENT_GATEWAY_SIDECAR_TPM_KEY, else agent-tls)')
+    .option('--user-pin-file <file>', `file holding the token's user PIN (default: $${USER_PIN_VARIABLE})`)
+    .option('--ek-ca <pem-file>', `CA certificates trusted to issue EK certificates (default: $${EK_CA_VARIABLE})`)
+    .option('--oid <oid>', 'OID of the identity extension read from --cert', DEFAULT_IDENTITY_OID)
+    .option('--proof <file>', 'finish an enrolment split across machines with the proof from `attest activate` (no TPM needed here)')
+    .action(run(async () => (await import('./commands/enrol-agent-key.js')).enrolAgentKey));
+
+  const attest = program.command('attest').description('enrol a key whose TPM the registry side cannot reach: collect (TPM) → challenge (registry) → activate (TPM) → enrol-agent-key --proof (registry)');
+  attest
+    .command('collect')
+    .description('where the TPM is: write the evidence (EK certificate, a new attestation key, its certification of the sidecar key); no database needed')
+    .requiredOption('--out <file>', 'evidence JSON to give to the registry side')
+    .requiredOption('--state-dir <dir>', 'private directory keeping the EK and AK contexts until attest activate')
+    .option('--token-label <label>', 'tpm2-pkcs11 token of the sidecar (default: $AGENT_GATEWAY_SIDECAR_TPM_TOKEN, else agent-gateway-sidecar)')
+    .option('--key-label <label>', 'label of the sidecar\'s TLS key (default: $AGENT_GATEWAY_SIDECAR_TPM_KEY, else agent-tls)')
+    .option('--user-pin-file <file>', `file holding the token's user PIN (default: $${USER_PIN_VARIABLE})`)
+    .action(run(async () => (await import('./commands/attest.js')).attestCollect));
+  subjectOptions(attest.command('challenge'), false)
+    .description('registry side: verify the evidence against the EK CAs and write a single-use challenge only that TPM can answer')
+    .requiredOption('--evidence <file>', 'evidence JSON from attest collect')
+    .requiredOption('--out <file>', 'challenge JSON to give to the TPM side')
+    .option('--ek-ca <pem-file>', `CA certificates trusted to issue EK certificates (default: $${EK_CA_VARIABLE})`)
+    .option('--oid <oid>', 'OID of the identity extension read from --cert', DEFAULT_IDENTITY_OID)
+    .action(run(async () => (await import('./commands/attest.js')).attestChallenge));
+  attest
+    .command('activate')
+    .description('where the TPM is: answer the challenge with the attestation key from attest collect; no database needed')
+    .requiredOption('--challenge <file>', 'challenge JSON from attest challenge')
+    .requiredOption('--state-dir <dir>', 'the directory given to attest collect')
+    .requiredOption('--out <file>', 'proof JSON (private, written 0600) for enrol-agent-key --proof')
+    .action(run(async () => (await import('./commands/attest.js')).attestActivate));
 
   timeOptions(program.command('grant-scope'), 'delegation')
     .description('admin: allow principal KEY_ID to delegate these destinations (stored normalised: docstore -> docstore:443); re-granting reactivates')
@@ -132,6 +171,7 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .requiredOption('--identity <identity>', 'agent identity, as its certificate extension carries it')
     .option('--grant <destination>', 'destination to grant (repeatable)', collect)
     .option('--oid <oid>', 'OID of the identity extension checked in --cert', DEFAULT_IDENTITY_OID)
+    .option('--allow-unattested', 'grant to an agent key that enrol-agent-key has not attested')
     .action(run(async () => (await import('./commands/grant-permission.js')).grantPermission));
 
   subjectOptions(program.command('delete-permission'), false)

@@ -14,6 +14,8 @@ export const TOKEN_LABEL_VARIABLE = 'AGENT_GATEWAY_TPM_TOKEN';
 export const USER_PIN_VARIABLE = 'AGENT_GATEWAY_TPM_USER_PIN';
 export const SO_PIN_VARIABLE = 'AGENT_GATEWAY_TPM_SO_PIN';
 export const PRINCIPAL_KEY_ID_VARIABLE = 'AGENT_GATEWAY_PRINCIPAL_KEY_ID';
+/** The configured EK CA bundle, when --ek-ca is not given. */
+export const EK_CA_VARIABLE = 'AGENT_GATEWAY_EK_CA_FILE';
 
 const VARIABLE_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 

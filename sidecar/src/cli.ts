@@ -82,7 +82,11 @@ function program(io: SidecarIo): Command {
         'certificate (machine-client.pem) for that key and identity on every start, then prints one JSON line with the port.',
     );
   addSidecarOptions(command)
-    .addHelpText('after', '\nExit status: 0 after SIGINT/SIGTERM, 1 on a runtime failure (TPM, PIN, listener), 2 on bad flags or settings.')
+    .addHelpText(
+      'after',
+      '\nExit status: 0 after SIGINT/SIGTERM, 1 on a runtime failure (TPM, PIN, listener), 2 on bad flags or settings.' +
+        `\n\nRun an agent isolated, its only way out this sidecar's --listen-socket:\n  ${NAME} run --socket PATH [--no-isolation] -- CMD [ARGS...]   (see ${NAME} run --help)`,
+    )
     .showHelpAfterError(`(run ${NAME} --help for every flag)`)
     .configureOutput({ writeOut: (text) => void io.stdout.write(text), writeErr: (text) => void io.stderr.write(text) })
     .exitOverride();

@@ -8,7 +8,7 @@ import { sidecarReasonForError } from '../../core/errors.js';
 import { childTraceparent } from '../../core/traceparent.js';
 import { normaliseDestination } from '../../registry/destination.js';
 import type { GatewaySession, TunnelResponse } from './gateway-session.js';
-import { refusal, sidecarRefusal, type Refusal } from './refusal.js';
+import { rawResponse, refusal, sidecarRefusal, type Refusal } from './refusal.js';
 import { TRACING_DISABLED, type SidecarTracing } from './tracing.js';
 
 export interface LocalProxyOptions {
@@ -70,9 +70,7 @@ function writeHead(agent: Socket, status: number, headers: Record<string, string
 
 /** Ends a refused CONNECT with its status, proxy-status and the one-line body. */
 function refuse(agent: Socket, answer: Refusal): void {
-  if (!agent.writable) return;
-  writeHead(agent, answer.status, { ...answer.headers, connection: 'close' });
-  agent.end(answer.body);
+  if (agent.writable) agent.end(rawResponse(answer));
 }
 
 /** Answers a plain request with a refusal; the connection closes after it. */

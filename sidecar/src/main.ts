@@ -1,4 +1,3 @@
-import { runSidecar } from './cli.js';
 import { NAMESPACE_INIT, namespaceInit, runIsolated } from './run.js';
 
 const argv = process.argv.slice(2);
@@ -16,6 +15,8 @@ else {
   // the TPM sessions of a killed process leak until the TPM runs out of them.
   const stop = new AbortController();
   for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => stop.abort(signal));
+  // Loaded here, not above: `run` starts CMD without loading the TPM, TLS and tracing stack.
+  const { runSidecar } = await import('./cli.js');
   code = await runSidecar(argv, { ...io, stop: stop.signal });
 }
 // Exit now: a library handle (the OpenSSL engine, a late OTLP retry) must not keep a finished process alive.

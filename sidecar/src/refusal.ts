@@ -1,3 +1,4 @@
+import { STATUS_CODES } from 'node:http';
 import { agentHint, sidecarResponse, type SidecarReason } from '../../core/errors.js';
 
 /**
@@ -36,12 +37,19 @@ export function refusal(method: string, target: string, status: number, proxySta
   const reason = parsed?.details;
   const hint = reason !== undefined ? agentHint(name, reason) : undefined;
   const why = reason !== undefined ? `(${reason})` : `(status ${status})`;
-  const body = `${name}: ${shown(method)} ${shown(target)} refused ${why}: ${hint ?? `the answer carried no reason code this sidecar knows; status ${status}`}.\n`;
+  const body = `${name}: ${shown(method)} ${shown(target)} refused ${why}: ${hint ?? 'the answer carried no reason code this sidecar knows'}.\n`;
   return {
     status,
     headers: { ...(proxyStatus !== undefined ? { 'proxy-status': proxyStatus } : {}), 'content-type': 'text/plain; charset=utf-8', 'content-length': String(Buffer.byteLength(body)) },
     body,
   };
+}
+
+/** A refusal as HTTP/1.1 text, for a socket that speaks no node:http (CONNECT answers, the forwarder). */
+export function rawResponse(answer: Refusal): string {
+  const lines = [`HTTP/1.1 ${answer.status} ${STATUS_CODES[answer.status] ?? 'Unknown'}`];
+  for (const [name, value] of Object.entries({ ...answer.headers, connection: 'close' })) lines.push(`${name}: ${value}`);
+  return `${lines.join('\r\n')}\r\n\r\n${answer.body}`;
 }
 
 /** The sidecar's own refusal for one of its reasons. */

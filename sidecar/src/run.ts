@@ -15,8 +15,8 @@ import { startForwarder } from './forwarder.js';
  * than starting one: a sidecar holds the agent's TPM key and gateway session for many commands,
  * and several commands may share it.
  *
- * Isolated (the default), CMD runs in new network and PID namespaces (`unshare -n -p -f` as root,
- * plus `-U -r`, a user namespace, when unprivileged). Inside, only loopback is up; this program,
+ * Isolated (the default), CMD runs in new user, network and PID namespaces (`unshare -U -r -n -p
+ * -f`, as root too: see unshareFlags). Inside, only loopback is up; this program,
  * re-invoked as the namespace's first process, serves a forwarder on 127.0.0.1 that leads to the
  * sidecar's socket (a socket file crosses network namespaces), points HTTPS_PROXY/HTTP_PROXY
  * and their lowercase forms at it, clears NO_PROXY, sets NODE_USE_ENV_PROXY=1, and runs CMD. There
@@ -63,19 +63,10 @@ export function agentEnvironment(env: NodeJS.ProcessEnv, proxyUrl: string): Node
   return out;
 }
 
-/** Passes signals on to `target()` (a pid) while it runs; terminal signals only when no terminal sends them itself. */
-function forwardSignals(target: () => number | undefined): () => void {
+/** Passes signals on through `send` while CMD runs; terminal signals only when no terminal sends them to CMD itself. */
+function forwardSignals(send: (signal: NodeJS.Signals) => void): () => void {
   const handlers = FORWARDED.filter((signal) => !(TERMINAL_SIGNALS.has(signal) && process.stdin.isTTY)).map((signal) => {
-    const handler = () => {
-      const pid = target();
-      if (pid !== undefined) {
-        try {
-          process.kill(pid, signal);
-        } catch {
-          // gone already
-        }
-      }
-    };
+    const handler = () => send(signal);
     process.on(signal, handler);
     return () => process.off(signal, handler);
   });
@@ -84,11 +75,20 @@ function forwardSignals(target: () => number | undefined): () => void {
   return () => handlers.forEach((off) => off());
 }
 
-/** Runs CMD with the proxy environment; resolves with its exit status (126/127 when it cannot start). */
-async function runCommand(command: readonly string[], proxyPort: number, io: Pick<RunIo, 'env' | 'stderr'>, onSpawn?: (child: ChildProcess) => void): Promise<number> {
+function signal(pid: number | undefined, name: NodeJS.Signals): void {
+  if (pid === undefined) return;
+  try {
+    process.kill(pid, name);
+  } catch {
+    // gone already
+  }
+}
+
+/** Runs CMD with the proxy environment; `started` once its signals are forwarded. Resolves with its exit status (126/127 when it cannot start). */
+async function runCommand(command: readonly string[], proxyPort: number, io: Pick<RunIo, 'env' | 'stderr'>, started?: (child: ChildProcess) => void): Promise<number> {
   const child = spawn(command[0]!, command.slice(1), { stdio: 'inherit', env: agentEnvironment(io.env, `http://127.0.0.1:${proxyPort}`) });
-  onSpawn?.(child);
-  const stop = forwardSignals(() => child.pid);
+  const stop = forwardSignals((name) => signal(child.pid, name));
+  started?.(child);
   try {
     const [code, signal] = (await Promise.race([once(child, 'exit'), once(child, 'error').then(([error]) => Promise.reject(error))])) as [number | null, NodeJS.Signals | null];
     return exitStatus(code, signal);
@@ -144,9 +144,13 @@ function findIp(env: NodeJS.ProcessEnv): string | undefined {
   return undefined;
 }
 
-/** unshare's flags: a user namespace only when not root (root may make the others itself). */
+/**
+ * unshare's flags. A user namespace even for root: real root inside a bare network namespace
+ * keeps CAP_SYS_ADMIN over the host's, and `nsenter --net=/proc/PID/ns/net` walks straight out
+ * (tried). Root inside a user namespace has no capability over the host's namespaces.
+ */
 function unshareFlags(): string[] {
-  return [...(process.getuid?.() === 0 ? [] : ['--user', '--map-root-user']), '--net', '--pid', '--fork'];
+  return ['--user', '--map-root-user', '--net', '--pid', '--fork'];
 }
 
 /** Proves namespaces work here (unshare, then loopback up inside) before CMD is started. */
@@ -155,7 +159,7 @@ function checkIsolation(ip: string | undefined): void {
   const probe = spawnSync('unshare', [...unshareFlags(), '--', ip, 'link', 'set', 'lo', 'up'], { encoding: 'utf8', timeout: 10_000 });
   if (probe.error || probe.status !== 0) {
     const why = probe.error ? ((probe.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'util-linux `unshare` is not installed' : probe.error.message) : (probe.stderr.trim().split('\n')[0] ?? `exit ${probe.status}`);
-    throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', `cannot isolate CMD in a new network namespace (${why}); refusing to run it unisolated without --no-isolation`);
+    throw new AgentGatewayError('ERR_ISOLATION_UNAVAILABLE', `cannot isolate CMD in new user and network namespaces (${why}); refusing to run it unisolated without --no-isolation`);
   }
 }
 
@@ -190,17 +194,22 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
   // fd 3 is a lifeline: the first process inside reports its pid on it, and ends CMD if it closes (this process died).
   const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'] });
   let initPid: number | undefined;
+  // Signals that come before the first process inside has said who it is wait for it.
+  const early: NodeJS.Signals[] = [];
   const lifeline = child.stdio[3] as Socket;
   let reported = '';
   lifeline.setEncoding('utf8');
   lifeline.on('data', (chunk: string) => {
+    if (initPid !== undefined) return;
     reported += chunk;
     const line = /^(\d+)\n/.exec(reported);
-    if (line) initPid = Number(line[1]);
+    if (!line) return;
+    initPid = Number(line[1]);
+    for (const name of early.splice(0)) signal(initPid, name);
   });
   lifeline.on('error', () => {});
   // unshare's own process ignores SIGINT and SIGTERM while it waits: signals go to the first process inside.
-  const stop = forwardSignals(() => initPid);
+  const stop = forwardSignals((name) => (initPid === undefined ? early.push(name) : signal(initPid, name)));
   try {
     const [code, signal] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];
     return exitStatus(code, signal);
@@ -230,12 +239,15 @@ export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'en
     io.stderr.write(`${NAME}: cannot set up the namespace: ${(error as Error).message}\n`);
     return EXIT.wrapper;
   }
-  // /proc is still the host's (no new mount namespace), so /proc/self names this process's pid out there.
-  lifeline.write(`${readlinkSync('/proc/self')}\n`);
   let child: ChildProcess | undefined;
   lifeline.once('close', () => child?.kill('SIGKILL'));
   try {
-    return await runCommand(command, forwarder.port, io, (spawned) => (child = spawned));
+    return await runCommand(command, forwarder.port, io, (spawned) => {
+      child = spawned;
+      // Only now: as PID 1 here, this process ignores signals it has no handler for, even from outside.
+      // /proc is still the host's (no new mount namespace), so /proc/self names this process's pid out there.
+      lifeline.write(`${readlinkSync('/proc/self')}\n`);
+    });
   } finally {
     await forwarder.close();
     lifeline.destroy();

@@ -101,6 +101,9 @@ test('status lists each component with its PID and port', async () => {
     assert.match(stdout, new RegExp(`^${name}\\s+running\\s+\\d+\\s+`, 'm'), `${name} running`);
   }
   assert.match(stdout, new RegExp(`gateway\\s+running\\s+\\d+\\s+127\\.0\\.0\\.1:${ports.gateway}`));
+  // The principal and the agent were enrolled with TPM attestation against the demo's EK CA.
+  assert.match(stdout, /^key org-alice\s+attested\s+ek [0-9a-f]{16}… at \d{4}-/m);
+  assert.match(stdout, /^key agent-alpha\s+attested\s+ek [0-9a-f]{16}… at \d{4}-/m);
   const metrics = await fetch(`http://127.0.0.1:${ports.admin}/metrics`);
   assert.equal(metrics.status, 200);
   const text = await metrics.text();

@@ -3,6 +3,7 @@ import { createServer } from 'node:net';
 import { accessSync, constants, mkdirSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { freePort } from './postgres.js';
 
@@ -43,7 +44,14 @@ export interface SwtpmInstance {
 export interface StartSwtpmOptions {
   /** Upper bound for each readiness wait (swtpm, D-Bus, tpm2-abrmd). Default 15 s. */
   readonly readyTimeoutMs?: number;
+  /**
+   * Manufacture the TPM first (tpm/swtpm-manufacture.sh): EK certificates signed by the CA in this
+   * directory (created there as ca.pem when missing; several TPMs may share it).
+   */
+  readonly ekCaDir?: string;
 }
+
+const MANUFACTURE_SCRIPT = fileURLToPath(new URL('../../tpm/swtpm-manufacture.sh', import.meta.url));
 
 const SBIN_DIRS = ['/usr/sbin', '/sbin', '/usr/local/sbin'];
 
@@ -338,10 +346,32 @@ export async function startSwtpm(options: StartSwtpmOptions = {}): Promise<Swtpm
     throw error;
   }
   try {
+    if (options.ekCaDir !== undefined) {
+      const made = await run(MANUFACTURE_SCRIPT, [options.ekCaDir, join(dir, 'state')], baseEnv(), 60_000);
+      if (!made.ok) throw new Error(`swtpm helper: manufacturing the TPM failed: ${made.output}`);
+    }
     await instance.start();
   } catch (error) {
     await instance.stop();
     throw error;
   }
   return instance;
+}
+
+/**
+ * Creates a tpm2-pkcs11 token with one P-256 key through tpm2_ptool (a persistent primary, as
+ * `tpm2_ptool init` makes it), without loading tpm2-pkcs11 into this process: a process can
+ * bind tpm2-pkcs11 to one TPM only. Returns nothing; the key is found by its labels.
+ */
+export async function createPtoolKey(tpm: SwtpmInstance, labels: { token: string; key: string; userPin: string; soPin: string }): Promise<void> {
+  const env = { ...baseEnv(), ...tpm.env, ...QUIET_TPM_LOG_ENV };
+  const store = tpm.env.TPM2_PKCS11_STORE;
+  for (const args of [
+    ['init', '--path', store],
+    ['addtoken', '--pid=1', `--label=${labels.token}`, `--sopin=${labels.soPin}`, `--userpin=${labels.userPin}`, '--path', store],
+    ['addkey', `--label=${labels.token}`, `--key-label=${labels.key}`, `--userpin=${labels.userPin}`, '--algorithm=ecc256', '--path', store],
+  ]) {
+    const result = await run('tpm2_ptool', args, env, 60_000);
+    if (!result.ok) throw new Error(`swtpm helper: tpm2_ptool ${args[0]} failed: ${result.output}`);
+  }
 }

@@ -362,12 +362,16 @@ describe('start-up checks', () => {
     await other.close(0);
   });
 
-  test('a database at schema version 1 (0001 only, no change feed) → listen() refuses and says to migrate', async () => {
+  test('a database at schema version 1 or 2 (before 0003, no key_attestations) → listen() refuses and says to migrate', async () => {
     const url = await createDatabase(pgServer.url, { migrate: false });
     execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql')]);
     const other = createGateway(parseConfig(rawConfig(url)), { logger: pino({ level: 'silent' }) });
-    await assert.rejects(other.listen(), { code: 'ERR_SCHEMA_VERSION', message: /schema version is 1, this gateway needs 2 \(run `agent-gateway-registry migrate`/ });
+    await assert.rejects(other.listen(), { code: 'ERR_SCHEMA_VERSION', message: /schema version is 1, this gateway needs 3 \(run `agent-gateway-registry migrate`/ });
     await other.close(0);
+    execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', join(MIGRATIONS_DIR, '0002_registry_change_feed.sql')]);
+    const atTwo = createGateway(parseConfig(rawConfig(url)), { logger: pino({ level: 'silent' }) });
+    await assert.rejects(atTwo.listen(), { code: 'ERR_SCHEMA_VERSION', message: /schema version is 2, this gateway needs 3 \(run `agent-gateway-registry migrate`/ });
+    await atTwo.close(0);
   });
 
   test('an unmigrated database → listen() refuses and says to migrate', async () => {

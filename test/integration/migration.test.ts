@@ -8,6 +8,7 @@ import { createDatabase, MIGRATIONS_DIR, testServer } from '../helpers/postgres.
 
 const FILE = join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql');
 const FEED_FILE = join(MIGRATIONS_DIR, '0002_registry_change_feed.sql');
+const ATTESTATION_FILE = join(MIGRATIONS_DIR, '0003_key_attestations.sql');
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 before(async () => {
   pgServer = await testServer();
@@ -30,7 +31,7 @@ async function snapshot(url: string) {
   }
 }
 
-test('0001 then 0002 apply to an empty database with psql -v ON_ERROR_STOP=1, at the version this build needs', async () => {
+test('0001, 0002 then 0003 apply to an empty database with psql -v ON_ERROR_STOP=1, at the version this build needs', async () => {
   const url = await createDatabase(pgServer.url, { migrate: false });
   const first = psql(url);
   assert.equal(first.status, 0, first.stderr);
@@ -42,9 +43,18 @@ test('0001 then 0002 apply to an empty database with psql -v ON_ERROR_STOP=1, at
   assert.equal(second.status, 0, second.stderr);
   assert.deepEqual(await snapshot(url), {
     tables: ['audit_log', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'registry_changes', 'schema_version'],
+    versions: [2],
+  });
+  const third = psql(url, ATTESTATION_FILE);
+  assert.equal(third.status, 0, third.stderr);
+  assert.deepEqual(await snapshot(url), {
+    tables: ['attestation_challenges', 'audit_log', 'key_attestations', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'registry_changes', 'schema_version'],
     versions: [SCHEMA_VERSION],
   });
-  assert.equal(SCHEMA_VERSION, 2);
+  assert.equal(SCHEMA_VERSION, 3);
+  const again = psql(url, ATTESTATION_FILE);
+  assert.notEqual(again.status, 0, 'a second application fails and changes nothing');
+  assert.deepEqual((await snapshot(url)).versions, [3]);
 });
 
 test('0002: every registry write advances the change counter once per statement and notifies, at commit', async () => {

@@ -56,7 +56,11 @@ function expectExit(run: CliRun, status: number, code?: string): void {
   if (code) assert.equal(run.json.error?.code, code, describeRun(run));
 }
 
-/** An agent key and carrier certificate, with the certificate written where --cert can read it. */
+/**
+ * An agent key and carrier certificate, with the certificate written where --cert can read it.
+ * These are software keys (no TPM attests them), so every grant here passes --allow-unattested;
+ * attested agent keys are covered by attestation-cli.test.ts.
+ */
 async function agent(identity: string): Promise<ClientCredentials & { certPath: string }> {
   const credentials = await clientCredentials({ identity });
   const certPath = join(scratch, `${identity}.pem`);
@@ -82,10 +86,11 @@ async function permissionCount(): Promise<number> {
 }
 
 before(async () => {
-  tpm = await startSwtpm();
+  scratch = mkdtempSync(join(tmpdir(), 'agw-cli-tpm-'));
+  // Manufactured with an EK certificate, so principals are registered with real attestation.
+  tpm = await startSwtpm({ ekCaDir: join(scratch, 'ek-ca') });
   // For the in-process checks: tpm2-pkcs11 reads these when this process first initialises it.
   Object.assign(process.env, tpm.env, QUIET_TPM_LOG_ENV);
-  scratch = mkdtempSync(join(tmpdir(), 'agw-cli-tpm-'));
   pgServer = await testServer();
   databaseUrl = await createDatabase(pgServer.url);
   fixture = await RegistryFixture.connect(databaseUrl);
@@ -100,6 +105,7 @@ before(async () => {
     AGENT_GATEWAY_DATABASE_URL: databaseUrl,
     AGENT_GATEWAY_TPM_USER_PIN: USER_PIN,
     AGENT_GATEWAY_TPM_SO_PIN: SO_PIN,
+    AGENT_GATEWAY_EK_CA_FILE: join(scratch, 'ek-ca', 'ca.pem'),
   };
   delete env.AGENT_GATEWAY_TPM_TOKEN;
   delete env.AGENT_GATEWAY_PRINCIPAL_KEY_ID;
@@ -125,13 +131,15 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     assert.equal(first.json.registered, true);
     assert.equal(first.json.state, 'active');
     assert.equal(first.json.algorithm, 'ecdsa-p256-sha256');
+    assert.equal(first.json.attestation.verified, true);
     const row = await findPrincipalKey(fixture.db, 'org-alice');
     assert.equal(row?.publicKeySpkiDer.toString('hex'), first.json.public_key_spki_der);
 
     const again = await inProcess(['register-principal', 'org-alice']);
     expectExit(again, 0);
     assert.match(again.stdout, /found the non-exportable P-256 key/);
-    assert.match(again.stdout, /already registered with the same public key .*nothing changed/);
+    assert.match(again.stdout, /already registered with the same public key .*its attestation was verified again and stored/);
+    assert.match(again.stdout, /attestation: TPM-attested/);
   });
 
   test('the principal key never leaves the TPM: not extractable, sensitive, CKA_VALUE unreadable', async () => {
@@ -165,7 +173,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
 
   test('grant-permission signs inside the TPM, and the gateway answers 200 for that CONNECT', async () => {
     alpha = await agent('agent-alpha');
-    const run = await cli(['--json', 'grant-permission', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, '--grant', echoAuthority, '--grant', 'docstore']);
+    const run = await cli(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, '--grant', echoAuthority, '--grant', 'docstore']);
     expectExit(run, 0);
     const granted = run.json.permissions as { permission_id: string; destination: string; not_before: string; not_after: string }[];
     assert.deepEqual(granted.map((p) => p.destination), [echoAuthority, 'docstore:443']);
@@ -205,7 +213,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
 
   test('a grant outside the delegated scope is refused (exit 3) and writes no row, not even the in-scope ones', async () => {
     const before = await permissionCount();
-    const run = await inProcess(['--json', 'grant-permission', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority, 'api.example.com']);
+    const run = await inProcess(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority, 'api.example.com']);
     expectExit(run, 3, 'ERR_REFUSED_OUT_OF_SCOPE');
     assert.match(run.json.error.message, /may not delegate api\.example\.com:443 \(not delegated\)/);
     assert.equal(await permissionCount(), before);
@@ -214,7 +222,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
   test('refused before signing: control characters, an empty or past window, a certificate for another identity', async () => {
     const before = await permissionCount();
     const spki = alpha.spkiDer.toString('hex');
-    const base = ['--json', 'grant-permission', '--principal', 'org-alice', echoAuthority];
+    const base = ['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', echoAuthority];
     // In process and one at a time: a process may hold the token open only once.
     const runs: CliRun[] = [];
     for (const args of [
@@ -235,7 +243,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
   test('a wrong PIN is a clear error (exit 1) that never shows a PIN, and writes no row', async () => {
     const before = await permissionCount();
     const wrongPin = 'wrong-pin-98765';
-    const run = await cli(['--json', 'grant-permission', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority], { AGENT_GATEWAY_TPM_USER_PIN: wrongPin });
+    const run = await cli(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority], { AGENT_GATEWAY_TPM_USER_PIN: wrongPin });
     expectExit(run, 1, 'ERR_TPM_PIN_INCORRECT');
     assert.match(run.stderr, /PIN incorrect/);
     assert.doesNotMatch(run.stderr, /^(ERROR|WARNING): /m, 'no raw tpm2-pkcs11 lines before the clean message');
@@ -257,7 +265,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     await fixture.delegate('org-bob', echoAuthority);
     await fixture.db.query('UPDATE principal_signing_keys SET public_key_spki_der = $1 WHERE key_id = $2', [newP256Key().spkiDer, 'org-bob']);
     const before = await permissionCount();
-    const grant = await inProcess(['--json', 'grant-permission', '--principal', 'org-bob', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority]);
+    const grant = await inProcess(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-bob', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority]);
     const register = await inProcess(['--json', 'register-principal', 'org-bob']);
     expectExit(grant, 3, 'ERR_REFUSED_PRINCIPAL_KEY_MISMATCH');
     expectExit(register, 3, 'ERR_REFUSED_PRINCIPAL_KEY_MISMATCH');
@@ -281,7 +289,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     const beta = await agent('agent-beta');
     const pinFile = join(scratch, 'user-pin');
     writeFileSync(pinFile, `${USER_PIN}\n`, { mode: 0o600 });
-    const grant = await cli(['grant-permission', '--principal', 'org-alice', '--identity', 'agent-beta', '--cert', beta.certPath, '--user-pin-file', pinFile, echoAuthority], { AGENT_GATEWAY_TPM_USER_PIN: '' });
+    const grant = await cli(['grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-beta', '--cert', beta.certPath, '--user-pin-file', pinFile, echoAuthority], { AGENT_GATEWAY_TPM_USER_PIN: '' });
     expectExit(grant, 0);
     assert.match(grant.stdout, /^perm-\S+\tagent-beta -> 127\.0\.0\.1:\d+\t/);
     assert.equal(await connectStatus(beta), 200);
@@ -289,7 +297,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     expectExit(await cli(['revoke', 'principal', 'org-alice']), 0);
     assert.equal(await connectStatus(beta), 403);
     assert.equal((await findPrincipalKey(fixture.db, 'org-alice'))?.state, 'revoked');
-    const again = await inProcess(['--json', 'grant-permission', '--principal', 'org-alice', '--identity', 'agent-beta', '--cert', beta.certPath, echoAuthority]);
+    const again = await inProcess(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-beta', '--cert', beta.certPath, echoAuthority]);
     const register = await inProcess(['--json', 'register-principal', 'org-alice']);
     expectExit(again, 3, 'ERR_REFUSED_PRINCIPAL_INACTIVE');
     expectExit(register, 3, 'ERR_REFUSED_PRINCIPAL_INACTIVE');

@@ -46,16 +46,17 @@ async function connect(client: ClientCredentials, authority: string): Promise<nu
 }
 
 before(async () => {
-  tpm = await startSwtpm();
+  workDir = mkdtempSync(join(tmpdir(), 'agw-scripts-'));
+  // Manufactured with an EK certificate: the principal's key is enrolled with attestation.
+  tpm = await startSwtpm({ ekCaDir: join(workDir, 'ek-ca') });
   pgServer = await testServer();
   databaseUrl = await createDatabase(pgServer.url, { migrate: false });
   tls = await serverTls();
   echo = await echoServer();
-  workDir = mkdtempSync(join(tmpdir(), 'agw-scripts-'));
   const base: NodeJS.ProcessEnv = { ...process.env, AGENT_GATEWAY_DATABASE_URL: databaseUrl };
   for (const name of ['DATABASE_URL', 'AGENT_GATEWAY_TPM_TOKEN', 'AGENT_GATEWAY_PRINCIPAL_KEY_ID', 'AGENT_GATEWAY_TPM_USER_PIN', 'AGENT_GATEWAY_TPM_SO_PIN']) delete base[name];
   adminShell = base;
-  principalShell = { ...base, ...tpm.env, ...QUIET_TPM_LOG_ENV, AGENT_GATEWAY_TPM_USER_PIN: 'walkthrough-user-pin', AGENT_GATEWAY_TPM_SO_PIN: 'walkthrough-so-pin' };
+  principalShell = { ...base, ...tpm.env, ...QUIET_TPM_LOG_ENV, AGENT_GATEWAY_TPM_USER_PIN: 'walkthrough-user-pin', AGENT_GATEWAY_TPM_SO_PIN: 'walkthrough-so-pin', AGENT_GATEWAY_EK_CA_FILE: join(workDir, 'ek-ca', 'ca.pem') };
   // Migrations first, as the README says, then the gateway with the demo's names resolved locally.
   const migrated = await runCli(['migrate'], { env: adminShell });
   assert.equal(migrated.status, 0, describeRun(migrated));
@@ -77,6 +78,7 @@ test('the three-window walkthrough: the CONNECT is allowed, and delete revokes i
   const registered = await script('register-principal-key.sh', ['org-alice'], principalShell);
   assert.equal(registered.status, 0, describeRun(registered));
   assert.match(registered.stdout, /registered public key sha256:[0-9a-f]{64}/);
+  assert.match(registered.stdout, /attestation: TPM-attested \(EK [0-9a-f]{16}…/);
 
   // Admin shell (no TPM): grant destination delegation authority to that principal.
   const scoped = await script('grant-principal-scope.sh', ['org-alice', 'docstore', 'messaging', 'api.anthropic.com'], adminShell);
@@ -84,10 +86,11 @@ test('the three-window walkthrough: the CONNECT is allowed, and delete revokes i
   assert.match(scoped.stdout, /org-alice may delegate docstore:443: created/);
 
   // Principal shell: the agent's carrier certificate (the sidecar writes machine-client.pem) gets
-  // its signed permissions; the path is relative to the shell's working directory.
+  // its signed permissions; the path is relative to the shell's working directory. This agent's
+  // key is a software key, so nothing attests it: the grant says so explicitly.
   const agent = await clientCredentials({ identity: 'agent-alpha' });
   writeFileSync(join(workDir, 'machine-client.pem'), agent.certPem);
-  const granted = await script('agent-permissions.sh', ['grant', '--identity', 'agent-alpha', '--cert', 'machine-client.pem', '--grant', 'docstore', '--grant', 'messaging'], { ...principalShell, AGENT_GATEWAY_PRINCIPAL_KEY_ID: 'org-alice' });
+  const granted = await script('agent-permissions.sh', ['grant', '--identity', 'agent-alpha', '--cert', 'machine-client.pem', '--grant', 'docstore', '--grant', 'messaging', '--allow-unattested'], { ...principalShell, AGENT_GATEWAY_PRINCIPAL_KEY_ID: 'org-alice' });
   assert.equal(granted.status, 0, describeRun(granted));
   const lines = granted.stdout.trim().split('\n');
   assert.deepEqual(lines.map((line) => line.split('\t').slice(0, 2)), [

@@ -7,13 +7,14 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Gateway } from '../../gateway/src/gateway.js';
 import { readPeerIdentity } from '../../registry/identity.js';
+import { runSidecar } from '../../sidecar/src/cli.js';
 import { X509Certificate } from '../../registry/x509.js';
 import { httpsService } from '../helpers/chain.js';
 import { startTestGateway } from '../helpers/gateway.js';
@@ -24,6 +25,7 @@ import { createDatabase, testServer } from '../helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../helpers/registry-fixture.js';
 import { SIDECAR_BIN, startSidecarProcess, type SidecarProcess } from '../helpers/sidecar-process.js';
 import { QUIET_TPM_LOG_ENV, startSwtpm, type SwtpmInstance } from '../helpers/swtpm.js';
+import { until } from '../helpers/wait.js';
 
 const IDENTITY = 'agent-isolated';
 let tpm: SwtpmInstance;
@@ -62,14 +64,41 @@ async function dnsServer(): Promise<{ port: number; close: () => void }> {
   return { port: socket.address().port, close: () => socket.close() };
 }
 
-/** A DNS lookup through the test's server: prints the address, or fails. */
-const LOOKUP = (port: number) => ['python3', '-c', `import socket,struct,sys
-s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2)
-q=b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x08docstore\\x04test\\x00\\x00\\x01\\x00\\x01'
-s.sendto(q,('127.0.0.1',${port})); r=s.recv(512); print('.'.join(map(str,r[-4:])))`];
-
-/** A raw TCP connect: exit 0 when it connects. */
-const TCP = (port: number) => ['python3', '-c', `import socket; socket.create_connection(('127.0.0.1', ${port}), timeout=3).close()`];
+/**
+ * Every way around the proxy, tried from wherever it runs, in one Python process: raw TCP to each
+ * port, a DNS query to the test's server, the system resolver, and curl with --noproxy to the
+ * destination's real address. Prints what each one got as JSON ("ok" or the error).
+ */
+function bypassAttempts(): string[] {
+  const ports = { gateway: gateway.address!.port, database: pgPort(), host_service: hostService.port };
+  return [
+    'python3',
+    '-c',
+    `import json, socket, subprocess
+out = {}
+for name, port in ${JSON.stringify(ports)}.items():
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=3).close(); out[name] = 'ok'
+    except OSError as e:
+        out[name] = repr(e)
+try:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s.sendto(b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x08docstore\\x04test\\x00\\x00\\x01\\x00\\x01', ('127.0.0.1', ${dns.port}))
+    out['dns'] = 'ok' if s.recv(512)[-4:] == bytes([127, 0, 0, 1]) else 'wrong answer'
+except OSError as e:
+    out['dns'] = repr(e)
+try:
+    socket.getaddrinfo('docstore.example.com', 443); out['resolver'] = 'ok'
+except OSError as e:
+    out['resolver'] = repr(e)
+if ${process.getuid!() === 0 ? 'True' : 'False'}:
+    ns = subprocess.run(['nsenter', '--net=/proc/${process.pid}/ns/net', 'true'], capture_output=True, text=True)
+    out['nsenter'] = 'ok' if ns.returncode == 0 else ns.stderr.strip()
+curl = subprocess.run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', 'docstore.test:443:127.0.0.1:${docstore.port}', 'https://docstore.test/health'], capture_output=True, text=True)
+out['curl_noproxy'] = 'ok' if curl.returncode == 0 else curl.stderr.strip()
+print(json.dumps(out))`,
+  ];
+}
 
 before(async () => {
   tpm = await startSwtpm();
@@ -118,7 +147,7 @@ describe('run: the sidecar is the only way out', () => {
     assert.equal(sidecar.line.socket, socketPath);
   });
 
-  test('inside, curl and Python reach the granted HTTPS destination through the proxy', async () => {
+  test('inside, curl, Python and Node fetch reach the granted HTTPS destination through the proxy', async () => {
     const curl = await run(['curl', '-sS', '--max-time', '20', 'https://docstore.test/health']);
     assert.equal(curl.status, 0, curl.stderr);
     assert.deepEqual(JSON.parse(curl.stdout), { service: 'docstore', status: 'ok' });
@@ -127,33 +156,33 @@ ctx = ssl.create_default_context(cafile=os.environ['CURL_CA_BUNDLE'])
 print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, timeout=20).read().decode())`]);
     assert.equal(python.status, 0, python.stderr);
     assert.deepEqual(JSON.parse(python.stdout), { service: 'docstore', path: '/documents' });
+    // Node's fetch follows HTTPS_PROXY only because run sets NODE_USE_ENV_PROXY=1.
+    const node = await run([process.execPath, '-e', "fetch('https://docstore.test/from-node').then(async (r) => console.log(r.status, await r.text()))"], { env: { ...process.env, NODE_EXTRA_CA_CERTS: serviceTls.caPath, NODE_OPTIONS: '' } });
+    assert.equal(node.status, 0, node.stderr);
+    assert.equal(node.stdout, '200 {"service":"docstore","path":"/from-node"}\n');
   });
 
-  test('outside the namespace the same bypasses work: each check below can fail', async () => {
-    const outside = { ...process.env, CURL_CA_BUNDLE: serviceTls.caPath };
-    for (const port of [gateway.address!.port, pgPort(), hostService.port]) assert.equal((await runFile(TCP(port)[0]!, TCP(port).slice(1), { env: outside, timeoutMs: 60_000 })).status, 0, `port ${port} reachable outside`);
-    const lookup = await runFile(LOOKUP(dns.port)[0]!, LOOKUP(dns.port).slice(1), { env: outside, timeoutMs: 60_000 });
-    assert.equal(lookup.stdout.trim(), '127.0.0.1', lookup.stderr);
+  test('outside the namespace every bypass works, so each check inside can fail', async () => {
+    const [attempts, ...script] = bypassAttempts();
+    const outside = await runFile(attempts!, script, { env: { ...process.env, CURL_CA_BUNDLE: serviceTls.caPath }, timeoutMs: 60_000 });
+    assert.equal(outside.status, 0, outside.stderr);
+    const got = JSON.parse(outside.stdout) as Record<string, string>;
+    for (const name of ['gateway', 'database', 'host_service', 'dns', 'curl_noproxy']) assert.equal(got[name], 'ok', `${name} outside: ${got[name]}`);
+    if (process.getuid!() === 0) assert.equal(got.nsenter, 'ok', 'root outside may enter this network namespace');
     const unisolated = await run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore.test:443:127.0.0.1:${docstore.port}`, 'https://docstore.test/health'], { flags: ['--no-isolation'] });
     assert.equal(unisolated.status, 0, `--no-isolation lets curl bypass the proxy: ${unisolated.stderr}`);
   });
 
-  test('inside, --noproxy, raw TCP to the gateway, the database and a host loopback service, and DNS all fail', async () => {
-    const targets = [['gateway', gateway.address!.port], ['database', pgPort()], ['host 127.0.0.1 service', hostService.port]] as const;
-    const [bypass, lookup, system, ...tcp] = await Promise.all([
-      run(['curl', '-sS', '--noproxy', '*', '--max-time', '10', '--connect-to', `docstore.test:443:127.0.0.1:${docstore.port}`, 'https://docstore.test/health']),
-      run(LOOKUP(dns.port)),
-      run(['getent', 'hosts', 'docstore.example.com']),
-      ...targets.map(([, port]) => run(TCP(port))),
-    ]);
-    assert.notEqual(bypass!.status, 0, 'curl --noproxy must not reach the destination');
-    assert.match(bypass!.stderr, /Failed to connect|Couldn't connect|Could not resolve/);
-    targets.forEach(([what, port], index) => {
-      assert.notEqual(tcp[index]!.status, 0, `${what} port ${port} must be unreachable inside`);
-      assert.match(tcp[index]!.stderr, /ConnectionRefused|Network is unreachable|timed out/, what);
-    });
-    assert.notEqual(lookup!.status, 0, 'a DNS query must get no answer inside');
-    assert.notEqual(system!.status, 0, 'the system resolver answers nothing inside');
+  test('inside, --noproxy, raw TCP to the gateway, the database and a host loopback service, DNS, and nsenter back out all fail', async () => {
+    const inside = await run(bypassAttempts());
+    assert.equal(inside.status, 0, inside.stderr);
+    const got = JSON.parse(inside.stdout) as Record<string, string>;
+    for (const name of ['gateway', 'database', 'host_service']) assert.match(got[name]!, /ConnectionRefused|Network is unreachable|timed out/, `${name} inside: ${got[name]}`);
+    assert.match(got.dns!, /ConnectionRefused|Network is unreachable|timed out/, `a DNS query inside: ${got.dns}`);
+    assert.notEqual(got.resolver, 'ok', 'the system resolver answers nothing inside');
+    assert.match(got.curl_noproxy!, /Failed to connect|Couldn't connect/, `curl --noproxy inside: ${got.curl_noproxy}`);
+    // Root inside a bare network namespace could walk out with nsenter; inside the user namespace it cannot.
+    if (process.getuid!() === 0) assert.match(got.nsenter!, /Permission denied|Operation not permitted/, `nsenter to the host's network inside: ${got.nsenter}`);
   });
 
   test('the proxy environment inside: all four variables, NO_PROXY cleared, NODE_USE_ENV_PROXY=1', async () => {
@@ -168,9 +197,11 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
   });
 
   test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async () => {
-    assert.equal((await run(['sh', '-c', 'exit 7'])).status, 7);
-    assert.equal((await run(['sh', '-c', 'kill -TERM $$'])).status, 128 + 15);
-    assert.equal((await run(['no-such-command-here'])).status, 127);
+    const [exit7, killed, missing] = await Promise.all([run(['sh', '-c', 'exit 7']), run(['sh', '-c', 'kill -TERM $$']), run(['no-such-command-here'])]);
+    assert.equal(exit7.status, 7);
+    assert.equal(killed.status, 128 + 15);
+    assert.equal(missing.status, 127);
+    assert.match(missing.stderr, /no-such-command-here: command not found/);
     const trapped = spawn(process.execPath, runArgs(['sh', '-c', 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done']), { stdio: ['ignore', 'pipe', 'inherit'] });
     const exited = once(trapped, 'exit');
     let output = '';
@@ -179,21 +210,28 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     trapped.kill('SIGTERM');
     const [code] = await exited;
     assert.equal(code, 42, 'CMD trapped the SIGTERM sent to run');
+    // A signal sent at once, before the namespace is set up (or before run's handlers exist), still ends CMD.
+    const marker = `${30 + Math.floor(Math.random() * 1000)}.${process.pid}`;
+    const early = spawn(process.execPath, runArgs(['sleep', marker]), { stdio: 'ignore' });
+    const earlyExit = once(early, 'exit');
+    early.kill('SIGTERM');
+    const [earlyCode, earlySignal] = await earlyExit;
+    assert.ok(earlyCode === 128 + 15 || earlySignal === 'SIGTERM', `run ended by the early SIGTERM: ${earlyCode ?? earlySignal}`);
+    await until(() => running(`sleep ${marker}`).length === 0, 30_000, 'no sleep left behind');
   });
 
   test('what CMD leaves running is ended with the namespace', async () => {
     const marker = `${300 + Math.floor(Math.random() * 1000)}.${process.pid}`;
     const left = await run(['sh', '-c', `sleep ${marker} & exit 0`]);
     assert.equal(left.status, 0);
-    const pgrep = await runFile('pgrep', ['-f', `sleep ${marker}`]);
-    assert.equal(pgrep.stdout.trim(), '', 'no leftover process');
+    assert.deepEqual(running(`sleep ${marker}`), [], 'no leftover process');
   });
 
   test('without namespaces run refuses (exit 125, a clear message) unless --no-isolation says so', async () => {
     const env = { ...process.env, PATH: join(scratch, 'empty-path') };
     const refused = await run(['/bin/true'], { env });
     assert.equal(refused.status, 125);
-    assert.match(refused.stderr, /cannot isolate CMD in a new network namespace \(util-linux `unshare` is not installed\); refusing to run it unisolated without --no-isolation/);
+    assert.match(refused.stderr, /cannot isolate CMD in new user and network namespaces \(util-linux `unshare` is not installed\); refusing to run it unisolated without --no-isolation/);
     assert.equal((await run(['/bin/true'], { env, flags: ['--no-isolation'] })).status, 0);
     const noSocket = await runFile(process.execPath, [SIDECAR_BIN, 'run', '--socket', join(scratch, 'nothing.sock'), '--', 'true']);
     assert.equal(noSocket.status, 125);
@@ -226,6 +264,41 @@ describe('a restarted sidecar keeps its port', () => {
     }
   });
 });
+
+describe('runSidecar in-process', () => {
+  test('starts from argv, serves run through its socket, and resolves 0 once stopped', async () => {
+    // tpm2-pkcs11 in this process reads the TPM's bus and store from process.env.
+    Object.assign(process.env, tpm.env, QUIET_TPM_LOG_ENV);
+    const dir = join(scratch, 'in-process');
+    mkdirSync(dir);
+    const socket = join(dir, 'proxy.sock');
+    const args = sidecarArgs().map((arg) => (arg === socketPath ? socket : arg === join(scratch, 'machine-client.pem') ? join(dir, 'machine-client.pem') : arg));
+    const stop = new AbortController();
+    let stdout = '';
+    let stderr = '';
+    const running = runSidecar(args, { env: sidecarEnv, stdout: { write: (text: string) => (stdout += text) }, stderr: { write: (text: string) => (stderr += text) }, log: { write: () => {} }, stop: stop.signal });
+    await until(() => stdout.includes('\n') || stderr !== '', 60_000, 'the JSON line');
+    const line = JSON.parse(stdout) as Record<string, unknown>;
+    assert.equal(line.socket, socket);
+    const curl = await runFile(process.execPath, [SIDECAR_BIN, 'run', '--socket', socket, '--', 'curl', '-sS', '--max-time', '20', 'https://docstore.test/health'], { env: { ...process.env, CURL_CA_BUNDLE: serviceTls.caPath }, timeoutMs: 60_000 });
+    assert.equal(curl.status, 0, curl.stderr);
+    assert.deepEqual(JSON.parse(curl.stdout), { service: 'docstore', status: 'ok' });
+    stop.abort('SIGTERM');
+    assert.equal(await running, 0, stderr);
+    assert.equal(existsSync(socket), false, 'the socket is gone with the sidecar');
+  });
+});
+
+/** Pids whose command line is exactly `command` (procps may be absent on a fresh machine). */
+function running(command: string): string[] {
+  return readdirSync('/proc').filter((pid) => {
+    try {
+      return /^\d+$/.test(pid) && readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean).join(' ') === command;
+    } catch {
+      return false; // gone meanwhile
+    }
+  });
+}
 
 function pgPort(): number {
   return Number(new URL(databaseUrl).port);

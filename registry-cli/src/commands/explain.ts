@@ -1,4 +1,5 @@
 import type pg from 'pg';
+import { attestationSummary, describeAttestation, findKeyAttestations } from '../../../registry/attestation-store.js';
 import { CANDIDATE_ROWS_QUERY } from '../../../registry/queries.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
 import { withRegistry } from '../database.js';
@@ -31,10 +32,14 @@ export async function explainCommand(context: CommandContext, identity: string, 
     throw new UsageError(`the certificate carries identity ${JSON.stringify(subject.certificate.identity)}, not ${JSON.stringify(identity)}: the gateway would look up ${JSON.stringify(subject.certificate.identity)} (explain that, or use --spki)`);
   }
   const input: ExplainInput = { identity, destinationInput: destination, spkiDer: subject.spkiDer, oid, ...(subject.certificate ? { certificate: subject.certificate } : {}) };
-  const explanation = await withRegistry(registryTarget(context), (db) => explainConnect(db, input));
+  const { explanation, attestation } = await withRegistry(registryTarget(context), async (db) => ({
+    explanation: await explainConnect(db, input),
+    attestation: (await findKeyAttestations(db, [subject.spkiDer])).get(subject.spkiDer.toString('hex')),
+  }));
   return {
-    data: { ...explanation },
-    human: explanationLines(explanation),
+    // The gateway does not look at attestation per CONNECT; it is shown for the operator.
+    data: { ...explanation, subject_attestation: attestationSummary(attestation) },
+    human: [...explanationLines(explanation), `agent key attestation: ${describeAttestation(attestation)}`],
     exitCode: explanation.verdict.decision === 'allow' ? EXIT.ok : EXIT.refused,
   };
 }

@@ -1,3 +1,4 @@
+import { attestationSummary, findKeyAttestations, type KeyAttestationRow } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
 import { listDelegations, listPermissions, listPrincipalKeys, type RowState } from '../../../registry/store.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
@@ -13,6 +14,11 @@ export interface ListOptions {
   readonly identity?: string;
   readonly principal?: string;
   readonly state?: string;
+}
+
+/** The ATTESTED column: when and by which EK a key was proven TPM-resident, or `no`. */
+function attestedCell(row: KeyAttestationRow | undefined): string {
+  return row?.verified ? `yes ${row.verifiedAt} ek:${row.ekFingerprint.slice(0, 16)}` : 'no';
 }
 
 /** Registry rows with their state computed in the database's clock; all kinds when none is named. */
@@ -31,8 +37,10 @@ export async function list(context: CommandContext, kind: string | undefined, op
     };
     if (kinds.includes('principals')) {
       const rows = keep(await listPrincipalKeys(db, keyId ? { keyId } : {}));
-      data.principals = rows.map((r) => ({ key_id: r.keyId, algorithm: r.algorithm, state: r.state, not_before: r.notBefore, not_after: r.notAfter, revoked_at: r.revokedAt, created_at: r.createdAt, fingerprint: spkiFingerprint(r.publicKeySpkiDer), public_key_spki_der: r.publicKeySpkiDer }));
-      section('principals', table(['KEY_ID', 'STATE', 'NOT_BEFORE', 'NOT_AFTER', 'REVOKED_AT', 'PUBLIC_KEY'], rows.map((r) => [r.keyId, r.state, r.notBefore, r.notAfter, r.revokedAt, spkiFingerprint(r.publicKeySpkiDer)])), rows.length);
+      const attested = await findKeyAttestations(db, rows.map((r) => r.publicKeySpkiDer));
+      const of = (spki: Buffer) => attested.get(spki.toString('hex'));
+      data.principals = rows.map((r) => ({ key_id: r.keyId, algorithm: r.algorithm, state: r.state, not_before: r.notBefore, not_after: r.notAfter, revoked_at: r.revokedAt, created_at: r.createdAt, fingerprint: spkiFingerprint(r.publicKeySpkiDer), public_key_spki_der: r.publicKeySpkiDer, attestation: attestationSummary(of(r.publicKeySpkiDer)) }));
+      section('principals', table(['KEY_ID', 'STATE', 'NOT_BEFORE', 'NOT_AFTER', 'REVOKED_AT', 'PUBLIC_KEY', 'ATTESTED'], rows.map((r) => [r.keyId, r.state, r.notBefore, r.notAfter, r.revokedAt, spkiFingerprint(r.publicKeySpkiDer), attestedCell(of(r.publicKeySpkiDer))])), rows.length);
     }
     if (kinds.includes('scopes')) {
       const rows = keep(await listDelegations(db, keyId ? { signingKeyId: keyId } : {}));
@@ -41,6 +49,8 @@ export async function list(context: CommandContext, kind: string | undefined, op
     }
     if (kinds.includes('permissions')) {
       const rows = keep(await listPermissions(db, { ...(options.identity ? { identity: options.identity } : {}), ...(keyId ? { signingKeyId: keyId } : {}) }));
+      const attested = await findKeyAttestations(db, rows.map((r) => r.subjectPublicKeySpkiDer));
+      const of = (spki: Buffer) => attested.get(spki.toString('hex'));
       data.permissions = rows.map((r) => ({
         permission_id: r.permissionId,
         key_id: r.signingKeyId,
@@ -53,10 +63,11 @@ export async function list(context: CommandContext, kind: string | undefined, op
         created_at: r.createdAt,
         subject_fingerprint: spkiFingerprint(r.subjectPublicKeySpkiDer),
         subject_public_key_spki_der: r.subjectPublicKeySpkiDer,
+        subject_attestation: attestationSummary(of(r.subjectPublicKeySpkiDer)),
       }));
       section(
         'permissions',
-        table(['PERMISSION_ID', 'IDENTITY', 'DESTINATION', 'KEY_ID', 'STATE', 'NOT_BEFORE', 'NOT_AFTER', 'SUBJECT_KEY'], rows.map((r) => [r.permissionId, r.subjectIdentity, r.destination, r.signingKeyId, r.state, r.notBefore, r.notAfter, spkiFingerprint(r.subjectPublicKeySpkiDer).slice(0, 23)])),
+        table(['PERMISSION_ID', 'IDENTITY', 'DESTINATION', 'KEY_ID', 'STATE', 'NOT_BEFORE', 'NOT_AFTER', 'SUBJECT_KEY', 'ATTESTED'], rows.map((r) => [r.permissionId, r.subjectIdentity, r.destination, r.signingKeyId, r.state, r.notBefore, r.notAfter, spkiFingerprint(r.subjectPublicKeySpkiDer).slice(0, 23), attestedCell(of(r.subjectPublicKeySpkiDer))])),
         rows.length,
       );
     }
