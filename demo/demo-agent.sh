@@ -250,7 +250,8 @@ cmd_prompt() {
   # The gateway decides where api.anthropic.com goes; the mode of this prompt must match it, or
   # real credentials would reach the mock, or the dummy key the real API.
   local scripted=0
-  grep -q '^"api.anthropic.com:443" = ' "$CONFIG" 2>/dev/null && scripted=1
+  [ -f "$CONFIG" ] || die "prompt: no $CONFIG: run ./demo/demo.sh setup first"
+  grep -q '^"api.anthropic.com:443" = ' "$CONFIG" && scripted=1
   if [ "$REAL_CLAUDE" = 1 ] && [ "$scripted" = 1 ]; then
     die "the gateway sends api.anthropic.com to the scripted Messages API: run AGENT_GATEWAY_DEMO_REAL_CLAUDE=1 ./demo/demo.sh setup first"
   elif [ "$REAL_CLAUDE" != 1 ] && [ "$scripted" = 0 ]; then
