@@ -28,6 +28,9 @@ export interface AuditRow {
   readonly trace_id: string | null;
   /** Joins a tunnel_closed row to its decision row. */
   readonly connect_id: string | null;
+  /** The agent's address: the TCP peer, or what a trusted balancer's PROXY header said (schema 4). */
+  readonly client_address: string | null;
+  readonly client_port: number | null;
 }
 
 /** Reason written on the second row of a tunnel, when it closes. */
@@ -48,6 +51,8 @@ export const AUDIT_COLUMNS = [
   'duration_ms',
   'trace_id',
   'connect_id',
+  'client_address',
+  'client_port',
 ] as const;
 
 /**
@@ -56,7 +61,7 @@ export const AUDIT_COLUMNS = [
  * can hit PostgreSQL's 65,535-parameter limit. Needs INSERT only (no RETURNING).
  */
 export const AUDIT_INSERT_QUERY = `INSERT INTO audit_log (${AUDIT_COLUMNS.join(', ')})
-SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::double precision[], $13::text[], $14::text[])`;
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::double precision[], $13::text[], $14::text[], $15::text[], $16::integer[])`;
 
 export interface AuditFilter {
   /** Exact client identity. */

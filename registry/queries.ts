@@ -1,7 +1,7 @@
 import { sqlCanonicalTimestamp } from './timestamp.js';
 
 /** The registry schema this build reads and writes; `schema_version` must hold exactly this. */
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = 4;
 
 export const SCHEMA_VERSION_QUERY = 'SELECT version FROM schema_version';
 
@@ -56,3 +56,14 @@ SELECT p.permission_id,
           coalesce(${active('p', false)} AND ${active('k', true)} AND ${active('d', true)}, false) DESC,
           p.not_after DESC
  LIMIT ${MAX_CANDIDATE_ROWS}`;
+
+/**
+ * The candidate rows and the change counter in one statement, hence one snapshot (a standby,
+ * DESIGN §9g): the rows are exactly as fresh as `change_counter` says. One row with null row
+ * columns when there is no candidate.
+ */
+export const CANDIDATE_ROWS_WITH_COUNTER_QUERY = `
+SELECT c.counter::text AS change_counter, r.*
+  FROM registry_changes c
+  LEFT JOIN LATERAL (${CANDIDATE_ROWS_QUERY}) r ON true
+ WHERE c.id = 1`;

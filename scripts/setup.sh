@@ -18,6 +18,7 @@ APT_PACKAGES=(
   curl nghttp2-client nghttp2-server
   wget git
   iproute2 # `agent-gateway-sidecar run` brings loopback up inside the agent's namespace (util-linux unshare is essential)
+  haproxy # test/scale/ and bench/replicas.ts run deploy/haproxy/haproxy.cfg in front of two gateways
 )
 
 # AGENT_GATEWAY_SKIP_APT=1: a production host that brings its own system packages gets only Node.js,

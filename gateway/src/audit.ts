@@ -115,6 +115,8 @@ export class AuditWriter {
       duration_ms: event.duration_ms ?? null,
       trace_id: event.trace_id ?? null,
       connect_id: event.connect_id ?? null,
+      client_address: event.client_address ?? null,
+      client_port: event.client_port ?? null,
     });
     // A full batch is written right after the current event (not inside the CONNECT handler that
     // filled it), unless a write is running or the writer is backing off.
@@ -237,5 +239,7 @@ function columns(batch: readonly AuditRow[]): unknown[] {
     batch.map((row) => row.duration_ms),
     text('trace_id'),
     text('connect_id'),
+    text('client_address'),
+    batch.map((row) => row.client_port),
   ];
 }

@@ -40,6 +40,10 @@ export class ChangeFeed extends EventEmitter {
   #changeScheduled = false;
   #polling: Promise<void> | undefined;
   #lostSignalled = false;
+  /** The highest change counter learnt from a poll or a notification's payload; undefined while unknown. */
+  #known: bigint | undefined;
+  /** Bumped when a change arrives whose counter is unknown: only a poll started later may re-learn it. */
+  #epoch = 0;
 
   constructor(options: ChangeFeedOptions) {
     super();
@@ -57,6 +61,15 @@ export class ChangeFeed extends EventEmitter {
   /** 0 while LISTEN is up; else seconds since the last successful poll (Infinity before any). */
   get lagSeconds(): number {
     return this.#listening ? 0 : (performance.now() - this.#lastPollOk) / 1000;
+  }
+
+  /**
+   * The newest change counter this feed has seen, while it is confirmed: a read from a standby
+   * is as fresh as the feed only if it saw at least this counter (DESIGN §9g). Undefined when the
+   * feed is unconfirmed or a change's counter is not known yet: then only the primary will do.
+   */
+  get knownCounter(): bigint | undefined {
+    return this.confirmed ? this.#known : undefined;
   }
 
   /** Some path would tell us of a change now: the LISTEN connection, or a recent poll. */
@@ -89,8 +102,10 @@ export class ChangeFeed extends EventEmitter {
 
   #poll(): Promise<void> {
     this.#polling ??= (async () => {
+      const epoch = this.#epoch;
       try {
         const counter = await this.#options.readCounter();
+        if (epoch === this.#epoch) this.#learn(BigInt(counter));
         const wasConfirmed = this.confirmed;
         this.#lastPollOk = performance.now();
         this.#lostSignalled = false;
@@ -121,6 +136,7 @@ export class ChangeFeed extends EventEmitter {
       // Whatever LISTEN would have told us since the last poll is unknown: the cache waits for a
       // poll to confirm the counter again (started now).
       this.#lastPollOk = -Infinity;
+      this.#forget();
       if (!this.#closed) void this.#poll();
       client.end().catch(() => {});
       if (this.#closed) return;
@@ -135,6 +151,9 @@ export class ChangeFeed extends EventEmitter {
     client.on('end', () => down('connection ended'));
     client.on('notification', (message) => {
       if (message.channel !== CHANGE_CHANNEL) return;
+      const counter = payloadCounter(message.payload);
+      if (counter === undefined) this.#forget();
+      else this.#learn(counter);
       this.#changed('notify');
     });
     client
@@ -153,8 +172,18 @@ export class ChangeFeed extends EventEmitter {
       .catch((error: unknown) => down((error as Error).message));
   }
 
+  #learn(counter: bigint): void {
+    if (this.#known === undefined || counter > this.#known) this.#known = counter;
+  }
+
+  #forget(): void {
+    this.#known = undefined;
+    this.#epoch++;
+  }
+
   /** Nothing can tell us of a change any more: everything learnt so far must be re-learnt. */
   #lost(): void {
+    this.#forget();
     if (this.#lostSignalled) return;
     this.#lostSignalled = true;
     this.#generation++;
@@ -171,5 +200,15 @@ export class ChangeFeed extends EventEmitter {
       this.#changeScheduled = false;
       this.emit('change', source);
     });
+  }
+}
+
+/** The counter migration 0002's trigger puts in the payload, or undefined when it is not there. */
+function payloadCounter(payload: string | undefined): bigint | undefined {
+  try {
+    const counter = (JSON.parse(payload ?? '') as { counter?: unknown }).counter;
+    return typeof counter === 'number' && Number.isSafeInteger(counter) && counter >= 0 ? BigInt(counter) : undefined;
+  } catch {
+    return undefined;
   }
 }

@@ -7,7 +7,7 @@ import { normaliseDestination } from '../../registry/destination.js';
 import { ConfigError } from '../../registry/errors.js';
 import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 import { isDottedOid } from '../../registry/identity.js';
-import { isCidr, parseCidrs, type EgressPolicy } from './egress.js';
+import { isCidr, parseCidrs, type Cidr, type EgressPolicy } from './egress.js';
 import { parseLogFilter } from './logger.js';
 
 /**
@@ -55,12 +55,20 @@ const postgresUrl = z.string().superRefine((value, ctx) => {
   }
 });
 
+const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8')).default([]);
+
 const serverSchema = z.strictObject({
   listen_addr: listenAddress.default('127.0.0.1:8443'),
   tls_cert_path: z.string().min(1),
   tls_key_path: z.string().min(1),
   /** How long SIGINT/SIGTERM lets open tunnels run before closing them. */
   shutdown_grace_ms: millis(10_000),
+  /**
+   * On SIGINT/SIGTERM, /readyz answers 503 for this long first while everything else carries on,
+   * so a balancer's health check takes the replica out before it stops accepting and sends GOAWAY
+   * (DESIGN §9g). 0 = stop at once.
+   */
+  drain_delay_ms: millisOrOff(0),
   /**
    * HTTP/2 receive windows (DESIGN §9f): per stream (SETTINGS_INITIAL_WINDOW_SIZE, bounds one
    * tunnel's upload) and per session. Defaults: registry/flow-control.ts, chosen by measurement.
@@ -71,6 +79,12 @@ const serverSchema = z.strictObject({
    * drained replica empties (DESIGN §9g). 0 = no bound.
    */
   max_session_age_ms: millisOrOff(0),
+  /**
+   * Balancers whose PROXY protocol v2 header is trusted (DESIGN §9g): connections from these must
+   * start with one, and their client address becomes the agent's; anyone else sending one is
+   * refused. Empty: no header is read, and one sent fails the TLS handshake.
+   */
+  proxy_protocol_from: cidrList,
   stream_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(STREAM_WINDOW_BYTES),
   session_window_bytes: z.number().int().min(65_535).max(MAX_WINDOW_BYTES).default(SESSION_WINDOW_BYTES),
 });
@@ -89,6 +103,12 @@ const policySchema = z
      * registry_unavailable at once. A lookup waits at most pool_acquire_timeout_ms to start.
      */
     lookup_queue_size: z.number().int().min(1).max(1_000_000).default(10_000),
+    /**
+     * Environment variable holding the URL of a streaming standby for lookups (DESIGN §9g). Used
+     * only while it has replayed the newest change the feed (on the primary) has seen; else, or
+     * when it fails, the primary answers. Pool and timeouts as for the primary.
+     */
+    read_database_url_env: z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be an environment variable name').optional(),
   })
   .superRefine((policy, ctx) => {
     if (policy.database_url === undefined && policy.database_url_env === undefined) {
@@ -192,8 +212,6 @@ const cacheSchema = z.strictObject({
   poll_interval_ms: z.number().int().min(50).max(3_600_000).default(1000),
 });
 
-const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8')).default([]);
-
 /** `[egress]`: which addresses tunnels may reach (DESIGN §9c). */
 const egressSchema = z.strictObject({
   /** Ranges allowed although not global unicast (an internal mirror: ["10.1.2.3/32"]). */
@@ -245,8 +263,9 @@ export interface Dialable {
 }
 
 export type GatewayConfig = Readonly<{
-  server: Readonly<ConfigFile['server']>;
-  policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string };
+  server: Readonly<ConfigFile['server']> & { readonly proxyProtocolFrom: readonly Cidr[] };
+  /** `readDatabaseUrl`: the standby named by `read_database_url_env`, if any. */
+  policy: Readonly<ConfigFile['policy']> & { readonly databaseUrl: string; readonly readDatabaseUrl?: string };
   observability: Readonly<ConfigFile['observability']>;
   limits: Readonly<ConfigFile['limits']>;
   admin: Readonly<NonNullable<ConfigFile['admin']>>;
@@ -315,8 +334,12 @@ export function parseConfig(input: unknown, options: ParseOptions = {}): Gateway
     resolve.set(normaliseDestination(key).authority, { host: target.host, port: target.port });
   }
   return deepFreeze({
-    server: { ...file.server, tls_cert_path: resolvePath(baseDir, file.server.tls_cert_path), tls_key_path: resolvePath(baseDir, file.server.tls_key_path) },
-    policy: { ...file.policy, databaseUrl: databaseUrl! },
+    server: { ...file.server, proxyProtocolFrom: parseCidrs(file.server.proxy_protocol_from), tls_cert_path: resolvePath(baseDir, file.server.tls_cert_path), tls_key_path: resolvePath(baseDir, file.server.tls_key_path) },
+    policy: {
+      ...file.policy,
+      databaseUrl: databaseUrl!,
+      ...(file.policy.read_database_url_env !== undefined ? { readDatabaseUrl: urlFromEnv('policy.read_database_url_env', file.policy.read_database_url_env) } : {}),
+    },
     observability: file.observability,
     limits: file.limits,
     admin: file.admin ?? adminSchema.parse({ enabled: false }),

@@ -63,7 +63,7 @@ export class ConnectRequest {
     this.#session = session;
     this.#stream = stream;
     this.#headers = headers;
-    this.facts = { connectId: deps.nextConnectId(), startedAt: performance.now(), authorised: false };
+    this.facts = { connectId: deps.nextConnectId(), startedAt: performance.now(), authorised: false, client: session.client };
     if (session.identity) {
       this.facts.identity = session.identity.identity;
       this.facts.spkiFingerprint = session.identity.fingerprint;

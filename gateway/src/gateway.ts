@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { createSecureServer, type Http2SecureServer, type IncomingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Server } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
@@ -20,6 +20,7 @@ import { LookupQueue } from './lookups.js';
 import { GatewayMetrics } from './metrics.js';
 import { OutcomeRecorder } from './outcome.js';
 import { RegistryClient } from './registry-client.js';
+import { ProxyFront } from './proxy-front.js';
 import { PolicyEnforcer } from './revocation.js';
 import { loadServerCredentials, TLS_CONTEXT_OPTIONS, type ServerCredentials } from './server-credentials.js';
 import { SessionGuard } from './sessions.js';
@@ -87,6 +88,8 @@ export interface Gateway {
   readonly openSessions: number;
   readonly registry: RegistryClient;
   readonly server: Http2SecureServer;
+  /** The PROXY protocol listener in front of `server` (undefined without `[server] proxy_protocol_from`). */
+  readonly proxyFront: ProxyFront | undefined;
   /** Undefined when the admin listener is disabled: then no metric is kept at all. */
   readonly metrics: GatewayMetrics | undefined;
   /** Undefined when `[audit] enabled = false`. */
@@ -99,7 +102,8 @@ export interface Gateway {
 
 export function createGateway(config: GatewayConfig, options: GatewayOptions = {}): Gateway {
   const log = options.logger ?? createLogger({ filter: config.observability.log_level });
-  const registry = new RegistryClient(config.policy, log);
+  // The feed and metrics are built below; these run only once lookups start.
+  const registry: RegistryClient = new RegistryClient(config.policy, log, { knownCounter: (): bigint | undefined => feed.knownCounter, standbyOutcome: (outcome) => metrics?.standbyLookup(outcome) });
   const lookups = new LookupQueue((request) => registry.authorize(request), {
     concurrency: config.policy.max_connections,
     maxQueued: config.policy.lookup_queue_size,
@@ -121,6 +125,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   const connectIdPrefix = randomBytes(6).toString('hex');
   let connectSeq = 0;
   let closing = false;
+  /** /readyz says 503 (the balancer's cue); CONNECTs are still served until `closing`. */
+  let draining = false;
   let address: AddressInfo | undefined;
   let admin: AdminServer | undefined;
   let tracing: GatewayTracing | undefined;
@@ -148,7 +154,10 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           tunnels: () => tunnels,
           lookups: () => ({ queued: lookups.queued, running: lookups.running }),
           feed: () => feed,
-          pools: () => [{ pool: 'registry', ...registry.poolStats }, ...(audit ? [{ pool: 'audit', ...audit.poolStats }] : [])],
+          pools: () => {
+            const standby = registry.standbyPoolStats;
+            return [{ pool: 'registry', ...registry.poolStats }, ...(standby ? [{ pool: 'standby', ...standby }] : []), ...(audit ? [{ pool: 'audit', ...audit.poolStats }] : [])];
+          },
           audit: () => audit?.stats,
         },
       )
@@ -196,8 +205,21 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       enablePush: false,
     },
   });
+  // With trusted balancers the PROXY header is read before TLS by a plain TCP listener in front.
+  const front =
+    config.server.proxyProtocolFrom.length > 0
+      ? new ProxyFront({
+          trusted: config.server.proxyProtocolFrom,
+          timeoutMs: () => limits.handshake_timeout_ms,
+          handOff: (socket) => server.emit('connection', socket),
+          refused: (reason) => metrics?.proxyProtocolRefused(reason),
+          log,
+        })
+      : undefined;
+  /** The socket that accepts: the PROXY front, or the TLS server itself. */
+  const listener: Server = front?.server ?? server;
   // Refused at accept past the cap; hostile connections are reaped by the deadlines in sessions.ts.
-  server.maxConnections = limits.max_connections > 0 ? limits.max_connections : Infinity;
+  listener.maxConnections = limits.max_connections > 0 ? limits.max_connections : Infinity;
 
   server.on('unknownProtocol', (socket: TLSSocket) => socket.destroy());
   server.on('tlsClientError', (error: NodeJS.ErrnoException) => {
@@ -208,7 +230,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
 
   server.on('session', (session: ServerHttp2Session) => {
-    sessions.adopt(session, config.server.session_window_bytes, config.server.max_session_age_ms);
+    const socket = session.socket;
+    const client = front?.clientOf(socket) ?? { address: socket.remoteAddress ?? '', port: socket.remotePort ?? 0 };
+    sessions.adopt(session, config.server.session_window_bytes, config.server.max_session_age_ms, client);
     if (closing) session.close();
   });
 
@@ -231,7 +255,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
 
   async function readiness(): Promise<Readiness> {
-    if (closing) return { ready: false, body: { status: 'shutting_down' } };
+    if (draining) return { ready: false, body: { status: 'shutting_down' } };
     if (!address) return { ready: false, body: { status: 'starting' } };
     const state = await registry.readiness();
     if (state.ready) return { ready: true, body: { status: 'ready', registry: 'ok', schema_version: SCHEMA_VERSION } };
@@ -242,7 +266,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   function applyLimits(next: GatewayConfig['limits']): string[] {
     const changed = (Object.keys(next) as (keyof typeof next)[]).filter((key) => next[key] !== limits[key]);
     limiter.update(next);
-    server.maxConnections = next.max_connections > 0 ? next.max_connections : Infinity;
+    listener.maxConnections = next.max_connections > 0 ? next.max_connections : Infinity;
     if (next.max_streams_per_session !== limits.max_streams_per_session) {
       // New sessions get the new SETTINGS; open sessions keep theirs (changing them mid-flight
       // could refuse streams the client already counted on).
@@ -261,7 +285,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         if (differs((config[section] as Record<string, unknown>)[key], (next[section] as Record<string, unknown>)[key])) keys.push(`${section}.${key}`);
       }
     }
-    for (const key of ['listen_addr', 'shutdown_grace_ms'] as const) if (config.server[key] !== next.server[key]) keys.push(`server.${key}`);
+    for (const key of ['listen_addr', 'shutdown_grace_ms', 'drain_delay_ms', 'proxy_protocol_from'] as const) if (differs(config.server[key], next.server[key])) keys.push(`server.${key}`);
     if (differs([...config.resolve], [...next.resolve])) keys.push('resolve');
     // Node fixes the handshake timeout when the server is created.
     if (next.limits.handshake_timeout_ms !== config.limits.handshake_timeout_ms) keys.push('limits.handshake_timeout_ms');
@@ -270,9 +294,15 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
 
   let stopped: Promise<void> | undefined;
   async function stop(graceMs: number): Promise<void> {
+    draining = true;
+    if (config.server.drain_delay_ms > 0 && listener.listening) {
+      log.info({ event: 'draining', drain_delay_ms: config.server.drain_delay_ms }, 'not ready: waiting for the balancer to stop sending new connections');
+      await new Promise((resolve) => setTimeout(resolve, config.server.drain_delay_ms));
+    }
     closing = true;
-    const wasListening = server.listening;
-    const serverClosed = new Promise<void>((resolve) => server.close(() => resolve()));
+    const wasListening = listener.listening;
+    const serverClosed = new Promise<void>((resolve) => listener.close(() => resolve()));
+    if (front) server.close();
     // GOAWAY: open streams finish, new ones are refused by the client.
     sessions.closeAll();
     const deadline = setTimeout(() => {
@@ -313,9 +343,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         await feed.start();
         const { host, port } = parseListenAddress(config.server.listen_addr);
         await new Promise<void>((resolve, reject) => {
-          server.once('error', reject);
-          server.listen(port, host, () => {
-            server.removeListener('error', reject);
+          listener.once('error', reject);
+          listener.listen(port, host, () => {
+            listener.removeListener('error', reject);
             resolve();
           });
         });
@@ -324,7 +354,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         admin = undefined;
         throw error;
       }
-      address = server.address() as AddressInfo;
+      address = listener.address() as AddressInfo;
       log.info({ event: 'listening', address: `${address.address}:${address.port}`, certificate_fingerprint: credentials.fingerprint }, 'agent-gateway listening');
       return address;
     },
@@ -390,6 +420,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     },
     registry,
     server,
+    proxyFront: front,
     metrics,
     audit,
   };

@@ -1,4 +1,6 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { ProxyRefusal } from './proxy-protocol.js';
+import type { StandbyOutcome } from './registry-client.js';
 import type { OpenTunnel } from './tunnels.js';
 
 /**
@@ -44,6 +46,8 @@ export class GatewayMetrics {
   readonly #authorization: Histogram;
   readonly #bytes: Counter;
   readonly #handshakeFailures: Counter;
+  readonly #proxyRefusals: Counter;
+  readonly #standbyLookups: Counter;
   readonly #idleTimeouts: Counter;
   readonly #reloads: Counter;
   readonly #cacheLookups: Counter;
@@ -113,6 +117,18 @@ export class GatewayMetrics {
       name: `${METRIC_PREFIX}tls_handshake_failures_total`,
       help: 'TLS handshakes that failed or timed out (reason="timeout" or "error").',
       labelNames: ['reason'],
+      registers,
+    });
+    this.#proxyRefusals = new Counter({
+      name: `${METRIC_PREFIX}proxy_protocol_refusals_total`,
+      help: 'Connections refused before TLS by the PROXY protocol check ([server] proxy_protocol_from), by reason.',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.#standbyLookups = new Counter({
+      name: `${METRIC_PREFIX}standby_lookups_total`,
+      help: 'Registry lookups meant for the standby ([policy] read_database_url_env): served by it, or sent to the primary because it was behind the change feed, unavailable, or the feed\'s counter was unknown (skipped).',
+      labelNames: ['outcome'],
       registers,
     });
     this.#idleTimeouts = new Counter({
@@ -275,6 +291,14 @@ export class GatewayMetrics {
 
   handshakeFailure(reason: 'timeout' | 'error'): void {
     this.#handshakeFailures.inc({ reason });
+  }
+
+  proxyProtocolRefused(reason: ProxyRefusal): void {
+    this.#proxyRefusals.inc({ reason });
+  }
+
+  standbyLookup(outcome: StandbyOutcome): void {
+    this.#standbyLookups.inc({ outcome });
   }
 
   reload(result: 'success' | 'failure'): void {

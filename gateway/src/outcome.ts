@@ -4,6 +4,7 @@ import { TUNNEL_CLOSED_REASON } from '../../registry/audit-query.js';
 import type { AuditWriter } from './audit.js';
 import { CONNECT_REASONS, denialResponse, dialFailureResponse, type DialErrorType, type ReasonCode, type Response } from '../../core/errors.js';
 import type { GatewayMetrics } from './metrics.js';
+import type { ClientAddress } from './proxy-front.js';
 import type { TunnelStats } from './tunnel.js';
 import type { OpenTunnel } from './tunnels.js';
 
@@ -32,6 +33,8 @@ export function statusOf(outcome: Outcome): number {
 export interface ConnectFacts {
   readonly connectId: string;
   readonly startedAt: number;
+  /** The agent's address (behind a trusted balancer, the one its PROXY header gave). */
+  readonly client: ClientAddress;
   traceId?: string;
   identity?: string;
   spkiFingerprint?: string;
@@ -70,6 +73,8 @@ export class OutcomeRecorder {
       event: 'connect_decision',
       connect_id: facts.connectId,
       ...(facts.traceId ? { trace_id: facts.traceId } : {}),
+      client_address: facts.client.address,
+      client_port: facts.client.port,
       ...(facts.identity !== undefined ? { identity: facts.identity } : {}),
       ...(facts.spkiFingerprint ? { spki_fingerprint: facts.spkiFingerprint } : {}),
       ...(facts.destination ? { destination: facts.destination } : {}),
@@ -99,12 +104,16 @@ export class OutcomeRecorder {
       permission_id: facts.permissionId,
       trace_id: facts.traceId,
       connect_id: facts.connectId,
+      client_address: facts.client.address,
+      client_port: facts.client.port,
     });
     const span = facts.span;
     if (span) {
       span.setAttributes({
         'http.response.status_code': status,
         'agent_gateway.reason': outcome.reason,
+        'client.address': facts.client.address,
+        'client.port': facts.client.port,
         ...(facts.identity ? { 'agent_gateway.identity': facts.identity } : {}),
         ...(facts.destination ? { 'agent_gateway.destination': facts.destination } : {}),
         ...(facts.permissionId ? { 'agent_gateway.permission_id': facts.permissionId } : {}),
@@ -131,6 +140,8 @@ export class OutcomeRecorder {
         event: 'tunnel_closed',
         connect_id: facts.connectId,
         ...(facts.traceId ? { trace_id: facts.traceId } : {}),
+        client_address: facts.client.address,
+        client_port: facts.client.port,
         identity: facts.identity,
         spki_fingerprint: facts.spkiFingerprint,
         destination: facts.destination,
@@ -156,6 +167,8 @@ export class OutcomeRecorder {
       duration_ms: Math.round(stats.durationMs * 1000) / 1000,
       trace_id: facts.traceId,
       connect_id: facts.connectId,
+      client_address: facts.client.address,
+      client_port: facts.client.port,
     });
   }
 }

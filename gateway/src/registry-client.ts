@@ -3,9 +3,26 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { authorize, PrincipalKeyCache, type AuthorizationRequest, type AuthorizationResult } from '../../registry/authorize.js';
 import { RegistryUnavailableError, SchemaVersionError } from '../../registry/errors.js';
-import { CANDIDATE_ROWS_QUERY, CHANGE_COUNTER_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
+import { CANDIDATE_ROWS_QUERY, CANDIDATE_ROWS_WITH_COUNTER_QUERY, CHANGE_COUNTER_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
 import type { GatewayConfig } from './config.js';
 import { redactUrl } from './logger.js';
+
+/**
+ * What became of a lookup meant for the standby (metric label): `served` by it; sent to the
+ * primary because the standby was `behind` the change feed, `unavailable` (error, or backing off
+ * after one), or `skipped` (the feed's newest counter is not known, so no standby read can be
+ * shown fresh).
+ */
+export type StandbyOutcome = 'served' | 'behind' | 'unavailable' | 'skipped';
+
+export interface RegistryClientOptions {
+  /** The change feed's newest counter (ChangeFeed.knownCounter); standby reads must reach it. */
+  readonly knownCounter?: () => bigint | undefined;
+  readonly standbyOutcome?: (outcome: StandbyOutcome) => void;
+}
+
+const STANDBY_BACKOFF_INITIAL_MS = 1000;
+const STANDBY_BACKOFF_MAX_MS = 30_000;
 
 /** /readyz's view of the registry. */
 export type RegistryReadiness = { readonly ready: true } | { readonly ready: false; readonly reason: 'unavailable' | 'schema_mismatch'; readonly message: string };
@@ -16,15 +33,29 @@ export type RegistryReadiness = { readonly ready: true } | { readonly ready: fal
  */
 export class RegistryClient {
   readonly #pool: pg.Pool;
+  /** `[policy] read_database_url_env`: lookups go here first (DESIGN §9g). */
+  readonly #standby: pg.Pool | undefined;
+  readonly #knownCounter: () => bigint | undefined;
+  readonly #standbyOutcome: (outcome: StandbyOutcome) => void;
+  #standbyFailures = 0;
+  #standbyRetryAt = 0;
   readonly #keys = new PrincipalKeyCache();
   readonly #log: Logger;
   readonly #policy: GatewayConfig['policy'];
 
-  constructor(policy: GatewayConfig['policy'], log: Logger) {
+  constructor(policy: GatewayConfig['policy'], log: Logger, options: RegistryClientOptions = {}) {
     this.#policy = policy;
     this.#log = log;
-    this.#pool = new pg.Pool({
-      connectionString: policy.databaseUrl,
+    this.#knownCounter = options.knownCounter ?? (() => undefined);
+    this.#standbyOutcome = options.standbyOutcome ?? (() => {});
+    this.#pool = this.#newPool(policy.databaseUrl, 'agent-gateway');
+    this.#standby = policy.readDatabaseUrl === undefined ? undefined : this.#newPool(policy.readDatabaseUrl, 'agent-gateway-standby');
+  }
+
+  #newPool(connectionString: string, applicationName: string): pg.Pool {
+    const policy = this.#policy;
+    const pool = new pg.Pool({
+      connectionString,
       max: policy.max_connections,
       // pg uses one timeout for waiting on the pool and for opening a connection inside that wait.
       connectionTimeoutMillis: Math.min(policy.pool_acquire_timeout_ms, policy.connect_timeout_ms),
@@ -32,14 +63,17 @@ export class RegistryClient {
       statement_timeout: policy.query_timeout_ms,
       idleTimeoutMillis: 30_000,
       keepAlive: true,
-      application_name: 'agent-gateway',
+      application_name: applicationName,
     });
     // An idle client whose server went away emits here; without a listener it would crash the process.
-    this.#pool.on('error', (error) => this.#log.warn({ err: error.message }, 'registry connection lost'));
+    pool.on('error', (error) => this.#log.warn({ err: error.message, pool: applicationName }, 'registry connection lost'));
+    return pool;
   }
 
-  /** Rows for (identity, destination), or RegistryUnavailableError. */
+  /** Rows for (identity, destination): from the standby when it is fresh enough, else the primary; or RegistryUnavailableError. */
   async candidateRows(request: AuthorizationRequest): Promise<unknown[]> {
+    const fromStandby = this.#standby ? await this.#standbyRows(this.#standby, request) : undefined;
+    if (fromStandby) return fromStandby;
     try {
       const result = await this.#pool.query({
         name: 'agent_gateway_candidate_rows',
@@ -50,6 +84,48 @@ export class RegistryClient {
     } catch (error) {
       throw new RegistryUnavailableError(`registry lookup failed: ${(error as Error).message}`, { cause: error });
     }
+  }
+
+  /**
+   * The standby's rows, only when its snapshot has replayed at least the newest change the feed
+   * (which follows the primary) has seen: otherwise a revocation the feed already knows of could
+   * be read as still allowed, and cached. Undefined sends the lookup to the primary.
+   */
+  async #standbyRows(standby: pg.Pool, request: AuthorizationRequest): Promise<unknown[] | undefined> {
+    const known = this.#knownCounter();
+    if (known === undefined) {
+      this.#standbyOutcome('skipped');
+      return undefined;
+    }
+    if (performance.now() < this.#standbyRetryAt) {
+      this.#standbyOutcome('unavailable');
+      return undefined;
+    }
+    let rows: Record<string, unknown>[];
+    try {
+      rows = (
+        await standby.query({
+          name: 'agent_gateway_candidate_rows_with_counter',
+          text: CANDIDATE_ROWS_WITH_COUNTER_QUERY,
+          values: [request.identity, request.destination, Buffer.from(request.spkiDer)],
+        })
+      ).rows as Record<string, unknown>[];
+      if (rows.length === 0) throw new Error('registry_changes has no row');
+    } catch (error) {
+      const backoff = Math.min(STANDBY_BACKOFF_MAX_MS, STANDBY_BACKOFF_INITIAL_MS * 2 ** this.#standbyFailures++);
+      this.#standbyRetryAt = performance.now() + backoff;
+      this.#log.warn({ event: 'standby_unavailable', err: (error as Error).message, retry_in_ms: backoff }, 'registry standby unavailable: lookups go to the primary');
+      this.#standbyOutcome('unavailable');
+      return undefined;
+    }
+    if (this.#standbyFailures > 0) this.#log.info({ event: 'standby_available' }, 'registry standby answering again');
+    this.#standbyFailures = 0;
+    if (BigInt(rows[0]!.change_counter as string) < known) {
+      this.#standbyOutcome('behind');
+      return undefined;
+    }
+    this.#standbyOutcome('served');
+    return rows.filter((row) => row.permission_id !== null);
   }
 
   /** The spec's checks 3–5: one indexed query, then signature verification in process. */
@@ -126,7 +202,14 @@ export class RegistryClient {
     return { total: this.#pool.totalCount, idle: this.#pool.idleCount, waiting: this.#pool.waitingCount };
   }
 
+  /** Undefined without a standby. */
+  get standbyPoolStats(): { total: number; idle: number; waiting: number } | undefined {
+    const pool = this.#standby;
+    return pool && { total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount };
+  }
+
   async close(): Promise<void> {
+    await this.#standby?.end();
     await this.#pool.end();
   }
 }

@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import { spkiFingerprint } from '../../registry/ecdsa.js';
 import { readPeerIdentity } from '../../registry/identity.js';
 import type { GatewayConfig } from './config.js';
+import type { ClientAddress } from './proxy-front.js';
 import type { GatewayTracing } from './tracing.js';
 import { TUNNEL_LINGER_MS } from './tunnel.js';
 
@@ -26,6 +27,8 @@ export interface PeerSession {
   readonly identityError: string | undefined;
   readonly fingerprint: string | undefined;
   readonly span: Span | undefined;
+  /** The agent's address: the TCP peer, or what a trusted balancer's PROXY header said. */
+  readonly client: ClientAddress;
   /**
    * A CONNECT on this session was answered; `allowed` when it got a tunnel. Sessions that were
    * never allowed anything live on short deadlines (see SessionGuard).
@@ -81,7 +84,7 @@ export class SessionGuard {
   }
 
   /** Takes charge of a new session; returns its state. */
-  adopt(session: ServerHttp2Session, sessionWindowBytes: number, maxAgeMs = 0): PeerSession {
+  adopt(session: ServerHttp2Session, sessionWindowBytes: number, maxAgeMs: number, client: ClientAddress): PeerSession {
     const limits = this.#limits();
     // Node destroys a session on error; without a listener the error would end the process.
     session.on('error', (error) => this.#log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'session error'));
@@ -105,6 +108,8 @@ export class SessionGuard {
         attributes: {
           'network.peer.address': socket.remoteAddress ?? '',
           'network.peer.port': socket.remotePort ?? 0,
+          'client.address': client.address,
+          'client.port': client.port,
           'tls.protocol.version': socket.getProtocol() ?? '',
           'agent_gateway.identity_ok': peer.identity !== undefined,
           ...(peer.identity ? { 'agent_gateway.identity': peer.identity.identity } : { 'agent_gateway.identity_error': peer.identityError ?? '' }),
@@ -115,6 +120,7 @@ export class SessionGuard {
     const state: SessionState = {
       ...peer,
       span,
+      client,
       openStreams: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,

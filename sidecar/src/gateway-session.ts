@@ -1,6 +1,7 @@
 import { EventEmitter, once } from 'node:events';
 import {
   connect as h2connect,
+  constants as h2constants,
   type ClientHttp2Session,
   type ClientHttp2Stream,
   type IncomingHttpHeaders,
@@ -17,6 +18,15 @@ export class GatewayUnavailableError extends AgentGatewayError {
     super('ERR_GATEWAY_UNAVAILABLE', message, options);
   }
 }
+
+/**
+ * The gateway never processed the stream: a GOAWAY crossed it (REFUSED_STREAM, or the session was
+ * already going away when we asked). Sending it again on a new session is safe (RFC 9113 §8.7).
+ */
+class StreamRefusedError extends Error {}
+
+/** Times one CONNECT is re-sent after a refusal (each on a newer session). */
+const REFUSED_RETRIES = 2;
 
 export interface GatewaySessionOptions {
   /** `https://host:port` of the gateway. */
@@ -156,17 +166,46 @@ export class GatewaySession extends EventEmitter {
     return this.#current!;
   }
 
-  /** Opens a CONNECT stream and resolves with the gateway's response headers. */
+  /**
+   * Opens a CONNECT stream and resolves with the gateway's response headers. A stream the gateway
+   * refused unprocessed (a replica draining or rebalancing sent GOAWAY as we asked) goes again
+   * on a new session, so the agent never sees that race.
+   */
   async openTunnel(authority: string, extraHeaders: OutgoingHttpHeaders = {}): Promise<TunnelResponse> {
-    const session = await this.session();
-    const stream = session.request({ ':method': 'CONNECT', ':authority': authority, ...extraHeaders });
+    for (let attempt = 0; ; attempt++) {
+      const session = await this.session();
+      try {
+        return await this.#request(session, authority, extraHeaders);
+      } catch (error) {
+        if (!(error instanceof StreamRefusedError)) throw error;
+        // That session takes no new streams: its open tunnels finish, the next attempt waits for its successor.
+        if (this.#current === session) {
+          this.#current = undefined;
+          session.close();
+        }
+        if (attempt >= REFUSED_RETRIES) throw new GatewayUnavailableError(`gateway refused the stream ${attempt + 1} times: ${error.message}`);
+        this.#options.log.debug({ event: 'connect_retried', err: error.message }, 'CONNECT refused unprocessed: sending it on a new session');
+      }
+    }
+  }
+
+  #request(session: ClientHttp2Session, authority: string, extraHeaders: OutgoingHttpHeaders): Promise<TunnelResponse> {
+    let stream: ClientHttp2Stream;
+    try {
+      stream = session.request({ ':method': 'CONNECT', ':authority': authority, ...extraHeaders });
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'ERR_HTTP2_GOAWAY_SESSION' || code === 'ERR_HTTP2_INVALID_SESSION') return Promise.reject(new StreamRefusedError((error as Error).message));
+      throw error;
+    }
+    const refused = () => stream.rstCode === h2constants.NGHTTP2_REFUSED_STREAM;
     return new Promise((resolve, reject) => {
-      const onClose = () => reject(new GatewayUnavailableError(`gateway closed the stream before answering (code ${stream.rstCode})`));
+      const onClose = () => reject(refused() ? new StreamRefusedError('REFUSED_STREAM') : new GatewayUnavailableError(`gateway closed the stream before answering (code ${stream.rstCode})`));
       stream.once('response', (headers) => {
         stream.removeListener('close', onClose);
         resolve({ status: Number(headers[':status']), headers, stream });
       });
-      stream.once('error', (error) => reject(new GatewayUnavailableError(`CONNECT stream failed: ${error.message}`, { cause: error })));
+      stream.once('error', (error) => reject(refused() ? new StreamRefusedError(error.message) : new GatewayUnavailableError(`CONNECT stream failed: ${error.message}`, { cause: error })));
       stream.once('close', onClose);
     });
   }

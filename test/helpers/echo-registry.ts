@@ -21,15 +21,21 @@ export interface EchoRegistry {
   close(): Promise<void>;
 }
 
-export async function startEchoRegistry(): Promise<EchoRegistry> {
-  const pgServer = await testServer();
-  const databaseUrl = await createDatabase(pgServer.url);
+/** Server TLS, the echo server and org-alice delegated to it, in the migrated registry at `databaseUrl`. */
+export async function echoDestination(databaseUrl: string): Promise<Pick<EchoRegistry, 'tls' | 'echo' | 'echoAuthority' | 'fixture' | 'alice'>> {
   const tls = await serverTls();
   const echo = await echoServer();
   const echoAuthority = `127.0.0.1:${echo.port}`;
   const fixture = await RegistryFixture.connect(databaseUrl);
   const alice = await fixture.principal('org-alice', { notBefore: at(-DAY) });
   await fixture.delegate(alice.keyId, echoAuthority, { notBefore: at(-DAY) });
+  return { tls, echo, echoAuthority, fixture, alice };
+}
+
+export async function startEchoRegistry(): Promise<EchoRegistry> {
+  const pgServer = await testServer();
+  const databaseUrl = await createDatabase(pgServer.url);
+  const { tls, echo, echoAuthority, fixture, alice } = await echoDestination(databaseUrl);
   return {
     pgServer,
     databaseUrl,

@@ -15,18 +15,21 @@ export interface GatewayProcess {
   readonly lines: Record<string, unknown>[];
   /** True while the process runs. */
   alive(): boolean;
+  /** SIGKILL (a crash); resolves with the exit code once gone. */
   stop(): Promise<number | null>;
+  /** SIGTERM (a graceful shutdown); resolves with the exit code once gone. */
+  terminate(): Promise<number | null>;
 }
 
 /**
  * The gateway as operators run it: the compiled bin in its own process, from a TOML file. For
  * cases where a failure would take the test process down with it (a spinning event loop).
  */
-export async function startGatewayProcess(config: Record<string, unknown>): Promise<GatewayProcess> {
+export async function startGatewayProcess(config: Record<string, unknown>, env: Record<string, string> = {}): Promise<GatewayProcess> {
   const dir = mkdtempSync(join(tmpdir(), 'agw-proc-'));
   const path = join(dir, 'config.toml');
   writeFileSync(path, stringify(config));
-  const child = spawn(process.execPath, [BIN, '--config', path], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, AGENT_GATEWAY_LOG_STDOUT: 'true' } });
+  const child = spawn(process.execPath, [BIN, '--config', path], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env, AGENT_GATEWAY_LOG_STDOUT: 'true' } });
   const lines: Record<string, unknown>[] = [];
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
@@ -59,6 +62,12 @@ export async function startGatewayProcess(config: Record<string, unknown>): Prom
     alive: () => !exited,
     async stop() {
       if (!exited) child.kill('SIGKILL');
+      const code = await exit;
+      rmSync(dir, { recursive: true, force: true });
+      return code;
+    },
+    async terminate() {
+      if (!exited) child.kill('SIGTERM');
       const code = await exit;
       rmSync(dir, { recursive: true, force: true });
       return code;

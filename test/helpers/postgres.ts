@@ -74,10 +74,29 @@ export class TestCluster {
   }
 
   static async start(): Promise<TestCluster> {
+    const dir = TestCluster.#newDir();
+    run([join(PG_BIN, 'initdb'), '-D', join(dir, 'data'), '-U', 'postgres', '-A', 'trust', '-E', 'UTF8', '--locale=C.UTF-8', '--no-sync']);
+    return TestCluster.#started(dir);
+  }
+
+  /**
+   * A streaming standby of this cluster, made the way operators make one: pg_basebackup -R (it
+   * writes standby.signal and primary_conninfo). Read-only; replays this cluster's WAL.
+   */
+  async startStandby(): Promise<TestCluster> {
+    const dir = TestCluster.#newDir();
+    run([join(PG_BIN, 'pg_basebackup'), '-h', '127.0.0.1', '-p', String(this.port), '-U', 'postgres', '-D', join(dir, 'data'), '-R', '-X', 'stream', '--no-sync', '-c', 'fast']);
+    return TestCluster.#started(dir);
+  }
+
+  static #newDir(): string {
     if (!PG_BIN) throw new Error('PostgreSQL server binaries not found under /usr/lib/postgresql: run scripts/setup.sh');
     const dir = mkdtempSync(join(tmpdir(), 'agw-pg-'));
     if (process.getuid?.() === 0) chownSync(dir, Number(execFileSync('id', ['-u', 'postgres']).toString()), Number(execFileSync('id', ['-g', 'postgres']).toString()));
-    run([join(PG_BIN, 'initdb'), '-D', join(dir, 'data'), '-U', 'postgres', '-A', 'trust', '-E', 'UTF8', '--locale=C.UTF-8', '--no-sync']);
+    return dir;
+  }
+
+  static async #started(dir: string): Promise<TestCluster> {
     const cluster = new TestCluster(dir, await freePort());
     installCleanup();
     liveClusters.add(cluster);

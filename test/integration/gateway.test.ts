@@ -366,11 +366,11 @@ describe('start-up checks', () => {
     const url = await createDatabase(pgServer.url, { migrate: false });
     execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql')]);
     const other = createGateway(parseConfig(rawConfig(url)), { logger: pino({ level: 'silent' }) });
-    await assert.rejects(other.listen(), { code: 'ERR_SCHEMA_VERSION', message: /schema version is 1, this gateway needs 3 \(run `agent-gateway-registry migrate`/ });
+    await assert.rejects(other.listen(), { code: 'ERR_SCHEMA_VERSION', message: new RegExp(`schema version is 1, this gateway needs ${SCHEMA_VERSION} \\(run \`agent-gateway-registry migrate\``) });
     await other.close(0);
     execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', url, '-f', join(MIGRATIONS_DIR, '0002_registry_change_feed.sql')]);
     const atTwo = createGateway(parseConfig(rawConfig(url)), { logger: pino({ level: 'silent' }) });
-    await assert.rejects(atTwo.listen(), { code: 'ERR_SCHEMA_VERSION', message: /schema version is 2, this gateway needs 3 \(run `agent-gateway-registry migrate`/ });
+    await assert.rejects(atTwo.listen(), { code: 'ERR_SCHEMA_VERSION', message: new RegExp(`schema version is 2, this gateway needs ${SCHEMA_VERSION} \\(run \`agent-gateway-registry migrate\``) });
     await atTwo.close(0);
   });
 

@@ -9,6 +9,7 @@ import { createDatabase, MIGRATIONS_DIR, testServer } from '../helpers/postgres.
 const FILE = join(MIGRATIONS_DIR, '0001_signed_authorization_registry.sql');
 const FEED_FILE = join(MIGRATIONS_DIR, '0002_registry_change_feed.sql');
 const ATTESTATION_FILE = join(MIGRATIONS_DIR, '0003_key_attestations.sql');
+const CLIENT_ADDRESS_FILE = join(MIGRATIONS_DIR, '0004_audit_client_address.sql');
 let pgServer: Awaited<ReturnType<typeof testServer>>;
 before(async () => {
   pgServer = await testServer();
@@ -31,7 +32,7 @@ async function snapshot(url: string) {
   }
 }
 
-test('0001, 0002 then 0003 apply to an empty database with psql -v ON_ERROR_STOP=1, at the version this build needs', async () => {
+test('0001, 0002, 0003 then 0004 apply to an empty database with psql -v ON_ERROR_STOP=1, at the version this build needs', async () => {
   const url = await createDatabase(pgServer.url, { migrate: false });
   const first = psql(url);
   assert.equal(first.status, 0, first.stderr);
@@ -49,12 +50,24 @@ test('0001, 0002 then 0003 apply to an empty database with psql -v ON_ERROR_STOP
   assert.equal(third.status, 0, third.stderr);
   assert.deepEqual(await snapshot(url), {
     tables: ['attestation_challenges', 'audit_log', 'key_attestations', 'permission_registry', 'principal_key_permissions', 'principal_signing_keys', 'registry_changes', 'schema_version'],
-    versions: [SCHEMA_VERSION],
+    versions: [3],
   });
-  assert.equal(SCHEMA_VERSION, 3);
   const again = psql(url, ATTESTATION_FILE);
   assert.notEqual(again.status, 0, 'a second application fails and changes nothing');
   assert.deepEqual((await snapshot(url)).versions, [3]);
+  const fourth = psql(url, CLIENT_ADDRESS_FILE);
+  assert.equal(fourth.status, 0, fourth.stderr);
+  assert.deepEqual((await snapshot(url)).versions, [SCHEMA_VERSION]);
+  assert.equal(SCHEMA_VERSION, 4);
+  assert.notEqual(psql(url, CLIENT_ADDRESS_FILE).status, 0, 'a second application of 0004 fails too');
+  const db = new pg.Client({ connectionString: url });
+  await db.connect();
+  try {
+    const columns = await db.query(`SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'audit_log' AND column_name LIKE 'client_%' ORDER BY 1`);
+    assert.deepEqual(columns.rows, [{ column_name: 'client_address', data_type: 'text' }, { column_name: 'client_port', data_type: 'integer' }]);
+  } finally {
+    await db.end();
+  }
 });
 
 test('0002: every registry write advances the change counter once per statement and notifies, at commit', async () => {

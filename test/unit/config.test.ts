@@ -94,6 +94,25 @@ test('[audit] database_url_env is read from the environment; absent, the policy 
   assert.doesNotThrow(() => loadConfig(writeConfig(`${valid}\n[audit]\nenabled = false\ndatabase_url_env = "AUDIT_DB"\n`), {}));
 });
 
+test('[server] proxy_protocol_from, drain_delay_ms and [policy] read_database_url_env (DESIGN §9g)', () => {
+  const plain = loadConfig(writeConfig(valid));
+  assert.deepEqual([plain.server.proxy_protocol_from, plain.server.proxyProtocolFrom, plain.server.drain_delay_ms, plain.policy.readDatabaseUrl], [[], [], 0, undefined]);
+  const text = valid
+    .replace('tls_key_path = "certs/server-key.pem"', 'tls_key_path = "certs/server-key.pem"\nproxy_protocol_from = ["10.0.0.5/32", "fd00::/8"]\ndrain_delay_ms = 1500')
+    .replace('[policy]', '[policy]\nread_database_url_env = "STANDBY_DB"');
+  const config = loadConfig(writeConfig(text), { STANDBY_DB: 'postgres://gw@standby.internal/registry' });
+  assert.equal(config.server.proxyProtocolFrom.length, 2);
+  assert.equal(config.server.drain_delay_ms, 1500);
+  assert.equal(config.policy.readDatabaseUrl, 'postgres://gw@standby.internal/registry');
+  assert.throws(() => loadConfig(writeConfig(text), {}), { code: 'ERR_CONFIG', message: /policy\.read_database_url_env: environment variable STANDBY_DB is not set/ });
+  assert.throws(() => loadConfig(writeConfig(text), { STANDBY_DB: 'mysql://x@y/z' }), { code: 'ERR_CONFIG', message: /policy\.read_database_url_env: STANDBY_DB must be a postgres/ });
+  assert.throws(() => loadConfig(writeConfig(valid.replace('[policy]', '[policy]\nread_database_url_env = "not a name"')), {}), { code: 'ERR_CONFIG', message: /policy\.read_database_url_env: must be an environment variable name/ });
+  assert.throws(
+    () => loadConfig(writeConfig(valid.replace('tls_key_path = "certs/server-key.pem"', 'tls_key_path = "certs/server-key.pem"\nproxy_protocol_from = ["balancer.internal"]')), {}),
+    { code: 'ERR_CONFIG', message: /server\.proxy_protocol_from\.0: must be a CIDR/ },
+  );
+});
+
 const errors: { name: string; text: string | null; message: RegExp }[] = [
   { name: 'negative rate', text: `${valid}\n[limits]\nconnect_rate_per_second = -1\n`, message: /limits\.connect_rate_per_second/ },
   { name: 'zero burst', text: `${valid}\n[limits]\nconnect_rate_per_second = 1\nconnect_burst = 0\n`, message: /limits\.connect_burst/ },

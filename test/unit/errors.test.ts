@@ -55,6 +55,8 @@ const FOREIGN_CODES = new Set([
   'ERR_OSSL_PIN_INCORRECT', // libp11 engine, mapped to ERR_TLS_IDENTITY_PIN_INCORRECT (sidecar)
   'ERR_OSSL_PIN_LOCKED', // libp11 engine, mapped to ERR_TLS_IDENTITY_PIN_LOCKED (sidecar)
   'ERR_OSSL_OBJECT_NOT_FOUND', // libp11 engine, mapped to ERR_TLS_IDENTITY_KEY_NOT_FOUND (sidecar)
+  'ERR_HTTP2_GOAWAY_SESSION', // node:http2, a CONNECT not sent because the session is going away: re-sent (sidecar)
+  'ERR_HTTP2_INVALID_SESSION', // node:http2, the same on a session already destroyed (sidecar)
 ]);
 
 /**
