@@ -217,8 +217,11 @@ test('rotate agent-alpha: new key, rows re-signed, old session drained, old rows
   assert.notEqual(readFileSync(join(dir, 'state/agents/agent-alpha/machine-client.pem'), 'utf8'), before, 'machine-client.pem presents the new key');
   const docs = await agent('run', 'agent-alpha', '--', 'curl', '-sS', '--fail', '--max-time', '15', 'https://docstore/documents');
   assert.match(docs.stdout, /"documents"/);
-  const { stdout } = await run('psql', ['-X', '-tA', '-d', `postgres://agent_gateway_admin:agent-gateway-demo@127.0.0.1:${ports.pg}/agent_gateway`, '-c', "SELECT count(DISTINCT subject_public_key_spki_der) FILTER (WHERE revoked_at IS NULL) || ' ' || count(*) FILTER (WHERE revoked_at IS NOT NULL) FROM permission_registry WHERE subject_identity = 'agent-alpha'"], { env });
-  assert.equal(stdout.trim(), '1 2', 'one active key; the old key\'s two rows revoked');
+  const { stdout } = await run('psql', ['-X', '-tA', '-d', `postgres://agent_gateway_admin:agent-gateway-demo@127.0.0.1:${ports.pg}/agent_gateway`, '-c', "SELECT count(DISTINCT subject_public_key_spki_der) FILTER (WHERE revoked_at IS NULL) || ' ' || count(*) FILTER (WHERE revoked_at IS NULL) || ' ' || count(*) FILTER (WHERE revoked_at IS NOT NULL) FROM permission_registry WHERE subject_identity = 'agent-alpha'"], { env });
+  const [activeKeys = 0, active = 0, revoked = 0] = stdout.trim().split(' ').map(Number);
+  assert.equal(activeKeys, 1, 'one active key');
+  assert.ok(active >= 2, `the new key holds the old key's rows (${active})`);
+  assert.equal(revoked, active, 'each of the old key\'s rows revoked');
 });
 
 test('agent-beta with only messaging: docstore refused with 403 at CONNECT, messaging 200', { timeout: 120_000 }, async () => {
@@ -287,7 +290,9 @@ test('setup never re-grants what an operator revoked: a delegation, a permission
   const { stdout } = await registry('--json', 'list');
   const listed = JSON.parse(stdout) as { scopes: { destination: string; state: string }[]; permissions: { identity: string; destination: string; state: string }[] };
   assert.equal(listed.scopes.find((row) => row.destination === 'messaging:443')?.state, 'revoked');
-  assert.deepEqual(listed.permissions.filter((row) => row.identity === 'agent-alpha' && row.destination === 'docstore:443').map((row) => row.state), ['revoked']);
+  // Every docstore row agent-alpha ever held (one per key, since rotation) stays revoked.
+  const docstoreRows = listed.permissions.filter((row) => row.identity === 'agent-alpha' && row.destination === 'docstore:443').map((row) => row.state);
+  assert.ok(docstoreRows.length >= 1 && docstoreRows.every((state) => state === 'revoked'), docstoreRows.join(','));
   const refused = await failure(agent('run', 'agent-alpha', '--', 'curl', '-sS', '--max-time', '15', 'https://docstore/documents'));
   assert.equal(refused.code, 56);
 });
