@@ -4,6 +4,8 @@
 #   demo/demo-agent.sh create [--identity ID] [--grant DEST]...   prints the new agent's handle
 #   demo/demo-agent.sh run HANDLE [--no-isolation] -- CMD [ARGS...]  CMD whose only way out is the sidecar
 #   demo/demo-agent.sh prompt HANDLE --prompt TEXT                 Claude Code through the sidecar
+#   demo/demo-agent.sh env HANDLE                                  exports for an agent's shell (proxy, CA)
+#   demo/demo-agent.sh list                                        every agent: state, port, certificate
 #   demo/demo-agent.sh start HANDLE                                restart its swtpm and sidecar
 #   demo/demo-agent.sh rotate HANDLE                               new TPM key, rows re-signed, no tunnel dropped
 #   demo/demo-agent.sh delete HANDLE                               stop it, revoke its rows, remove its state
@@ -13,12 +15,14 @@ set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+# The comment block at the top is the usage text.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+usage_error() { usage >&2; exit 2; }
 
 agent_dir() { echo "$AGENTS_DIR/$1"; }
 
 require_agent() {
-  [ -n "${1:-}" ] || usage
+  [ -n "${1:-}" ] || usage_error
   [[ "$1" =~ ^[A-Za-z0-9._-]{1,64}$ ]] || die "invalid handle '$1'"
   [ -d "$(agent_dir "$1")" ] || die "no agent '$1' (create it with: demo/demo-agent.sh create --identity $1)"
 }
@@ -68,7 +72,7 @@ cmd_create() {
     case "$1" in
       --identity) identity="${2:?--identity needs a value}"; shift 2 ;;
       --grant) grants+=("${2:?--grant needs a destination}"); shift 2 ;;
-      -h|--help) usage ;;
+      -h|--help) usage; exit 0 ;;
       *) die "create: unknown argument '$1'" ;;
     esac
   done
@@ -76,6 +80,10 @@ cmd_create() {
   dir="$(agent_dir "$identity")"
   [ -d "$dir" ] && die "agent '$identity' exists already (delete it first)"
   mkdir -p "$dir"
+  # A create that fails half-way (a grant outside the principal's scope, a TPM that did not start)
+  # leaves nothing behind: no swtpm, no sidecar, no state, so the same create can be retried.
+  # shellcheck disable=SC2064
+  trap "rollback_create '$identity'" EXIT
   echo "$identity" >"$dir/identity"
   # The first agent takes the spec's port (2321, control 2322); later ones the next free pair.
   free_port_pair "$AGENT_SWTPM_PORT" >"$dir/swtpm-port"
@@ -93,17 +101,69 @@ cmd_create() {
     principal_cli "$ROOT/registry-cli/agent-permissions.sh" grant --principal "$PRINCIPAL" \
       --identity "$identity" --cert "$dir/machine-client.pem" "${args[@]}" >/dev/null
   fi
+  trap - EXIT
   say "agent $identity: sidecar on 127.0.0.1:$(cat "$dir/port"), key TPM-attested, grants: ${grants[*]:-none}"
   echo "$identity"
 }
 
+rollback_create() {
+  local status=$? handle=$1
+  [ "$status" -ne 0 ] || return 0
+  stop_pid "$handle-sidecar"
+  tpm_stop "$handle"
+  rm -rf "$(agent_dir "$handle")"
+  say "agent $handle: create failed; stopped what it started and removed its state"
+  exit "$status"
+}
+
+# The CA bundle agents verify destinations with: the mock CA and the system's roots (so a granted
+# real destination verifies too), rebuilt whenever the mock CA is newer.
+ca_bundle() {
+  local bundle="$AGENT_STATE/ca-bundle.pem" system=/etc/ssl/certs/ca-certificates.crt tmp
+  if [ ! -s "$bundle" ] || [ ! -s "$AGENT_STATE/wgetrc" ] || [ "$CERTS/mock-ca.pem" -nt "$bundle" ]; then
+    # Written aside and renamed: a command starting meanwhile never reads half a bundle.
+    tmp="$(mktemp "$bundle.XXXXXX")"
+    cat "$CERTS/mock-ca.pem" "$([ -r "$system" ] && echo "$system" || echo /dev/null)" >"$tmp"
+    chmod 644 "$tmp"
+    mv "$tmp" "$bundle"
+    tmp="$(mktemp "$AGENT_STATE/wgetrc.XXXXXX")"
+    printf 'ca_certificate = %s\n' "$bundle" >"$tmp"
+    mv "$tmp" "$AGENT_STATE/wgetrc"
+  fi
+  echo "$bundle"
+}
+
 proxy_env() { # HANDLE → prints env assignments for the agent's command only
-  local dir port
+  local dir port bundle
   dir="$(agent_dir "$1")"
   port="$(cat "$dir/port")"
+  bundle="$(ca_bundle)"
+  # Each client's own CA variable, set (not inherited) so that none of them verifies against
+  # another CA than the demo's: curl, OpenSSL-based tools and httpx, Python requests, git, Node,
+  # GnuTLS wget (through its rc file). Node 24's fetch uses the proxy only with NODE_USE_ENV_PROXY.
   printf '%s\n' "HTTPS_PROXY=http://127.0.0.1:$port" "https_proxy=http://127.0.0.1:$port" \
     "HTTP_PROXY=http://127.0.0.1:$port" "http_proxy=http://127.0.0.1:$port" "NO_PROXY=" "no_proxy=" \
-    "CURL_CA_BUNDLE=$CERTS/mock-ca.pem" "SSL_CERT_FILE=$CERTS/mock-ca.pem" "NODE_EXTRA_CA_CERTS=$CERTS/mock-ca.pem"
+    "CURL_CA_BUNDLE=$bundle" "SSL_CERT_FILE=$bundle" "SSL_CERT_DIR=" "REQUESTS_CA_BUNDLE=$bundle" \
+    "GIT_SSL_CAINFO=$bundle" "NODE_EXTRA_CA_CERTS=$bundle" "NODE_USE_ENV_PROXY=1" "WGETRC=$AGENT_STATE/wgetrc"
+}
+
+cmd_env() {
+  local handle=${1:-} line
+  require_agent "$handle"
+  pid_alive "$(pid_of "$handle-sidecar")" || start_agent "$handle"
+  printf '# agent %s: its sidecar as proxy and the demo CA, for this shell only\n' "$handle"
+  while IFS= read -r line; do printf 'export %s=%q\n' "${line%%=*}" "${line#*=}"; done < <(proxy_env "$handle")
+}
+
+cmd_list() {
+  local dir handle state
+  printf '%-20s %-8s %-16s %s\n' HANDLE STATE PROXY CERTIFICATE
+  for dir in "$AGENTS_DIR"/*/; do
+    [ -d "$dir" ] || continue
+    handle="$(basename "$dir")"
+    if pid_alive "$(pid_of "$handle-sidecar")"; then state=running; else state=stopped; fi
+    printf '%-20s %-8s %-16s %s\n' "$handle" "$state" "127.0.0.1:$(cat "$dir/port" 2>/dev/null || echo '?')" "${dir}machine-client.pem"
+  done
 }
 
 # CMD runs in its own network namespace (agent-gateway-sidecar run) whose only way out is the
@@ -127,19 +187,97 @@ cmd_run() {
   exec env "${envs[@]}" "$@"
 }
 
+# Claude Code comes from the npm registry on first use, pinned, outside the clone: ~385 MB that a
+# teardown or a fresh clone (CI) must not download again. Its postinstall (which only links the
+# platform binary) is not run (allowScripts would block it anyway), so the platform package's
+# binary is run directly.
+CLAUDE_CODE_VERSION=2.1.332
+# Read by prompt only, so that the other commands run without HOME (CI, service accounts).
+claude_code_dir() {
+  local cache="${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}"
+  [ -n "${AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR:-}$cache" ] || die "prompt: HOME is not set: set AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR to where Claude Code may be installed"
+  echo "${AGENT_GATEWAY_DEMO_CLAUDE_CODE_DIR:-$cache/agent-gateway/claude-code}/$CLAUDE_CODE_VERSION"
+}
+
+claude_code_platform() {
+  local arch libc=""
+  case "$(uname -m)" in x86_64) arch=x64 ;; aarch64|arm64) arch=arm64 ;; *) die "Claude Code has no package for $(uname -m)" ;; esac
+  ldd --version 2>&1 | grep -qi musl && libc=-musl
+  echo "linux-$arch$libc"
+}
+
+# Prints the path of the Claude Code binary, installing it first when needed (progress on stderr).
+claude_code_bin() {
+  # Called as $(claude_code_bin), where bash drops errexit: any failed step must stop the install.
+  set -e
+  local bin started CLAUDE_CODE_DIR
+  CLAUDE_CODE_DIR="$(claude_code_dir)" || exit 1
+  bin="$CLAUDE_CODE_DIR/node_modules/@anthropic-ai/claude-code-$(claude_code_platform)/claude"
+  if [ ! -x "$bin" ]; then
+    mkdir -p "$(dirname "$CLAUDE_CODE_DIR")"
+    # One installer at a time; a second prompt waits for it, then finds the binary.
+    exec 9>"$CLAUDE_CODE_DIR.lock"
+    flock 9
+    if [ ! -x "$bin" ]; then
+      say "Claude Code $CLAUDE_CODE_VERSION: installing from the npm registry into $CLAUDE_CODE_DIR (~385 MB, once)..."
+      started=$SECONDS
+      rm -rf "$CLAUDE_CODE_DIR.partial"
+      mkdir -p "$CLAUDE_CODE_DIR.partial"
+      echo '{"private":true}' >"$CLAUDE_CODE_DIR.partial/package.json"
+      # stdout to stderr: npm's progress and summary stay visible, the answer alone goes to stdout.
+      (cd "$CLAUDE_CODE_DIR.partial" && npm install --no-save --no-package-lock --no-audit --no-fund --ignore-scripts --loglevel=http \
+        "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >&2) || die "installing Claude Code failed (see above)"
+      rm -rf "$CLAUDE_CODE_DIR"
+      mv "$CLAUDE_CODE_DIR.partial" "$CLAUDE_CODE_DIR"
+      [ -x "$bin" ] || die "the Claude Code package has no binary at $bin"
+      say "Claude Code $CLAUDE_CODE_VERSION: installed in $((SECONDS - started)) s ($(du -sh "$CLAUDE_CODE_DIR" | cut -f1))"
+    fi
+    exec 9>&-
+  fi
+  echo "$bin"
+}
+
 cmd_prompt() {
-  local handle=${1:-} prompt=""
+  local handle=${1:-} prompt="" dir bin
   require_agent "$handle"
   shift
   while [ $# -gt 0 ]; do
     case "$1" in
       --prompt) prompt="${2:?--prompt needs text}"; shift 2 ;;
+      -h|--help) usage; exit 0 ;;
       *) die "prompt: unknown argument '$1'" ;;
     esac
   done
   [ -n "$prompt" ] || die "prompt: --prompt TEXT is required"
-  command -v claude >/dev/null 2>&1 || die "Claude Code ('claude') is not installed or not in PATH; install and authenticate it, or use: demo/demo-agent.sh run $handle -- curl https://docstore/documents"
-  cmd_run "$handle" -- claude -p "$prompt" --allowedTools "Bash(curl:*)"
+  dir="$(agent_dir "$handle")"
+  # The gateway decides where api.anthropic.com goes; the mode of this prompt must match it, or
+  # real credentials would reach the mock, or the dummy key the real API.
+  local scripted=0
+  [ -f "$CONFIG" ] || die "prompt: no $CONFIG: run ./demo/demo.sh setup first"
+  grep -q '^"api.anthropic.com:443" = ' "$CONFIG" && scripted=1
+  if [ "$REAL_CLAUDE" = 1 ] && [ "$scripted" = 1 ]; then
+    die "the gateway sends api.anthropic.com to the scripted Messages API: run AGENT_GATEWAY_DEMO_REAL_CLAUDE=1 ./demo/demo.sh setup first"
+  elif [ "$REAL_CLAUDE" != 1 ] && [ "$scripted" = 0 ]; then
+    die "the gateway sends api.anthropic.com to the real API (set up with AGENT_GATEWAY_DEMO_REAL_CLAUDE=1): keep AGENT_GATEWAY_DEMO_REAL_CLAUDE=1, or run ./demo/demo.sh setup without it"
+  fi
+  local claude_env=(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1) unset_env=()
+  if [ "$REAL_CLAUDE" = 1 ]; then
+    # The user's own Claude Code and login (or ANTHROPIC_API_KEY); api.anthropic.com:443 must be granted.
+    bin="$(command -v claude || claude_code_bin)"
+  else
+    bin="$(claude_code_bin)"
+    # The scripted Messages API takes any key; Claude Code's own state stays with the agent, never
+    # in the user's ~/.claude.
+    mkdir -p "$dir/claude-config"
+    claude_env+=(ANTHROPIC_API_KEY=demo-key-for-the-scripted-messages-api "CLAUDE_CONFIG_DIR=$dir/claude-config")
+    # Nothing the user set for their own account may send this run elsewhere.
+    unset_env=(-u ANTHROPIC_BASE_URL -u ANTHROPIC_AUTH_TOKEN -u CLAUDE_CODE_USE_BEDROCK -u CLAUDE_CODE_USE_VERTEX)
+  fi
+  mkdir -p "$dir/workspace"
+  cd "$dir/workspace"
+  # Through `run`, so Claude Code gets exactly what any agent command gets (and whatever confinement
+  # `run` provides).
+  cmd_run "$handle" -- env "${unset_env[@]}" "${claude_env[@]}" "$bin" -p "$prompt" --allowedTools "Bash(curl:*)"
 }
 
 # reload_sidecar HANDLE EVENT: SIGHUP, then wait for the sidecar to log EVENT once more (or a refusal).
@@ -210,9 +348,11 @@ cmd_delete() {
   dir="$(agent_dir "$handle")"
   stop_pid "$handle-sidecar"
   if [ -s "$dir/machine-client.pem" ]; then
+    local rc=0
     AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/agent-permissions.sh" delete \
-      --identity "$(cat "$dir/identity")" --cert "$dir/machine-client.pem" >/dev/null \
-      || say "delete: could not revoke the rows of $handle (is the registry up?)"
+      --identity "$(cat "$dir/identity")" --cert "$dir/machine-client.pem" >/dev/null 2>"$dir/delete.err" || rc=$?
+    # Exit 3: the agent never held a row (created without grants); nothing to revoke.
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || { cat "$dir/delete.err" >&2; say "delete: could not revoke the rows of $handle (is the registry up?)"; }
   fi
   tpm_stop "$handle"
   rm -rf "$dir"
@@ -223,8 +363,11 @@ case "${1:-}" in
   create) shift; cmd_create "$@" ;;
   run) shift; cmd_run "$@" ;;
   prompt) shift; cmd_prompt "$@" ;;
+  env) shift; cmd_env "$@" ;;
+  list) cmd_list ;;
   start) shift; require_agent "${1:-}"; start_agent "$1"; say "agent $1: sidecar on 127.0.0.1:$(cat "$(agent_dir "$1")/port")"; cat "$(agent_dir "$1")/port" ;;
   rotate) shift; cmd_rotate "$@" ;;
   delete) shift; cmd_delete "$@" ;;
-  *) usage ;;
+  -h|--help|help) usage ;;
+  *) usage_error ;;
 esac

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # agent-gateway demo on one machine, no container engine needed.
 #
-#   demo/demo.sh setup      install what is missing and bring everything up (idempotent)
+#   demo/demo.sh setup      install what is missing and bring everything up (idempotent; never
+#                           re-grants what an operator revoked)
 #   demo/demo.sh status     each component with its PID and port
+#   demo/demo.sh env        exports for an operator's shell: registry database, principal TPM
+#   demo/demo.sh logs [gateway|mocks|HANDLE]   follow a component's log, readable (pino-pretty)
 #   demo/demo.sh teardown   stop everything this demo started; remove certs, config.toml and state
 #
-# State lives under $AGENT_STATE (default ./.demo-state). See README.md "Demo" for the variables.
+# State lives under $AGENT_STATE (default ./.demo-state). demo/README.md lists the variables.
 set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -49,22 +52,38 @@ migrate_and_grant_roles() {
   registry_cli migrate >/dev/null
   if [ -z "$EXTERNAL_DB" ]; then
     # The migration creates the read-only group role(s); the gateway's login role joins them.
-    psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" >/dev/null <<'SQL'
+    PGOPTIONS='-c client_min_messages=warning' psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" >/dev/null <<'SQL'
 SELECT format('GRANT %I TO agent_gateway_runtime', rolname) FROM pg_roles
  WHERE rolname IN ('agent_gateway_reader', 'agent_gateway_auditor') \gexec
 SQL
   fi
 }
 
+# The comment block at the top is the usage text.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+CONFIG_CHANGED=0
+ALPHA_HELD="" # agent-alpha's permission rows from $PRINCIPAL, as registry_list prints them
 write_config() {
   if [ -f "$CONFIG" ]; then
     # Someone else's config lacks the demo's [resolve] entries and TLS paths: refuse rather than
     # start a gateway that cannot reach the mock services.
     grep -q '^# Written by demo/demo.sh setup' "$CONFIG" \
       || die "$CONFIG exists and was not written by the demo: move it away, or set AGENT_GATEWAY_DEMO_CONFIG to another path"
-    return
   fi
-  cat >"$CONFIG" <<TOML
+  local wanted
+  wanted="$(demo_config)"
+  [ -f "$CONFIG" ] && [ "$(cat "$CONFIG")" = "$wanted" ] && return
+  # A demo config from an older setup, or for the other Claude Code mode: the gateway restarts with it.
+  [ -f "$CONFIG" ] && CONFIG_CHANGED=1
+  printf '%s\n' "$wanted" >"$CONFIG"
+  say "config: wrote $CONFIG"
+}
+
+demo_config() {
+  local anthropic='"api.anthropic.com:443" = "127.0.0.1:'"$ANTHROPIC_PORT"'"'
+  [ "$REAL_CLAUDE" = 1 ] && anthropic='# api.anthropic.com:443 is the real one (AGENT_GATEWAY_DEMO_REAL_CLAUDE=1)'
+  cat <<TOML
 # Written by demo/demo.sh setup. See config.example.toml for every field.
 [server]
 listen_addr = "127.0.0.1:$GATEWAY_PORT"
@@ -84,37 +103,83 @@ listen_addr = "127.0.0.1:$ADMIN_PORT"
 [resolve]
 "docstore:443" = "127.0.0.1:$DOCSTORE_PORT"
 "messaging:443" = "127.0.0.1:$MESSAGING_PORT"
+$anthropic
 TOML
-  say "config: wrote $CONFIG"
 }
 
 start_mocks() {
-  pid_alive "$(pid_of mocks)" && return
+  if pid_alive "$(pid_of mocks)"; then
+    # Mocks from an older setup do not serve the Messages API: restart them.
+    port_open "$ANTHROPIC_PORT" && return
+    stop_pid mocks
+  fi
   port_open "$DOCSTORE_PORT" && die "port $DOCSTORE_PORT is in use (set AGENT_GATEWAY_DEMO_DOCSTORE_PORT)"
+  port_open "$ANTHROPIC_PORT" && die "port $ANTHROPIC_PORT is in use (set AGENT_GATEWAY_DEMO_ANTHROPIC_PORT)"
   start_bg mocks "$LOG_DIR/mock-services.log" node "$ROOT/dist/demo/mock-services.js" \
     --cert "$CERTS/mock-services.pem" --key "$CERTS/mock-services-key.pem" \
-    --docstore-port "$DOCSTORE_PORT" --messaging-port "$MESSAGING_PORT"
-  wait_for "mock services" 30 port_open "$MESSAGING_PORT" || die "mock services did not start (see $LOG_DIR/mock-services.log)"
+    --docstore-port "$DOCSTORE_PORT" --messaging-port "$MESSAGING_PORT" --anthropic-port "$ANTHROPIC_PORT"
+  wait_for "mock services" 30 port_open "$ANTHROPIC_PORT" || die "mock services did not start (see $LOG_DIR/mock-services.log)"
 }
 
 start_gateway() {
-  pid_alive "$(pid_of gateway)" && return
+  if pid_alive "$(pid_of gateway)"; then
+    [ "$CONFIG_CHANGED" = 1 ] || return 0
+    say "gateway: restarting with the new $CONFIG"
+    stop_pid gateway
+  fi
   port_open "$GATEWAY_PORT" && die "port $GATEWAY_PORT is in use (set AGENT_GATEWAY_DEMO_GATEWAY_PORT)"
   port_open "$ADMIN_PORT" && die "port $ADMIN_PORT is in use (set AGENT_GATEWAY_DEMO_ADMIN_PORT)"
+  local seen
+  seen="$(wc -l <"$LOG_DIR/gateway.log" 2>/dev/null || echo 0)"
   # Both names: the demo's config reads the first, config.example.toml the second.
   AGENT_GATEWAY_RUNTIME_DATABASE_URL="$RUNTIME_URL" AGENT_GATEWAY_DATABASE_URL="$RUNTIME_URL" start_bg gateway "$LOG_DIR/gateway.log" \
     node "$ROOT/bin/agent-gateway.js" --config "$CONFIG"
-  if ! wait_for "gateway" 30 port_open "$GATEWAY_PORT"; then
+  # Its own "listening" line, not a TCP probe: a probe that sends no ClientHello is a failed handshake.
+  if ! wait_for "gateway" 30 gateway_listening_since "$seen"; then
     tail -n 20 "$LOG_DIR/gateway.log" >&2 || true
     die "gateway did not start (see $LOG_DIR/gateway.log)"
   fi
 }
 
+gateway_listening_since() { tail -n "+$(($1 + 1))" "$LOG_DIR/gateway.log" 2>/dev/null | grep -q '"event":"listening"'; }
+
+# Setup is also how a stopped demo is restarted, so it adds only what never existed: a principal key,
+# delegation or permission that an operator revoked (or that expired) stays so.
 enrol_principal() {
   tpm_start "$PRINCIPAL_TPM_DIR" "$PRINCIPAL_SWTPM_PORT" principal "${AGENT_GATEWAY_DEMO_TPM2_PKCS11_STORE:-}"
+  local rc=0 dest scope missing=()
   # shellcheck disable=SC1091
-  (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/register-principal-key.sh" "$PRINCIPAL" --ek-ca "$EK_CA" >/dev/null)
-  AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/grant-principal-scope.sh" "$PRINCIPAL" docstore messaging >/dev/null
+  (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/register-principal-key.sh" "$PRINCIPAL" --ek-ca "$EK_CA" >/dev/null) || rc=$?
+  if [ "$rc" -eq 3 ]; then
+    die "principal $PRINCIPAL cannot sign (see above), and setup never undoes an operator's revocation. Go on with a new principal key: AGENT_GATEWAY_DEMO_PRINCIPAL=org-carol ./demo/demo.sh setup (set it for demo-agent.sh too); or start afresh: ./demo/demo.sh teardown && ./demo/demo.sh setup"
+  fi
+  [ "$rc" -eq 0 ] || die "could not register principal $PRINCIPAL (see above)"
+  scope="$(registry_list scopes --principal "$PRINCIPAL")"
+  for dest in "${DEMO_DESTINATIONS[@]}"; do [ -n "$(state_of "$dest" <<<"$scope")" ] || missing+=("$dest"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/grant-principal-scope.sh" "$PRINCIPAL" "${missing[@]}" >/dev/null
+    scope="$(registry_list scopes --principal "$PRINCIPAL")"
+  fi
+  ACTIVE_SCOPE=()
+  for dest in "${DEMO_DESTINATIONS[@]}"; do
+    if [ "$(state_of "$dest" <<<"$scope")" = active ]; then ACTIVE_SCOPE+=("$dest")
+    else say "principal: the delegation of $dest to $PRINCIPAL is $(state_of "$dest" <<<"$scope"); setup leaves it so"; fi
+  done
+}
+
+# agent-alpha gets the demo destinations it never had from this principal (a new principal, or a
+# destination added to the demo since it was created); a revoked or expired row stays so.
+grant_agent_alpha() {
+  local dir="$AGENTS_DIR/agent-alpha" held dest missing=()
+  held="$(registry_list permissions --identity agent-alpha --principal "$PRINCIPAL")"
+  for dest in "${ACTIVE_SCOPE[@]}"; do [ -n "$(state_of "$dest" <<<"$held")" ] || missing+=("$dest"); done
+  ALPHA_HELD="$held"
+  [ "${#missing[@]}" -gt 0 ] || return 0
+  say "agent: granting agent-alpha ${missing[*]}"
+  # shellcheck disable=SC1091
+  (source "$PRINCIPAL_TPM_DIR/env" && AGENT_GATEWAY_DATABASE_URL="$ADMIN_URL" "$ROOT/registry-cli/agent-permissions.sh" grant \
+    --principal "$PRINCIPAL" --identity agent-alpha --cert "$dir/machine-client.pem" "${missing[@]}" >/dev/null)
+  ALPHA_HELD=""
 }
 
 cmd_setup() {
@@ -132,18 +197,26 @@ cmd_setup() {
   say "registry: migrating"; migrate_and_grant_roles
   say "mock services: starting docstore and messaging"; start_mocks
   say "gateway: starting"; start_gateway
-  say "principal: enrolling TPM-backed key $PRINCIPAL with attestation (EK CA $EK_CA), scope docstore + messaging"; enrol_principal
+  say "principal: enrolling TPM-backed key $PRINCIPAL with attestation (EK CA $EK_CA), scope ${DEMO_DESTINATIONS[*]}"; enrol_principal
   if [ ! -d "$AGENTS_DIR/agent-alpha" ]; then
-    say "agent: creating agent-alpha with grants docstore, messaging"
-    "$ROOT/demo/demo-agent.sh" create --identity agent-alpha --grant docstore --grant messaging >/dev/null
+    say "agent: creating agent-alpha with grants ${ACTIVE_SCOPE[*]:-none}"
+    local grants=() dest
+    for dest in "${ACTIVE_SCOPE[@]}"; do grants+=(--grant "$dest"); done
+    "$ROOT/demo/demo-agent.sh" create --identity agent-alpha "${grants[@]}" >/dev/null
   else
     "$ROOT/demo/demo-agent.sh" start agent-alpha >/dev/null
+    grant_agent_alpha
   fi
-  say "check: https://docstore/health through agent-alpha's sidecar"
-  local out
-  out="$("$ROOT/demo/demo-agent.sh" run agent-alpha -- curl -sS --fail --max-time 15 https://docstore/health)" \
-    || die "the end-to-end check failed (logs under $LOG_DIR)"
-  say "  -> $out"
+  [ -n "$ALPHA_HELD" ] || ALPHA_HELD="$(registry_list permissions --identity agent-alpha --principal "$PRINCIPAL")"
+  if [ "$(state_of docstore:443 <<<"$ALPHA_HELD")" = active ]; then
+    say "check: https://docstore/health through agent-alpha's sidecar"
+    local out
+    out="$("$ROOT/demo/demo-agent.sh" run agent-alpha -- curl -sS --fail --max-time 15 https://docstore/health)" \
+      || die "the end-to-end check failed (logs under $LOG_DIR)"
+    say "  -> $out"
+  else
+    say "check: skipped, agent-alpha holds no active docstore permission from $PRINCIPAL (revoked or expired)"
+  fi
   cmd_status
   cat >&2 <<EOF
 
@@ -177,7 +250,7 @@ cmd_status() {
     row postgres stopped - "127.0.0.1:$PG_PORT"
   fi
   status_row gateway "127.0.0.1:$GATEWAY_PORT (admin http://127.0.0.1:$ADMIN_PORT/metrics)"
-  status_row mocks "docstore 127.0.0.1:$DOCSTORE_PORT, messaging 127.0.0.1:$MESSAGING_PORT"
+  status_row mocks "docstore 127.0.0.1:$DOCSTORE_PORT, messaging 127.0.0.1:$MESSAGING_PORT, api.anthropic.com 127.0.0.1:$ANTHROPIC_PORT"
   status_row principal-swtpm "127.0.0.1:$PRINCIPAL_SWTPM_PORT (key $PRINCIPAL)"
   status_row principal-abrmd "$PRINCIPAL_TPM_DIR/dbus.sock"
   local dir handle
@@ -228,9 +301,44 @@ cmd_teardown() {
   say "teardown: stopped the demo and removed $AGENT_STATE, $CONFIG and generated certificates"
 }
 
+# The operator's shell: the registry CLI (agent-gateway-registry, registry-cli/*.sh) finds the demo's
+# database and principal TPM. Meant for eval: eval "$(./demo/demo.sh env)".
+cmd_env() {
+  [ -f "$PRINCIPAL_TPM_DIR/env" ] || die "the principal TPM is not set up: run demo/demo.sh setup"
+  printf '# the demo registry (admin role) and principal %s; demo values, not guidance\n' "$PRINCIPAL"
+  printf 'export %s=%q\n' AGENT_GATEWAY_DATABASE_URL "$ADMIN_URL" AGENT_GATEWAY_PRINCIPAL_KEY_ID "$PRINCIPAL" \
+    TSS2_LOG "$TSS2_LOG" TPM2_PKCS11_LOG_LEVEL "$TPM2_PKCS11_LOG_LEVEL"
+  # Only the demo's own PIN is printed; one the operator chose stays in the operator's environment.
+  if [ "$AGENT_GATEWAY_TPM_USER_PIN" = "$DEMO_USER_PIN" ]; then
+    printf 'export AGENT_GATEWAY_TPM_USER_PIN=%q\n' "$AGENT_GATEWAY_TPM_USER_PIN"
+  else
+    printf '# AGENT_GATEWAY_TPM_USER_PIN: yours, not printed; export it yourself\n'
+  fi
+  grep '^export ' "$PRINCIPAL_TPM_DIR/env"
+  # The Node.js the demo runs on, for `node bin/agent-gateway-registry.js ...`.
+  [ -z "$AGENT_GATEWAY_NODE_HOME" ] || printf 'export PATH=%q:"$PATH"\n' "$AGENT_GATEWAY_NODE_HOME/bin"
+}
+
+# Follows a component's log in readable form; pino-pretty passes lines that are not JSON through.
+cmd_logs() {
+  local name=${1:-gateway} file
+  case "$name" in
+    gateway) file="$LOG_DIR/gateway.log" ;;
+    mocks) file="$LOG_DIR/mock-services.log" ;;
+    *)
+      [ -d "$AGENTS_DIR/$name" ] || die "logs: no component '$name': gateway, mocks, or an agent handle (demo/demo-agent.sh list)"
+      file="$LOG_DIR/$name-sidecar.log" ;;
+  esac
+  [ -f "$file" ] || die "logs: $file does not exist yet"
+  tail -n 100 -F "$file" 2>/dev/null | "$ROOT/node_modules/.bin/pino-pretty" --translateTime 'UTC:HH:MM:ss.l' --ignore pid,hostname
+}
+
 case "${1:-}" in
   setup) cmd_setup ;;
   status) cmd_status ;;
+  env) cmd_env ;;
+  logs) shift; cmd_logs "$@" ;;
   teardown) cmd_teardown ;;
-  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; exit 2 ;;
 esac

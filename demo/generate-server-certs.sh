@@ -2,6 +2,7 @@
 # Generates the demo's TLS material (all git-ignored):
 #   gateway:       server-ca.pem (+ server-ca-key.pem), server.pem, server-key.pem
 #   mock services: mock-ca.pem (+ mock-ca-key.pem), mock-services.pem, mock-services-key.pem
+#                  (names docstore, messaging, api.anthropic.com for the scripted Messages API)
 # Usage: demo/generate-server-certs.sh [OUT_DIR]   (default: certs/ in the repository)
 # Existing files are kept; pass --force to regenerate everything.
 set -euo pipefail
@@ -21,7 +22,7 @@ umask 077
 
 # Extra names for the gateway certificate, e.g. AGENT_GATEWAY_DEMO_GATEWAY_NAMES="gw.internal 10.0.0.5".
 GATEWAY_NAMES="localhost ${AGENT_GATEWAY_DEMO_GATEWAY_NAMES:-}"
-MOCK_NAMES="docstore messaging ${AGENT_GATEWAY_DEMO_MOCK_NAMES:-}"
+MOCK_NAMES="docstore messaging api.anthropic.com ${AGENT_GATEWAY_DEMO_MOCK_NAMES:-}"
 
 san_for() {
   local san="" name
@@ -55,8 +56,20 @@ if [ "$FORCE" = 1 ] || [ ! -s "$OUT/server.pem" ] || [ ! -s "$OUT/server-ca.pem"
   new_leaf server server-ca localhost "$(san_for $GATEWAY_NAMES 127.0.0.1 ::1)"
   echo "generate-server-certs: gateway TLS material in $OUT (server-ca.pem, server.pem, server-key.pem)" >&2
 fi
-if [ "$FORCE" = 1 ] || [ ! -s "$OUT/mock-services.pem" ] || [ ! -s "$OUT/mock-ca.pem" ]; then
+# A leaf from an older demo may lack a name added since (api.anthropic.com): re-issue it under the same CA.
+mock_names_covered() {
+  local name
+  # shellcheck disable=SC2086
+  for name in $MOCK_NAMES; do
+    openssl x509 -in "$OUT/mock-services.pem" -noout -checkhost "$name" 2>/dev/null | grep -q 'does match' || return 1
+  done
+}
+if [ "$FORCE" = 1 ] || [ ! -s "$OUT/mock-services.pem" ] || [ ! -s "$OUT/mock-ca.pem" ] || [ ! -s "$OUT/mock-ca-key.pem" ]; then
   new_ca mock-ca "agent-gateway demo mock services CA"
+  # shellcheck disable=SC2086
+  new_leaf mock-services mock-ca docstore "$(san_for $MOCK_NAMES)"
+  echo "generate-server-certs: mock service TLS material in $OUT (mock-ca.pem, mock-services.pem, mock-services-key.pem)" >&2
+elif ! mock_names_covered; then
   # shellcheck disable=SC2086
   new_leaf mock-services mock-ca docstore "$(san_for $MOCK_NAMES)"
   echo "generate-server-certs: mock service TLS material in $OUT (mock-ca.pem, mock-services.pem, mock-services-key.pem)" >&2

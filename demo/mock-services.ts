@@ -1,16 +1,17 @@
 /**
- * The demo's stand-in HTTPS services, `docstore` and `messaging`, with certificates from the mock
- * CA. The gateway reaches them through its `[resolve]` table; agents reach them by name through
+ * The demo's stand-in HTTPS services, `docstore`, `messaging` and a scripted Messages API answering
+ * as `api.anthropic.com` (demo/messages-api.ts), with certificates from the mock CA. The gateway reaches them through its `[resolve]` table; agents reach them by name through
  * their sidecar, doing their own TLS, so they verify these certificates against mock-ca.pem.
  *
  *   node --import tsx demo/mock-services.ts --cert certs/mock-services.pem --key certs/mock-services-key.pem \
- *     --docstore-port 9443 --messaging-port 9444
+ *     --docstore-port 9443 --messaging-port 9444 --anthropic-port 9445
  */
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { parseArgs } from 'node:util';
+import { messagesApi } from './messages-api.js';
 
 const { values } = parseArgs({
   options: {
@@ -19,6 +20,7 @@ const { values } = parseArgs({
     host: { type: 'string', default: '127.0.0.1' },
     'docstore-port': { type: 'string', default: '9443' },
     'messaging-port': { type: 'string', default: '9444' },
+    'anthropic-port': { type: 'string', default: '9445' },
   },
 });
 
@@ -66,12 +68,14 @@ const routes: Record<string, (req: IncomingMessage, res: ServerResponse) => Prom
     }
     return json(res, 404, { error: 'not found' });
   },
+  anthropic: messagesApi,
 };
 
 const tls = { cert: readFileSync(values.cert!), key: readFileSync(values.key!) };
 const servers: Server[] = [];
-for (const [name, port] of [['docstore', values['docstore-port']], ['messaging', values['messaging-port']]] as const) {
+for (const [name, port] of [['docstore', values['docstore-port']], ['messaging', values['messaging-port']], ['anthropic', values['anthropic-port']]] as const) {
   const server = createServer(tls, (req, res) => {
+    res.once('finish', () => console.log(JSON.stringify({ event: 'mock_request', service: name, method: req.method, path: req.url, status: res.statusCode })));
     Promise.resolve(routes[name]!(req, res)).catch(() => json(res, 500, { error: 'internal error' }));
   });
   server.listen(Number(port), values.host);

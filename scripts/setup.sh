@@ -16,6 +16,7 @@ APT_PACKAGES=(
   libtpm2-pkcs11-1 libtpm2-pkcs11-tools python3-tpm2-pkcs11-tools
   libengine-pkcs11-openssl opensc openssl
   curl nghttp2-client nghttp2-server
+  wget git
   iproute2 # `agent-gateway-sidecar run` brings loopback up inside the agent's namespace (util-linux unshare is essential)
   haproxy # test/scale/ and bench/replicas.ts run deploy/haproxy/haproxy.cfg in front of two gateways
 )

@@ -18,12 +18,17 @@ ADMIN_PORT="${AGENT_GATEWAY_DEMO_ADMIN_PORT:-9090}"
 PG_PORT="${AGENT_GATEWAY_DEMO_PG_PORT:-55433}"
 DOCSTORE_PORT="${AGENT_GATEWAY_DEMO_DOCSTORE_PORT:-9443}"
 MESSAGING_PORT="${AGENT_GATEWAY_DEMO_MESSAGING_PORT:-9444}"
+ANTHROPIC_PORT="${AGENT_GATEWAY_DEMO_ANTHROPIC_PORT:-9445}"
+# 1: Claude Code talks to the real api.anthropic.com (an account is needed); otherwise the gateway
+# resolves api.anthropic.com:443 to the scripted Messages API among the mock services.
+REAL_CLAUDE="${AGENT_GATEWAY_DEMO_REAL_CLAUDE:-0}"
 PRINCIPAL_SWTPM_PORT="${AGENT_GATEWAY_DEMO_PRINCIPAL_SWTPM_PORT:-2331}"
 AGENT_SWTPM_PORT="${AGENT_GATEWAY_DEMO_SWTPM_PORT:-2321}"
 TPM_HANDLE="${AGENT_GATEWAY_DEMO_TPM_HANDLE:-0x81010004}"
 PRINCIPAL="${AGENT_GATEWAY_DEMO_PRINCIPAL:-org-alice}"
 DB_PASSWORD="${AGENT_GATEWAY_DEMO_DB_PASSWORD:-agent-gateway-demo}"
-export AGENT_GATEWAY_TPM_USER_PIN="${AGENT_GATEWAY_TPM_USER_PIN:-demo-user-pin}"
+DEMO_USER_PIN=demo-user-pin
+export AGENT_GATEWAY_TPM_USER_PIN="${AGENT_GATEWAY_TPM_USER_PIN:-$DEMO_USER_PIN}"
 export AGENT_GATEWAY_TPM_SO_PIN="${AGENT_GATEWAY_TPM_SO_PIN:-demo-so-pin}"
 export TSS2_LOG="${TSS2_LOG:-all+NONE}" TPM2_PKCS11_LOG_LEVEL="${TPM2_PKCS11_LOG_LEVEL:-0}"
 
@@ -160,3 +165,20 @@ tpm_stop() { # NAME
   stop_pid "$name-dbus"
   stop_pid "$name-swtpm"
 }
+
+# What setup delegates to the principal and grants agent-alpha (api.anthropic.com for Claude Code,
+# whether it reaches the scripted Messages API or, with AGENT_GATEWAY_DEMO_REAL_CLAUDE=1, the real one).
+DEMO_DESTINATIONS=(docstore:443 messaging:443 api.anthropic.com:443)
+
+# registry_list KIND [OPTIONS...]: one "DESTINATION STATE" line per row of `agent-gateway-registry list KIND`.
+registry_list() {
+  registry_cli --json list "$@" | node -e '
+    let text = "";
+    process.stdin.on("data", (chunk) => (text += chunk)).on("end", () => {
+      for (const row of JSON.parse(text)[process.argv[1]] ?? []) console.log(`${row.destination} ${row.state}`);
+    });' "$1"
+}
+
+# state_of DESTINATION < registry_list output: "active" when any of its rows is, else the state of
+# one of them, else nothing (no row at all).
+state_of() { awk -v d="$1" '$1 == d { s = $2; if (s == "active") exit } END { if (s != "") print s }'; }

@@ -66,9 +66,10 @@ export interface Gateway {
    * Re-reads the server certificate and key (from `next`'s paths, else the paths in use) and
    * applies `next`'s `[limits]` (else keeps the current ones), without touching open sessions or tunnels: new handshakes get
    * the new certificate, new CONNECTs the new limits. All or nothing: on any problem it throws
-   * (ConfigError naming the file and reason) and the gateway keeps what it had.
+   * (ConfigError naming the file and reason) and the gateway keeps what it had. `next` may be a
+   * loader (SIGHUP re-reading the file), so that a file that does not parse is a failed reload too.
    */
-  reload(next?: GatewayConfig): Promise<ReloadResult>;
+  reload(next?: GatewayConfig | (() => GatewayConfig)): Promise<ReloadResult>;
   readonly address: AddressInfo | undefined;
   /** The admin listener's address once listening (undefined when `[admin] enabled = false`). */
   readonly adminAddress: AddressInfo | undefined;
@@ -222,8 +223,10 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
 
   server.on('unknownProtocol', (socket: TLSSocket) => socket.destroy());
   server.on('tlsClientError', (error: NodeJS.ErrnoException) => {
-    metrics?.handshakeFailure(error.code === 'ERR_TLS_HANDSHAKE_TIMEOUT' ? 'timeout' : 'error');
-    log.debug({ err: error.message }, 'TLS handshake failed');
+    const reason = error.code === 'ERR_TLS_HANDSHAKE_TIMEOUT' ? 'timeout' : 'error';
+    metrics?.handshakeFailure(reason);
+    // Every counted failure has its line, so an operator can tell a probe from a broken client.
+    log.info({ event: 'tls_handshake_failed', reason, code: error.code, err: error.message }, 'TLS handshake failed');
   });
 
   server.on('session', (session: ServerHttp2Session) => {
@@ -360,8 +363,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       stopped ??= stop(graceMs);
       return stopped;
     },
-    async reload(next) {
+    async reload(nextOrLoader) {
       try {
+        const next = typeof nextOrLoader === 'function' ? nextOrLoader() : nextOrLoader;
         // Everything is checked before anything changes.
         const paths = next ? { cert: next.server.tls_cert_path, key: next.server.tls_key_path } : serverPaths;
         const nextLimits = next?.limits ?? limits;

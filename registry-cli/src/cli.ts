@@ -86,7 +86,12 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .option('--database-url-env <name>', 'read the database URL from this environment variable')
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride()
-    .configureOutput({ writeOut: (text) => io.stdout.write(text), writeErr: (text) => io.stderr.write(output.redact(scrubOptionValues(text))) })
+    .configureOutput({
+      writeOut: (text) => io.stdout.write(text),
+      writeErr: (text) => io.stderr.write(output.redact(scrubOptionValues(text))),
+      // Every error the CLI prints starts the same way, commander's usage errors included.
+      outputError: (text, write) => write(text.replace(/^error: /, 'agent-gateway-registry: error: ')),
+    })
     .addHelpText('after', GLOBAL_HELP);
 
   /** Wraps a subcommand: builds its context from the global options and keeps its result. */

@@ -437,7 +437,7 @@ describe('reload', () => {
     }
   });
 
-  test('SIGHUP: the agent-gateway process reloads its certificate; an invalid config file changes nothing', { skip: process.platform === 'win32' }, async () => {
+  test('SIGHUP: the agent-gateway process reloads its certificate; an invalid config file changes nothing and counts as a failed reload', { skip: process.platform === 'win32' }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'agw-sighup-'));
     const certPath = join(dir, 'server.pem');
     const keyPath = join(dir, 'server-key.pem');
@@ -449,7 +449,7 @@ describe('reload', () => {
         configPath,
         `[server]\nlisten_addr = "127.0.0.1:0"\ntls_cert_path = "${certPath}"\ntls_key_path = "${keyPath}"\n\n` +
           `[policy]\nclient_ext_oid = "${TEST_OID}"\ndatabase_url = "${databaseUrl}"\n\n[observability]\nlog_level = "info"\n\n` +
-          `[admin]\nenabled = false\n\n[audit]\nenabled = false\n\n[egress]\nallow_cidrs = ["127.0.0.0/8"]\n\n[limits]\n${limits}\n`,
+          `[admin]\nlisten_addr = "127.0.0.1:0"\n\n[audit]\nenabled = false\n\n[egress]\nallow_cidrs = ["127.0.0.0/8"]\n\n[limits]\n${limits}\n`,
       );
     writeConfig('idle_timeout_ms = 0');
     const child = spawn(process.execPath, [resolve(import.meta.dirname, '../../bin/agent-gateway.js'), '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -459,6 +459,8 @@ describe('reload', () => {
     try {
       await until(() => /"event":"listening"/.test(output), 15_000, 'the gateway to listen');
       const port = Number(/"event":"listening","address":"127\.0\.0\.1:(\d+)"/.exec(output)![1]);
+      const adminPort = Number(/"event":"admin_listening","address":"127\.0\.0\.1:(\d+)"/.exec(output)![1]);
+      const reloads = async (result: string) => sample(await (await fetch(`http://127.0.0.1:${adminPort}/metrics`)).text(), `agent_gateway_reloads_total{result="${result}"}`);
       const next = await serverTls();
       const { client } = await grantedClient('agent-sighup');
       const mine: ClientHttp2Session[] = [];
@@ -486,6 +488,8 @@ describe('reload', () => {
       child.kill('SIGHUP');
       await until(() => /"event":"reload_failed"/.test(output), 10_000, 'the reload_failed log line');
       assert.match(output, /limits\.connect_burst/);
+      assert.equal(await reloads('failure'), 1, 'a config file that does not parse is a failed reload');
+      assert.equal(await reloads('success'), 1);
       assert.equal(peerFingerprint(await connectTo(next.caPem)), newFingerprint);
       await echoOn(tunnel.stream, Buffer.from('after a refused SIGHUP'));
       tunnel.stream.end();

@@ -246,6 +246,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     const run = await cli(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority], { AGENT_GATEWAY_TPM_USER_PIN: wrongPin });
     expectExit(run, 1, 'ERR_TPM_PIN_INCORRECT');
     assert.match(run.stderr, /PIN incorrect/);
+    assert.doesNotMatch(run.stderr, /^(ERROR|WARNING): /m, 'no raw tpm2-pkcs11 lines before the clean message');
     assert.match(run.stderr, /hint: check AGENT_GATEWAY_TPM_USER_PIN or --user-pin-file/);
     for (const pin of [wrongPin, USER_PIN, SO_PIN]) assert.ok(!`${run.stdout}${run.stderr}`.includes(pin), `a PIN leaked: ${describeRun(run)}`);
     assert.equal(await permissionCount(), before);

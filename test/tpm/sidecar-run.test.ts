@@ -234,23 +234,31 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     assert.ok(processes.length <= 4, `only the namespace's processes:\n${seen.stdout}`);
   });
 
-  test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async () => {
+  test("CMD's exit code and signal death pass through; 127 for a missing CMD; signals to run reach CMD", async (t) => {
     const [exit7, killed, missing] = await Promise.all([run(['sh', '-c', 'exit 7']), run(['sh', '-c', 'kill -TERM $$']), run(['no-such-command-here'])]);
     assert.equal(exit7.status, 7);
     assert.equal(killed.status, 128 + 15);
     assert.equal(missing.status, 127);
     assert.match(missing.stderr, /no-such-command-here: command not found/);
     const trapped = spawn(process.execPath, runArgs(['sh', '-c', 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done']), { stdio: ['ignore', 'pipe', 'inherit'] });
+    // Whatever fails below, run is killed (its lifeline then ends CMD) and the pipe CMD inherited is
+    // let go: a CMD left looping once held this file's process, and the whole suite, for 19 minutes.
+    t.after(() => {
+      trapped.kill('SIGKILL');
+      trapped.stdout!.destroy();
+    });
     const exited = once(trapped, 'exit');
     let output = '';
     trapped.stdout!.setEncoding('utf8');
-    await new Promise<void>((resolve) => trapped.stdout!.on('data', (chunk: string) => (output += chunk).includes('ready\n') && resolve()));
+    trapped.stdout!.on('data', (chunk: string) => (output += chunk));
+    await until(() => output.includes('ready\n'), 60_000, 'CMD started inside run');
     trapped.kill('SIGTERM');
     const [code] = await exited;
     assert.equal(code, 42, 'CMD trapped the SIGTERM sent to run');
     // A signal sent at once, before the namespace is set up (or before run's handlers exist), still ends CMD.
     const marker = `${30 + Math.floor(Math.random() * 1000)}.${process.pid}`;
     const early = spawn(process.execPath, runArgs(['sleep', marker]), { stdio: 'ignore' });
+    t.after(() => early.kill('SIGKILL'));
     const earlyExit = once(early, 'exit');
     early.kill('SIGTERM');
     const [earlyCode, earlySignal] = await earlyExit;

@@ -81,6 +81,8 @@ export async function grantPermission(context: CommandContext, destinationArgs: 
   if (certificateWarning) context.output.warn(certificateWarning);
 
   return withRegistry(registryTarget(context), async (db) => {
+    // An unregistered principal is a typo or a missing step, not a TPM problem: say so before the TPM is asked.
+    if (!(await findPrincipalKey(db, keyId))) checkSigningAuthority(keyId, undefined, Buffer.alloc(0), destinations, []);
     const attestation = (await findKeyAttestations(db, [subject.spkiDer])).get(subject.spkiDer.toString('hex'));
     if (!attestation?.verified) {
       if (!options.allowUnattested) {

@@ -1,0 +1,82 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { clientCredentials } from '../helpers/pki.js';
+import { createDatabase, testServer } from '../helpers/postgres.js';
+import { RegistryFixture } from '../helpers/registry-fixture.js';
+import { describeRun, runCli } from './run-cli.js';
+
+/**
+ * What a newcomer's typos get from the registry CLI: a clear refusal that changes nothing, never a
+ * success that did nothing or an error from the wrong layer. Real PostgreSQL; no TPM is needed,
+ * which is the point: these must be refused before the TPM is asked.
+ */
+
+let server: Awaited<ReturnType<typeof testServer>>;
+let fixture: RegistryFixture;
+let env: NodeJS.ProcessEnv;
+let scratch: string;
+
+before(async () => {
+  server = await testServer();
+  const databaseUrl = await createDatabase(server.url);
+  fixture = await RegistryFixture.connect(databaseUrl);
+  scratch = mkdtempSync(join(tmpdir(), 'agw-typos-'));
+  // No TPM here: a command that reached the TPM would fail with a TPM error, not the refusal.
+  env = { ...process.env, AGENT_GATEWAY_DATABASE_URL: databaseUrl, AGENT_GATEWAY_TPM_USER_PIN: 'unused-pin', TPM2_PKCS11_TCTI: 'swtpm:host=127.0.0.1,port=1' };
+});
+
+after(async () => {
+  await fixture?.close();
+  server?.close();
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
+});
+
+async function permissionRows(): Promise<string> {
+  const { rows } = await fixture.db.query<{ rows: string }>("SELECT count(*) || '/' || count(revoked_at) AS rows FROM permission_registry");
+  return rows[0]!.rows;
+}
+
+test('delete-permission for an identity with no rows is refused (exit 3), like revoke; one with only revoked rows is a no-op', async () => {
+  const alice = await fixture.principal('org-alice');
+  await fixture.delegate('org-alice', 'docstore:443');
+  const agent = await clientCredentials({ identity: 'agent-alpha' });
+  await fixture.permit(alice, { identity: 'agent-alpha', spkiDer: agent.spkiDer }, 'docstore:443');
+
+  const typo = await runCli(['--json', 'delete-permission', '--identity', 'agent-nobody'], { env });
+  assert.equal(typo.status, 3, describeRun(typo));
+  assert.equal(typo.json.error.code, 'ERR_REFUSED_PERMISSION_UNKNOWN');
+  assert.match(typo.stderr, /agent-gateway-registry: error: no permission of agent-nobody .*nothing was revoked/);
+  assert.equal(await permissionRows(), '1/0');
+
+  const first = await runCli(['delete-permission', '--identity', 'agent-alpha'], { env });
+  assert.equal(first.status, 0, describeRun(first));
+  assert.match(first.stdout, /revoked 1 permission of agent-alpha/);
+  const again = await runCli(['delete-permission', '--identity', 'agent-alpha'], { env });
+  assert.equal(again.status, 0, describeRun(again));
+  assert.match(again.stdout, /revoked 0 permissions of agent-alpha/);
+  assert.equal(await permissionRows(), '1/1');
+});
+
+test('grant-permission by an unregistered principal is refused as such (exit 3) before the TPM is asked', async () => {
+  const agent = await clientCredentials({ identity: 'agent-alpha' });
+  const certPath = join(scratch, 'agent-alpha.pem');
+  writeFileSync(certPath, agent.certPem);
+  const before = await permissionRows();
+  const run = await runCli(['--json', 'grant-permission', '--principal', 'org-bob', '--identity', 'agent-alpha', '--cert', certPath, 'docstore'], { env });
+  assert.equal(run.status, 3, describeRun(run));
+  assert.equal(run.json.error.code, 'ERR_REFUSED_PRINCIPAL_UNKNOWN');
+  assert.match(run.stderr, /no principal key "org-bob" in the registry/);
+  assert.doesNotMatch(run.stderr, /TPM|PKCS/);
+  assert.equal(await permissionRows(), before);
+});
+
+test('usage errors from the option parser carry the same "agent-gateway-registry: error:" prefix as every other error', async () => {
+  for (const args of [['list', '--state', 'bogus'], ['list', '--bogus'], ['delete-permission']]) {
+    const run = await runCli(args, { env });
+    assert.equal(run.status, 2, describeRun(run));
+    assert.match(run.stderr, /^agent-gateway-registry: error: /, describeRun(run));
+  }
+});
