@@ -284,6 +284,7 @@ export const ERROR_CODES = {
   ERR_TLS_IDENTITY_ENGINE: { exit: EXIT.runtime, hint: 'install libengine-pkcs11-openssl and libtpm2-pkcs11-1, or pass --pkcs11-engine / --pkcs11-module' },
   ERR_TLS_IDENTITY_CERTIFICATE: { exit: EXIT.runtime, hint: 'the carrier certificate could not be built or written: check that the --cert-out directory exists or can be created, and is writable' },
   ERR_REFUSED_KEY_IN_USE: { exit: EXIT.refused, hint: 'the sidecar\'s certificate (--cert-out) still presents this key: switch the sidecar to the new key (key_label in its --config, then SIGHUP) and wait for its old session to drain first' },
+  ERR_REFUSED_KEY_USE_UNKNOWN: { exit: EXIT.refused, hint: 'give the running sidecar\'s --config (or its --cert-out): its certificate says which key it presents, and a key is not destroyed without knowing that' },
   ERR_TLS_IDENTITY_INVALID_ARGUMENT: { exit: EXIT.runtime, hint: 'fix the value named in the message: an --identity of 1-255 bytes without control characters, a non-empty user PIN, labels of 1-32 bytes' },
 } as const satisfies Record<`ERR_${string}`, ErrorSpec>;
 

@@ -53,11 +53,15 @@ function openAgentToken(config: SidecarConfig) {
 async function keyDestroy(command: Command, io: KeyCommandIo): Promise<void> {
   const config = settings(command, io.env);
   const inUse = readCarrierCertificate(config.certOut, config.extensionOid);
+  // Without it nothing tells which key the sidecar signs with: a key is never destroyed blind.
+  if (inUse === undefined) {
+    throw new AgentGatewayError('ERR_REFUSED_KEY_USE_UNKNOWN', `cannot tell which key the sidecar presents: ${config.certOut} is missing or holds no carrier certificate; nothing was destroyed`);
+  }
   const token = openAgentToken(config);
   try {
     const key = token.findKey(config.keyLabel);
     const fingerprint = spkiFingerprint(key.publicKeySpkiDer);
-    if (inUse?.spkiDer.equals(key.publicKeySpkiDer)) {
+    if (inUse.spkiDer.equals(key.publicKeySpkiDer)) {
       throw new AgentGatewayError('ERR_REFUSED_KEY_IN_USE', `key "${config.keyLabel}" (${fingerprint}) is the one ${config.certOut} presents, so the sidecar may still sign with it; nothing was destroyed`);
     }
     token.destroyKey(key);

@@ -335,4 +335,23 @@ describe('key rotation', { concurrency: false }, () => {
     // The audit trail says the same: the newest allowed CONNECT came with the new key.
     await until(async () => (await cli(['audit', '--identity', IDENTITY, '--status', '200', '--limit', '1'])).json.rows?.[0]?.spki_fingerprint === newFingerprint, WAIT_MS, 'an audit row with the new key');
   });
+
+  test('key destroy refuses the running key when the certificate that names it cannot be read (a missing or garbled --cert-out destroyed it)', async () => {
+    const garbled = join(scratch, 'garbled.pem');
+    writeFileSync(garbled, 'not a certificate\n');
+    // No --config: the operator forgot it, so cert_out is whatever the flag (or default) says.
+    for (const certOut of [join(scratch, 'nowhere.pem'), garbled]) {
+      const refused = await keyCommand(['destroy', '--key-label', 'agent-tls-2', '--cert-out', certOut]);
+      assert.equal(refused.status, 3, describeRun(refused));
+      assert.match(refused.stderr, /cannot tell which key the sidecar presents/);
+      assert.match(refused.stderr, /nothing was destroyed/);
+    }
+    const token = openToken({ tokenLabel: AGENT_TOKEN, userPin: USER_PIN });
+    try {
+      assert.ok(token.findKeyOrUndefined('agent-tls-2'), 'the running key is still in the TPM');
+    } finally {
+      token.close();
+    }
+    assert.equal(await healthThroughSidecar(), 200);
+  });
 });
