@@ -337,7 +337,7 @@ cmd_rotate() {
   say "rotate $handle: 5/6 old key's permissions revoked"
 
   # shellcheck disable=SC1091
-  (source "$dir/tpm/env" && node "$ROOT/bin/agent-gateway-sidecar.js" key destroy --key-label "$old" --config "$dir/sidecar.toml" --tcti "$TPM2_PKCS11_TCTI" >/dev/null)
+  (source "$dir/tpm/env" && node "$ROOT/bin/agent-gateway-sidecar.js" key destroy --key-label "$old" --config "$dir/sidecar.toml" --cert-out "$dir/machine-client.pem" --tcti "$TPM2_PKCS11_TCTI" >/dev/null)
   rm -f "$dir/machine-client.old.pem" "$dir/machine-client.next.pem"
   say "rotate $handle: 6/6 old key $old destroyed in the TPM; $handle now presents $new ($fingerprint)"
 }
