@@ -130,8 +130,10 @@ after(async () => {
 describe('admin endpoints', () => {
   test('/metrics after scripted traffic: 2 allowed, 1 not_authorized, 1 authority_invalid, bytes, handshake failure', async () => {
     const lines: Record<string, unknown>[] = [];
-    const gateway = await startGateway({}, { logger: captureLogger(lines) });
+    // Granted before the gateway starts: a grant's NOTIFY arriving after the first CONNECT would
+    // (rightly) drop the cached decision, and the second CONNECT would look the row up again.
     const { client } = await grantedClient('agent-metrics');
+    const gateway = await startGateway({}, { logger: captureLogger(lines) });
     const session = await sessionTo(gateway, client);
     const traceId = randomBytes(16).toString('hex');
     assert.equal((await tunnelOnce(session, Buffer.alloc(1000, 1), echoAuthority, { traceparent: `00-${traceId}-${randomBytes(8).toString('hex')}-01` })).status, 200);
