@@ -223,7 +223,8 @@ function checkIsolation(ip: string | undefined): void {
 
 /**
  * The directories CMD must not see, resolved (mount follows symlinks; an absolute path also can
- * never be mistaken for the `--` that ends them): the socket's directory, then each --hide.
+ * never be mistaken for the `--` that ends them): the socket's directory, then each --hide. One
+ * inside another is left out: the outer tmpfs hides it, and would leave nothing to mount it on.
  */
 function hiddenDirectories(socket: string, hide: readonly string[]): string[] {
   const out = new Set<string>();
@@ -235,9 +236,12 @@ function hiddenDirectories(socket: string, hide: readonly string[]): string[] {
       throw new AgentGatewayError('ERR_RUN_HIDE_PATH', `cannot hide ${given} (${what}): ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}; refusing to run CMD with it visible`);
     }
     if (!statSync(real).isDirectory()) throw new AgentGatewayError('ERR_RUN_HIDE_PATH', `cannot hide ${given} (${what}): not a directory (hide the directory holding it)`);
+    // Hiding / would leave CMD nothing to run (the sidecar socket belongs in a directory of its own).
+    if (real === '/') throw new AgentGatewayError('ERR_RUN_HIDE_PATH', `cannot hide ${given} (${what}): it is the root directory`);
     out.add(real);
   }
-  return [...out];
+  const all = [...out];
+  return all.filter((dir) => !all.some((other) => other !== dir && dir.startsWith(`${other}/`)));
 }
 
 /**

@@ -290,6 +290,7 @@ describe('run hides directories from CMD (the file system is shared: another age
   async function secretDirectory(t: { after: (fn: () => unknown) => void }): Promise<string> {
     const dir = mkdtempSync(join(tmpdir(), 'agw-hidden-'));
     writeFileSync(join(dir, 'secret'), 'tpm state\n');
+    mkdirSync(join(dir, 'sub'));
     const server = createServer((peer) => (peer.on('error', () => {}), peer.end('answered\n')));
     server.listen(join(dir, 'other.sock'));
     await once(server, 'listening');
@@ -331,7 +332,8 @@ print(json.dumps(out))`,
 
   test('a --hide directory and the socket\'s directory show empty inside; its socket cannot be connected; umount fails and it stays hidden; the proxy still works', async (t) => {
     const dir = await secretDirectory(t);
-    const seen = await run(probe(dir), { flags: ['--hide', dir] });
+    // A directory inside another hidden one is hidden by the outer tmpfs.
+    const seen = await run(probe(dir), { flags: ['--hide', join(dir, 'sub'), '--hide', dir] });
     assert.equal(seen.status, 0, seen.stderr);
     const out = JSON.parse(seen.stdout);
     assert.deepEqual(out.listing, [], 'the hidden directory is empty inside');
@@ -345,7 +347,7 @@ print(json.dumps(out))`,
     // The same probe without --hide sees it all, so each check above can fail.
     const visible = await run(probe(dir));
     const plain = JSON.parse(visible.stdout);
-    assert.deepEqual(plain.listing, ['other.sock', 'secret']);
+    assert.deepEqual(plain.listing, ['other.sock', 'secret', 'sub']);
     assert.equal(plain.connect, 'ok');
     // The forwarder, in the first process's mount namespace, still reaches the hidden socket.
     const curl = await run(['curl', '-sS', '--max-time', '30', 'https://docstore.test/health'], { flags: ['--hide', dir] });
@@ -353,13 +355,13 @@ print(json.dumps(out))`,
     assert.deepEqual(JSON.parse(curl.stdout), { service: 'docstore', status: 'ok' });
   });
 
-  test('a --hide path that does not exist, or is not a directory, refuses with 125 and CMD does not run', async (t) => {
+  test('a --hide path that does not exist, is not a directory or is /, refuses with 125 and CMD does not run', async (t) => {
     const dir = await secretDirectory(t);
     const marker = join(dir, 'ran');
-    for (const hide of [join(dir, 'missing'), join(dir, 'secret')]) {
+    for (const hide of [join(dir, 'missing'), join(dir, 'secret'), '/']) {
       const refused = await run(['touch', marker], { flags: ['--hide', hide] });
       assert.equal(refused.status, 125, refused.stderr);
-      assert.match(refused.stderr, /cannot hide .* (ENOENT|not a directory)/);
+      assert.match(refused.stderr, /cannot hide .* (ENOENT|not a directory|it is the root directory)/);
       assert.equal(existsSync(marker), false, 'CMD did not run');
     }
     const unisolated = await run(['touch', marker], { flags: ['--hide', dir, '--no-isolation'] });
