@@ -42,6 +42,8 @@ start_agent() {
   # The settings SIGHUP re-reads (key rotation); the flags below stay as they are.
   [ -s "$dir/sidecar.toml" ] || printf 'key_label = "agent-tls"\n' >"$dir/sidecar.toml"
   rm -f "$dir/port"
+  # A directory of its own: run hides the socket's directory from the agent, not the agent's dir.
+  mkdir -p "$dir/socket"
   sidecar_port="$(cat "$dir/sidecar-port-request" 2>/dev/null || echo 0)"
   # shellcheck disable=SC1091
   (
@@ -50,7 +52,7 @@ start_agent() {
       --gateway "https://localhost:$GATEWAY_PORT" --gateway-ca "$CERTS/server-ca.pem" \
       --identity "$(cat "$dir/identity")" --tcti "$TPM2_PKCS11_TCTI" \
       --config "$dir/sidecar.toml" --cert-out "$dir/machine-client.pem" --listen-port "$sidecar_port" --port-file "$dir/port" \
-      --listen-socket "$dir/proxy.sock"
+      --listen-socket "$dir/socket/proxy.sock"
   )
   if ! wait_for "sidecar" 60 test -s "$dir/port"; then
     tail -n 20 "$LOG_DIR/$handle-sidecar.log" >&2 || true
@@ -177,12 +179,17 @@ cmd_run() {
   [ $# -gt 0 ] || die "run: give a command after --, e.g. run $handle -- curl https://docstore/health"
   dir="$(agent_dir "$handle")"
   # A sidecar started before it had a socket is restarted once; it keeps its port.
-  if pid_alive "$(pid_of "$handle-sidecar")" && [ ! -S "$dir/proxy.sock" ]; then stop_pid "$handle-sidecar"; fi
+  if pid_alive "$(pid_of "$handle-sidecar")" && [ ! -S "$dir/socket/proxy.sock" ]; then stop_pid "$handle-sidecar"; fi
   pid_alive "$(pid_of "$handle-sidecar")" || start_agent "$handle"
   local envs=()
   mapfile -t envs < <(proxy_env "$handle")
   if [ "$isolation" = 1 ]; then
-    exec env "${envs[@]}" node "$ROOT/bin/agent-gateway-sidecar.js" run --socket "$dir/proxy.sock" -- "$@"
+    # Everyone runs as the same user here: hide the other agents (their sidecar sockets would lend
+    # their identities), every TPM's state, the EK CA and the database from this one.
+    local hide=() other
+    for other in "$AGENTS_DIR"/*/; do [ "${other%/}" = "$dir" ] || hide+=(--hide "${other%/}"); done
+    for other in "$dir/tpm" "$PRINCIPAL_TPM_DIR" "$EK_CA_DIR" "$PG_DIR"; do [ -d "$other" ] && hide+=(--hide "$other"); done
+    exec env "${envs[@]}" node "$ROOT/bin/agent-gateway-sidecar.js" run --socket "$dir/socket/proxy.sock" "${hide[@]}" -- "$@"
   fi
   exec env "${envs[@]}" "$@"
 }

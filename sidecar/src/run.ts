@@ -1,6 +1,7 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants as fs, readdirSync, readFileSync } from 'node:fs';
+import { accessSync, constants as fs, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { connect, Socket } from 'node:net';
 import { constants as os } from 'node:os';
 import { Command, CommanderError } from 'commander';
@@ -9,7 +10,7 @@ import { SIDECAR_OPTIONS, type OptionSpec } from './config.js';
 import { startForwarder } from './forwarder.js';
 
 /**
- * `agent-gateway-sidecar run [--socket PATH] [--no-isolation] -- CMD [ARGS...]`: CMD with the
+ * `agent-gateway-sidecar run [--socket PATH] [--hide DIR]... [--no-isolation] -- CMD [ARGS...]`: CMD with the
  * sidecar as its only way out.
  *
  * It attaches to a running sidecar's Unix socket (--listen-socket there, --socket here) rather
@@ -25,8 +26,11 @@ import { startForwarder } from './forwarder.js';
  * is no route, no other address and no DNS server: nothing but the proxy is reachable. When CMD
  * ends the first process exits, and the kernel ends the namespaces and anything CMD left behind.
  *
+ * The file system is shared but for the directories hidden from CMD (--hide, and always the
+ * socket's directory), each under an empty read-only tmpfs CMD cannot unmount (HIDE_SCRIPT).
+ *
  * Exit status: CMD's own, or 128+N when a signal N ended it; 125 when run itself could not start
- * CMD (no namespaces, no sidecar socket), 126 when CMD cannot be executed, 127 when it is not found.
+ * CMD (no namespaces, no sidecar socket, a --hide path missing), 126 when CMD cannot be executed, 127 when it is not found.
  */
 
 const NAME = 'agent-gateway-sidecar run';
@@ -113,11 +117,12 @@ async function runCommand(command: readonly string[], proxyPort: number, io: Pic
   }
 }
 
-function parse(argv: readonly string[], io: RunIo): { socket?: string; isolation: boolean; command: string[] } | number {
+function parse(argv: readonly string[], io: RunIo): { socket?: string; isolation: boolean; hide: string[]; command: string[] } | number {
   const command = new Command()
     .name(NAME)
     .description('Run CMD with the sidecar as its only way out: in its own network namespace whose one exit is the sidecar Unix socket.')
     .option('--socket <path>', 'the running sidecar\'s Unix socket (its --listen-socket) [env AGENT_GATEWAY_SIDECAR_SOCKET]')
+    .option('--hide <dir>', 'hide this directory from CMD behind an empty read-only tmpfs, repeatable (the socket\'s directory is always hidden)', (value: string, previous: string[]) => [...previous, value], [] as string[])
     .option('--no-isolation', 'run CMD without a namespace (it could bypass the proxy): only when namespaces are unavailable and that is accepted')
     .argument('<command...>', 'the command and its arguments, after --')
     .passThroughOptions()
@@ -129,9 +134,9 @@ function parse(argv: readonly string[], io: RunIo): { socket?: string; isolation
   } catch (error) {
     return error instanceof CommanderError && error.exitCode === 0 ? EXIT.ok : EXIT.wrapper;
   }
-  const options = command.opts<{ socket?: string; isolation: boolean }>();
+  const options = command.opts<{ socket?: string; isolation: boolean; hide: string[] }>();
   const socket = options.socket ?? (io.env.AGENT_GATEWAY_SIDECAR_SOCKET || undefined);
-  return { ...(socket !== undefined ? { socket } : {}), isolation: options.isolation, command: command.args };
+  return { ...(socket !== undefined ? { socket } : {}), isolation: options.isolation, hide: options.hide, command: command.args };
 }
 
 async function reachable(socketPath: string): Promise<string | undefined> {
@@ -216,6 +221,39 @@ function checkIsolation(ip: string | undefined): void {
   }
 }
 
+/**
+ * The directories CMD must not see, resolved (mount follows symlinks; an absolute path also can
+ * never be mistaken for the `--` that ends them): the socket's directory, then each --hide. One
+ * inside another is left out: the outer tmpfs hides it, and would leave nothing to mount it on.
+ */
+function hiddenDirectories(socket: string, hide: readonly string[]): string[] {
+  const out = new Set<string>();
+  for (const [given, what] of [[dirname(socket), 'the sidecar socket\'s directory'] as const, ...hide.map((dir) => [dir, '--hide'] as const)]) {
+    let real: string;
+    try {
+      real = realpathSync(given);
+    } catch (error) {
+      throw new AgentGatewayError('ERR_RUN_HIDE_PATH', `cannot hide ${given} (${what}): ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}; refusing to run CMD with it visible`);
+    }
+    if (!statSync(real).isDirectory()) throw new AgentGatewayError('ERR_RUN_HIDE_PATH', `cannot hide ${given} (${what}): not a directory (hide the directory holding it)`);
+    // Hiding / would leave CMD nothing to run (the sidecar socket belongs in a directory of its own).
+    if (real === '/') throw new AgentGatewayError('ERR_RUN_HIDE_PATH', `cannot hide ${given} (${what}): it is the root directory`);
+    out.add(real);
+  }
+  const all = [...out];
+  return all.filter((dir) => !all.some((other) => other !== dir && dir.startsWith(`${other}/`)));
+}
+
+/**
+ * Run by sh in a mount namespace of its own between the first process's and CMD's: an empty
+ * read-only tmpfs over each directory (its argv up to `--`), then exec of the rest. Made there,
+ * in a mount namespace of the outer user namespace, these mounts are locked in CMD's nested one:
+ * CMD cannot unmount or move them (EINVAL). Made in CMD's own namespace, CMD could unmount them; made in the first
+ * process's, the forwarder could no longer reach the socket. Paths come as arguments, never as
+ * script text.
+ */
+const HIDE_SCRIPT = 'while [ "$1" != -- ]; do mount -t tmpfs -o ro,nosuid,nodev,noexec,mode=0555,size=4k agent-gateway-hidden "$1" || { echo "agent-gateway-sidecar run: cannot hide $1" >&2; exit 125; }; shift; done; shift; exec "$@"';
+
 /** The `run` subcommand, from outside the namespaces. Resolves with the exit status. */
 export async function runIsolated(argv: readonly string[], io: RunIo): Promise<number> {
   const fail = (error: AgentGatewayError) => {
@@ -230,6 +268,7 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
   if (unreachable !== undefined) return fail(new AgentGatewayError('ERR_SIDECAR_SOCKET', `no sidecar answers on ${socket} (${unreachable}): start it with --listen-socket ${socket}`));
 
   if (!parsed.isolation) {
+    if (parsed.hide.length > 0) return fail(new AgentGatewayError('ERR_RUN_USAGE', '--hide needs isolation (a mount namespace): it cannot be combined with --no-isolation'));
     const forwarder = await startForwarder(socket);
     try {
       return await runCommand(parsed.command, forwarder.port, io);
@@ -239,14 +278,16 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
   }
 
   const ip = findIp(io.env);
+  let hidden: string[];
   try {
+    hidden = hiddenDirectories(socket, parsed.hide);
     checkIsolation(ip);
   } catch (error) {
     return fail(error as AgentGatewayError);
   }
   // fd 3 is a lifeline: the first process inside says on it when CMD runs, and ends CMD if it closes (this process died).
   // The first process inside is CMD's to read (same user namespace): it gets no PINs either.
-  const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'], env: withoutSecrets(io.env) });
+  const child = spawn('unshare', [...unshareFlags(), '--', ...io.self, NAMESPACE_INIT, socket, ip!, ...hidden, '--', ...parsed.command], { stdio: ['inherit', 'inherit', 'inherit', 'pipe'], env: withoutSecrets(io.env) });
   let initPid: number | undefined;
   // Signals that come before the first process inside has said who it is wait for it.
   const early: NodeJS.Signals[] = [];
@@ -278,8 +319,11 @@ export async function runIsolated(argv: readonly string[], io: RunIo): Promise<n
  * exit ends the PID namespace, and with it anything CMD left running.
  */
 export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'env' | 'stderr'>): Promise<number> {
-  const [socket, ip, separator, ...command] = argv;
-  if (socket === undefined || ip === undefined || separator !== '--' || command.length === 0) {
+  const [socket, ip, ...rest] = argv;
+  const separator = rest.indexOf('--');
+  const hidden = rest.slice(0, Math.max(separator, 0));
+  const command = rest.slice(separator + 1);
+  if (socket === undefined || ip === undefined || separator < 0 || command.length === 0 || !hidden.every((dir) => dir.startsWith('/'))) {
     io.stderr.write(`${NAME}: ${NAMESPACE_INIT} is internal to run\n`);
     return EXIT.wrapper;
   }
@@ -301,7 +345,8 @@ export async function namespaceInit(argv: readonly string[], io: Pick<RunIo, 'en
       io.stderr.write(`${NAME}: ${command[0]}: command not found\n`);
       return EXIT_NOT_FOUND;
     }
-    return await runCommand(['unshare', ...CMD_UNSHARE_FLAGS, '--', ...command], forwarder.port, io, (spawned) => {
+    const hiding = ['unshare', '--mount', '--propagation', 'private', '--', 'sh', '-c', HIDE_SCRIPT, 'sh', ...hidden, '--'];
+    return await runCommand([...hiding, 'unshare', ...CMD_UNSHARE_FLAGS, '--', ...command], forwarder.port, io, (spawned) => {
       child = spawned;
       // Only now: as PID 1 here, this process ignores signals it has no handler for, even from outside.
       lifeline.write('ready\n');

@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -232,6 +232,20 @@ test('agent-beta with only messaging: docstore refused with 403 at CONNECT, mess
   assert.match((refused as { stderr: string }).stderr, /CONNECT tunnel failed, response 403/);
   const ok = await agent('run', 'agent-beta', '--', 'curl', '-sS', '--fail', '--max-time', '15', 'https://messaging/messages');
   assert.match(ok.stdout, /"messages"/);
+});
+
+test('run hides the other agents and the TPM state: agent-alpha cannot reach agent-beta\'s sidecar socket or read a TPM\'s state, and still reaches docstore', async () => {
+  const betaSocket = join(dir, 'state/agents/agent-beta/socket/proxy.sock');
+  const tpmStates = [join(dir, 'state/agents/agent-alpha/tpm'), join(dir, 'state/agents/agent-beta/tpm'), join(dir, 'state/principal-tpm')];
+  // Outside, both are there, so each check inside can fail.
+  assert.ok(statSync(betaSocket).isSocket(), 'agent-beta\'s sidecar socket exists');
+  assert.ok(tpmStates.every((path) => readdirSync(path).length > 0), 'the TPM state dirs hold files');
+  const script = `curl -sS --max-time 5 --unix-socket "$1" http://x/ >/dev/null 2>&1 && echo "beta socket: reachable"; shift
+for d in "$@"; do [ -z "$(ls -A "$d" 2>/dev/null)" ] || echo "readable: $d"; done
+curl -sS --fail --max-time 15 https://docstore/health`;
+  const { stdout } = await agent('run', 'agent-alpha', '--', 'sh', '-c', script, 'sh', betaSocket, ...tpmStates);
+  assert.doesNotMatch(stdout, /reachable|readable/);
+  assert.match(stdout, /"service":"docstore"/);
 });
 
 test('prompt: the real Claude Code, installed on first use, asks the scripted Messages API through the gateway and quotes the documents', { timeout: 600_000 }, async () => {

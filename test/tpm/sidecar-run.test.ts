@@ -7,10 +7,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Gateway } from '../../gateway/src/gateway.js';
 import { readPeerIdentity } from '../../registry/identity.js';
@@ -282,6 +282,92 @@ print(urllib.request.urlopen('https://docstore.test/documents', context=ctx, tim
     const noSocket = await runFile(process.execPath, [SIDECAR_BIN, 'run', '--socket', join(scratch, 'nothing.sock'), '--', 'true']);
     assert.equal(noSocket.status, 125);
     assert.match(noSocket.stderr, /no sidecar answers on .*nothing\.sock \(ENOENT\)/);
+  });
+});
+
+describe('run hides directories from CMD (the file system is shared: another agent\'s sidecar socket and the TPM state were in reach)', () => {
+  /** A directory holding a secret file and a listening Unix socket, as another agent's state holds its sidecar socket. */
+  async function secretDirectory(t: { after: (fn: () => unknown) => void }): Promise<string> {
+    const dir = mkdtempSync(join(tmpdir(), 'agw-hidden-'));
+    writeFileSync(join(dir, 'secret'), 'tpm state\n');
+    mkdirSync(join(dir, 'sub'));
+    const server = createServer((peer) => (peer.on('error', () => {}), peer.end('answered\n')));
+    server.listen(join(dir, 'other.sock'));
+    await once(server, 'listening');
+    t.after(async () => {
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    });
+    return dir;
+  }
+
+  /** From inside CMD, in one Python process: what each way of looking at `dir` gets, as JSON. */
+  function probe(dir: string): string[] {
+    return [
+      'python3',
+      '-c',
+      `import json, os, socket, subprocess, sys
+d = sys.argv[1]
+out = {'listing': sorted(os.listdir(d)), 'socket_dir': sorted(os.listdir(sys.argv[2]))}
+try:
+    c = socket.socket(socket.AF_UNIX); c.settimeout(5); c.connect(os.path.join(d, 'other.sock')); out['connect'] = 'ok'
+except OSError as e:
+    out['connect'] = repr(e)
+out['umount'] = subprocess.run(['umount', d], capture_output=True).returncode
+out['umount_lazy'] = subprocess.run(['umount', '-l', d], capture_output=True).returncode
+out['after_umount'] = sorted(os.listdir(d))
+try:
+    out['via_pid1'] = open('/proc/1/root' + d + '/secret').read()
+except OSError as e:
+    out['via_pid1'] = repr(e)
+try:
+    open(os.path.join(d, 'new'), 'w'); out['write'] = 'ok'
+except OSError as e:
+    out['write'] = repr(e)
+print(json.dumps(out))`,
+      dir,
+      dirname(socketPath),
+    ];
+  }
+
+  test('a --hide directory and the socket\'s directory show empty inside; its socket cannot be connected; umount fails and it stays hidden; the proxy still works', async (t) => {
+    const dir = await secretDirectory(t);
+    // A directory inside another hidden one is hidden by the outer tmpfs.
+    const seen = await run(probe(dir), { flags: ['--hide', join(dir, 'sub'), '--hide', dir] });
+    assert.equal(seen.status, 0, seen.stderr);
+    const out = JSON.parse(seen.stdout);
+    assert.deepEqual(out.listing, [], 'the hidden directory is empty inside');
+    assert.deepEqual(out.socket_dir, [], 'the sidecar socket\'s directory is hidden by default');
+    assert.match(out.connect, /FileNotFoundError|ConnectionRefused/);
+    assert.notEqual(out.umount, 0, 'umount of the hiding tmpfs fails');
+    assert.notEqual(out.umount_lazy, 0, 'umount -l of the hiding tmpfs fails');
+    assert.deepEqual(out.after_umount, [], 'still hidden after the umount attempts');
+    assert.match(out.via_pid1, /PermissionError|FileNotFoundError/, 'not through the first process\'s root either');
+    assert.match(out.write, /Read-only file system|PermissionError/);
+    // The same probe without --hide sees it all, so each check above can fail.
+    const visible = await run(probe(dir));
+    const plain = JSON.parse(visible.stdout);
+    assert.deepEqual(plain.listing, ['other.sock', 'secret', 'sub']);
+    assert.equal(plain.connect, 'ok');
+    // The forwarder, in the first process's mount namespace, still reaches the hidden socket.
+    const curl = await run(['curl', '-sS', '--max-time', '30', 'https://docstore.test/health'], { flags: ['--hide', dir] });
+    assert.equal(curl.status, 0, curl.stderr);
+    assert.deepEqual(JSON.parse(curl.stdout), { service: 'docstore', status: 'ok' });
+  });
+
+  test('a --hide path that does not exist, is not a directory or is /, refuses with 125 and CMD does not run', async (t) => {
+    const dir = await secretDirectory(t);
+    const marker = join(dir, 'ran');
+    for (const hide of [join(dir, 'missing'), join(dir, 'secret'), '/']) {
+      const refused = await run(['touch', marker], { flags: ['--hide', hide] });
+      assert.equal(refused.status, 125, refused.stderr);
+      assert.match(refused.stderr, /cannot hide .* (ENOENT|not a directory|it is the root directory)/);
+      assert.equal(existsSync(marker), false, 'CMD did not run');
+    }
+    const unisolated = await run(['touch', marker], { flags: ['--hide', dir, '--no-isolation'] });
+    assert.equal(unisolated.status, 125);
+    assert.match(unisolated.stderr, /--hide needs isolation/);
+    assert.equal(existsSync(marker), false, 'CMD did not run');
   });
 });
 

@@ -341,6 +341,7 @@ describe('registry CLI exit codes are unchanged', () => {
     ERR_ISOLATION_UNAVAILABLE: 125,
     ERR_SIDECAR_SOCKET: 125,
     ERR_RUN_USAGE: 125,
+    ERR_RUN_HIDE_PATH: 125,
   };
   const before = (code: string) => BEFORE[code] ?? (code.startsWith('ERR_REFUSED_') ? 3 : 1);
 
