@@ -65,8 +65,13 @@ export interface ChallengeRow {
   readonly expired: boolean;
 }
 
-/** Records a challenge made for an enrolment; it may be answered once, before `validForSeconds` pass. */
+/**
+ * Records a challenge made for an enrolment; it may be answered once, before `validForSeconds` pass.
+ * Challenges expired for over a day go first: the table would otherwise only grow, and what an
+ * enrolment proved is kept in key_attestations, not here.
+ */
 export async function insertChallenge(db: Queryable, input: { challengeId: string; spkiDer: Buffer; evidence: Record<string, unknown>; secretSha256: Buffer; validForSeconds: number }): Promise<void> {
+  await db.query(`DELETE FROM attestation_challenges WHERE expires_at < now() - interval '1 day'`);
   await db.query(
     `INSERT INTO attestation_challenges (challenge_id, public_key_spki_der, evidence, secret_sha256, expires_at)
      VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))`,

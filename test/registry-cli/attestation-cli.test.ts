@@ -200,6 +200,19 @@ describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }
       assert.match(expired.json.error.message, /has expired/);
     });
 
+    test('a new challenge purges those expired for over a day, and only those', async () => {
+      const stale = JSON.parse(readFileSync(file('challenge2.json'), 'utf8')).challenge_id;
+      const recent = JSON.parse(readFileSync(file('challenge.json'), 'utf8')).challenge_id;
+      await fixture.db.query(`UPDATE attestation_challenges SET created_at = now() - interval '3 days', expires_at = now() - interval '2 days' WHERE challenge_id = $1`, [stale]);
+      await fixture.db.query(`UPDATE attestation_challenges SET created_at = now() - interval '3 hours', expires_at = now() - interval '2 hours' WHERE challenge_id = $1`, [recent]);
+      const made = await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('challenge3.json'), '--ek-ca', caPath]);
+      expectExit(made, 0);
+      const ids = (await fixture.db.query('SELECT challenge_id FROM attestation_challenges')).rows.map((row: { challenge_id: string }) => row.challenge_id);
+      assert.ok(!ids.includes(stale), 'expired two days ago: purged');
+      assert.ok(ids.includes(recent), 'expired two hours ago: kept');
+      assert.ok(ids.includes(made.json.challenge_id), 'the new challenge');
+    });
+
     test('a challenge is refused for evidence from an untrusted EK, altered evidence, or another key; no challenge is stored', async () => {
       const before = await challengeRows();
       expectExit(await tpmSide(['--json', 'attest', 'collect', '--out', file('foreign-evidence.json'), '--state-dir', file('foreign-state')], foreignTpm), 0);
