@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { connect as h2connect, constants as h2c, type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2';
 import { connect as netConnect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
@@ -60,6 +60,31 @@ async function startGateway(overrides: { limits?: Record<string, unknown>; polic
  */
 function descriptors(gateway: Gateway): number {
   return readdirSync('/proc/self/fd').length - gateway.registry.poolStats.total - (stall?.sockets.size ?? 0);
+}
+
+/**
+ * This process's TCP sockets as `local -> remote state` (ports only, state in hex as in
+ * /proc/net/tcp): says whose descriptors a failed baseline check left open.
+ */
+function tcpSockets(): string[] {
+  const rows = ['/proc/net/tcp', '/proc/net/tcp6']
+    .flatMap((file) => readFileSync(file, 'utf8').split('\n').slice(1))
+    .map((line) => line.trim().split(/\s+/))
+    .filter((fields) => fields.length > 9);
+  const port = (address: string) => parseInt(address.split(':')[1] ?? '0', 16);
+  const sockets: string[] = [];
+  for (const fd of readdirSync('/proc/self/fd')) {
+    let target: string;
+    try {
+      target = readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      continue;
+    }
+    const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1];
+    const row = inode === undefined ? undefined : rows.find((fields) => fields[9] === inode);
+    if (row) sockets.push(`${port(row[1]!)} -> ${port(row[2]!)} ${row[3]}`);
+  }
+  return sockets;
 }
 
 /** The stalled destination starts reading: its sockets close only if the gateway closed its side. */
@@ -540,10 +565,17 @@ describe('work in proportion to what the peer spent', () => {
     );
     for (const session of sessions) session.close();
     await until(() => gateway.openSessions === 0, 5000, 'sessions closed');
+    // The gateway has closed its side; the test's own client sockets go now rather than when the
+    // client has read every last frame (a loaded machine once left a few open past 15 s).
+    for (const session of sessions) session.destroy();
     // Not a hostile case: 4,000 sockets of this process (the gateway's and the echo server's) wind
     // down through FIN exchanges on a loaded CI machine; bounded, but generously.
     await until(() => gateway.openTunnels === 0, 15_000, 'burst: tunnels closed');
-    await until(() => descriptors(gateway) <= base.fds, 15_000, `burst: descriptors back (${descriptors(gateway)} > ${base.fds})`);
+    try {
+      await until(() => descriptors(gateway) <= base.fds, 15_000, 'burst: descriptors back');
+    } catch {
+      assert.fail(`burst: descriptors back (${descriptors(gateway)} > ${base.fds}); gateway port ${gateway.address!.port}, echo ${world.echoAuthority}, TCP sockets: ${tcpSockets().join(', ')}`);
+    }
     await backToBaseline(gateway, base, 'burst');
   });
 
