@@ -15,9 +15,10 @@
  * as --userpin (for the second it runs); the object's auth value goes through a 0600 file.
  */
 import { execFile } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { AgentGatewayError } from '../core/errors.js';
 import { TpmError } from './errors.js';
 
 /** NV index of the RSA 2048 EK certificate (TCG EK Credential Profile). */
@@ -135,6 +136,12 @@ export class TpmAttestor {
       this.#dir = mkdtempSync(join(tmpdir(), 'agw-attest-'));
     } else {
       mkdirSync(options.stateDir, { recursive: true, mode: 0o700 });
+      // A directory that already existed is the caller's, perhaps shared (/tmp): refuse it when
+      // others may look in, rather than change its mode.
+      const mode = statSync(options.stateDir).mode & 0o777;
+      if ((mode & 0o077) !== 0) {
+        throw new AgentGatewayError('ERR_USAGE', `--state-dir ${options.stateDir} is open to other users (mode ${mode.toString(8).padStart(4, '0')}): it holds the attestation key's context and, for a moment, the activated secret; give a directory of its own with mode 0700`);
+      }
       this.#dir = options.stateDir;
     }
   }

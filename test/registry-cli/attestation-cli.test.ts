@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -164,6 +164,14 @@ describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }
     const tpmSide = (args: readonly string[], which = tpm) => inProcess(args, { ...which.env, AGENT_GATEWAY_DATABASE_URL: '' });
     const registrySide = (args: readonly string[]) => inProcess(args, { TPM2_PKCS11_TCTI: '', TPM2TOOLS_TCTI: '', TPM2_PKCS11_STORE: '' });
     const challengeRows = async () => Number((await fixture.db.query('SELECT count(*) AS n FROM attestation_challenges')).rows[0].n);
+
+    test('attest collect refuses a state directory other users can read, and leaves nothing in it', async () => {
+      mkdirSync(file('open-state'), { mode: 0o755 });
+      const refused = await tpmSide(['--json', 'attest', 'collect', '--out', file('open-evidence.json'), '--state-dir', file('open-state')]);
+      expectExit(refused, 2, 'ERR_USAGE');
+      assert.match(refused.json.error.message, /open to other users \(mode 0755\)/);
+      assert.throws(() => statSync(file('open-evidence.json')), /ENOENT/);
+    });
 
     test('the four steps enrol the key; the proof is private; replaying it is refused and writes nothing', async () => {
       expectExit(await tpmSide(['--json', 'attest', 'collect', '--out', file('evidence.json'), '--state-dir', file('attest-state')]), 0);
