@@ -1,5 +1,6 @@
 import { createHash, randomBytes, type X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { AGENT_KEY } from '../../core/agent-key.js';
 import { AttestationError, evidenceDocument, parseCaBundle, verifyAttestation, verifyStatic, type EvidenceDocument, type VerifiedAttestation } from '../../registry/attestation.js';
 import { EK_CA_VARIABLE } from './environment.js';
 import { RefusedError, UsageError } from './errors.js';
@@ -77,16 +78,11 @@ export async function attestTokenKey(env: NodeJS.ProcessEnv, key: { tokenLabel: 
   }
 }
 
-/** The sidecar's defaults and variables (sidecar/src/config.ts): the key it presents is the one to enrol. */
-export const SIDECAR_TOKEN_VARIABLE = 'AGENT_GATEWAY_SIDECAR_TPM_TOKEN';
-export const SIDECAR_KEY_VARIABLE = 'AGENT_GATEWAY_SIDECAR_TPM_KEY';
-export const DEFAULT_SIDECAR_TOKEN = 'agent-gateway-sidecar';
-export const DEFAULT_SIDECAR_KEY = 'agent-tls';
-
+/** The key the sidecar presents: its labels from the options, else its variables, else its defaults. */
 export function sidecarKeyLabels(env: NodeJS.ProcessEnv, options: { tokenLabel?: string; keyLabel?: string }): { tokenLabel: string; keyLabel: string } {
   return {
-    tokenLabel: options.tokenLabel ?? (env[SIDECAR_TOKEN_VARIABLE] || DEFAULT_SIDECAR_TOKEN),
-    keyLabel: options.keyLabel ?? (env[SIDECAR_KEY_VARIABLE] || DEFAULT_SIDECAR_KEY),
+    tokenLabel: options.tokenLabel ?? (env[AGENT_KEY.tokenVariable] || AGENT_KEY.tokenLabel),
+    keyLabel: options.keyLabel ?? (env[AGENT_KEY.keyVariable] || AGENT_KEY.keyLabel),
   };
 }
 

@@ -3,6 +3,7 @@ import { resolve as resolvePath } from 'node:path';
 import { Command, Option } from 'commander';
 import ipaddr from 'ipaddr.js';
 import { z } from 'zod';
+import { AGENT_KEY } from '../../core/agent-key.js';
 import { DEFAULT_PKCS11_ENGINE, DEFAULT_TPM2_PKCS11_MODULE } from '../../core/platform.js';
 import { ConfigError } from '../../registry/errors.js';
 import { MAX_WINDOW_BYTES, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
@@ -45,8 +46,8 @@ export const SIDECAR_OPTIONS = {
   listenSocket: { flag: '--listen-socket', arg: '<path>', env: ['AGENT_GATEWAY_SIDECAR_SOCKET'], help: 'also listen on this Unix socket (mode 0600, owned by this user): the way out of `run`, for isolated agents (default: off)' },
   identity: { flag: '--identity', arg: '<id>', env: ['AGENT_GATEWAY_IDENTITY'], help: 'identity carried in the certificate extension; required' },
   extensionOid: { flag: '--ext-oid', arg: '<oid>', env: ['AGENT_GATEWAY_CLIENT_EXT_OID'], help: 'identity extension OID' },
-  tokenLabel: { flag: '--token-label', arg: '<label>', env: ['AGENT_GATEWAY_SIDECAR_TPM_TOKEN'], help: 'tpm2-pkcs11 token label' },
-  keyLabel: { flag: '--key-label', arg: '<label>', env: ['AGENT_GATEWAY_SIDECAR_TPM_KEY'], help: 'label of the TLS key in the token' },
+  tokenLabel: { flag: '--token-label', arg: '<label>', env: [AGENT_KEY.tokenVariable], help: 'tpm2-pkcs11 token label' },
+  keyLabel: { flag: '--key-label', arg: '<label>', env: [AGENT_KEY.keyVariable], help: 'label of the TLS key in the token' },
   userPin: { flag: '--user-pin-file', arg: '<file>', env: ['AGENT_GATEWAY_TPM_USER_PIN'], help: 'file holding the token user PIN (the variable holds the PIN itself)', secretFile: true },
   soPin: { flag: '--so-pin-file', arg: '<file>', env: ['AGENT_GATEWAY_TPM_SO_PIN'], help: 'file holding the token SO PIN, needed only to create the token (the variable holds the PIN itself)', secretFile: true },
   tcti: { flag: '--tcti', arg: '<tcti>', env: ['TPM2_PKCS11_TCTI'], help: 'how tpm2-pkcs11 reaches the TPM' },
@@ -153,8 +154,8 @@ const configSchema = z.strictObject({
     }
   }),
   extensionOid: z.string().refine(isDottedOid, 'must be a dotted OID such as 1.3.6.1.4.1.57264.1.1').prefault('1.3.6.1.4.1.57264.1.1'),
-  tokenLabel: pkcs11Label.prefault('agent-gateway-sidecar'),
-  keyLabel: pkcs11Label.prefault('agent-tls'),
+  tokenLabel: pkcs11Label.prefault(AGENT_KEY.tokenLabel),
+  keyLabel: pkcs11Label.prefault(AGENT_KEY.keyLabel),
   // Never echo a PIN, not even in a validation message.
   userPin: z.string({ error: 'is required: set AGENT_GATEWAY_TPM_USER_PIN or pass --user-pin-file FILE' }).min(1, 'must not be empty'),
   soPin: z.string().min(1, 'must not be empty').optional(),
