@@ -252,7 +252,7 @@ function hiddenDirectories(socket: string, hide: readonly string[]): string[] {
  * process's, the forwarder could no longer reach the socket. Paths come as arguments, never as
  * script text.
  */
-const HIDE_SCRIPT = 'while [ "$1" != -- ]; do mount -t tmpfs -o ro,nosuid,nodev,noexec,mode=0555,size=4k agent-gateway-hidden "$1" || { echo "agent-gateway-sidecar run: cannot hide $1" >&2; exit 125; }; shift; done; shift; exec "$@"';
+const HIDE_SCRIPT = `while [ "$1" != -- ]; do mount -t tmpfs -o ro,nosuid,nodev,noexec,mode=0555,size=4k agent-gateway-hidden "$1" || { echo "${NAME}: cannot hide $1" >&2; exit ${EXIT.wrapper}; }; shift; done; shift; exec "$@"`;
 
 /** The `run` subcommand, from outside the namespaces. Resolves with the exit status. */
 export async function runIsolated(argv: readonly string[], io: RunIo): Promise<number> {
