@@ -35,7 +35,8 @@ export function isCidr(text: string): boolean {
 
 export type AddressVerdict = { readonly allowed: true } | { readonly allowed: false; readonly why: string };
 
-function inList(address: ipaddr.IPv4 | ipaddr.IPv6, list: readonly Cidr[]): Cidr | undefined {
+/** The first range of `list` holding `address` (ranges of the other family never match). */
+export function inList(address: ipaddr.IPv4 | ipaddr.IPv6, list: readonly Cidr[]): Cidr | undefined {
   return list.find(([range, bits]) => range.kind() === address.kind() && address.match(range, bits));
 }
 

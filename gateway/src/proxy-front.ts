@@ -1,7 +1,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import ipaddr from 'ipaddr.js';
 import type { Logger } from 'pino';
-import type { Cidr } from './egress.js';
+import { inList, type Cidr } from './egress.js';
 import { MAX_PROXY_V2_HEADER_BYTES, parseProxyV2, ProxyHeaderError, startsLikeProxyV1, startsLikeProxyV2, type ProxyRefusal } from './proxy-protocol.js';
 
 /** Where a connection really comes from: the agent's address once a trusted balancer has said so. */
@@ -36,7 +36,7 @@ function inRanges(text: string | undefined, ranges: readonly Cidr[]): boolean {
   } catch {
     return false;
   }
-  return ranges.some(([range, bits]) => range.kind() === address.kind() && address.match(range, bits));
+  return inList(address, ranges) !== undefined;
 }
 
 /**
