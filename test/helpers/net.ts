@@ -54,7 +54,7 @@ export async function exchange(stream: ClientHttp2Stream | Socket, payload: Buff
 }
 
 /** A TCP echo server: writes back what it reads and half-closes when the peer does. */
-export async function echoServer(): Promise<{ server: Server; port: number; close: () => Promise<void> }> {
+export async function echoServer(): Promise<{ server: Server; port: number; readonly connections: number; close: () => Promise<void> }> {
   const sockets = new Set<Socket>();
   const server = createServer({ allowHalfOpen: true }, (socket) => {
     sockets.add(socket);
@@ -67,6 +67,10 @@ export async function echoServer(): Promise<{ server: Server; port: number; clos
   return {
     server,
     port: (server.address() as AddressInfo).port,
+    /** Connections the echo server still holds (the destination's descriptors, not a gateway's). */
+    get connections() {
+      return sockets.size;
+    },
     close: async () => {
       for (const socket of sockets) socket.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));

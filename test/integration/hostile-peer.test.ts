@@ -56,10 +56,13 @@ async function startGateway(overrides: { limits?: Record<string, unknown>; polic
 
 /**
  * Descriptors of this process, less the registry pool's (it grows and idles on its own clock)
- * and the stalled destination's own sockets (that peer never reads, so it never sees a close).
+ * and the destinations' own sockets: the stalled one never reads, so it never sees a close, and
+ * the echo server sees the gateway's FIN only at its own pace (after the 2,000-CONNECT burst on a
+ * loaded machine, a few of its sockets stayed ESTABLISHED past 15 s while the gateway's side of
+ * each was long gone).
  */
 function descriptors(gateway: Gateway): number {
-  return readdirSync('/proc/self/fd').length - gateway.registry.poolStats.total - (stall?.sockets.size ?? 0);
+  return readdirSync('/proc/self/fd').length - gateway.registry.poolStats.total - (stall?.sockets.size ?? 0) - (world?.echo.connections ?? 0);
 }
 
 /**
