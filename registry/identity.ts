@@ -1,5 +1,5 @@
+import { X509Certificate } from 'node:crypto';
 import * as asn1js from 'asn1js';
-import { X509Certificate } from './x509.js';
 import { InvalidIdentityError } from './errors.js';
 import { hasControlCharacter } from './permission.js';
 
@@ -61,8 +61,8 @@ export function encodeIdentityExtensionValue(identity: string): Buffer {
   return Buffer.concat([Buffer.from([UTF8_STRING_TAG]), length, body]);
 }
 
-/** The exact SubjectPublicKeyInfo bytes of a certificate, as they appear in its DER. */
-export function exactSpkiDer(certificateDer: Uint8Array): Buffer {
+/** The TBSCertificate's fields of a DER certificate, as asn1js decodes them. */
+function tbsFields(certificateDer: Uint8Array): asn1js.AsnType[] {
   const parsed = asn1js.fromBER(Buffer.from(certificateDer));
   const certificate = parsed.result;
   if (parsed.offset === -1 || parsed.offset !== certificateDer.length || !(certificate instanceof asn1js.Sequence)) {
@@ -70,13 +70,48 @@ export function exactSpkiDer(certificateDer: Uint8Array): Buffer {
   }
   const tbs = certificate.valueBlock.value[0];
   if (!(tbs instanceof asn1js.Sequence)) throw new InvalidIdentityError('certificate has no TBSCertificate');
-  const fields = tbs.valueBlock.value;
+  return tbs.valueBlock.value;
+}
+
+/** The exact SubjectPublicKeyInfo bytes of a certificate, as they appear in its DER. */
+export function exactSpkiDer(certificateDer: Uint8Array): Buffer {
+  return spkiOf(tbsFields(certificateDer));
+}
+
+function spkiOf(fields: asn1js.AsnType[]): Buffer {
   // version [0] is optional; then serial, signature, issuer, validity, subject, subjectPublicKeyInfo.
   const first = fields[0];
   const hasVersion = first !== undefined && first.idBlock.tagClass === 3 && first.idBlock.tagNumber === 0;
   const spki = fields[(hasVersion ? 1 : 0) + 5];
   if (!(spki instanceof asn1js.Sequence)) throw new InvalidIdentityError('certificate has no SubjectPublicKeyInfo');
   return Buffer.from(spki.valueBeforeDecodeView);
+}
+
+/** One certificate extension: RFC 5280's Extension ::= SEQUENCE { extnID, critical DEFAULT FALSE, extnValue }. */
+interface CertificateExtension {
+  readonly oid: string;
+  readonly critical: boolean;
+  readonly value: Uint8Array;
+}
+
+/** The extensions of a TBSCertificate (its [3] EXPLICIT field), each checked for RFC 5280's shape. */
+function extensionsOf(fields: asn1js.AsnType[]): CertificateExtension[] {
+  const wrapper = fields.find((field) => field.idBlock.tagClass === 3 && field.idBlock.tagNumber === 3);
+  if (!wrapper) return [];
+  const list = (wrapper as asn1js.Constructed).valueBlock?.value;
+  if (!Array.isArray(list) || list.length !== 1 || !(list[0] instanceof asn1js.Sequence)) throw new InvalidIdentityError('certificate extensions are malformed');
+  return list[0].valueBlock.value.map((extension) => {
+    if (!(extension instanceof asn1js.Sequence)) throw new InvalidIdentityError('a certificate extension is not a SEQUENCE');
+    const parts = extension.valueBlock.value;
+    const [id, second, third] = parts;
+    const withCritical = parts.length === 3;
+    const flag = withCritical ? second : undefined;
+    const value = withCritical ? third : second;
+    if (!(id instanceof asn1js.ObjectIdentifier) || (parts.length !== 2 && parts.length !== 3) || (flag !== undefined && !(flag instanceof asn1js.Boolean)) || !(value instanceof asn1js.OctetString) || value.idBlock.isConstructed) {
+      throw new InvalidIdentityError('a certificate extension is malformed');
+    }
+    return { oid: id.valueBlock.toString(), critical: flag instanceof asn1js.Boolean && flag.getValue(), value: value.valueBlock.valueHexView };
+  });
 }
 
 /** A carrier certificate is a few hundred bytes; anything near these bounds is not one. */
@@ -138,18 +173,21 @@ export function countCertificateExtensions(der: Uint8Array): number | undefined 
 export function readPeerIdentity(certificateDer: Uint8Array | undefined, extensionOid: string): PeerIdentity {
   if (!certificateDer || certificateDer.length === 0) return { ok: false, reason: 'no client certificate' };
   if (certificateDer.length > MAX_CERTIFICATE_BYTES) return { ok: false, reason: `client certificate is ${certificateDer.length} bytes (at most ${MAX_CERTIFICATE_BYTES})` };
-  const extensions = countCertificateExtensions(certificateDer);
-  if (extensions === undefined) return { ok: false, reason: 'client certificate is not DER' };
-  if (extensions > MAX_CERTIFICATE_EXTENSIONS) return { ok: false, reason: `client certificate has ${extensions} extensions (at most ${MAX_CERTIFICATE_EXTENSIONS})` };
+  const declared = countCertificateExtensions(certificateDer);
+  if (declared === undefined) return { ok: false, reason: 'client certificate is not DER' };
+  if (declared > MAX_CERTIFICATE_EXTENSIONS) return { ok: false, reason: `client certificate has ${declared} extensions (at most ${MAX_CERTIFICATE_EXTENSIONS})` };
   let spkiDer: Buffer;
-  let certificate: X509Certificate;
+  let extensions: CertificateExtension[];
   try {
-    spkiDer = exactSpkiDer(certificateDer);
-    certificate = new X509Certificate(Buffer.from(certificateDer));
+    const fields = tbsFields(certificateDer);
+    spkiDer = spkiOf(fields);
+    extensions = extensionsOf(fields);
+    // OpenSSL must accept the whole certificate too: what asn1js walked above is only its frame.
+    new X509Certificate(Buffer.from(certificateDer));
   } catch (error) {
     return { ok: false, reason: `client certificate does not parse: ${(error as Error).message}` };
   }
-  const matches = certificate.extensions.filter((extension) => extension.type === extensionOid);
+  const matches = extensions.filter((extension) => extension.oid === extensionOid);
   if (matches.length === 0) return { ok: false, reason: `no identity extension ${extensionOid}`, spkiDer };
   if (matches.length > 1) return { ok: false, reason: `identity extension ${extensionOid} appears ${matches.length} times`, spkiDer };
   // DESIGN §3: the identity is a non-critical extension.

