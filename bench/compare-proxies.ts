@@ -218,6 +218,9 @@ export interface OursOptions {
   readonly databaseUrl: string;
   readonly logLevel: string;
   readonly maxStreams: number;
+  /** `[server] stream_window_bytes` and `session_window_bytes`. */
+  readonly streamWindow: number;
+  readonly sessionWindow: number;
   /** Node.js options before the script, e.g. --cpu-prof. */
   readonly nodeArgs?: readonly string[];
 }
@@ -234,6 +237,8 @@ export async function startOurs(options: OursOptions): Promise<Proxy> {
       `tls_cert_path = ${q(options.certPath)}`,
       `tls_key_path = ${q(options.keyPath)}`,
       'shutdown_grace_ms = 500',
+      `stream_window_bytes = ${options.streamWindow}`,
+      `session_window_bytes = ${options.sessionWindow}`,
       '[policy]',
       `client_ext_oid = ${q(options.oid)}`,
       `database_url = ${q(options.databaseUrl)}`,

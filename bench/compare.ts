@@ -7,7 +7,7 @@
  *     [--connects 5000] [--concurrency 32] [--connect-rounds 3] [--sessions 400]
  *     [--session-concurrency 8] [--session-rounds 3] [--mib 256] [--parallel 8]
  *     [--parallel-mib 64] [--rounds 5] [--idle 2000] [--no-revocation]
- *     [--revocation-tunnels 2000] [--workers 1] [--log-level info] [--nghttpx-ciphers]
+ *     [--revocation-tunnels 2000] [--workers 1] [--log-level info]
  *     [--profile] [--max-seconds 300] [--keep]
  *
  * Processes, all on 127.0.0.1: this one (the load generator, our own node:http2 client), the
@@ -23,9 +23,10 @@ import { connect as netConnect, type Socket } from 'node:net';
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect as tlsConnect, createSecureContext, DEFAULT_CIPHERS, type SecureContext } from 'node:tls';
+import { connect as tlsConnect, createSecureContext, type SecureContext } from 'node:tls';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
+import { TLS13_SUITES } from '../gateway/src/server-credentials.js';
 import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../registry/flow-control.js';
 import { serverTls, TEST_OID } from '../test/helpers/pki.js';
 import { createDatabase, freePort, testServer } from '../test/helpers/postgres.js';
@@ -55,9 +56,11 @@ const { values } = parseArgs({
     'log-level': { type: 'string', default: 'info' },
     phases: { type: 'string', default: 'idle,connect,sessions,throughput,revocation' },
     profile: { type: 'boolean', default: false },
-    'nghttpx-ciphers': { type: 'boolean', default: false },
     'max-seconds': { type: 'string', default: '300' },
     keep: { type: 'boolean', default: false },
+    'gateway-node-options': { type: 'string', default: '' },
+    'stream-window': { type: 'string', default: String(STREAM_WINDOW_BYTES) },
+    'session-window': { type: 'string', default: String(SESSION_WINDOW_BYTES) },
   },
 });
 
@@ -77,17 +80,20 @@ const PARALLEL_BYTES = num('parallel-mib') * MIB;
 const ROUNDS = num('rounds');
 const CONNECT_ROUNDS = num('connect-rounds');
 const SESSION_ROUNDS = num('session-rounds');
+/** HTTP/2 receive windows of every end (client, our gateway, nghttpx): the defaults unless a sweep asks for others. */
+const STREAM_WINDOW = num('stream-window');
+const SESSION_WINDOW = num('session-window');
 const PHASES = new Set(values.phases!.split(',').map((phase) => phase.trim()));
 for (const phase of PHASES) if (!['idle', 'connect', 'sessions', 'throughput', 'revocation'].includes(phase)) throw new Error(`--phases: unknown phase ${phase}`);
 const PROFILE = values.profile === true;
 /** No phase starts after this many seconds; the run is abandoned (every process stopped) 120 s later. */
 const MAX_SECONDS = num('max-seconds');
 /**
- * nghttpx picks the TLS 1.3 suite by its own preference (AES-128-GCM first); our gateway, like
- * Node's TLS server by default, follows the client's (Node's: AES-256-GCM first). Unless
- * --nghttpx-ciphers, nghttpx is given Node's order, so both tunnels run the same cipher.
+ * Both proxies enforce their own TLS 1.3 suite order. nghttpx is given our gateway's
+ * (gateway/src/server-credentials.ts: AES-128-GCM first, as nghttpx's own default), so both
+ * tunnels run the same cipher by construction; the JSON records what each negotiated.
  */
-const TLS13_CIPHERS = values['nghttpx-ciphers'] ? undefined : DEFAULT_CIPHERS.split(':').filter((suite) => suite.startsWith('TLS_')).join(':');
+const TLS13_CIPHERS = TLS13_SUITES.join(':');
 const IDLE = num('idle');
 const REVOCATION = values.revocation === true;
 const REVOKE_TUNNELS = num('revocation-tunnels');
@@ -161,7 +167,7 @@ async function openSession(port: number, tls: ClientTls): Promise<Session> {
       });
       return socket;
     },
-    settings: { initialWindowSize: STREAM_WINDOW_BYTES },
+    settings: { initialWindowSize: STREAM_WINDOW },
     maxSessionMemory: 256,
   });
   const result: Session = { session, handshakeMs: NaN, tls: '', goaways: 0 };
@@ -172,7 +178,7 @@ async function openSession(port: number, tls: ClientTls): Promise<Session> {
     session.once('close', () => reject(new Error('session closed before it connected')));
     session.once('error', reject);
   });
-  session.setLocalWindowSize(SESSION_WINDOW_BYTES);
+  session.setLocalWindowSize(SESSION_WINDOW);
   return Object.assign(result, { handshakeMs, tls: negotiated });
 }
 
@@ -812,7 +818,9 @@ async function main(): Promise<void> {
       databaseUrl,
       logLevel: LOG_LEVEL,
       maxStreams: MAX_STREAMS,
-      ...(PROFILE ? { nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] } : {}),
+      streamWindow: STREAM_WINDOW,
+      sessionWindow: SESSION_WINDOW,
+      nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : []), ...values['gateway-node-options']!.split(' ').filter(Boolean)],
     });
     proxies.push(ours);
     const baseline = await startBaseline({
@@ -825,10 +833,10 @@ async function main(): Promise<void> {
       workers: WORKERS,
       maxStreams: MAX_STREAMS,
       backendConnections: BACKEND_CONNECTIONS,
-      streamWindow: STREAM_WINDOW_BYTES,
-      sessionWindow: SESSION_WINDOW_BYTES,
+      streamWindow: STREAM_WINDOW,
+      sessionWindow: SESSION_WINDOW,
       maxFiles: Math.min(65_536, hardFileLimit()),
-      ...(TLS13_CIPHERS ? { tls13Ciphers: TLS13_CIPHERS } : {}),
+      tls13Ciphers: TLS13_CIPHERS,
     });
     proxies.push(baseline);
     await sleep(1000);
@@ -975,12 +983,12 @@ async function main(): Promise<void> {
           audit: true,
           authorization: 'PostgreSQL registry (throwaway cluster, fsync off), signed rows',
           max_streams_per_session: MAX_STREAMS,
-          windows: { stream: STREAM_WINDOW_BYTES, session: SESSION_WINDOW_BYTES },
+          windows: { stream: STREAM_WINDOW, session: SESSION_WINDOW },
           profile: PROFILE ? profileDir : undefined,
         },
         baseline: {
           nghttpx: `-s, --workers=${WORKERS}, --backend-connections-per-host=${BACKEND_CONNECTIONS}, max concurrent streams ${MAX_STREAMS}, same windows, access log to a file`,
-          nghttpx_tls13_ciphers: TLS13_CIPHERS ?? "nghttpx's default",
+          nghttpx_tls13_ciphers: TLS13_CIPHERS,
           squid: '-N (one process), no cache, access log to a file',
         },
         tls_negotiated: tlsSeen,

@@ -1,6 +1,6 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createSecureContext, type SecureContextOptions } from 'node:tls';
+import { createSecureContext, DEFAULT_CIPHERS, type SecureContextOptions } from 'node:tls';
 import { ConfigError } from '../../registry/errors.js';
 
 /**
@@ -9,10 +9,23 @@ import { ConfigError } from '../../registry/errors.js';
  */
 
 /**
+ * The TLS 1.3 suites in the gateway's order, which it enforces (honorCipherOrder): a Node client,
+ * the sidecar included, offers AES-256-GCM first. On this project's machines (AES-NI)
+ * AES-128-GCM encrypts 6% faster than AES-256-GCM (`openssl speed`: 4.44 against 4.18 GB/s at
+ * 16 KiB) and ChaCha20-Poly1305 15% slower; a whole Node TLS stream moved about 4% more with
+ * AES-128-GCM. It is also what nghttpx picks. TLS 1.2 keeps Node's default list.
+ */
+export const TLS13_SUITES = Object.freeze(['TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256']);
+
+function serverCiphers(): string {
+  return [...TLS13_SUITES, ...DEFAULT_CIPHERS.split(':').filter((cipher) => !cipher.startsWith('TLS_'))].join(':');
+}
+
+/**
  * Secure-context options besides cert and key. One constant for start-up and reload alike:
  * tls.Server#setSecureContext resets every option it is not given.
  */
-export const TLS_CONTEXT_OPTIONS: SecureContextOptions = Object.freeze({ minVersion: 'TLSv1.2' });
+export const TLS_CONTEXT_OPTIONS: SecureContextOptions = Object.freeze({ minVersion: 'TLSv1.2', ciphers: serverCiphers(), honorCipherOrder: true });
 
 export interface ServerCredentials {
   readonly cert: Buffer;

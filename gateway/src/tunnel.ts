@@ -3,6 +3,7 @@ import { connect, type LookupFunction, type Socket } from 'node:net';
 import { sniVerdict, type SniMode, type SniVerdict } from './client-hello.js';
 import type { ResolvedAddress } from './egress.js';
 import { classifyDialError, type DialErrorType } from '../../core/errors.js';
+import { pipeFramesToSocket } from '../../core/frame-pipe.js';
 
 export type DialResult =
   | { readonly ok: true; readonly socket: Socket }
@@ -137,6 +138,8 @@ export class Tunnel {
   #ending: Ending | undefined;
   #closedSince: number | undefined;
   #resolve!: (stats: TunnelStats) => void;
+  /** Detaches the upload direction (the destination socket closed). */
+  #stopUp: (() => void) | undefined;
 
   constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number, guard?: SniGuard) {
     this.stream = stream;
@@ -154,7 +157,7 @@ export class Tunnel {
     socket.once('close', () => {
       this.#socketClosed = true;
       // Nowhere left to send upload bytes: drop what is buffered so the stream can finish.
-      stream.unpipe(socket);
+      this.#stopUp?.();
       stream.resume();
       if (!stream.closed && !stream.destroyed) {
         if (!stream.writableEnded) stream.end();
@@ -191,7 +194,12 @@ export class Tunnel {
     // the client's first bytes may be held for the SNI check.
     socket.pipe(stream);
     if (guard && guard.mode !== 'off') this.#guardFirstBytes(guard);
-    else stream.pipe(socket);
+    else this.#pipeUp();
+  }
+
+  /** Client → destination (core/frame-pipe.ts: the DATA frames of one session read leave in one writev). */
+  #pipeUp(): void {
+    this.#stopUp = pipeFramesToSocket(this.stream, this.socket);
   }
 
   /**
@@ -224,7 +232,8 @@ export class Tunnel {
       }
       stream.pause();
       if (size > 0) this.socket.write(first);
-      stream.pipe(this.socket);
+      this.#pipeUp();
+      stream.resume();
     };
     const onData = (chunk: Buffer) => {
       held.push(chunk);

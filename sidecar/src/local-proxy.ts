@@ -5,6 +5,7 @@ import { chmodSync, lstatSync, rmSync } from 'node:fs';
 import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { sidecarReasonForError } from '../../core/errors.js';
+import { pipeFramesToSocket } from '../../core/frame-pipe.js';
 import { childTraceparent } from '../../core/traceparent.js';
 import { normaliseDestination } from '../../registry/destination.js';
 import type { GatewaySession, TunnelResponse } from './gateway-session.js';
@@ -44,7 +45,8 @@ async function removeStaleSocket(path: string): Promise<void> {
 /** Relays bytes both ways; each side's end half-closes the other (END_STREAM ⇄ FIN). */
 function relay(agent: Socket, stream: ClientHttp2Stream): void {
   agent.pipe(stream);
-  stream.pipe(agent);
+  // Gateway → agent: the DATA frames of one session read leave in one writev.
+  pipeFramesToSocket(stream, agent);
   // The gateway or destination failed: the agent sees its connection reset, as with a direct dial.
   stream.on('close', () => {
     if (stream.rstCode !== 0) agent.destroy();

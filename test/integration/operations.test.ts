@@ -394,6 +394,8 @@ describe('reload', () => {
       const oldSession = await sessionTo(gateway, client, tls.caPem);
       const oldFingerprint = peerFingerprint(oldSession);
       assert.equal(oldFingerprint, gateway.certificateFingerprint);
+      // Node's client offers AES-256-GCM first; the gateway's order wins (server-credentials.ts).
+      assert.equal((oldSession.socket as TLSSocket).getCipher().name, 'TLS_AES_128_GCM_SHA256');
       const tunnel = await request(oldSession, echoAuthority);
       assert.equal(tunnel.status, 200);
       await echoOn(tunnel.stream, Buffer.from('before reload'));
@@ -409,6 +411,7 @@ describe('reload', () => {
 
       const newSession = await sessionTo(gateway, client, next.caPem);
       assert.equal(peerFingerprint(newSession), result.certificate.fingerprint, 'the next handshake sees the new certificate');
+      assert.equal((newSession.socket as TLSSocket).getCipher().name, 'TLS_AES_128_GCM_SHA256', 'a reload keeps the cipher order');
       assert.equal((await tunnelOnce(newSession)).status, 200);
       await echoOn(tunnel.stream, Buffer.from('after reload'));
       assert.equal((await tunnelOnce(oldSession)).status, 200, 'the old session keeps working');

@@ -1,0 +1,113 @@
+/**
+ * core/frame-pipe.ts over a real loopback TCP connection: what `pipe()` guarantees (order,
+ * completeness, end, back-pressure, detaching when the socket closes), plus the batching it
+ * exists for.
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer, connect, type Server, type Socket } from 'node:net';
+import { PassThrough, Readable } from 'node:stream';
+import { setImmediate as nextCheck } from 'node:timers/promises';
+import { test } from 'node:test';
+import { pipeFramesToSocket } from '../../core/frame-pipe.js';
+
+async function pair(): Promise<{ server: Server; client: Socket; far: Socket }> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const accepted = once(server, 'connection');
+  const client = connect((server.address() as { port: number }).port, '127.0.0.1');
+  await once(client, 'connect');
+  const [far] = (await accepted) as [Socket];
+  return { server, client, far };
+}
+
+const FRAME = 16 * 1024;
+
+test('frame-pipe: every byte arrives in order, and the end of the stream ends the socket', async () => {
+  const { server, client, far } = await pair();
+  const from = new PassThrough();
+  pipeFramesToSocket(from, client);
+  const received: Buffer[] = [];
+  far.on('data', (chunk: Buffer) => received.push(chunk));
+  const ended = once(far, 'end');
+  const sent: Buffer[] = [];
+  for (let i = 0; i < 200; i++) {
+    const frame = Buffer.alloc(FRAME, i % 251);
+    frame.writeUInt32BE(i, 0);
+    sent.push(frame);
+    from.write(frame);
+    if (i % 17 === 0) await nextCheck();
+  }
+  from.end();
+  await ended;
+  assert.deepEqual(Buffer.concat(received), Buffer.concat(sent));
+  far.destroy();
+  client.destroy();
+  server.close();
+});
+
+test('frame-pipe: the frames of one turn of the event loop leave in one write', async () => {
+  const { server, client, far } = await pair();
+  const from = new PassThrough();
+  pipeFramesToSocket(from, client);
+  // Three frames: below the socket's 64 KiB high-water mark, so none is held back by it.
+  for (let i = 0; i < 3; i++) from.write(Buffer.alloc(FRAME, i));
+  // The frames reach the socket on the stream's own schedule (PassThrough emits on next tick).
+  await new Promise((resolve) => process.nextTick(resolve));
+  assert.equal(client.writableCorked, 1, 'corked until the check phase');
+  assert.equal(client.writableLength, 3 * FRAME, 'the three frames wait together');
+  await nextCheck();
+  await nextCheck();
+  assert.equal(client.writableCorked, 0);
+  far.destroy();
+  client.destroy();
+  server.close();
+});
+
+test('frame-pipe: a socket whose reader stops holds the stream back, and reading again lets everything through', async () => {
+  const { server, client, far } = await pair();
+  far.pause();
+  const TOTAL = 4096; // 64 MiB: far more than the kernel's loopback buffers hold
+  let pulled = 0;
+  const from = new Readable({
+    highWaterMark: FRAME,
+    read() {
+      this.push(pulled < TOTAL ? Buffer.alloc(FRAME, pulled++ % 251) : null);
+    },
+  });
+  pipeFramesToSocket(from, client);
+  // Until the far side's reader stops it, the stream is read; then it must stop being read.
+  let previous = -1;
+  while (pulled !== previous) {
+    previous = pulled;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.ok(pulled < TOTAL / 2, `the stream stopped being read (${pulled} of ${TOTAL} frames pulled)`);
+  assert.equal(from.isPaused(), true, 'paused by the full socket');
+  let received = 0;
+  far.on('data', (chunk: Buffer) => (received += chunk.length));
+  far.resume();
+  await once(far, 'end');
+  assert.equal(received, TOTAL * FRAME, 'everything arrives once the reader reads');
+  far.destroy();
+  client.destroy();
+  server.close();
+});
+
+test('frame-pipe: when the socket closes, the stream is detached and writing to it is harmless', async () => {
+  const { server, client, far } = await pair();
+  const from = new PassThrough();
+  pipeFramesToSocket(from, client);
+  const dataListeners = from.listenerCount('data');
+  client.destroy();
+  await once(client, 'close');
+  assert.equal(from.listenerCount('data'), dataListeners - 1, 'the data listener is gone');
+  assert.equal(client.listenerCount('drain'), 0);
+  from.resume();
+  from.write(Buffer.alloc(FRAME));
+  from.end();
+  await once(from, 'end');
+  far.destroy();
+  server.close();
+});
