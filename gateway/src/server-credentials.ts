@@ -1,4 +1,4 @@
-import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { constants as cryptoConstants, createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createSecureContext, DEFAULT_CIPHERS, type SecureContextOptions } from 'node:tls';
 import { ConfigError } from '../../registry/errors.js';
@@ -24,8 +24,19 @@ function serverCiphers(): string {
 /**
  * Secure-context options besides cert and key. One constant for start-up and reload alike:
  * tls.Server#setSecureContext resets every option it is not given.
+ *
+ * No session resumption: every session must prove possession of the client's key, which lives
+ * in a TPM. A resumed session proves only the resumption secret, which sits in the client's
+ * memory, and each resumed session could be handed a fresh ticket. SSL_OP_NO_TICKET stops
+ * stateless tickets; the tickets OpenSSL still sends under it are stateful, and Node keeps no
+ * session cache (no 'resumeSession' listener), so they name nothing that can be resumed.
  */
-export const TLS_CONTEXT_OPTIONS: SecureContextOptions = Object.freeze({ minVersion: 'TLSv1.2', ciphers: serverCiphers(), honorCipherOrder: true });
+export const TLS_CONTEXT_OPTIONS: SecureContextOptions = Object.freeze({
+  minVersion: 'TLSv1.2',
+  ciphers: serverCiphers(),
+  honorCipherOrder: true,
+  secureOptions: cryptoConstants.SSL_OP_NO_TICKET,
+});
 
 export interface ServerCredentials {
   readonly cert: Buffer;

@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { TLSSocket } from 'node:tls';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { pino } from 'pino';
 import { parseConfig } from '../../gateway/src/config.js';
@@ -375,6 +375,51 @@ describe('limits', () => {
     assert.equal(lines.filter((l) => l.event === 'tunnel_closed' && l.detail === 'idle_timeout').length, 1);
     const { text } = await admin(gateway, '/metrics');
     assert.equal(sample(text, 'agent_gateway_tunnel_idle_timeouts_total'), 1);
+  });
+});
+
+describe('TLS sessions', () => {
+  /** One TLS connection with the client's certificate; resolves once a session ticket arrived, or after 300 ms. */
+  async function handshake(port: number, client: ClientCredentials, session?: Buffer): Promise<{ reused: boolean; ticket: Buffer | undefined; cipher: string }> {
+    const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, ALPNProtocols: ['h2'], ...(session ? { session } : {}) });
+    let ticket: Buffer | undefined;
+    socket.on('session', (data: Buffer) => (ticket = data));
+    socket.on('error', () => {});
+    await once(socket, 'secureConnect');
+    await sleep(300);
+    const result = { reused: socket.isSessionReused(), ticket, cipher: socket.getCipher().name };
+    socket.destroy();
+    return result;
+  }
+
+  /** A TLS 1.2 session, as a client would keep it to offer again. */
+  async function twelveSession(port: number, client: ClientCredentials, session?: Buffer): Promise<{ reused: boolean; saved: Buffer | undefined }> {
+    const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, maxVersion: 'TLSv1.2', ALPNProtocols: ['h2'], ...(session ? { session } : {}) });
+    socket.on('error', () => {});
+    await once(socket, 'secureConnect');
+    const result = { reused: socket.isSessionReused(), saved: socket.getSession() };
+    socket.destroy();
+    return result;
+  }
+
+  // Regression: the gateway resumed TLS 1.3 sessions from its tickets, so whoever held a ticket
+  // and its resumption secret (a sidecar's memory, not its TPM) opened sessions as that agent
+  // without the agent's key, and every resumed session could get a new ticket.
+  test('every session proves the client key afresh: a ticket or a session ID offered again is not resumed, also after a reload', async () => {
+    const gateway = await startGateway();
+    const port = gateway.address!.port;
+    const { client } = await grantedClient('agent-resume');
+    for (const when of ['at start', 'after a reload']) {
+      const first = await handshake(port, client);
+      assert.equal(first.reused, false);
+      // OpenSSL still sends a (stateful) ticket under SSL_OP_NO_TICKET; the gateway keeps no
+      // session cache, so it names nothing that could be resumed.
+      if (first.ticket) assert.equal((await handshake(port, client, first.ticket)).reused, false, `${when}: a TLS 1.3 ticket is not resumed`);
+      const twelve = await twelveSession(port, client);
+      assert.ok(twelve.saved, 'the TLS 1.2 client kept a session to offer');
+      assert.equal((await twelveSession(port, client, twelve.saved)).reused, false, `${when}: a TLS 1.2 session is not resumed`);
+      if (when === 'at start') await gateway.reload(parseConfig(rawConfig()));
+    }
   });
 });
 
