@@ -1,4 +1,5 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { droppedLogLines } from './logger.js';
 import type { ProxyRefusal } from './proxy-protocol.js';
 import type { StandbyOutcome } from './registry-client.js';
 import type { OpenTunnel } from './tunnels.js';
@@ -163,6 +164,15 @@ export class GatewayMetrics {
         const feed = sources.feed();
         this.set({ path: 'listen' }, feed.listening ? 1 : 0);
         this.set({ path: 'confirmed' }, feed.confirmed ? 1 : 0);
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}log_lines_dropped_total`,
+      help: 'Log lines dropped because stdout fell more than 16 MiB behind (its reader stalled).',
+      registers,
+      collect() {
+        this.reset();
+        this.inc(droppedLogLines());
       },
     });
     new Gauge({

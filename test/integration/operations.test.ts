@@ -168,6 +168,7 @@ describe('admin endpoints', () => {
     assert.ok((sample(text, 'agent_gateway_db_pool_connections{pool="registry"}') ?? 0) >= 1);
     assert.equal(sample(text, 'agent_gateway_db_pool_waiting_requests{pool="registry"}'), 0);
     assert.equal(sample(text, 'agent_gateway_reloads_total{result="success"}'), 0);
+    assert.equal(sample(text, 'agent_gateway_log_lines_dropped_total'), 0, 'exists at 0 from the start');
     assert.ok(sample(text, 'process_cpu_user_seconds_total') !== undefined, 'default process metrics are on');
     assert.doesNotMatch(text, /identity="|destination="/, 'no identity or destination labels unless configured');
     // Every metric of ours is named agent_gateway_*.

@@ -1,0 +1,62 @@
+/**
+ * gateway/src/logger.ts stdoutDestination: lines are written asynchronously, and a reader that
+ * stops reading costs dropped (counted) lines beyond the bound, never unbounded memory or a
+ * blocked event loop. A real FIFO nobody reads stands in for a stalled journald or a full pipe.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { pino } from 'pino';
+import { droppedLogLines, stdoutDestination } from '../../gateway/src/logger.js';
+
+test('log destination: a reader that stops costs dropped lines past the bound, counted, and the event loop keeps running', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'agw-log-'));
+  const fifo = join(dir, 'stdout');
+  execFileSync('mkfifo', [fifo]);
+  // Read and write ends in this process, both non-blocking; nobody reads until the end.
+  const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+  const bound = 256 * 1024;
+  const destination = stdoutDestination(writer, bound);
+  const log = pino({ level: 'info' }, destination);
+  const before = droppedLogLines();
+  const line = 'x'.repeat(1000);
+  const started = performance.now();
+  for (let i = 0; i < 2000; i++) {
+    log.info({ i, line }, 'a line');
+    if (i % 100 === 0) await new Promise((resolve) => setImmediate(resolve));
+  }
+  const elapsed = performance.now() - started;
+  const dropped = droppedLogLines() - before;
+  // ~2 MB offered; the pipe holds 64 KiB and the destination at most `bound` more.
+  assert.ok(dropped > 1000, `most lines past the bound are dropped (${dropped} of 2000)`);
+  assert.ok(elapsed < 5000, `writing never waited on the stalled reader (${Math.round(elapsed)} ms)`);
+  // The reader comes back: what was kept arrives, whole lines in order.
+  let text = '';
+  const chunk = Buffer.alloc(65536);
+  // Until nothing more comes for 500 ms (the destination retries a full pipe every 100 ms).
+  for (let quiet = 0; quiet < 25; ) {
+    let n = 0;
+    try {
+      n = readSync(reader, chunk);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
+    }
+    if (n > 0) {
+      text += chunk.toString('utf8', 0, n);
+      quiet = 0;
+    } else {
+      quiet++;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+  const lines = text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
+  assert.ok(lines.length > 0 && lines.length + dropped === 2000, `every line either arrived or was counted (${lines.length} + ${dropped})`);
+  assert.deepEqual(lines.map((l) => l.i), [...lines.map((l) => l.i)].sort((a, b) => a - b), 'in order');
+  (destination as unknown as { destroy(): void }).destroy();
+  closeSync(reader);
+  rmSync(dir, { recursive: true, force: true });
+});
