@@ -12,12 +12,16 @@ import type { Duplex, Readable } from 'node:stream';
  * happens when the socket closes (as pipe() unpipes).
  */
 export function pipeFramesToSocket(from: Readable, to: Duplex): () => void {
+  // A socket already gone would never emit 'close' to detach us, and would hold the stream paused.
+  if (to.destroyed) return () => {};
   let corked = false;
   const uncork = () => {
     corked = false;
     to.uncork();
   };
   const onData = (chunk: Buffer) => {
+    // Destroyed, not yet closed: nothing can be delivered, and pausing would only stall the stream.
+    if (to.destroyed) return;
     if (!corked) {
       corked = true;
       to.cork();

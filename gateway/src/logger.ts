@@ -1,4 +1,5 @@
 import { pino, type DestinationStream, type Logger } from 'pino';
+import { logDestination } from '../../core/log-destination.js';
 import { GATEWAY_TARGET, levelForTargets, type LogLevel } from '../../core/log-filter.js';
 
 /**
@@ -30,35 +31,8 @@ export function createLogger(options: LoggerOptions): Logger {
       timestamp: pino.stdTimeFunctions.isoTime,
       redact: { paths: ['databaseUrl', '*.databaseUrl', 'database_url', '*.database_url', 'pin', '*.pin', 'userPin', 'soPin'], censor: '[redacted]' },
     },
-    options.destination ?? stdoutDestination(),
+    options.destination ?? logDestination(process.stdout.fd ?? 1),
   );
-}
-
-/**
- * How many bytes of lines may wait for stdout. Past it, lines are dropped and counted
- * (`agent_gateway_log_lines_dropped_total`): a stalled log reader must neither grow the
- * gateway's memory without bound nor stop its event loop. The audit trail in PostgreSQL is
- * the record; these lines are the operator's view.
- */
-export const LOG_BUFFER_BYTES = 16 * 1024 * 1024;
-
-let droppedLines = 0;
-
-/** Lines every stdoutDestination() of this process dropped because its reader fell behind. */
-export function droppedLogLines(): number {
-  return droppedLines;
-}
-
-/**
- * Stdout (or `fd`), written asynchronously: lines that arrive while a write is under way leave
- * together in the next one, instead of one write(2) per line (5% of the gateway's CPU at 3,700
- * CONNECTs/s). A line still leaves at once when nothing is being written, and pino flushes what
- * is left synchronously when the process exits.
- */
-export function stdoutDestination(fd: number = process.stdout.fd ?? 1, maxBytes: number = LOG_BUFFER_BYTES): DestinationStream {
-  const stream = pino.destination({ dest: fd, sync: false, maxLength: maxBytes });
-  stream.on('drop', () => droppedLines++);
-  return stream;
 }
 
 /** Removes the password from a database URL before it reaches a message. */

@@ -1,5 +1,5 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import { droppedLogLines } from './logger.js';
+import { droppedLogLines } from '../../core/log-destination.js';
 import type { ProxyRefusal } from './proxy-protocol.js';
 import type { StandbyOutcome } from './registry-client.js';
 import type { OpenTunnel } from './tunnels.js';

@@ -225,6 +225,8 @@ export class Tunnel {
         if (this.close('sni_mismatch')) guard.onRefuse(verdict.why);
         return;
       }
+      // The destination went away while the first bytes were held: nothing to deliver them to.
+      if (this.#socketClosed) return;
       const first = Buffer.concat(held, size);
       if (ended) {
         this.socket.end(first);

@@ -59,8 +59,9 @@ function relay(agent: Socket, stream: ClientHttp2Stream): void {
     if (!stream.closed) stream.close(h2.NGHTTP2_CANCEL);
   });
   agent.on('close', () => {
-    // Closed without a FIN (destroyed): the agent is gone mid-tunnel, a real error.
-    if (!stream.closed && !stream.writableEnded) stream.close(h2.NGHTTP2_CANCEL);
+    // The agent is gone while the tunnel still carries something to it or from it (it was
+    // destroyed, or sent its FIN and then vanished mid-download): a real error.
+    if (!stream.closed && (!stream.writableEnded || !stream.readableEnded)) stream.close(h2.NGHTTP2_CANCEL);
   });
 }
 

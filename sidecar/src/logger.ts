@@ -1,4 +1,5 @@
 import { pino, type DestinationStream, type Logger } from 'pino';
+import { logDestination } from '../../core/log-destination.js';
 import { GATEWAY_TARGET, levelForTargets, SIDECAR_TARGET, type LogLevel } from '../../core/log-filter.js';
 
 export { LOG_LEVELS, type LogLevel } from '../../core/log-filter.js';
@@ -30,7 +31,8 @@ export function createSidecarLogger(options: SidecarLoggerOptions): Logger {
       // Nothing here logs a PIN; this is the net under that rule.
       redact: { paths: ['pin', '*.pin', 'userPin', 'soPin', '*.userPin', '*.soPin', 'pins', '*.pins'], censor: '[redacted]' },
     },
-    // Synchronous, so the last lines before exit (a fatal error, shutdown) are not lost.
-    options.destination ?? pino.destination({ fd: 2, sync: true }),
+    // Stderr, bounded: a stalled reader costs lines, never the sidecar's event loop; the last
+    // lines before an exit (a fatal error, shutdown) are still flushed, within a deadline.
+    options.destination ?? logDestination(2),
   );
 }

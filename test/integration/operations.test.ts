@@ -415,7 +415,8 @@ describe('TLS sessions', () => {
       assert.equal(first.reused, false);
       // OpenSSL still sends a (stateful) ticket under SSL_OP_NO_TICKET; the gateway keeps no
       // session cache, so it names nothing that could be resumed.
-      if (first.ticket) assert.equal((await handshake(port, client, first.ticket)).reused, false, `${when}: a TLS 1.3 ticket is not resumed`);
+      assert.ok(first.ticket, `${when}: the client got a ticket to offer`);
+      assert.equal((await handshake(port, client, first.ticket)).reused, false, `${when}: a TLS 1.3 ticket is not resumed`);
       const twelve = await twelveSession(port, client);
       assert.ok(twelve.saved, 'the TLS 1.2 client kept a session to offer');
       assert.equal((await twelveSession(port, client, twelve.saved)).reused, false, `${when}: a TLS 1.2 session is not resumed`);

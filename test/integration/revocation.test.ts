@@ -245,8 +245,10 @@ describe('the change feed', () => {
   });
 
   test('cache bounds: max_entries evicts the least recently used decision', async () => {
-    const gateway = await startGateway({ cache: { max_entries: 2 } });
+    // Granted before the gateway starts: a grant's NOTIFY arriving mid-test would rightly empty
+    // the cache and turn the hits counted below into misses (this failed once on a loaded machine).
     const agents = [await agent(), await agent(), await agent()];
+    const gateway = await startGateway({ cache: { max_entries: 2 } });
     const session = await Promise.all(agents.map((a) => sessionFor(gateway, a.client)));
     const connect = async (i: number) => {
       const { status, stream } = await request(session[i]!, world.echoAuthority);

@@ -111,3 +111,30 @@ test('frame-pipe: when the socket closes, the stream is detached and writing to 
   far.destroy();
   server.close();
 });
+
+test('frame-pipe: a socket destroyed before or while frames arrive never holds the stream paused', async () => {
+  // Destroyed before attaching: nothing is attached, the stream keeps flowing for its other readers.
+  {
+    const { server, client, far } = await pair();
+    client.destroy();
+    const from = new PassThrough();
+    pipeFramesToSocket(from, client);
+    assert.equal(from.listenerCount('data'), 0, 'nothing attached to a socket already gone');
+    far.destroy();
+    server.close();
+  }
+  // Destroyed, its close not yet emitted: frames are dropped, and the stream is not paused.
+  {
+    const { server, client, far } = await pair();
+    const from = new PassThrough();
+    pipeFramesToSocket(from, client);
+    client.destroy();
+    for (let i = 0; i < 8; i++) from.write(Buffer.alloc(FRAME, i));
+    await new Promise((resolve) => process.nextTick(resolve));
+    assert.equal(from.isPaused(), false, 'not paused by a socket that can take nothing');
+    from.end();
+    await once(from, 'end');
+    far.destroy();
+    server.close();
+  }
+});

@@ -1,16 +1,19 @@
 /**
- * gateway/src/logger.ts stdoutDestination: lines are written asynchronously, and a reader that
+ * core/log-destination.ts (the gateway's stdout, the sidecar's stderr): lines are written asynchronously, and a reader that
  * stops reading costs dropped (counted) lines beyond the bound, never unbounded memory or a
  * blocked event loop. A real FIFO nobody reads stands in for a stalled journald or a full pipe.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pino } from 'pino';
-import { droppedLogLines, stdoutDestination } from '../../gateway/src/logger.js';
+import { droppedLogLines, EXIT_FLUSH_MS, logDestination } from '../../core/log-destination.js';
+
+const MODULE = new URL('../../core/log-destination.ts', import.meta.url).pathname;
 
 test('log destination: a reader that stops costs dropped lines past the bound, counted, and the event loop keeps running', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'agw-log-'));
@@ -20,7 +23,7 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
   const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
   const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
   const bound = 256 * 1024;
-  const destination = stdoutDestination(writer, bound);
+  const destination = logDestination(writer, bound);
   const log = pino({ level: 'info' }, destination);
   const before = droppedLogLines();
   const line = 'x'.repeat(1000);
@@ -60,3 +63,33 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
   closeSync(reader);
   rmSync(dir, { recursive: true, force: true });
 });
+
+// Regression: pino's exit hook retried a full stdout forever, so a process whose log reader had
+// stopped could not exit, neither on process.exit() nor on a crash.
+for (const [how, end] of [
+  ['process.exit()', 'process.exit(0);'],
+  ['an uncaught exception', "throw new Error('crash');"],
+] as const) {
+  test(`log destination: with its stdout unread, the process still exits on ${how}, within the flush deadline`, async () => {
+    const script = `
+      import { pino } from 'pino';
+      import { logDestination } from ${JSON.stringify(MODULE)};
+      const log = pino({ level: 'info' }, logDestination(1));
+      for (let i = 0; i < 2000; i++) log.info({ i, line: 'x'.repeat(1000) }, 'a line');
+      setTimeout(() => { ${end} }, 200);
+    `;
+    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: new URL('../..', import.meta.url).pathname, stdio: ['ignore', 'pipe', 'pipe'] });
+    child.stdout.pause(); // nobody reads: the pipe fills and stays full
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const started = performance.now();
+    const timer = setTimeout(() => child.kill('SIGKILL'), 15_000);
+    const [code, signal] = (await once(child, 'exit')) as [number | null, string | null];
+    clearTimeout(timer);
+    const took = performance.now() - started;
+    assert.equal(signal, null, `it exited on its own (stderr: ${stderr.slice(-500)})`);
+    assert.equal(code, how === 'process.exit()' ? 0 : 1);
+    assert.ok(took < EXIT_FLUSH_MS + 5000, `exited ${Math.round(took)} ms after start, with ${EXIT_FLUSH_MS} ms to flush`);
+    child.stdout.destroy();
+  });
+}
