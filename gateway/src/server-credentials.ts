@@ -1,6 +1,6 @@
 import { constants as cryptoConstants, createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createSecureContext, DEFAULT_CIPHERS, type SecureContextOptions } from 'node:tls';
+import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { ConfigError } from '../../registry/errors.js';
 
 /**
@@ -13,12 +13,26 @@ import { ConfigError } from '../../registry/errors.js';
  * the sidecar included, offers AES-256-GCM first. On this project's machines (AES-NI)
  * AES-128-GCM encrypts 6% faster than AES-256-GCM (`openssl speed`: 4.44 against 4.18 GB/s at
  * 16 KiB) and ChaCha20-Poly1305 15% slower; a whole Node TLS stream moved about 4% more with
- * AES-128-GCM. It is also what nghttpx picks. TLS 1.2 keeps Node's default list.
+ * AES-128-GCM. It is also what nghttpx picks.
  */
 export const TLS13_SUITES = Object.freeze(['TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256']);
 
+/**
+ * TLS 1.2, for clients other than the sidecar (which speaks 1.3): forward-secret key exchange
+ * and AEAD only, in the same order (Mozilla's "intermediate" profile without DHE). Node's default
+ * list would also take CBC suites, which carry no benefit here and a history of padding oracles.
+ */
+export const TLS12_CIPHERS = Object.freeze([
+  'ECDHE-ECDSA-AES128-GCM-SHA256',
+  'ECDHE-RSA-AES128-GCM-SHA256',
+  'ECDHE-ECDSA-AES256-GCM-SHA384',
+  'ECDHE-RSA-AES256-GCM-SHA384',
+  'ECDHE-ECDSA-CHACHA20-POLY1305',
+  'ECDHE-RSA-CHACHA20-POLY1305',
+]);
+
 function serverCiphers(): string {
-  return [...TLS13_SUITES, ...DEFAULT_CIPHERS.split(':').filter((cipher) => !cipher.startsWith('TLS_'))].join(':');
+  return [...TLS13_SUITES, ...TLS12_CIPHERS].join(':');
 }
 
 /**

@@ -403,6 +403,27 @@ describe('TLS sessions', () => {
     return result;
   }
 
+  test('TLS 1.2 is forward-secret AEAD only: a client offering only CBC or static-RSA suites is refused, an AEAD one is served', async () => {
+    const gateway = await startGateway();
+    const port = gateway.address!.port;
+    const { client } = await grantedClient('agent-tls12');
+    const attempt = async (ciphers: string) => {
+      const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, maxVersion: 'TLSv1.2', ciphers, ALPNProtocols: ['h2'] });
+      const outcome = await new Promise<string>((resolve) => {
+        socket.once('secureConnect', () => resolve(socket.getCipher().name));
+        socket.once('error', (error) => resolve(`refused: ${error.message}`));
+      });
+      socket.destroy();
+      return outcome;
+    };
+    for (const cbc of ['ECDHE-ECDSA-AES128-SHA256', 'ECDHE-ECDSA-AES256-SHA', 'AES128-GCM-SHA256', 'AES256-SHA']) {
+      assert.match(await attempt(cbc), /^refused: .*(handshake failure|no (shared )?cipher)/, `${cbc} is not served`);
+    }
+    // The server's order wins among what the client offers.
+    assert.equal(await attempt('ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256'), 'ECDHE-ECDSA-AES128-GCM-SHA256');
+    assert.equal(await attempt('ECDHE-ECDSA-CHACHA20-POLY1305'), 'ECDHE-ECDSA-CHACHA20-POLY1305');
+  });
+
   // Regression: the gateway resumed TLS 1.3 sessions from its tickets, so whoever held a ticket
   // and its resumption secret (a sidecar's memory, not its TPM) opened sessions as that agent
   // without the agent's key, and every resumed session could get a new ticket.
