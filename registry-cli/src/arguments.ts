@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { normaliseAuthority } from '../../registry/destination.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { hasControlCharacter } from '../../registry/permission.js';
@@ -83,4 +84,13 @@ export function durationOption(option: string, value: string | undefined): numbe
   if (ms <= 0) throw new UsageError(`${option}: the duration must be longer than zero`);
   if (ms > MAX_DURATION_MS) throw new UsageError(`${option}: the duration must be at most 100 years`);
   return ms;
+}
+
+/** The bytes of the file an option names; an unreadable one is a usage error naming the option, the path and why. */
+export function readOptionFile(option: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    throw new UsageError(`cannot read ${option} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+  }
 }

@@ -1,7 +1,11 @@
 import { createHash, randomBytes, type X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { AGENT_KEY } from '../../core/agent-key.js';
+import type pg from 'pg';
 import { AttestationError, evidenceDocument, parseCaBundle, verifyAttestation, verifyStatic, type EvidenceDocument, type VerifiedAttestation } from '../../registry/attestation.js';
+import { findKeyAttestations } from '../../registry/attestation-store.js';
+import type { CommandContext } from './context.js';
+import { readOptionFile } from './arguments.js';
 import { EK_CA_VARIABLE } from './environment.js';
 import { RefusedError, UsageError } from './errors.js';
 
@@ -38,6 +42,28 @@ export function requireAttestationPolicy(cas: X509Certificate[] | undefined, opt
   if (cas === undefined && !options.allowUnattested) {
     throw new RefusedError('ERR_REFUSED_UNATTESTED', `${what} needs TPM attestation: pass --ek-ca FILE (or set ${EK_CA_VARIABLE}) to prove the key lives in a TPM, or --allow-unattested to enrol it without proof`);
   }
+}
+
+/**
+ * What grant-permission and rotate-key both enforce (DESIGN §9e): a permission is signed for an
+ * agent key only once its TPM attestation is recorded. An unattested key is refused, unless
+ * --allow-unattested, which signs anyway and says so. `wording` names the key, the enrolment
+ * command to run and what is being done, as each command tells it. Returns whether the key is attested.
+ */
+export async function requireAttestedAgentKey(
+  db: Pick<pg.ClientBase, 'query'>,
+  context: CommandContext,
+  key: { readonly spkiDer: Buffer; readonly fingerprint: string },
+  options: AttestationOptions,
+  wording: { readonly key: string; readonly enrol: string; readonly doing: string },
+): Promise<boolean> {
+  const attestation = (await findKeyAttestations(db, [key.spkiDer])).get(key.spkiDer.toString('hex'));
+  if (attestation?.verified) return true;
+  if (!options.allowUnattested) {
+    throw new RefusedError('ERR_REFUSED_UNATTESTED', `${wording.key} ${key.fingerprint} has no verified TPM attestation: enrol it first with \`${wording.enrol}\` on the machine that owns its TPM, or pass --allow-unattested. Nothing was written.`);
+  }
+  context.output.warn(`${wording.key} ${key.fingerprint} is not TPM-attested; ${wording.doing} anyway (--allow-unattested)`);
+  return false;
 }
 
 export interface TokenKeyAttestation {
@@ -91,12 +117,7 @@ export const PROOF_FORMAT = 'agent-gateway-tpm-proof-v1';
 export const CHALLENGE_VALID_SECONDS = 600;
 
 export function readJsonFile(option: string, path: string, format: string): Record<string, unknown> {
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (error) {
-    throw new UsageError(`cannot read ${option} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
-  }
+  const text = readOptionFile(option, path).toString('utf8');
   let document: unknown;
   try {
     document = JSON.parse(text);

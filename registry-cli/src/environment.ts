@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readOptionFile } from './arguments.js';
 import { UsageError } from './errors.js';
 
 /**
@@ -78,14 +78,8 @@ export function databasePassword(url: string): string | undefined {
 }
 
 function readSecretFile(option: string, path: string): string {
-  let text: string;
-  try {
-    text = readFileSync(path, 'utf8');
-  } catch (error) {
-    throw new UsageError(`cannot read ${option} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
-  }
   // Files written by `echo` or editors end with a newline that is not part of the PIN.
-  const pin = text.replace(/\r?\n$/, '');
+  const pin = readOptionFile(option, path).toString('utf8').replace(/\r?\n$/, '');
   if (pin.length === 0) throw new UsageError(`${option} ${path} is empty`);
   return pin;
 }

@@ -1,8 +1,7 @@
-import { readFileSync } from 'node:fs';
 import { p256PublicKeyFromSpki, spkiFingerprint } from '../../registry/ecdsa.js';
 import { exactSpkiDer, isDottedOid, MAX_IDENTITY_BYTES, readPeerIdentity } from '../../registry/identity.js';
 import { X509Certificate } from '../../registry/x509.js';
-import { checkTextField } from './arguments.js';
+import { checkTextField, readOptionFile } from './arguments.js';
 import { DEFAULT_IDENTITY_OID } from './environment.js';
 import { UsageError } from './errors.js';
 
@@ -38,17 +37,9 @@ export function checkOid(oid: string): string {
   return oid;
 }
 
-function readInput(option: string, path: string): Buffer {
-  try {
-    return readFileSync(path);
-  } catch (error) {
-    throw new UsageError(`cannot read ${option} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
-  }
-}
-
 /** The DER inside the first PEM block with this label, or the input itself when it is not PEM. */
 function pemOrDer(option: string, path: string, label: string): Buffer {
-  const bytes = readInput(option, path);
+  const bytes = readOptionFile(option, path);
   const text = bytes.toString('latin1');
   if (!text.includes('-----BEGIN')) return bytes;
   const match = new RegExp(`-----BEGIN ${label}-----([A-Za-z0-9+/=\\s]+)-----END ${label}-----`).exec(text);

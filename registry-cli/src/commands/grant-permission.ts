@@ -1,4 +1,3 @@
-import { findKeyAttestations } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
 import { DEFAULT_PERMISSION_LIFETIME_MS, permissionFields, signPermission } from '../../../registry/signing.js';
 import { findPrincipalKey, insertPermission, listDelegations, registryNow, type DelegationRow, type PrincipalKeyRow } from '../../../registry/store.js';
@@ -7,6 +6,7 @@ import { checkTextField, checkValidityWindow, normaliseDestinations, timestampOp
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
 import { transaction, withRegistry } from '../database.js';
 import { DEFAULT_IDENTITY_OID, principalKeyId } from '../environment.js';
+import { requireAttestedAgentKey } from '../attestation.js';
 import { RefusedError } from '../errors.js';
 import { checkKeyLabel, openPrincipalToken, type TokenOptions } from '../principal-token.js';
 import { checkIdentity, checkOid, readSubjectKey, type SubjectKey, type SubjectKeyOptions } from '../subject-key.js';
@@ -83,13 +83,7 @@ export async function grantPermission(context: CommandContext, destinationArgs: 
   return withRegistry(registryTarget(context), async (db) => {
     // An unregistered principal is a typo or a missing step, not a TPM problem: say so before the TPM is asked.
     if (!(await findPrincipalKey(db, keyId))) checkSigningAuthority(keyId, undefined, Buffer.alloc(0), destinations, []);
-    const attestation = (await findKeyAttestations(db, [subject.spkiDer])).get(subject.spkiDer.toString('hex'));
-    if (!attestation?.verified) {
-      if (!options.allowUnattested) {
-        throw new RefusedError('ERR_REFUSED_UNATTESTED', `agent key ${subject.fingerprint} has no verified TPM attestation: enrol it first with \`agent-gateway-registry enrol-agent-key\` on the machine that owns its TPM, or pass --allow-unattested. Nothing was written.`);
-      }
-      context.output.warn(`agent key ${subject.fingerprint} is not TPM-attested; granting anyway (--allow-unattested)`);
-    }
+    const attested = await requireAttestedAgentKey(db, context, subject, options, { key: 'agent key', enrol: 'agent-gateway-registry enrol-agent-key', doing: 'granting' });
     // The TPM comes first: a wrong PIN or a missing key fails before any transaction starts.
     const tpm = await openPrincipalToken(context, options, { create: false });
     try {
@@ -119,7 +113,7 @@ export async function grantPermission(context: CommandContext, destinationArgs: 
         return rows;
       });
       return {
-        data: { principal: keyId, identity, subject_fingerprint: subject.fingerprint, subject_attested: Boolean(attestation?.verified), permissions: granted },
+        data: { principal: keyId, identity, subject_fingerprint: subject.fingerprint, subject_attested: attested, permissions: granted },
         human: granted.map((p) => `${p.permission_id}\t${identity} -> ${p.destination}\tvalid ${p.not_before} .. ${p.not_after}`),
       };
     } finally {

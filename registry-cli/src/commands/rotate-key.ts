@@ -1,4 +1,3 @@
-import { findKeyAttestations } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
 import { permissionFields, signPermission } from '../../../registry/signing.js';
 import { findPrincipalKey, insertPermission, listDelegations, listPermissions, registryNow, type PermissionRow } from '../../../registry/store.js';
@@ -6,6 +5,7 @@ import { checkTextField, checkValidityWindow, timestampOption } from '../argumen
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
 import { transaction, withRegistry } from '../database.js';
 import { DEFAULT_IDENTITY_OID, principalKeyId } from '../environment.js';
+import { requireAttestedAgentKey } from '../attestation.js';
 import { RefusedError } from '../errors.js';
 import { checkKeyLabel, openPrincipalToken, type TokenOptions } from '../principal-token.js';
 import { checkIdentity, checkOid, readSubjectKey } from '../subject-key.js';
@@ -49,13 +49,7 @@ export async function rotateKey(context: CommandContext, options: RotateKeyOptio
 
   return withRegistry(registryTarget(context), async (db) => {
     // The new key is granted like any agent key: only once its TPM attestation is recorded (DESIGN §9e).
-    const attestation = (await findKeyAttestations(db, [to.spkiDer])).get(to.spkiDer.toString('hex'));
-    if (!attestation?.verified) {
-      if (!options.allowUnattested) {
-        throw new RefusedError('ERR_REFUSED_UNATTESTED', `the new agent key ${to.fingerprint} has no verified TPM attestation: enrol it first with \`agent-gateway-registry enrol-agent-key --cert ${options.toCert} --key-label LABEL\` on the machine that owns its TPM, or pass --allow-unattested. Nothing was written.`);
-      }
-      context.output.warn(`the new agent key ${to.fingerprint} is not TPM-attested; rotating anyway (--allow-unattested)`);
-    }
+    await requireAttestedAgentKey(db, context, to, options, { key: 'the new agent key', enrol: `agent-gateway-registry enrol-agent-key --cert ${options.toCert} --key-label LABEL`, doing: 'rotating' });
     const tpm = await openPrincipalToken(context, options, { create: false });
     try {
       const key = tpm.findKey(keyId);
