@@ -8,7 +8,8 @@
  *     [--session-concurrency 8] [--session-rounds 3] [--mib 256] [--parallel 8]
  *     [--parallel-mib 64] [--rounds 5] [--idle 2000] [--no-revocation]
  *     [--revocation-tunnels 2000] [--workers 1] [--log-level info]
- *     [--profile] [--max-seconds 300] [--keep]
+ *     [--profile] [--max-seconds 300] [--keep] [--stream-window B] [--session-window B]
+ *     [--gateway-node-options="--trace-gc …"]
  *
  * Processes, all on 127.0.0.1: this one (the load generator, our own node:http2 client), the
  * destination servers (bench/compare-sink.ts), our gateway (`node bin/agent-gateway.js`, from

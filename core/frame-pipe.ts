@@ -3,10 +3,10 @@ import type { Duplex, Readable } from 'node:stream';
 /**
  * `from.pipe(to)` for an HTTP/2 stream feeding a TCP socket, with back-pressure, but batched.
  * HTTP/2 hands over one DATA frame (at most 16 KiB) at a time; written one by one, each frame is
- * a send(2) here and a read at the other end (the gateway's destination read 53 times per MiB
+ * a send(2) here and a read at the other end (the gateway's destination read 62 times per MiB
  * uploaded, squid's 27; bench/compare.ts). The socket is corked until the event loop's check
- * phase, so the frames of one session read leave in one writev: 18 reads per MiB, and a
- * single tunnel's upload went from 0.86× to 1.12× nghttpx+squid's in the same run.
+ * phase, so the frames of one session read leave in one writev: 18 reads per MiB, and a single
+ * tunnel's upload went from 0.87× nghttpx+squid's to 0.97–1.00× in full bench runs.
  *
  * The socket is ended when the stream ends. Returns a function that detaches the two, which also
  * happens when the socket closes (as pipe() unpipes).

@@ -1,5 +1,5 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import { droppedLogLines } from '../../core/log-destination.js';
+import { droppedLogLines, LOG_BUFFER_BYTES } from '../../core/log-destination.js';
 import type { ProxyRefusal } from './proxy-protocol.js';
 import type { StandbyOutcome } from './registry-client.js';
 import type { OpenTunnel } from './tunnels.js';
@@ -168,7 +168,7 @@ export class GatewayMetrics {
     });
     new Counter({
       name: `${METRIC_PREFIX}log_lines_dropped_total`,
-      help: 'Log lines dropped because stdout fell more than 16 MiB behind (its reader stalled).',
+      help: `Log lines dropped because stdout fell more than ${LOG_BUFFER_BYTES / 1024 / 1024} MiB behind (its reader stalled).`,
       registers,
       collect() {
         this.reset();

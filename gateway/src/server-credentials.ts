@@ -31,10 +31,6 @@ export const TLS12_CIPHERS = Object.freeze([
   'ECDHE-RSA-CHACHA20-POLY1305',
 ]);
 
-function serverCiphers(): string {
-  return [...TLS13_SUITES, ...TLS12_CIPHERS].join(':');
-}
-
 /**
  * Secure-context options besides cert and key. One constant for start-up and reload alike:
  * tls.Server#setSecureContext resets every option it is not given.
@@ -47,7 +43,7 @@ function serverCiphers(): string {
  */
 export const TLS_CONTEXT_OPTIONS: SecureContextOptions = Object.freeze({
   minVersion: 'TLSv1.2',
-  ciphers: serverCiphers(),
+  ciphers: [...TLS13_SUITES, ...TLS12_CIPHERS].join(':'),
   honorCipherOrder: true,
   secureOptions: cryptoConstants.SSL_OP_NO_TICKET,
 });

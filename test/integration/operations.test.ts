@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { pino } from 'pino';
 import { parseConfig } from '../../gateway/src/config.js';
@@ -380,25 +380,26 @@ describe('limits', () => {
 });
 
 describe('TLS sessions', () => {
-  /** One TLS connection with the client's certificate; resolves once a session ticket arrived, or after 300 ms. */
-  async function handshake(port: number, client: ClientCredentials, session?: Buffer): Promise<{ reused: boolean; ticket: Buffer | undefined; cipher: string }> {
-    const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, ALPNProtocols: ['h2'], ...(session ? { session } : {}) });
+  /**
+   * One TLS connection with the client's certificate. Resolves after the handshake, and
+   * `settleMs` more (TLS 1.3 tickets arrive after it), or with the error that refused it.
+   */
+  async function handshake(port: number, client: ClientCredentials, options: Pick<ConnectionOptions, 'maxVersion' | 'ciphers' | 'session'> = {}, settleMs = 0) {
+    const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, ALPNProtocols: ['h2'], ...options });
     let ticket: Buffer | undefined;
     socket.on('session', (data: Buffer) => (ticket = data));
+    const refused = await new Promise<string | undefined>((resolve) => {
+      socket.once('secureConnect', () => resolve(undefined));
+      socket.once('error', (error) => resolve(`refused: ${error.message}`));
+    });
     socket.on('error', () => {});
-    await once(socket, 'secureConnect');
-    await sleep(300);
-    const result = { reused: socket.isSessionReused(), ticket, cipher: socket.getCipher().name };
-    socket.destroy();
-    return result;
-  }
-
-  /** A TLS 1.2 session, as a client would keep it to offer again. */
-  async function twelveSession(port: number, client: ClientCredentials, session?: Buffer): Promise<{ reused: boolean; saved: Buffer | undefined }> {
-    const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, maxVersion: 'TLSv1.2', ALPNProtocols: ['h2'], ...(session ? { session } : {}) });
-    socket.on('error', () => {});
-    await once(socket, 'secureConnect');
-    const result = { reused: socket.isSessionReused(), saved: socket.getSession() };
+    if (refused) {
+      socket.destroy();
+      return { refused, reused: false, cipher: undefined, ticket, saved: undefined };
+    }
+    const saved = socket.getSession();
+    await sleep(settleMs);
+    const result = { refused, reused: socket.isSessionReused(), cipher: socket.getCipher().name, ticket, saved };
     socket.destroy();
     return result;
   }
@@ -407,14 +408,10 @@ describe('TLS sessions', () => {
     const gateway = await startGateway();
     const port = gateway.address!.port;
     const { client } = await grantedClient('agent-tls12');
+    // The negotiated suite, or "refused: <why>".
     const attempt = async (ciphers: string) => {
-      const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: tls.caPem, cert: client.certPem, key: client.privateKeyPem, maxVersion: 'TLSv1.2', ciphers, ALPNProtocols: ['h2'] });
-      const outcome = await new Promise<string>((resolve) => {
-        socket.once('secureConnect', () => resolve(socket.getCipher().name));
-        socket.once('error', (error) => resolve(`refused: ${error.message}`));
-      });
-      socket.destroy();
-      return outcome;
+      const result = await handshake(port, client, { maxVersion: 'TLSv1.2', ciphers });
+      return result.refused ?? result.cipher ?? '';
     };
     for (const cbc of ['ECDHE-ECDSA-AES128-SHA256', 'ECDHE-ECDSA-AES256-SHA', 'AES128-GCM-SHA256', 'AES256-SHA']) {
       assert.match(await attempt(cbc), /^refused: .*(handshake failure|no (shared )?cipher)/, `${cbc} is not served`);
@@ -432,15 +429,15 @@ describe('TLS sessions', () => {
     const port = gateway.address!.port;
     const { client } = await grantedClient('agent-resume');
     for (const when of ['at start', 'after a reload']) {
-      const first = await handshake(port, client);
+      const first = await handshake(port, client, {}, 300);
       assert.equal(first.reused, false);
       // OpenSSL still sends a (stateful) ticket under SSL_OP_NO_TICKET; the gateway keeps no
       // session cache, so it names nothing that could be resumed.
       assert.ok(first.ticket, `${when}: the client got a ticket to offer`);
-      assert.equal((await handshake(port, client, first.ticket)).reused, false, `${when}: a TLS 1.3 ticket is not resumed`);
-      const twelve = await twelveSession(port, client);
+      assert.equal((await handshake(port, client, { session: first.ticket }, 300)).reused, false, `${when}: a TLS 1.3 ticket is not resumed`);
+      const twelve = await handshake(port, client, { maxVersion: 'TLSv1.2' });
       assert.ok(twelve.saved, 'the TLS 1.2 client kept a session to offer');
-      assert.equal((await twelveSession(port, client, twelve.saved)).reused, false, `${when}: a TLS 1.2 session is not resumed`);
+      assert.equal((await handshake(port, client, { maxVersion: 'TLSv1.2', session: twelve.saved })).reused, false, `${when}: a TLS 1.2 session is not resumed`);
       if (when === 'at start') await gateway.reload(parseConfig(rawConfig()));
     }
   });
