@@ -1,9 +1,10 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
-import { base64Field, evidenceRequestDocument, parseEvidenceRequest, verifyStatic } from '../../../registry/attestation.js';
+import { writeFileSync } from 'node:fs';
+import { base64Field, evidenceRequestDocument, parseEccPublic, parseEvidenceRequest, verifyStatic } from '../../../registry/attestation.js';
 import { insertChallenge } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
 import { CHALLENGE_FORMAT, CHALLENGE_VALID_SECONDS, PROOF_FORMAT, challengeIdOf, ekCaCertificates, readJsonFile, requireAttestationPolicy, sidecarKeyLabels } from '../attestation.js';
+import { readOptionFile } from '../arguments.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
 import { withRegistry } from '../database.js';
 import { DEFAULT_IDENTITY_OID, readPins, type PinSources } from '../environment.js';
@@ -68,14 +69,7 @@ export interface ChallengeOptions extends SubjectKeyOptions {
 export async function attestChallenge(context: CommandContext, options: ChallengeOptions): Promise<CommandResult> {
   const cas = ekCaCertificates(context.env, options);
   requireAttestationPolicy(cas, {}, 'a challenge');
-  let text: string;
-  try {
-    text = readFileSync(options.evidence, 'utf8');
-  } catch (error) {
-    throw new UsageError(`cannot read --evidence ${options.evidence}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
-  }
-  const evidence = parseEvidenceRequest(text);
-  const { parseEccPublic } = await import('../../../registry/attestation.js');
+  const evidence = parseEvidenceRequest(readOptionFile('--evidence', options.evidence).toString('utf8'));
   const spkiDer = parseEccPublic(evidence.keyPublic, 'enrolled key public area').spkiDer;
   const expected = options.cert || options.publicKey || options.spki ? readSubjectKey(options, checkOid(options.oid ?? DEFAULT_IDENTITY_OID)) : undefined;
   if (expected && !expected.spkiDer.equals(spkiDer)) {
