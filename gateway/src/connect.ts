@@ -14,7 +14,7 @@ import type { PolicyEnforcer } from './revocation.js';
 import type { PeerSession } from './sessions.js';
 import { traceIdFromTraceparent } from '../../core/traceparent.js';
 import type { GatewayTracing } from './tracing.js';
-import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS, type SniGuard } from './tunnel.js';
+import { dial, finishStream, Tunnel, TUNNEL_LINGER_MS, type SniGuard, type TunnelOwner, type TunnelStats } from './tunnel.js';
 import type { OpenTunnel, TunnelTracker } from './tunnels.js';
 
 /**
@@ -40,6 +40,8 @@ export interface ConnectDeps {
   readonly log: Logger;
   /** How hostnames are resolved for [egress] vetting (tests inject one). */
   readonly resolver: HostResolver;
+  /** Called once per CONNECT when it is over: answered and, if it opened a tunnel, the tunnel closed and recorded. */
+  finished(request: ConnectRequest): void;
 }
 
 /** The stages a CONNECT walks through, in DESIGN §3's order; the first failure answers. */
@@ -50,19 +52,29 @@ export type Stage = 'check' | 'admit' | 'authorise' | 'vet' | 'dial' | 'tunnel';
  * dial → tunnel. It owns an AbortSignal that fires when its stream goes away (the client reset
  * it, the session died, the socket dropped): a lookup result is then dropped and a dial aborted,
  * and the CONNECT still leaves exactly one decision record (`client_cancelled`).
+ *
+ * run() settles once the CONNECT is answered; an allowed one lives on as its tunnel's owner
+ * (tunnelEnded), with no async frame suspended for the tunnel's life. `deps.finished` says when
+ * it is over either way.
  */
-export class ConnectRequest {
+export class ConnectRequest implements TunnelOwner {
   stage: Stage = 'check';
   readonly facts: ConnectFacts;
   readonly #deps: ConnectDeps;
   readonly #session: PeerSession;
   readonly #stream: ServerHttp2Stream;
-  readonly #headers: IncomingHttpHeaders;
+  /** Read by the constructor and #check, then let go (an open tunnel may live for hours). */
+  #headers: IncomingHttpHeaders | undefined;
   readonly #abort = new AbortController();
   #spanContext: Context | undefined;
   #decided = false;
+  #finished = false;
   /** The normalised CONNECT destination, once #check has read it. */
   #destination: Destination | undefined;
+  /** While a tunnel is open: its tracker entry, span and the limiter key whose slot it holds. */
+  #open: OpenTunnel | undefined;
+  #tunnelSpan: Span | undefined;
+  #slot: string | undefined;
 
   constructor(deps: ConnectDeps, session: PeerSession, stream: ServerHttp2Stream, headers: IncomingHttpHeaders) {
     this.#deps = deps;
@@ -81,18 +93,25 @@ export class ConnectRequest {
     return this.#abort.signal;
   }
 
-  /** Runs every stage; resolves when the CONNECT is answered and, if allowed, its tunnel closed. */
+  /**
+   * Runs every stage up to the answer; resolves when the CONNECT is answered (an allowed one goes
+   * on as a tunnel, and deps.finished reports its end).
+   */
   async run(): Promise<void> {
     const gone = () => this.#abort.abort(STREAM_GONE);
     this.#stream.once('close', gone);
-    let release: (() => void) | undefined;
+    /** The limiter key whose tunnel slot this CONNECT holds, until a tunnel takes it over. */
+    let slot: string | undefined;
     try {
       const admitted = this.#check();
       if (!admitted.ok) return this.#answer(admitted.outcome);
-      release = admitted.release;
+      slot = admitted.slot;
       const opened = await this.#authoriseAndDial();
       if ('reason' in opened) return this.#answer(opened);
-      await this.#tunnel(opened.tunnel, opened.decision);
+      // The slot is the tunnel's now: tunnelEnded gives it back.
+      const held = slot;
+      slot = undefined;
+      this.#openTunnel(opened.tunnel, opened.decision, held);
     } catch (error) {
       this.#deps.log.error({ event: 'connect_error', connect_id: this.facts.connectId, stage: this.stage, err: (error as Error)?.stack ?? String(error) }, 'unexpected error handling CONNECT');
       try {
@@ -104,13 +123,21 @@ export class ConnectRequest {
       if (!this.#stream.destroyed) this.#stream.destroy();
     } finally {
       this.#stream.removeListener('close', gone);
-      release?.();
+      if (slot !== undefined) this.#deps.limiter.release(slot);
+      if (!this.#open) this.#finish();
     }
   }
 
+  #finish(): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.#deps.finished(this);
+  }
+
   /** Method, authority, identity, shutdown, limits: everything decided without I/O. */
-  #check(): { ok: true; release: (() => void) | undefined } | { ok: false; outcome: Outcome } {
-    const headers = this.#headers;
+  #check(): { ok: true; slot: string | undefined } | { ok: false; outcome: Outcome } {
+    const headers = this.#headers!;
+    this.#headers = undefined;
     const method = headers[':method'];
     if (method !== 'CONNECT') return { ok: false, outcome: { reason: 'method_not_allowed', detail: `method ${String(method).slice(0, 32)}` } };
     const rawAuthority = headers[':authority'];
@@ -134,7 +161,7 @@ export class ConnectRequest {
       const detail = admitted.reason === 'rate_limited' ? `over ${limiter.settings.connect_rate_per_second}/s (burst ${limiter.settings.connect_burst})` : `${limiter.settings.max_tunnels_per_identity} open`;
       return { ok: false, outcome: { reason: admitted.reason, detail } };
     }
-    return { ok: true, release: admitted.slot ? () => limiter.release(identity.limitKey) : undefined };
+    return { ok: true, slot: admitted.slot ? identity.limitKey : undefined };
   }
 
   async #authoriseAndDial(): Promise<Outcome | { tunnel: Tunnel; decision: Decision }> {
@@ -224,11 +251,11 @@ export class ConnectRequest {
       egress.sni === 'off'
         ? undefined
         : { mode: egress.sni, host: connectHost.host, hostIsIp: connectHost.kind !== 'hostname', timeoutMs: egress.sni_timeout_ms, onRefuse: () => metrics?.policyClose('sni_mismatch') };
-    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms, guard), decision };
+    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms, this, guard), decision };
   }
 
-  async #tunnel(tunnel: Tunnel, decision: Decision): Promise<void> {
-    const { tunnels, recorder, enforcer } = this.#deps;
+  #openTunnel(tunnel: Tunnel, decision: Decision, slot: string | undefined): void {
+    const { tunnels, enforcer } = this.#deps;
     const facts = this.facts;
     const open: OpenTunnel = {
       connectId: facts.connectId,
@@ -242,13 +269,31 @@ export class ConnectRequest {
       reportedUp: 0,
       reportedDown: 0,
     };
+    // First, before anything that could throw: from here on, tunnelEnded owns the slot and the record.
+    this.#open = open;
+    this.#slot = slot;
+    this.#destination = undefined;
+    this.#tunnelSpan = this.#childSpan('agent_gateway.tunnel', SpanKind.INTERNAL, {});
     tunnels.add(open);
     enforcer.tunnelOpened(open, decision);
-    const tunnelSpan = this.#childSpan('agent_gateway.tunnel', SpanKind.INTERNAL, {});
-    const stats = await tunnel.done;
+  }
+
+  /** The tunnel's last side closed: it leaves the tracker and the limiter, and is recorded. */
+  tunnelEnded(stats: TunnelStats): void {
+    const open = this.#open;
+    if (!open) return;
+    this.#open = undefined;
+    const { tunnels, recorder, enforcer } = this.#deps;
     tunnels.delete(open);
     enforcer.tunnelClosed(open);
-    recorder.tunnelClosed(facts, open, stats, tunnelSpan);
+    const slot = this.#slot;
+    this.#slot = undefined;
+    try {
+      recorder.tunnelClosed(this.facts, open, stats, this.#tunnelSpan);
+    } finally {
+      if (slot !== undefined) this.#deps.limiter.release(slot);
+      this.#finish();
+    }
   }
 
   #streamGone(): boolean {
@@ -289,16 +334,17 @@ export class ConnectRequest {
   #startSpan(): void {
     const tracing = this.#deps.tracing;
     if (!tracing?.enabled) {
-      const traceId = traceIdFromTraceparent(this.#headers.traceparent);
+      const traceId = traceIdFromTraceparent(this.#headers!.traceparent);
       if (traceId) this.facts.traceId = traceId;
       return;
     }
-    const parent = tracing.extract(this.#headers);
+    const headers = this.#headers!;
+    const parent = tracing.extract(headers);
     const span: Span = tracing.tracer.startSpan(
       'CONNECT',
       {
         kind: SpanKind.SERVER,
-        attributes: { 'http.request.method': String(this.#headers[':method']), 'agent_gateway.connect_id': this.facts.connectId },
+        attributes: { 'http.request.method': String(headers[':method']), 'agent_gateway.connect_id': this.facts.connectId },
         ...(this.#session.span ? { links: [{ context: this.#session.span.spanContext() }] } : {}),
       },
       parent,

@@ -117,7 +117,10 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     readCounter: () => registry.changeCounter(),
     log,
   });
-  const handlers = new Set<Promise<void>>();
+  /** CONNECTs not over yet (answered and, if allowed, their tunnel closed and recorded). */
+  const handlers = new Set<ConnectRequest>();
+  /** Set while close() waits for `handlers` to empty. */
+  let handlersEmptied: (() => void) | undefined;
   let limits = config.limits;
   let serverPaths = { cert: config.server.tls_cert_path, key: config.server.tls_key_path };
   const limiter = new Limiter(limits, options.now ? { now: options.now } : {});
@@ -187,6 +190,10 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     },
     log,
     resolver: options.resolver ?? systemResolver,
+    finished(request) {
+      handlers.delete(request);
+      if (handlers.size === 0) handlersEmptied?.();
+    },
   };
 
   const server = createSecureServer({
@@ -236,10 +243,12 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     if (closing) session.close();
   });
 
+  // One listener for every stream, not a closure per stream (a stream may live for hours).
+  const onStreamError = (error: Error) => log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'stream error');
   server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
     // From birth: a stream reset, a session error or a dropped socket emits 'error' here at any
     // moment; unhandled, it would end the process.
-    stream.on('error', (error) => log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'stream error'));
+    stream.on('error', onStreamError);
     const session = stream.session as ServerHttp2Session | undefined;
     const peer = session && sessions.get(session);
     if (!session || !peer || stream.destroyed) {
@@ -247,11 +256,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
       return;
     }
     sessions.streamOpened(session, stream);
-    const handler = new ConnectRequest(deps, peer, stream, headers)
-      .run()
-      .catch((error: unknown) => log.error({ event: 'connect_error', err: (error as Error)?.stack ?? String(error) }, 'CONNECT handler failed'))
-      .finally(() => handlers.delete(handler));
-    handlers.add(handler);
+    const request = new ConnectRequest(deps, peer, stream, headers);
+    handlers.add(request);
+    request.run().catch((error: unknown) => log.error({ event: 'connect_error', err: (error as Error)?.stack ?? String(error) }, 'CONNECT handler failed'));
   });
 
   async function readiness(): Promise<Readiness> {
@@ -316,8 +323,12 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     // Let handlers record their tunnel_closed rows before the audit queue is flushed.
     if (handlers.size > 0) {
       let timer: NodeJS.Timeout | undefined;
-      await Promise.race([Promise.allSettled([...handlers]), new Promise((resolve) => (timer = setTimeout(resolve, HANDLER_DRAIN_MS)))]);
+      await new Promise<void>((resolve) => {
+        handlersEmptied = resolve;
+        timer = setTimeout(resolve, HANDLER_DRAIN_MS);
+      });
       clearTimeout(timer);
+      handlersEmptied = undefined;
     }
     clearInterval(sweeper);
     enforcer.close();

@@ -42,12 +42,18 @@ type ParsedPeer = Pick<PeerSession, 'identity' | 'identityError' | 'fingerprint'
 const PEER_CACHE_ENTRIES = 10_000;
 
 interface SessionState extends PeerSession {
+  readonly session: ServerHttp2Session;
+  readonly guard: SessionGuard;
   openStreams: number;
   idleTimer: NodeJS.Timeout | undefined;
   anonymousTimer: NodeJS.Timeout | undefined;
   /** At least one CONNECT on this session was allowed: the registry vouches for its peer. */
   proven: boolean;
 }
+
+/** The session state a stream counts against, for the 'close' listener every stream shares. */
+const SESSION_STATE = Symbol('agent-gateway.session-state');
+type StreamOfSession = ServerHttp2Stream & { [SESSION_STATE]?: SessionState | undefined };
 
 /**
  * Every HTTP/2 session from accept to close (DESIGN §9a): error handling from birth, a preface
@@ -121,6 +127,8 @@ export class SessionGuard {
       ...peer,
       span,
       client,
+      session,
+      guard: this,
       openStreams: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,
@@ -166,10 +174,17 @@ export class SessionGuard {
     state.openStreams++;
     clearTimeout(state.idleTimer);
     state.idleTimer = undefined;
-    stream.once('close', () => {
-      state.openStreams--;
-      if (state.openStreams === 0) this.#armIdle(session, state);
-    });
+    // One listener shared by every stream (a stream may live for hours): 'close' comes once.
+    (stream as StreamOfSession)[SESSION_STATE] = state;
+    stream.on('close', SessionGuard.#onStreamClose);
+  }
+
+  static #onStreamClose(this: StreamOfSession): void {
+    const state = this[SESSION_STATE];
+    if (!state) return;
+    this[SESSION_STATE] = undefined;
+    state.openStreams--;
+    if (state.openStreams === 0) state.guard.#armIdle(state.session, state);
   }
 
   /** GOAWAY to every session (shutdown); those still open after `graceMs` are destroyed. */

@@ -3,7 +3,7 @@ import { connect, type LookupFunction, type Socket } from 'node:net';
 import { sniVerdict, type SniMode, type SniVerdict } from './client-hello.js';
 import type { ResolvedAddress } from './egress.js';
 import { classifyDialError, type DialErrorType } from '../../core/errors.js';
-import { pipeFramesToSocket } from '../../core/frame-pipe.js';
+import { BytePipe, pipeFramesToSocket } from '../../core/frame-pipe.js';
 
 export type DialResult =
   | { readonly ok: true; readonly socket: Socket }
@@ -108,6 +108,16 @@ type Ending =
   /** The client is gone; the destination is still taking what the client sent. */
   | { readonly kind: 'up'; lastProgressAt: number; lastWritten: number };
 
+/** Told once when both sides of a tunnel are closed. */
+export interface TunnelOwner {
+  tunnelEnded(stats: TunnelStats): void;
+}
+
+/** The tunnel a socket or stream belongs to, for the listeners every tunnel shares. */
+const TUNNEL = Symbol('agent-gateway.tunnel');
+type Carrier = { [TUNNEL]?: Tunnel };
+const tunnelOf = (emitter: object): Tunnel | undefined => (emitter as Carrier)[TUNNEL];
+
 /**
  * One accepted CONNECT piped to its destination socket, both ways, with back-pressure. Each
  * direction ends on its own (END_STREAM ⇄ FIN), so half-closed protocols work.
@@ -125,11 +135,17 @@ type Ending =
  *   destination socket is destroyed and the stream gets END_STREAM; a client that has not taken
  *   it within TUNNEL_LINGER_MS is reset (CANCEL if bytes were dropped).
  * Ending with END_STREAM first keeps bulk closes clear of the peer's rapid-reset defence.
+ *
+ * Memory: a tunnel may sit idle for hours, ten thousand at a time. Its listeners are shared by
+ * every tunnel (static methods that find theirs through a symbol on the socket or stream) and
+ * its end is a call to its owner, not a promise someone awaits: per-tunnel closures, `once`
+ * wrappers and suspended async frames were about half of an idle tunnel's heap.
  */
 export class Tunnel {
   readonly stream: ServerHttp2Stream;
   readonly socket: Socket;
-  readonly done: Promise<TunnelStats>;
+  readonly #owner: TunnelOwner;
+  readonly #idleTimeoutMs: number;
   readonly #started = performance.now();
   #closedBy: TunnelCloseDetail | undefined;
   #error: string | undefined;
@@ -137,69 +153,115 @@ export class Tunnel {
   #socketClosed = false;
   #ending: Ending | undefined;
   #closedSince: number | undefined;
-  #resolve!: (stats: TunnelStats) => void;
-  /** Detaches the upload direction (the destination socket closed). */
-  #stopUp: (() => void) | undefined;
+  /** Client → destination, once the first bytes are through the SNI check. */
+  #up: BytePipe | undefined;
 
-  constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number, guard?: SniGuard) {
+  constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number, owner: TunnelOwner, guard?: SniGuard) {
     this.stream = stream;
     this.socket = socket;
-    this.done = new Promise((resolve) => (this.#resolve = resolve));
+    this.#owner = owner;
+    this.#idleTimeoutMs = idleTimeoutMs;
+    (stream as Carrier)[TUNNEL] = this;
+    (socket as Carrier)[TUNNEL] = this;
 
     // The destination socket's own inactivity timer: every byte up is written to it and every
     // byte down is read from it, and Node re-arms it on both without a timer per chunk.
-    if (idleTimeoutMs > 0) socket.setTimeout(idleTimeoutMs, () => this.close('idle_timeout'));
-
-    socket.on('error', (error) => {
-      this.#error ??= `destination: ${error.message}`;
-      if (!stream.closed && !stream.destroyed) stream.close(h2.NGHTTP2_CONNECT_ERROR);
-    });
-    socket.once('close', () => {
-      this.#socketClosed = true;
-      // Nowhere left to send upload bytes: drop what is buffered so the stream can finish.
-      this.#stopUp?.();
-      stream.resume();
-      if (!stream.closed && !stream.destroyed) {
-        if (!stream.writableEnded) stream.end();
-        const now = performance.now();
-        // After a gateway close, the client gets TUNNEL_LINGER_MS; after the destination's own
-        // close, it may read at its pace while bytes move.
-        const stallLimitMs = this.#closedBy ? TUNNEL_LINGER_MS : idleTimeoutMs > 0 ? idleTimeoutMs : Infinity;
-        this.#ending = { kind: 'down', stallLimitMs, lastProgressAt: now, lastQueued: stream.writableLength, lastSessionSent: sessionBytesSent(stream), finishedAt: stream.writableFinished ? now : undefined };
-        stream.once('finish', () => {
-          if (this.#ending?.kind === 'down') this.#ending.finishedAt = performance.now();
-        });
-      }
-      this.#settle();
-    });
-    stream.on('error', (error) => {
-      this.#error ??= `client: ${error.message}`;
-    });
+    if (idleTimeoutMs > 0) {
+      socket.setTimeout(idleTimeoutMs);
+      socket.on('timeout', Tunnel.#onIdle);
+    }
+    socket.on('error', Tunnel.#onSocketError);
+    socket.on('close', Tunnel.#onSocketClose);
+    stream.on('error', Tunnel.#onStreamError);
     // Reset by the client (or its session) while our half was open. Node emits 'close' only once
     // the readable side is drained, and a stalled destination never drains it: act now.
-    stream.once('aborted', () => this.#streamGone(`client reset the stream (code ${stream.rstCode})`));
-    stream.once('close', () => {
-      this.#streamClosed = true;
-      if (stream.rstCode !== h2.NGHTTP2_NO_ERROR) {
-        this.#error ??= `client reset the stream (code ${stream.rstCode})`;
-        socket.destroy();
-      } else if (!socket.destroyed) {
-        // Clean close: the client's last bytes go on to the destination while they move.
-        this.#ending = { kind: 'up', lastProgressAt: performance.now(), lastWritten: socket.bytesWritten };
-      }
-      this.#settle();
-    });
+    stream.on('aborted', Tunnel.#onStreamAborted);
+    stream.on('close', Tunnel.#onStreamClose);
 
     // Bytes from the destination flow from the start (server-speaks-first protocols work);
     // the client's first bytes may be held for the SNI check.
-    socket.pipe(stream);
+    new BytePipe(socket, stream, false);
     if (guard && guard.mode !== 'off') this.#guardFirstBytes(guard);
     else this.#pipeUp();
   }
 
+  static #onIdle(this: Socket): void {
+    tunnelOf(this)?.close('idle_timeout');
+  }
+
+  static #onSocketError(this: Socket, error: Error): void {
+    const tunnel = tunnelOf(this);
+    if (!tunnel) return;
+    tunnel.#error ??= `destination: ${error.message}`;
+    const stream = tunnel.stream;
+    if (!stream.closed && !stream.destroyed) stream.close(h2.NGHTTP2_CONNECT_ERROR);
+  }
+
+  static #onSocketClose(this: Socket): void {
+    const tunnel = tunnelOf(this);
+    if (tunnel) tunnel.#socketGone();
+  }
+
+  static #onStreamError(this: ServerHttp2Stream, error: Error): void {
+    const tunnel = tunnelOf(this);
+    if (tunnel) tunnel.#error ??= `client: ${error.message}`;
+  }
+
+  static #onStreamAborted(this: ServerHttp2Stream): void {
+    const tunnel = tunnelOf(this);
+    if (tunnel) tunnel.#streamGone(`client reset the stream (code ${this.rstCode})`);
+  }
+
+  static #onStreamClose(this: ServerHttp2Stream): void {
+    const tunnel = tunnelOf(this);
+    if (tunnel) tunnel.#streamEnded();
+  }
+
+  static #onStreamFinish(this: ServerHttp2Stream): void {
+    const tunnel = tunnelOf(this);
+    const ending = tunnel ? tunnel.#ending : undefined;
+    if (ending?.kind === 'down') ending.finishedAt = performance.now();
+  }
+
+  #socketGone(): void {
+    if (this.#socketClosed) return;
+    this.#socketClosed = true;
+    const stream = this.stream;
+    // Nowhere left to send upload bytes: drop what is buffered so the stream can finish.
+    this.#up?.detach();
+    stream.resume();
+    if (!stream.closed && !stream.destroyed) {
+      if (!stream.writableEnded) stream.end();
+      const now = performance.now();
+      // After a gateway close, the client gets TUNNEL_LINGER_MS; after the destination's own
+      // close, it may read at its pace while bytes move.
+      const idleTimeoutMs = this.#idleTimeoutMs;
+      const stallLimitMs = this.#closedBy ? TUNNEL_LINGER_MS : idleTimeoutMs > 0 ? idleTimeoutMs : Infinity;
+      this.#ending = { kind: 'down', stallLimitMs, lastProgressAt: now, lastQueued: stream.writableLength, lastSessionSent: sessionBytesSent(stream), finishedAt: stream.writableFinished ? now : undefined };
+      stream.once('finish', Tunnel.#onStreamFinish);
+    }
+    this.#settle();
+  }
+
+  #streamEnded(): void {
+    if (this.#streamClosed) return;
+    this.#streamClosed = true;
+    const socket = this.socket;
+    if (this.stream.rstCode !== h2.NGHTTP2_NO_ERROR) {
+      this.#error ??= `client reset the stream (code ${this.stream.rstCode})`;
+      socket.destroy();
+    } else if (!socket.destroyed) {
+      // Clean close: the client's last bytes go on to the destination while they move; nothing
+      // can be delivered the other way any more (pipe() paused its source here too).
+      socket.pause();
+      this.#ending = { kind: 'up', lastProgressAt: performance.now(), lastWritten: socket.bytesWritten };
+    }
+    this.#settle();
+  }
+
   /** Client → destination (core/frame-pipe.ts: the DATA frames of one session read leave in one writev). */
   #pipeUp(): void {
-    this.#stopUp = pipeFramesToSocket(this.stream, this.socket);
+    this.#up = pipeFramesToSocket(this.stream, this.socket);
   }
 
   /**
@@ -314,7 +376,7 @@ export class Tunnel {
   #settle(): void {
     if (!this.#streamClosed || !this.#socketClosed) return;
     this.#ending = undefined;
-    this.#resolve({
+    this.#owner.tunnelEnded({
       bytesUp: this.socket.bytesWritten,
       bytesDown: this.socket.bytesRead,
       durationMs: performance.now() - this.#started,
