@@ -11,6 +11,7 @@ import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, chownSync, openSync, readdirSync, readFileSync, writeFileSync, closeSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
+import { stripTypeScriptTypes } from 'node:module';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -284,6 +285,41 @@ export async function startOurs(options: OursOptions): Promise<Proxy> {
   };
   return { name: 'ours', port: options.port, pids: () => [proc.pid!], stop: () => stopProcess(proc), heap };
 }
+
+export interface FloorOptions {
+  readonly dir: string;
+  readonly port: number;
+  readonly certPath: string;
+  readonly keyPath: string;
+  readonly maxStreams: number;
+  readonly streamWindow: number;
+  readonly sessionWindow: number;
+  readonly maxSessionMemoryMb: number;
+  readonly tls13Ciphers: string;
+}
+
+/**
+ * bench/floor-proxy.ts as plain JavaScript (its types stripped here, so the child loads neither
+ * tsx nor Node's own type stripper, which alone adds about 20 MiB): what node:http2 costs before
+ * our gateway adds anything.
+ */
+export async function startFloor(options: FloorOptions): Promise<Proxy> {
+  const { dir, ...config } = options;
+  const log = join(dir, 'floor.log');
+  const script = join(dir, 'floor-proxy.mjs');
+  writeFileSync(script, stripTypeScriptTypes(readFileSync(join(ROOT, 'bench', 'floor-proxy.ts'), 'utf8')));
+  const proc = spawnLogged(process.execPath, [script, JSON.stringify(config)], log);
+  try {
+    await waitForPort(options.port, 15_000, () => !exited(proc));
+  } catch (error) {
+    await stopProcess(proc);
+    throw new Error(`the floor proxy did not start: ${(error as Error).message}\n${tail(log)}`);
+  }
+  return { name: FLOOR, port: options.port, pids: () => [proc.pid!], stop: () => stopProcess(proc) };
+}
+
+/** The floor proxy's name in results and tables. */
+export const FLOOR = 'node floor';
 
 export interface BaselineOptions {
   readonly dir: string;

@@ -28,12 +28,12 @@ import { connect as tlsConnect, createSecureContext, type SecureContext } from '
 import { parseArgs } from 'node:util';
 import pg from 'pg';
 import { TLS13_SUITES } from '../gateway/src/server-credentials.js';
-import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../registry/flow-control.js';
+import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../registry/flow-control.js';
 import { serverTls, TEST_OID } from '../test/helpers/pki.js';
 import { createDatabase, freePort, testServer } from '../test/helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../test/helpers/registry-fixture.js';
 import { clientCa, type BenchClient } from './compare-pki.js';
-import { foreignCpuMs, hardFileLimit, ROOT, sample, startBaseline, startOurs, stopProcess, trackChild, type Proxy, type Sample } from './compare-proxies.js';
+import { FLOOR, foreignCpuMs, hardFileLimit, ROOT, sample, startBaseline, startFloor, startOurs, stopProcess, trackChild, type Proxy, type Sample } from './compare-proxies.js';
 
 const { values } = parseArgs({
   allowNegative: true,
@@ -62,6 +62,7 @@ const { values } = parseArgs({
     'gateway-node-options': { type: 'string', default: '' },
     'stream-window': { type: 'string', default: String(STREAM_WINDOW_BYTES) },
     'session-window': { type: 'string', default: String(SESSION_WINDOW_BYTES) },
+    floor: { type: 'boolean', default: false },
   },
 });
 
@@ -87,6 +88,8 @@ const SESSION_WINDOW = num('session-window');
 const PHASES = new Set(values.phases!.split(',').map((phase) => phase.trim()));
 for (const phase of PHASES) if (!['idle', 'connect', 'sessions', 'throughput', 'revocation'].includes(phase)) throw new Error(`--phases: unknown phase ${phase}`);
 const PROFILE = values.profile === true;
+/** Also measure bench/floor-proxy.ts, node:http2 with nothing of ours, as a third column. */
+const FLOOR_ON = values.floor === true;
 /** No phase starts after this many seconds; the run is abandoned (every process stopped) 120 s later. */
 const MAX_SECONDS = num('max-seconds');
 /**
@@ -748,15 +751,17 @@ function postmasterPid(dir: string | undefined): number | undefined {
   }
 }
 
-type Row = [metric: string, ours: number | string, baseline: number | string, better: 'higher' | 'lower' | '', direct?: number | string];
+type Row = [metric: string, ours: number | string, baseline: number | string, better: 'higher' | 'lower' | '', direct?: number | string, floor?: number | string];
 
 function printTable(rows: Row[]): string {
-  const header = ['metric', 'ours', 'nghttpx+squid', 'ours/baseline', 'better', 'direct TCP'];
-  const body = rows.map(([metric, ours, baseline, better, direct]) => {
-    const ratio = typeof ours === 'number' && typeof baseline === 'number' && baseline !== 0 && Number.isFinite(ours) && Number.isFinite(baseline) ? (ours / baseline).toFixed(2) : '';
+  const header = ['metric', 'ours', 'nghttpx+squid', 'ours/baseline', 'better', 'direct TCP', ...(FLOOR_ON ? ['node floor', 'floor/baseline'] : [])];
+  const ratioOf = (x: number | string | undefined, baseline: number | string) =>
+    typeof x === 'number' && typeof baseline === 'number' && baseline !== 0 && Number.isFinite(x) && Number.isFinite(baseline) ? (x / baseline).toFixed(2) : '';
+  const body = rows.map(([metric, ours, baseline, better, direct, floor]) => {
+    const ratio = ratioOf(ours, baseline);
     const ahead = ratio === '' || better === '' ? '' : (better === 'higher') === Number(ratio) >= 1 ? (Number(ratio) === 1 ? 'even' : 'ours') : 'baseline';
     const show = (v: number | string | undefined) => (v === undefined ? '' : typeof v === 'number' ? (Number.isFinite(v) ? String(v) : '—') : v);
-    return [metric, show(ours), show(baseline), ratio, better === '' ? '' : `${better} (${ahead})`, show(direct)];
+    return [metric, show(ours), show(baseline), ratio, better === '' ? '' : `${better} (${ahead})`, show(direct), ...(FLOOR_ON ? [show(floor), ratioOf(floor, baseline)] : [])];
   });
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
@@ -840,6 +845,21 @@ async function main(): Promise<void> {
       tls13Ciphers: TLS13_CIPHERS,
     });
     proxies.push(baseline);
+    if (FLOOR_ON) {
+      proxies.push(
+        await startFloor({
+          dir,
+          port: await freePort(),
+          certPath: server.certPath,
+          keyPath: server.keyPath,
+          maxStreams: MAX_STREAMS,
+          streamWindow: STREAM_WINDOW,
+          sessionWindow: SESSION_WINDOW,
+          maxSessionMemoryMb: MAX_SESSION_MEMORY_MB,
+          tls13Ciphers: TLS13_CIPHERS,
+        }),
+      );
+    }
     await sleep(1000);
     const startMemory = Object.fromEntries(proxies.map((p) => [p.name, sample(p.pids())]));
 
@@ -854,7 +874,7 @@ async function main(): Promise<void> {
       if (warm.failures > 0) throw new Error(`${proxy.name}: ${warm.failures} of 500 warm-up CONNECTs failed (${JSON.stringify(warm.statuses)})`);
     }
 
-    const results: Record<string, Record<string, unknown>> = { ours: {}, 'nghttpx+squid': {} };
+    const results: Record<string, Record<string, unknown>> = Object.fromEntries(proxies.map((p) => [p.name, {}]));
     const skipped: string[] = [];
     // CPU used by processes that are not part of this run (another job on the machine), per phase.
     const ourRoots = () => [process.pid, ...(pgPid ? [pgPid] : [])];
@@ -914,22 +934,23 @@ async function main(): Promise<void> {
 
     closePhase();
     // ------------------------------------------------------------------ report
-    const get = (name: string, phase: string, key: string) => ((results[name]![phase] as Record<string, number> | undefined)?.[key] ?? NaN) as number;
-    const both = (phase: string, key: string) => [get('ours', phase, key), get('nghttpx+squid', phase, key)] as const;
+    const get = (name: string, phase: string, key: string) => ((results[name]?.[phase] as Record<string, number> | undefined)?.[key] ?? NaN) as number;
+    const measured = (label: string, phase: string, key: string, better: 'higher' | 'lower'): Row => [label, get('ours', phase, key), get('nghttpx+squid', phase, key), better, undefined, get(FLOOR, phase, key)];
     const tp = throughput?.best_of_rounds ?? {};
-    const tpRow = (label: string, key: string): Row => [label, tp[key]?.ours?.MBps ?? NaN, tp[key]?.['nghttpx+squid']?.MBps ?? NaN, 'higher', tp[key]?.direct?.MBps ?? NaN];
-    const cpuRow = (label: string, key: string): Row => [label, tp[key]?.ours?.proxy_cpu_s_per_GB ?? NaN, tp[key]?.['nghttpx+squid']?.proxy_cpu_s_per_GB ?? NaN, 'lower'];
+    const tpRow = (label: string, key: string): Row => [label, tp[key]?.ours?.MBps ?? NaN, tp[key]?.['nghttpx+squid']?.MBps ?? NaN, 'higher', tp[key]?.direct?.MBps ?? NaN, tp[key]?.[FLOOR]?.MBps ?? NaN];
+    const cpuRow = (label: string, key: string): Row => [label, tp[key]?.ours?.proxy_cpu_s_per_GB ?? NaN, tp[key]?.['nghttpx+squid']?.proxy_cpu_s_per_GB ?? NaN, 'lower', undefined, tp[key]?.[FLOOR]?.proxy_cpu_s_per_GB ?? NaN];
     const ends = (x: { client_cpu_s_per_GB: number; sink_cpu_s_per_GB: number } | undefined) => (x ? round(x.client_cpu_s_per_GB + x.sink_cpu_s_per_GB, 3) : NaN);
-    const endsRow = (label: string, key: string): Row => [label, ends(tp[key]?.ours), ends(tp[key]?.['nghttpx+squid']), 'lower', ends(tp[key]?.direct)];
-    const readsRow = (label: string, key: string): Row => [label, tp[key]?.ours?.reads_per_MiB ?? NaN, tp[key]?.['nghttpx+squid']?.reads_per_MiB ?? NaN, 'lower', tp[key]?.direct?.reads_per_MiB ?? NaN];
+    const endsRow = (label: string, key: string): Row => [label, ends(tp[key]?.ours), ends(tp[key]?.['nghttpx+squid']), 'lower', ends(tp[key]?.direct), ends(tp[key]?.[FLOOR])];
+    const readsRow = (label: string, key: string): Row => [label, tp[key]?.ours?.reads_per_MiB ?? NaN, tp[key]?.['nghttpx+squid']?.reads_per_MiB ?? NaN, 'lower', tp[key]?.direct?.reads_per_MiB ?? NaN, tp[key]?.[FLOOR]?.reads_per_MiB ?? NaN];
     const mib = (kib: number | undefined) => round((kib ?? NaN) / 1024, 1);
+    const memoryRow = (label: string, at: Record<string, Sample>, field: 'rssKiB' | 'peakKiB'): Row => [label, mib(at.ours?.[field]), mib(at['nghttpx+squid']?.[field]), 'lower', undefined, mib(at[FLOOR]?.[field])];
     const rows: Row[] = [];
     if (results.ours!.connect) {
       rows.push(
-        [`CONNECT rate, 1 session, c=${CONCURRENCY} (/s, median of ${CONNECT_ROUNDS})`, ...both('connect', 'per_second'), 'higher'],
-        ['CONNECT→200 p50 (ms)', ...both('connect', 'p50_ms'), 'lower'],
-        ['CONNECT→200 p99 (ms)', ...both('connect', 'p99_ms'), 'lower'],
-        ['proxy CPU per CONNECT (ms)', ...both('connect', 'proxy_cpu_ms_per_connect'), 'lower'],
+        measured(`CONNECT rate, 1 session, c=${CONCURRENCY} (/s, median of ${CONNECT_ROUNDS})`, 'connect', 'per_second', 'higher'),
+        measured('CONNECT→200 p50 (ms)', 'connect', 'p50_ms', 'lower'),
+        measured('CONNECT→200 p99 (ms)', 'connect', 'p99_ms', 'lower'),
+        measured('proxy CPU per CONNECT (ms)', 'connect', 'proxy_cpu_ms_per_connect', 'lower'),
         ['  ours: + PostgreSQL CPU per CONNECT (ms)', get('ours', 'connect', 'postgres_cpu_ms_per_connect'), 'n/a', ''],
       );
     }
@@ -949,17 +970,17 @@ async function main(): Promise<void> {
     }
     if (results.ours!.sessions) {
       rows.push(
-        [`new mTLS sessions/s, c=${SESSION_CONCURRENCY} (median of ${SESSION_ROUNDS})`, ...both('sessions', 'per_second'), 'higher'],
-        ['TLS handshake p50 (ms)', ...both('sessions', 'handshake_p50_ms'), 'lower'],
-        ['new session → 200 → closed p50 (ms)', ...both('sessions', 'session_to_200_p50_ms'), 'lower'],
-        ['proxy CPU per new session (ms)', ...both('sessions', 'proxy_cpu_ms_per_session'), 'lower'],
+        measured(`new mTLS sessions/s, c=${SESSION_CONCURRENCY} (median of ${SESSION_ROUNDS})`, 'sessions', 'per_second', 'higher'),
+        measured('TLS handshake p50 (ms)', 'sessions', 'handshake_p50_ms', 'lower'),
+        measured('new session → 200 → closed p50 (ms)', 'sessions', 'session_to_200_p50_ms', 'lower'),
+        measured('proxy CPU per new session (ms)', 'sessions', 'proxy_cpu_ms_per_session', 'lower'),
       );
     }
-    if (results.ours!.idle) rows.push([`RSS per idle tunnel, N=${IDLE} (KiB)`, ...both('idle', 'rss_per_tunnel_KiB'), 'lower']);
+    if (results.ours!.idle) rows.push(measured(`RSS per idle tunnel, N=${IDLE} (KiB)`, 'idle', 'rss_per_tunnel_KiB', 'lower'));
     rows.push(
-      ['RSS at start (MiB)', mib(startMemory.ours?.rssKiB), mib(startMemory['nghttpx+squid']?.rssKiB), 'lower'],
-      ['RSS after the load above (MiB)', mib(afterLoad.ours?.rssKiB), mib(afterLoad['nghttpx+squid']?.rssKiB), 'lower'],
-      ['peak RSS, sum of VmHWM (MiB)', mib(afterLoad.ours?.peakKiB), mib(afterLoad['nghttpx+squid']?.peakKiB), 'lower'],
+      memoryRow('RSS at start (MiB)', startMemory, 'rssKiB'),
+      memoryRow('RSS after the load above (MiB)', afterLoad, 'rssKiB'),
+      memoryRow('peak RSS, sum of VmHWM (MiB)', afterLoad, 'peakKiB'),
     );
     if (revocation) {
       const closed = revocation.closed_within_timeout === true;
@@ -992,6 +1013,7 @@ async function main(): Promise<void> {
           nghttpx_tls13_ciphers: TLS13_CIPHERS,
           squid: '-N (one process), no cache, access log to a file',
         },
+        ...(FLOOR_ON ? { node_floor: 'bench/floor-proxy.ts: node:http2 CONNECT and pipe, no authorization, no logs, no audit; same TLS, windows and stream limit as ours' } : {}),
         tls_negotiated: tlsSeen,
         client: 'node:http2 in the bench process (one session per measurement unless stated); destination servers in their own process',
         options: values,
