@@ -283,13 +283,16 @@ export class ConnectRequest implements TunnelOwner {
     const open = this.#open;
     if (!open) return;
     this.#open = undefined;
-    const { tunnels, recorder, enforcer } = this.#deps;
-    tunnels.delete(open);
-    enforcer.tunnelClosed(open);
     const slot = this.#slot;
     this.#slot = undefined;
+    const { tunnels, recorder, enforcer, log } = this.#deps;
+    // Called from a socket's or stream's 'close' listener: a throw here would end the process.
     try {
+      tunnels.delete(open);
+      enforcer.tunnelClosed(open);
       recorder.tunnelClosed(this.facts, open, stats, this.#tunnelSpan);
+    } catch (error) {
+      log.error({ event: 'connect_error', connect_id: this.facts.connectId, stage: 'tunnel', err: (error as Error)?.stack ?? String(error) }, 'unexpected error recording a closed tunnel');
     } finally {
       if (slot !== undefined) this.#deps.limiter.release(slot);
       this.#finish();
