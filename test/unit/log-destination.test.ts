@@ -6,12 +6,12 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
+import fs, { closeSync, constants, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pino } from 'pino';
-import { droppedLogLines, EXIT_FLUSH_MS, logDestination } from '../../core/log-destination.js';
+import { droppedLogLines, EXIT_FLUSH_MS, LOG_BATCH_BYTES, LOG_FLUSH_MS, logDestination } from '../../core/log-destination.js';
 
 const MODULE = new URL('../../core/log-destination.ts', import.meta.url).pathname;
 
@@ -62,6 +62,76 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
   (destination as unknown as { destroy(): void }).destroy();
   closeSync(reader);
   rmSync(dir, { recursive: true, force: true });
+});
+
+/** Reads a non-blocking fd until nothing comes for `quietMs`; returns each read's size and the text. */
+async function drain(fd: number, quietMs: number): Promise<{ reads: number[]; text: string }> {
+  const reads: number[] = [];
+  let text = '';
+  const chunk = Buffer.alloc(1 << 20);
+  for (let quiet = 0; quiet < quietMs / 10; ) {
+    let n = 0;
+    try {
+      n = readSync(fd, chunk);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
+    }
+    if (n > 0) {
+      reads.push(n);
+      text += chunk.toString('utf8', 0, n);
+      quiet = 0;
+    } else {
+      quiet++;
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
+  return { reads, text };
+}
+
+// Each line used to be its own write (two per CONNECT, on libuv's thread pool): 11% of the
+// gateway's CPU per CONNECT (bench/compare.ts --phases connect, same run).
+test('log destination: a burst of lines leaves in a few large writes, and a lone line still arrives within the flush period', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'agw-log-'));
+  const fifo = join(dir, 'stdout');
+  execFileSync('mkfifo', [fifo]);
+  const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+  // Count the writes to our fd (sonic-boom calls fs.write through the module object).
+  let writes = 0;
+  const write = fs.write;
+  fs.write = ((fd: number, ...rest: unknown[]) => {
+    if (fd === writer) writes++;
+    return (write as (...args: unknown[]) => void)(fd, ...rest);
+  }) as typeof fs.write;
+  const destination = logDestination(writer);
+  const log = pino({ level: 'info' }, destination);
+  try {
+    // A burst: 200 lines of about 250 bytes (under the pipe's 64 KiB), a turn of the event loop
+    // between each, as CONNECTs come.
+    for (let i = 0; i < 200; i++) {
+      log.info({ i, line: 'y'.repeat(150) }, 'burst');
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    const burst = await drain(reader, 300);
+    const lines = burst.text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
+    assert.deepEqual(lines.map((l) => l.i), Array.from({ length: 200 }, (_, i) => i), 'every line, whole and in order');
+    const batched = Math.ceil(burst.text.length / LOG_BATCH_BYTES);
+    assert.ok(writes <= batched + 4, `${writes} writes for ${burst.text.length} bytes (about ${batched} batches), not one per line`);
+
+    // A lone line does not wait for a batch to fill.
+    const started = performance.now();
+    log.info({ lone: true }, 'alone');
+    let text = '';
+    while (!text.includes('"lone":true') && performance.now() - started < 5000) text += (await drain(reader, 20)).text;
+    const waited = performance.now() - started;
+    assert.ok(text.includes('"lone":true'), 'the lone line arrived');
+    assert.ok(waited < LOG_FLUSH_MS + 400, `within the flush period (${Math.round(waited)} ms, period ${LOG_FLUSH_MS} ms)`);
+  } finally {
+    fs.write = write;
+    (destination as unknown as { destroy(): void }).destroy();
+    closeSync(reader);
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 // Regression: pino's exit hook retried a full stdout forever, so a process whose log reader had
