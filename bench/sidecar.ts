@@ -170,6 +170,14 @@ interface ChildConfig {
 
 const TPM_IDENTITY = { identity: 'agent-bench', extensionOid: TEST_OID, tokenLabel: 'bench', keyLabel: 'agent-tls', userPin: 'bench-user-pin', soPin: 'bench-so-pin' } as const;
 
+/** CPU time (user + system) of a process so far, in ms, from /proc (clock ticks of 10 ms). */
+function cpuMsOf(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
+
 /** Starts this file in another process with a role; resolves with the port it prints. */
 async function child(role: string, args: string[], config: Partial<ChildConfig>): Promise<{ process: ChildProcess; port: number }> {
   const proc = spawn(process.execPath, ['--import', 'tsx', import.meta.filename, '--role', role, ...args], {
@@ -300,18 +308,35 @@ async function main(): Promise<void> {
 
     const results: Record<string, number[]> = {};
     const record = (name: string, ms: number) => (results[name] ??= []).push(ms);
+    // CPU of each process of the chain while the project's windows carry the bytes: where the time goes.
+    const chain = { agent: process.pid, sidecar: sidecarCurrent.process.pid!, gateway: gateway.process.pid!, server: server.process.pid! };
+    const chainCpuMs: Record<string, Record<string, number>> = { down: {}, up: {} };
+    const directCpuMs: Record<string, Record<string, number>> = { down: {}, up: {} };
+    const measured = async (into: Record<string, number>, pids: Record<string, number>, run: () => Promise<number>) => {
+      const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuMsOf(pid)]));
+      const ms = await run();
+      for (const [k, pid] of Object.entries(pids)) into[k] = (into[k] ?? 0) + cpuMsOf(pid) - before[k]!;
+      return ms;
+    };
     for (let round = 0; round < ROUNDS; round++) {
       for (const [direction, transfer] of [['down', download], ['up', upload]] as const) {
         const plain = await direct(serverPort, serviceTls.caPem);
-        record(`direct_${direction}`, await transfer(plain));
+        record(`direct_${direction}`, await measured(directCpuMs[direction]!, { agent: chain.agent, server: chain.server }, () => transfer(plain)));
         plain.destroy();
         for (const [name, port] of Object.entries(sidecars)) {
           const { socket } = await viaSidecar(port, serverPort, serviceTls.caPem);
-          record(`${name}_${direction}`, await transfer(socket));
+          record(`${name}_${direction}`, name === 'current' ? await measured(chainCpuMs[direction]!, chain, () => transfer(socket)) : await transfer(socket));
           socket.destroy();
         }
       }
     }
+    const perGB = (cpu: Record<string, number>) => {
+      const gb = (BYTES * ROUNDS) / 1e9;
+      const out: Record<string, number> = {};
+      for (const [k, ms] of Object.entries(cpu)) out[k] = round3(ms / 1000 / gb);
+      out.total = round3(Object.values(cpu).reduce((a, b) => a + b, 0) / 1000 / gb);
+      return out;
+    };
 
     // Time to first byte of a new CONNECT, sequential (the session to the gateway already exists).
     const connectMs: number[] = [];
@@ -374,6 +399,11 @@ async function main(): Promise<void> {
       upload_ratio_vs_direct: {
         current_windows: round3(get('direct_up') / get('current_up')),
         node_64k_windows: round3(get('direct_up') / get('node64k_up')),
+      },
+      cpu_s_per_GB: {
+        note: 'CPU seconds per GB moved, per process, summed over the rounds (/proc, 10 ms ticks); the chain uses the project windows',
+        direct_tls: { down: perGB(directCpuMs.down!), up: perGB(directCpuMs.up!) },
+        chain: { down: perGB(chainCpuMs.down!), up: perGB(chainCpuMs.up!) },
       },
       new_connect_ms: {
         samples: TTFB_SAMPLES,
