@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pino } from 'pino';
-import { droppedLogLines, EXIT_FLUSH_MS, LOG_BATCH_BYTES, LOG_FLUSH_MS, logDestination } from '../../core/log-destination.js';
+import { droppedLogLines, EXIT_FLUSH_MS, logDestination } from '../../core/log-destination.js';
 
 const MODULE = new URL('../../core/log-destination.ts', import.meta.url).pathname;
 
@@ -23,7 +23,7 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
   const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
   const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
   const bound = 256 * 1024;
-  const destination = logDestination(writer, bound);
+  const destination = logDestination(writer, { maxBytes: bound });
   const log = pino({ level: 'info' }, destination);
   const before = droppedLogLines();
   const line = 'x'.repeat(1000);
@@ -33,6 +33,8 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
     if (i % 100 === 0) await new Promise((resolve) => setImmediate(resolve));
   }
   const elapsed = performance.now() - started;
+  // The last turn's lines reach the bound (and are counted) when that turn ends.
+  await new Promise((resolve) => setImmediate(resolve));
   const dropped = droppedLogLines() - before;
   // ~2 MB offered; the pipe holds 64 KiB and the destination at most `bound` more.
   assert.ok(dropped > 1000, `most lines past the bound are dropped (${dropped} of 2000)`);
@@ -90,7 +92,7 @@ async function drain(fd: number, quietMs: number): Promise<{ reads: number[]; te
 
 // Each line used to be its own write (two per CONNECT, on libuv's thread pool): 11% of the
 // gateway's CPU per CONNECT (bench/compare.ts --phases connect, same run).
-test('log destination: a burst of lines leaves in a few large writes, and a lone line still arrives within the flush period', async () => {
+test('log destination: the lines of one turn of the event loop leave in one write, and a lone line leaves at the end of its turn', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'agw-log-'));
   const fifo = join(dir, 'stdout');
   execFileSync('mkfifo', [fifo]);
@@ -106,26 +108,40 @@ test('log destination: a burst of lines leaves in a few large writes, and a lone
   const destination = logDestination(writer);
   const log = pino({ level: 'info' }, destination);
   try {
-    // A burst: 200 lines of about 250 bytes (under the pipe's 64 KiB), a turn of the event loop
-    // between each, as CONNECTs come.
-    for (let i = 0; i < 200; i++) {
-      log.info({ i, line: 'y'.repeat(150) }, 'burst');
+    // 20 turns of 10 lines each (about 250 bytes a line, under the pipe's 64 KiB in all), as a
+    // session read carrying several CONNECTs logs several decisions in one turn.
+    for (let turn = 0; turn < 20; turn++) {
+      for (let i = 0; i < 10; i++) log.info({ i: turn * 10 + i, line: 'y'.repeat(150) }, 'burst');
+      await new Promise((resolve) => setImmediate(resolve));
       await new Promise((resolve) => setImmediate(resolve));
     }
     const burst = await drain(reader, 300);
     const lines = burst.text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
     assert.deepEqual(lines.map((l) => l.i), Array.from({ length: 200 }, (_, i) => i), 'every line, whole and in order');
-    const batched = Math.ceil(burst.text.length / LOG_BATCH_BYTES);
-    assert.ok(writes <= batched + 4, `${writes} writes for ${burst.text.length} bytes (about ${batched} batches), not one per line`);
+    assert.ok(writes <= 20, `${writes} writes for 200 lines in 20 turns: at most one per turn`);
 
-    // A lone line does not wait for a batch to fill.
-    const started = performance.now();
+    // A lone line does not wait for company: it leaves when its turn ends.
+    const before = writes;
     log.info({ lone: true }, 'alone');
-    let text = '';
-    while (!text.includes('"lone":true') && performance.now() - started < 5000) text += (await drain(reader, 20)).text;
-    const waited = performance.now() - started;
-    assert.ok(text.includes('"lone":true'), 'the lone line arrived');
-    assert.ok(waited < LOG_FLUSH_MS + 400, `within the flush period (${Math.round(waited)} ms, period ${LOG_FLUSH_MS} ms)`);
+    assert.equal(writes, before, 'not written within the turn');
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(writes, before + 1, 'written at the end of the turn');
+    const lone = await drain(reader, 50);
+    assert.match(lone.text, /"lone":true/);
+
+    // coalesceTurn: false (the sidecar, whose port line goes to another stream): at once.
+    const writer2 = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+    let writes2 = 0;
+    const counting = fs.write;
+    fs.write = ((fd: number, ...rest: unknown[]) => {
+      if (fd === writer2) writes2++;
+      return (counting as (...args: unknown[]) => void)(fd, ...rest);
+    }) as typeof fs.write;
+    const direct = logDestination(writer2, { coalesceTurn: false });
+    pino({ level: 'info' }, direct).info({ direct: true }, 'at once');
+    assert.equal(writes2, 1, 'written within the turn');
+    assert.match((await drain(reader, 50)).text, /"direct":true/);
+    (direct as unknown as { destroy(): void }).destroy();
   } finally {
     fs.write = write;
     (destination as unknown as { destroy(): void }).destroy();
