@@ -26,6 +26,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
 import type { ServerHttp2Session } from 'node:http2';
+import { tuneHeapForBytePath } from '../core/heap-tuning.js';
 import { SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../registry/flow-control.js';
 import { startSidecar } from '../sidecar/src/sidecar.js';
 import { loadTlsIdentity, type TlsIdentity } from '../sidecar/src/tls-identity.js';
@@ -210,6 +211,8 @@ function announce(port: number, onStop: () => Promise<void>): void {
 
 async function runChild(role: string): Promise<void> {
   const config = JSON.parse(process.env.BENCH_CHILD_CONFIG ?? '{}') as ChildConfig;
+  // As the gateway's and the sidecar's entry points do.
+  if (role === 'gateway' || role === 'sidecar') tuneHeapForBytePath();
   const quiet = pino({ level: 'warn' }, pino.destination(2));
   const node64k = values.windows === '64k';
   if (role === 'server') {

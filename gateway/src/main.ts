@@ -1,8 +1,11 @@
 import { Command } from 'commander';
+import { tuneHeapForBytePath } from '../../core/heap-tuning.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { loadConfig } from './config.js';
 import { createGateway } from './gateway.js';
 import { createLogger } from './logger.js';
+
+tuneHeapForBytePath();
 
 const program = new Command()
   .name('agent-gateway')

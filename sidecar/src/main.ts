@@ -22,6 +22,9 @@ else {
   process.on('SIGHUP', () => reload.emit('reload'));
   // Loaded here, not above: `run` starts CMD without loading the TPM, TLS and tracing stack.
   const { runSidecar } = await import('./cli.js');
+  // The sidecar relays every byte of its agent's tunnels, as the gateway does (core/heap-tuning.ts).
+  const { tuneHeapForBytePath } = await import('../../core/heap-tuning.js');
+  tuneHeapForBytePath();
   code = await runSidecar(argv, { ...io, stop: stop.signal, reload });
 }
 // Exit now: a library handle (the OpenSSL engine, a late OTLP retry) must not keep a finished process alive.
