@@ -55,13 +55,39 @@ export const AUDIT_COLUMNS = [
   'client_port',
 ] as const;
 
+/** SQL types of the JSON row's fields (the json_to_recordset record definition); `at` is epoch milliseconds. */
+export const AUDIT_COLUMN_TYPES: Readonly<Record<(typeof AUDIT_COLUMNS)[number], string>> = Object.freeze({
+  at: 'double precision',
+  identity: 'text',
+  spki_fingerprint: 'text',
+  destination: 'text',
+  authority: 'text',
+  status: 'integer',
+  reason: 'text',
+  detail: 'text',
+  permission_id: 'text',
+  bytes_up: 'bigint',
+  bytes_down: 'bigint',
+  duration_ms: 'double precision',
+  trace_id: 'text',
+  connect_id: 'text',
+  client_address: 'text',
+  client_port: 'integer',
+});
+
 /**
- * One statement for a whole batch: one array parameter per column, expanded by unnest(). The
- * text is the same for every batch size, so it is prepared once per connection, and no batch
- * can hit PostgreSQL's 65,535-parameter limit. Needs INSERT only (no RETURNING).
+ * One statement for a whole batch: one parameter, the JSON array of AuditRow objects as they are
+ * (`at` in epoch milliseconds), expanded by json_to_recordset(). The text is the same for every
+ * batch size, so it is prepared once per connection, and no batch can hit PostgreSQL's
+ * 65,535-parameter limit. Needs INSERT only (no RETURNING).
+ *
+ * JSON rather than one array per column: one native JSON.stringify of the rows took 0.43 ms per
+ * 500-row batch, where node-postgres escaping every array element in JavaScript, plus an RFC 3339
+ * string per timestamp, took 0.9–1.3 ms, in one go that held up the CONNECTs behind it.
  */
 export const AUDIT_INSERT_QUERY = `INSERT INTO audit_log (${AUDIT_COLUMNS.join(', ')})
-SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::double precision[], $13::text[], $14::text[], $15::text[], $16::integer[])`;
+SELECT ${AUDIT_COLUMNS.map((c) => (c === 'at' ? 'to_timestamp(at / 1000.0)' : c)).join(', ')}
+FROM json_to_recordset($1::json) AS r(${AUDIT_COLUMNS.map((c) => `${c} ${AUDIT_COLUMN_TYPES[c]}`).join(', ')})`;
 
 export interface AuditFilter {
   /** Exact client identity. */

@@ -46,10 +46,13 @@ const MAX_BACKOFF_MS = 30_000;
 /** Column lengths a client controls are capped: an audit row is evidence, not a storage service. */
 const MAX_TEXT = 1024;
 
-/** PostgreSQL text cannot hold NUL; long values are cut. */
+/**
+ * PostgreSQL text cannot hold NUL, nor can its JSON carry a lone UTF-16 surrogate (the batch
+ * travels as JSON: one such value would fail every row with it); long values are cut.
+ */
 function clean(value: string | null | undefined): string | null {
   if (value === undefined || value === null) return null;
-  const cut = value.length > MAX_TEXT ? value.slice(0, MAX_TEXT) : value;
+  const cut = (value.length > MAX_TEXT ? value.slice(0, MAX_TEXT) : value).toWellFormed();
   return cut.includes('\0') ? cut.replaceAll('\0', '\uFFFD') : cut;
 }
 
@@ -181,7 +184,7 @@ export class AuditWriter {
 
   async #write(batch: AuditRow[]): Promise<void> {
     try {
-      await this.#db.query({ name: 'agent_gateway_audit_insert', text: AUDIT_INSERT_QUERY, values: columns(batch) });
+      await this.#db.query({ name: 'agent_gateway_audit_insert', text: AUDIT_INSERT_QUERY, values: [JSON.stringify(batch)] });
       this.#written += batch.length;
       if (this.#failures > 0) this.#log.info({ event: 'audit_recovered', after_failures: this.#failures }, 'audit writes resumed');
       this.#failures = 0;
@@ -216,30 +219,4 @@ export class AuditWriter {
     this.#log.warn({ event: 'audit_rows_dropped', ...pending, last_error: this.#lastError, queued: this.#queue.length }, 'audit rows dropped');
     this.#unloggedDrops = { queue_full: 0, write_failed: 0, shutdown: 0 };
   }
-}
-
-/** Row objects → one array per column, the shape AUDIT_INSERT_QUERY's unnest() takes. */
-function columns(batch: readonly AuditRow[]): unknown[] {
-  const n = batch.length;
-  const at = new Array<string>(n);
-  const text = (key: keyof AuditRow) => batch.map((row) => row[key] as string | null);
-  for (let i = 0; i < n; i++) at[i] = new Date(batch[i]!.at).toISOString();
-  return [
-    at,
-    text('identity'),
-    text('spki_fingerprint'),
-    text('destination'),
-    text('authority'),
-    batch.map((row) => row.status),
-    text('reason'),
-    text('detail'),
-    text('permission_id'),
-    batch.map((row) => row.bytes_up),
-    batch.map((row) => row.bytes_down),
-    batch.map((row) => row.duration_ms),
-    text('trace_id'),
-    text('connect_id'),
-    text('client_address'),
-    batch.map((row) => row.client_port),
-  ];
 }

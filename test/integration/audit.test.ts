@@ -170,6 +170,23 @@ describe('audit rows', () => {
     assert.equal((await auditRows({ identity: 'agent-flushed-on-close' })).length, 5);
   });
 
+  // The batch travels as one JSON parameter (registry/audit-query.ts): a value JSON or text cannot
+  // carry must be made safe before it joins a batch, or it would fail every row written with it.
+  test('values a client controls (a lone surrogate, NUL, quotes, backslashes, newlines, 2 KB) are written, and the rest of the batch with them', async () => {
+    const gateway = await startGateway(rawConfig({ flush_interval_ms: 60_000, batch_size: 1000 }));
+    const audit = gateway.audit!;
+    const hostile = `lone \ud800 surrogate, NUL \0, "quotes", back\\slash, new\nline, ${'x'.repeat(2000)}`;
+    const tag = `agent-hostile-${randomBytes(4).toString('hex')}`;
+    audit.record({ identity: tag, authority: hostile, status: 400, reason: 'authority_invalid', detail: hostile, connect_id: 'hostile-1' });
+    audit.record({ identity: tag, authority: 'plain.example:443', status: 403, reason: 'not_authorized', connect_id: 'hostile-2' });
+    await audit.flush();
+    const rows = await auditRows({ identity: tag });
+    assert.deepEqual(rows.map((row) => row.connect_id).sort(), ['hostile-1', 'hostile-2'], 'both rows written');
+    const written = rows.find((row) => row.connect_id === 'hostile-1')!;
+    assert.equal(written.detail, hostile.slice(0, 1024).toWellFormed().replace('\0', '\uFFFD'), 'made safe, cut at 1,024 characters, otherwise as sent');
+    assert.equal(written.authority, written.detail);
+  });
+
   test('[audit] enabled = false writes nothing', async () => {
     const gateway = await startGateway(rawConfig({ enabled: false }));
     assert.equal(gateway.audit, undefined);

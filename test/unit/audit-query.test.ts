@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { AUDIT_COLUMNS, AUDIT_INSERT_QUERY, buildAuditQuery, DEFAULT_AUDIT_LIMIT } from '../../registry/audit-query.js';
+import { AUDIT_COLUMN_TYPES, AUDIT_COLUMNS, AUDIT_INSERT_QUERY, buildAuditQuery, DEFAULT_AUDIT_LIMIT } from '../../registry/audit-query.js';
 import { traceIdFromTraceparent } from '../../core/traceparent.js';
 
 test('no filter: newest first, default limit, the limit as the only parameter', () => {
@@ -50,10 +50,12 @@ test('invalid filters are refused', () => {
   assert.doesNotThrow(() => buildAuditQuery({ since: '2026-05-01T00:00:00.123456+02:00' }));
 });
 
-test('the INSERT names every column once, one array parameter each', () => {
-  for (const [i, column] of AUDIT_COLUMNS.entries()) {
-    assert.ok(AUDIT_INSERT_QUERY.includes(`$${i + 1}::`), `parameter for ${column}`);
+test('the INSERT names every column once, each typed in the one JSON parameter', () => {
+  for (const column of AUDIT_COLUMNS) {
+    assert.ok(AUDIT_INSERT_QUERY.includes(`${column} ${AUDIT_COLUMN_TYPES[column]}`), `record definition for ${column}`);
   }
+  assert.match(AUDIT_INSERT_QUERY, /json_to_recordset\(\$1::json\)/);
+  assert.doesNotMatch(AUDIT_INSERT_QUERY, /\$2/, 'one parameter, whatever the batch size');
   assert.match(AUDIT_INSERT_QUERY, new RegExp(`\\(${AUDIT_COLUMNS.join(', ')}\\)`));
   assert.doesNotMatch(AUDIT_INSERT_QUERY, /RETURNING/, 'INSERT privilege is enough');
 });
