@@ -23,6 +23,9 @@ export const LOG_BUFFER_BYTES = 16 * 1024 * 1024;
  */
 export const EXIT_FLUSH_MS = 2000;
 
+/** The largest piece of a turn handed to sonic-boom at once: its own largest write (maxWrite). */
+const TURN_PIECE_BYTES = 16 * 1024;
+
 let droppedLines = 0;
 let exitDeadline: number | undefined;
 // Prepended, so the deadline is set before pino's own exit hook flushes.
@@ -71,21 +74,38 @@ export function logDestination(fd: number, options: LogDestinationOptions = {}):
   // A dropped write may be a whole turn's lines.
   stream.on('drop', (data: string | Buffer) => (droppedLines += Math.max(1, linesIn(data))));
 
-  // The lines of the current turn (coalesceTurn), handed over when it ends.
+  // The lines of the current turn (coalesceTurn), handed over when it ends, in pieces of at most
+  // TURN_PIECE_BYTES: a write under way when the process exits is lost from where it stopped, so
+  // no write may be larger than sonic-boom's own (16 KiB).
   const write = stream.write.bind(stream);
-  let turn = '';
+  let turn: string[] = [];
   let scheduled = false;
   const endOfTurn = () => {
     scheduled = false;
+    if (turn.length === 0) return;
     const lines = turn;
-    turn = '';
-    if (lines.length === 0) return;
-    if ((stream as unknown as { destroyed: boolean }).destroyed) droppedLines += linesIn(lines);
-    else write(lines);
+    turn = [];
+    if ((stream as unknown as { destroyed: boolean }).destroyed) {
+      droppedLines += lines.length;
+      return;
+    }
+    let piece = '';
+    let bytes = 0;
+    for (const line of lines) {
+      const size = Buffer.byteLength(line);
+      if (bytes > 0 && bytes + size > TURN_PIECE_BYTES) {
+        write(piece);
+        piece = '';
+        bytes = 0;
+      }
+      piece += line;
+      bytes += size;
+    }
+    write(piece);
   };
   if (options.coalesceTurn !== false) {
     stream.write = (line: string) => {
-      turn += line;
+      turn.push(line);
       if (!scheduled) {
         scheduled = true;
         setImmediate(endOfTurn);
@@ -99,10 +119,19 @@ export function logDestination(fd: number, options: LogDestinationOptions = {}):
     flush(cb);
   };
   const flushSync = stream.flushSync.bind(stream);
+  const buffered = stream as unknown as { minLength: number };
   // Past the deadline flushSync throws; what it could not write is lost, and the exit goes on.
   stream.flushSync = () => {
     try {
-      endOfTurn();
+      // The turn is only buffered here: handed over as usual, its first piece would start an
+      // asynchronous write, which sonic-boom's flushSync skips (and nothing is left to finish it).
+      const minLength = buffered.minLength;
+      buffered.minLength = Number.MAX_SAFE_INTEGER;
+      try {
+        endOfTurn();
+      } finally {
+        buffered.minLength = minLength;
+      }
       flushSync();
     } catch {
       droppedLines++;

@@ -12,16 +12,23 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { pino } from 'pino';
 import { droppedLogLines, EXIT_FLUSH_MS, logDestination } from '../../core/log-destination.js';
+import { until } from '../helpers/wait.js';
 
 const MODULE = new URL('../../core/log-destination.ts', import.meta.url).pathname;
 
-test('log destination: a reader that stops costs dropped lines past the bound, counted, and the event loop keeps running', async () => {
+/** A FIFO with its read and write ends open in this process, both non-blocking: a pipe nobody reads until the test says so. */
+function fifoPair(): { dir: string; path: string; reader: number; writer: number } {
   const dir = mkdtempSync(join(tmpdir(), 'agw-log-'));
-  const fifo = join(dir, 'stdout');
-  execFileSync('mkfifo', [fifo]);
-  // Read and write ends in this process, both non-blocking; nobody reads until the end.
-  const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
-  const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+  const path = join(dir, 'stdout');
+  execFileSync('mkfifo', [path]);
+  const reader = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writer = openSync(path, constants.O_WRONLY | constants.O_NONBLOCK);
+  return { dir, path, reader, writer };
+}
+
+test('log destination: a reader that stops costs dropped lines past the bound, counted, and the event loop keeps running', async () => {
+  // Nobody reads until the end.
+  const { dir, reader, writer } = fifoPair();
   const bound = 256 * 1024;
   const destination = logDestination(writer, { maxBytes: bound });
   const log = pino({ level: 'info' }, destination);
@@ -93,11 +100,7 @@ async function drain(fd: number, quietMs: number): Promise<{ reads: number[]; te
 // Each line used to be its own write (two per CONNECT, on libuv's thread pool): 11% of the
 // gateway's CPU per CONNECT (bench/compare.ts --phases connect, same run).
 test('log destination: the lines of one turn of the event loop leave in one write, and a lone line leaves at the end of its turn', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'agw-log-'));
-  const fifo = join(dir, 'stdout');
-  execFileSync('mkfifo', [fifo]);
-  const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
-  const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+  const { dir, path: fifo, reader, writer } = fifoPair();
   const writer2 = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
   // Count the writes to each fd (sonic-boom calls fs.write through the module object).
   const writesTo = new Map<number, number>();
@@ -174,3 +177,43 @@ for (const [how, end] of [
     child.stdout.destroy();
   });
 }
+
+// Regression (found in review of bea4c7f): at exit, the last turn was handed to sonic-boom's
+// write(), which started an asynchronous fs.write; sonic-boom's flushSync then skipped that write
+// under way, so with the pipe nearly full the turn was neither written nor retried within
+// EXIT_FLUSH_MS: lines lost, the last one cut and spliced into what followed.
+test('log destination: the last turn before process.exit() reaches a reader that comes back within the flush deadline', async () => {
+  const { dir, reader, writer } = fifoPair();
+  const script = `
+    import { pino } from 'pino';
+    import { logDestination } from ${JSON.stringify(MODULE)};
+    const log = pino({ level: 'info' }, logDestination(process.stdout.fd ?? 1));
+    // About 50 KB, one line per turn: every write completes, the 64 KiB pipe is left nearly full.
+    for (let i = 0; i < 50; i++) { log.info({ i, pad: 'p'.repeat(900) }, 'earlier'); await new Promise((r) => setTimeout(r, 2)); }
+    setTimeout(() => {
+      for (let i = 0; i < 20; i++) log.info({ i, pad: 'q'.repeat(900) }, 'last words'); // e.g. the shutdown turn
+      process.stderr.write('exiting\\n');
+      process.exit(0);
+    }, 200);
+  `;
+  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: new URL('../..', import.meta.url).pathname, stdio: ['ignore', writer, 'pipe'] });
+  closeSync(writer);
+  const exited = once(child, 'exit') as Promise<[number | null]>;
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  try {
+    await until(() => stderr.includes('exiting'), 10_000);
+    await new Promise((resolve) => setTimeout(resolve, 1000)); // the reader comes back 1 s after the exit began
+    const { text } = await drain(reader, 500);
+    const lines = text.split('\n').filter(Boolean);
+    const parsed = lines.map((l) => { try { return JSON.parse(l) as { msg: string; i: number }; } catch { return { msg: 'CORRUPT', i: -1 }; } });
+    assert.deepEqual(parsed.filter((l) => l.msg === 'last words').map((l) => l.i), Array.from({ length: 20 }, (_, i) => i), 'every line of the last turn, in order');
+    assert.deepEqual(parsed.filter((l) => l.msg === 'CORRUPT').length, 0, 'no line cut and spliced into the next');
+    const [code] = await exited;
+    assert.equal(code, 0);
+  } finally {
+    child.kill('SIGKILL');
+    closeSync(reader);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
