@@ -16,6 +16,8 @@ import { setFlagsFromString } from 'node:v8';
  * and it still caps the limit below --max-old-space-size). The live heap holds about 5.5 KiB per
  * open tunnel, so 10,000 tunnels add about 55 MB live and up to about 165 MB of headroom under
  * load; an idle tunnel's own RSS does not change (11–14 KiB in the bench).
+ *
+ * Node 24 only in effect: Node 22's V8 (12.4) takes the flag but its heap controller ignores it.
  */
 export const HEAP_GROWING_PERCENT = 300;
 
