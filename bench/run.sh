@@ -9,4 +9,5 @@ bash bench/setup.sh
 source scripts/runtime.sh
 agent_gateway_runtime_check
 # compare.ts runs bin/agent-gateway.js, i.e. dist/: setup.sh rebuilt it if any source is newer.
-exec node --import tsx bench/compare.ts "$@"
+# --floor strips bench/floor-proxy.ts's types with node:module's stripTypeScriptTypes, still marked experimental.
+exec node --disable-warning=ExperimentalWarning --import tsx bench/compare.ts "$@"
