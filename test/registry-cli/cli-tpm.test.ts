@@ -18,6 +18,7 @@ import { echoServer, exchange, gatewaySession, request } from '../helpers/net.js
 import { clientCredentials, newP256Key, serverTls, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
 import { RegistryFixture } from '../helpers/registry-fixture.js';
+import { pastFeedBound } from '../helpers/wait.js';
 import { QUIET_TPM_LOG_ENV, startSwtpm, type SwtpmInstance } from '../helpers/swtpm.js';
 import { describeRun, runCli, runInProcess, type CliRun } from './run-cli.js';
 
@@ -276,6 +277,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     const run = await cli(['--json', 'delete-permission', '--identity', 'agent-alpha', '--cert', alpha.certPath, echoAuthority]);
     expectExit(run, 0);
     assert.equal(run.json.revoked, 1);
+    await pastFeedBound();
     assert.equal(await connectStatus(alpha), 403);
     const explain = await inProcess(['--json', 'explain', 'agent-alpha', echoAuthority, '--cert', alpha.certPath]);
     expectExit(explain, 3);
@@ -295,6 +297,7 @@ describe('registry CLI with a TPM-backed principal', { concurrency: false }, () 
     assert.equal(await connectStatus(beta), 200);
 
     expectExit(await cli(['revoke', 'principal', 'org-alice']), 0);
+    await pastFeedBound();
     assert.equal(await connectStatus(beta), 403);
     assert.equal((await findPrincipalKey(fixture.db, 'org-alice'))?.state, 'revoked');
     const again = await inProcess(['--json', 'grant-permission', '--allow-unattested', '--principal', 'org-alice', '--identity', 'agent-beta', '--cert', beta.certPath, echoAuthority]);

@@ -10,6 +10,7 @@ import { echoServer, exchange, gatewaySession, request } from '../helpers/net.js
 import { clientCredentials, serverTls, type ClientCredentials, type ServerTls } from '../helpers/pki.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
 import { QUIET_TPM_LOG_ENV, startSwtpm, type SwtpmInstance } from '../helpers/swtpm.js';
+import { pastFeedBound } from '../helpers/wait.js';
 import { describeRun, REPO, runCli, runFile } from './run-cli.js';
 
 /**
@@ -107,6 +108,7 @@ test('the three-window walkthrough: the CONNECT is allowed, and delete revokes i
   const deleted = await script('agent-permissions.sh', ['delete', '--identity', 'agent-alpha', '--cert', 'machine-client.pem'], adminShell);
   assert.equal(deleted.status, 0, describeRun(deleted));
   assert.match(deleted.stdout, /^revoked 2 permissions of agent-alpha/);
+  await pastFeedBound();
   assert.equal(await connect(agent, 'docstore'), 403);
 });
 
