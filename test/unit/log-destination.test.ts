@@ -26,6 +26,28 @@ function fifoPair(): { dir: string; path: string; reader: number; writer: number
   return { dir, path, reader, writer };
 }
 
+/** Reads a non-blocking fd until nothing comes for `quietMs`; returns the text. */
+async function drain(fd: number, quietMs: number): Promise<string> {
+  let text = '';
+  const chunk = Buffer.alloc(1 << 20);
+  for (let quiet = 0; quiet < quietMs / 10; ) {
+    let n = 0;
+    try {
+      n = readSync(fd, chunk);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
+    }
+    if (n > 0) {
+      text += chunk.toString('utf8', 0, n);
+      quiet = 0;
+    } else {
+      quiet++;
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
+  return text;
+}
+
 test('log destination: a reader that stops costs dropped lines past the bound, counted, and the event loop keeps running', async () => {
   // Nobody reads until the end.
   const { dir, reader, writer } = fifoPair();
@@ -46,25 +68,9 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
   // ~2 MB offered; the pipe holds 64 KiB and the destination at most `bound` more.
   assert.ok(dropped > 1000, `most lines past the bound are dropped (${dropped} of 2000)`);
   assert.ok(elapsed < 5000, `writing never waited on the stalled reader (${Math.round(elapsed)} ms)`);
-  // The reader comes back: what was kept arrives, whole lines in order.
-  let text = '';
-  const chunk = Buffer.alloc(65536);
-  // Until nothing more comes for 500 ms (the destination retries a full pipe every 100 ms).
-  for (let quiet = 0; quiet < 25; ) {
-    let n = 0;
-    try {
-      n = readSync(reader, chunk);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
-    }
-    if (n > 0) {
-      text += chunk.toString('utf8', 0, n);
-      quiet = 0;
-    } else {
-      quiet++;
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-  }
+  // The reader comes back: what was kept arrives, whole lines in order. Until nothing more comes
+  // for 500 ms (the destination retries a full pipe every 100 ms).
+  const text = await drain(reader, 500);
   const lines = text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
   assert.ok(lines.length > 0 && lines.length + dropped === 2000, `every line either arrived or was counted (${lines.length} + ${dropped})`);
   assert.deepEqual(lines.map((l) => l.i), [...lines.map((l) => l.i)].sort((a, b) => a - b), 'in order');
@@ -72,30 +78,6 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
   closeSync(reader);
   rmSync(dir, { recursive: true, force: true });
 });
-
-/** Reads a non-blocking fd until nothing comes for `quietMs`; returns each read's size and the text. */
-async function drain(fd: number, quietMs: number): Promise<{ reads: number[]; text: string }> {
-  const reads: number[] = [];
-  let text = '';
-  const chunk = Buffer.alloc(1 << 20);
-  for (let quiet = 0; quiet < quietMs / 10; ) {
-    let n = 0;
-    try {
-      n = readSync(fd, chunk);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
-    }
-    if (n > 0) {
-      reads.push(n);
-      text += chunk.toString('utf8', 0, n);
-      quiet = 0;
-    } else {
-      quiet++;
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
-  }
-  return { reads, text };
-}
 
 // Each line used to be its own write (two per CONNECT, on libuv's thread pool): 11% of the
 // gateway's CPU per CONNECT (bench/compare.ts --phases connect, same run).
@@ -121,7 +103,7 @@ test('log destination: the lines of one turn of the event loop leave in one writ
       await new Promise((resolve) => setImmediate(resolve));
     }
     const burst = await drain(reader, 300);
-    const lines = burst.text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
+    const lines = burst.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
     assert.deepEqual(lines.map((l) => l.i), Array.from({ length: 200 }, (_, i) => i), 'every line, whole and in order');
     assert.ok(writes() <= 20, `${writes()} writes for 200 lines in 20 turns: at most one per turn`);
 
@@ -132,13 +114,13 @@ test('log destination: the lines of one turn of the event loop leave in one writ
     await new Promise((resolve) => setImmediate(resolve));
     assert.equal(writes(), before + 1, 'written at the end of the turn');
     const lone = await drain(reader, 50);
-    assert.match(lone.text, /"lone":true/);
+    assert.match(lone, /"lone":true/);
 
     // coalesceTurn: false (the sidecar, whose port line goes to another stream): at once.
     const direct = logDestination(writer2, { coalesceTurn: false });
     pino({ level: 'info' }, direct).info({ direct: true }, 'at once');
     assert.equal(writesTo.get(writer2), 1, 'written within the turn');
-    assert.match((await drain(reader, 50)).text, /"direct":true/);
+    assert.match(await drain(reader, 50), /"direct":true/);
     (direct as unknown as { destroy(): void }).destroy();
   } finally {
     fs.write = write;
@@ -204,7 +186,7 @@ test('log destination: the last turn before process.exit() reaches a reader that
   try {
     await until(() => stderr.includes('exiting'), 10_000);
     await new Promise((resolve) => setTimeout(resolve, 1000)); // the reader comes back 1 s after the exit began
-    const { text } = await drain(reader, 500);
+    const text = await drain(reader, 500);
     const lines = text.split('\n').filter(Boolean);
     const parsed = lines.map((l) => { try { return JSON.parse(l) as { msg: string; i: number }; } catch { return { msg: 'CORRUPT', i: -1 }; } });
     assert.deepEqual(parsed.filter((l) => l.msg === 'last words').map((l) => l.i), Array.from({ length: 20 }, (_, i) => i), 'every line of the last turn, in order');
