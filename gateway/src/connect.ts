@@ -336,12 +336,12 @@ export class ConnectRequest implements TunnelOwner {
   /** The CONNECT span continues the sidecar's trace and links to the session's span. */
   #startSpan(): void {
     const tracing = this.#deps.tracing;
+    const headers = this.#headers!;
     if (!tracing?.enabled) {
-      const traceId = traceIdFromTraceparent(this.#headers!.traceparent);
+      const traceId = traceIdFromTraceparent(headers.traceparent);
       if (traceId) this.facts.traceId = traceId;
       return;
     }
-    const headers = this.#headers!;
     const parent = tracing.extract(headers);
     const span: Span = tracing.tracer.startSpan(
       'CONNECT',
