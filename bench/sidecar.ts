@@ -35,6 +35,7 @@ import { clientCredentials, serverTls, TEST_OID, type ServerTls } from '../test/
 import { createDatabase, testServer } from '../test/helpers/postgres.js';
 import { at, DAY, RegistryFixture } from '../test/helpers/registry-fixture.js';
 import { QUIET_TPM_LOG_ENV, startSwtpm, type SwtpmInstance } from '../test/helpers/swtpm.js';
+import { cpuMs } from './proc.js';
 import { CHUNK, sendBytes } from './send-bytes.js';
 
 const { values } = parseArgs({
@@ -170,14 +171,6 @@ interface ChildConfig {
 }
 
 const TPM_IDENTITY = { identity: 'agent-bench', extensionOid: TEST_OID, tokenLabel: 'bench', keyLabel: 'agent-tls', userPin: 'bench-user-pin', soPin: 'bench-so-pin' } as const;
-
-/** CPU time (user + system) of a process so far, in ms, from /proc (clock ticks of 10 ms). */
-function cpuMsOf(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) * 10;
-}
 
 /** Starts this file in another process with a role; resolves with the port it prints. */
 async function child(role: string, args: string[], config: Partial<ChildConfig>): Promise<{ process: ChildProcess; port: number }> {
@@ -316,9 +309,9 @@ async function main(): Promise<void> {
     const chainCpuMs: Record<string, Record<string, number>> = { down: {}, up: {} };
     const directCpuMs: Record<string, Record<string, number>> = { down: {}, up: {} };
     const measured = async (into: Record<string, number>, pids: Record<string, number>, run: () => Promise<number>) => {
-      const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuMsOf(pid)]));
+      const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuMs(pid)]));
       const ms = await run();
-      for (const [k, pid] of Object.entries(pids)) into[k] = (into[k] ?? 0) + cpuMsOf(pid) - before[k]!;
+      for (const [k, pid] of Object.entries(pids)) into[k] = (into[k] ?? 0) + cpuMs(pid) - before[k]!;
       return ms;
     };
     for (let round = 0; round < ROUNDS; round++) {
