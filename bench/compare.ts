@@ -937,11 +937,17 @@ async function main(): Promise<void> {
     const get = (name: string, phase: string, key: string) => ((results[name]?.[phase] as Record<string, number> | undefined)?.[key] ?? NaN) as number;
     const measured = (label: string, phase: string, key: string, better: 'higher' | 'lower'): Row => [label, get('ours', phase, key), get('nghttpx+squid', phase, key), better, undefined, get(FLOOR, phase, key)];
     const tp = throughput?.best_of_rounds ?? {};
-    const tpRow = (label: string, key: string): Row => [label, tp[key]?.ours?.MBps ?? NaN, tp[key]?.['nghttpx+squid']?.MBps ?? NaN, 'higher', tp[key]?.direct?.MBps ?? NaN, tp[key]?.[FLOOR]?.MBps ?? NaN];
-    const cpuRow = (label: string, key: string): Row => [label, tp[key]?.ours?.proxy_cpu_s_per_GB ?? NaN, tp[key]?.['nghttpx+squid']?.proxy_cpu_s_per_GB ?? NaN, 'lower', undefined, tp[key]?.[FLOOR]?.proxy_cpu_s_per_GB ?? NaN];
-    const ends = (x: { client_cpu_s_per_GB: number; sink_cpu_s_per_GB: number } | undefined) => (x ? round(x.client_cpu_s_per_GB + x.sink_cpu_s_per_GB, 3) : NaN);
-    const endsRow = (label: string, key: string): Row => [label, ends(tp[key]?.ours), ends(tp[key]?.['nghttpx+squid']), 'lower', ends(tp[key]?.direct), ends(tp[key]?.[FLOOR])];
-    const readsRow = (label: string, key: string): Row => [label, tp[key]?.ours?.reads_per_MiB ?? NaN, tp[key]?.['nghttpx+squid']?.reads_per_MiB ?? NaN, 'lower', tp[key]?.direct?.reads_per_MiB ?? NaN, tp[key]?.[FLOOR]?.reads_per_MiB ?? NaN];
+    type Transfer = (typeof tp)[string][string];
+    const ends = (x: Transfer | undefined) => (x ? round(x.client_cpu_s_per_GB + x.sink_cpu_s_per_GB, 3) : NaN);
+    /** One throughput line: `value` of each target's result for case `key`; the proxy's own CPU has no direct TCP cell. */
+    const tpLine = (label: string, key: string, value: (x: Transfer | undefined) => number, better: 'higher' | 'lower', direct = true): Row => {
+      const at = tp[key] ?? {};
+      return [label, value(at.ours), value(at['nghttpx+squid']), better, direct ? value(at.direct) : undefined, value(at[FLOOR])];
+    };
+    const tpRow = (label: string, key: string) => tpLine(label, key, (x) => x?.MBps ?? NaN, 'higher');
+    const cpuRow = (label: string, key: string) => tpLine(label, key, (x) => x?.proxy_cpu_s_per_GB ?? NaN, 'lower', false);
+    const endsRow = (label: string, key: string) => tpLine(label, key, ends, 'lower');
+    const readsRow = (label: string, key: string) => tpLine(label, key, (x) => x?.reads_per_MiB ?? NaN, 'lower');
     const mib = (kib: number | undefined) => round((kib ?? NaN) / 1024, 1);
     const memoryRow = (label: string, at: Record<string, Sample>, field: 'rssKiB' | 'peakKiB'): Row => [label, mib(at.ours?.[field]), mib(at['nghttpx+squid']?.[field]), 'lower', undefined, mib(at[FLOOR]?.[field])];
     const rows: Row[] = [];
