@@ -194,6 +194,8 @@ export interface FloorOptions {
   readonly sessionWindow: number;
   readonly maxSessionMemoryMb: number;
   readonly tls13Ciphers: string;
+  /** Node flags for the floor's process (`--profile` profiles it as it does the gateway). */
+  readonly nodeArgs?: readonly string[];
 }
 
 /**
@@ -202,11 +204,11 @@ export interface FloorOptions {
  * our gateway adds anything.
  */
 export async function startFloor(options: FloorOptions): Promise<Proxy> {
-  const { dir, ...config } = options;
+  const { dir, nodeArgs, ...config } = options;
   const log = join(dir, 'floor.log');
   const script = join(dir, 'floor-proxy.mjs');
   writeFileSync(script, stripTypeScriptTypes(readFileSync(join(ROOT, 'bench', 'floor-proxy.ts'), 'utf8')));
-  const proc = spawnLogged(process.execPath, [script, JSON.stringify(config)], log);
+  const proc = spawnLogged(process.execPath, [...(nodeArgs ?? []), script, JSON.stringify(config)], log);
   try {
     await waitForPort(options.port, 15_000, () => !exited(proc));
   } catch (error) {

@@ -826,7 +826,7 @@ async function main(): Promise<void> {
       maxStreams: MAX_STREAMS,
       streamWindow: STREAM_WINDOW,
       sessionWindow: SESSION_WINDOW,
-      nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : []), ...values['gateway-node-options']!.split(' ').filter(Boolean)],
+      nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, '--cpu-prof-name=gateway.cpuprofile'] : []), ...values['gateway-node-options']!.split(' ').filter(Boolean)],
     });
     proxies.push(ours);
     const baseline = await startBaseline({
@@ -857,6 +857,7 @@ async function main(): Promise<void> {
           sessionWindow: SESSION_WINDOW,
           maxSessionMemoryMb: MAX_SESSION_MEMORY_MB,
           tls13Ciphers: TLS13_CIPHERS,
+          nodeArgs: PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, '--cpu-prof-name=floor.cpuprofile'] : [],
         }),
       );
     }
