@@ -10,6 +10,11 @@ import ipaddr from 'ipaddr.js';
  * unique-local (fd00:ec2::254), multicast, unspecified, broadcast, reserved and documentation
  * ranges, and the IPv6 embeddings NAT64 (64:ff9b::/96, `rfc6052`), 6to4 and Teredo, whatever
  * they embed. `deny_cidrs` wins over both.
+ *
+ * One class ipaddr.js does not know: IPv4-compatible addresses (::/96 beyond :: and ::1, RFC 4291
+ * §2.5.5.1, deprecated). It unwraps them only when written with a dotted tail (`::127.0.0.1`), and
+ * calls the hex form a resolver returns (`::7f00:1`) `unicast`; a SIT tunnel routes them to the
+ * IPv4 address inside. They are refused like the other embeddings.
  */
 export type Cidr = [ipaddr.IPv4 | ipaddr.IPv6, number];
 
@@ -18,9 +23,20 @@ export interface EgressPolicy {
   readonly deny: readonly Cidr[];
 }
 
-/** Parses a CIDR list (config validation has already checked each). */
+const IPV4_COMPATIBLE: Cidr = [ipaddr.IPv6.parse('::'), 96];
+const IPV4_MAPPED: Cidr = [ipaddr.IPv6.parse('::ffff:0:0'), 96];
+
+/**
+ * Parses a CIDR list (config validation has already checked each). Addresses are judged after
+ * process() unwraps IPv4-mapped IPv6, so a mapped range (`::ffff:10.0.0.0/104`) is kept as the
+ * IPv4 range it names (`10.0.0.0/8`): as written it could never match anything.
+ */
 export function parseCidrs(list: readonly string[]): Cidr[] {
-  return list.map((text) => ipaddr.parseCIDR(text));
+  return list.map((text) => {
+    const [range, bits] = ipaddr.parseCIDR(text);
+    if (range.kind() === 'ipv6' && bits >= 96 && (range as ipaddr.IPv6).match(IPV4_MAPPED)) return [(range as ipaddr.IPv6).toIPv4Address(), bits - 96];
+    return [range, bits];
+  });
 }
 
 /** True when `text` is a CIDR ipaddr.js accepts (for the config schema). */
@@ -51,7 +67,8 @@ export function vetAddress(text: string, policy: EgressPolicy): AddressVerdict {
   const denied = inList(address, policy.deny);
   if (denied) return { allowed: false, why: `in deny_cidrs ${denied[0].toString()}/${denied[1]}` };
   if (inList(address, policy.allow)) return { allowed: true };
-  const range = address.range();
+  let range: string = address.range();
+  if (range === 'unicast' && address.kind() === 'ipv6' && address.match(IPV4_COMPATIBLE)) range = 'ipv4Compatible';
   return range === 'unicast' ? { allowed: true } : { allowed: false, why: `${range} address` };
 }
 

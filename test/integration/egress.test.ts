@@ -32,6 +32,8 @@ const NAMES: Record<string, ResolvedAddress[]> = {
   'mixed.test': [{ address: '93.184.216.34', family: 4 }, { address: '10.0.0.5', family: 4 }],
   'metadata.test': [{ address: '169.254.169.254', family: 4 }],
   'loop.test': [{ address: '127.0.0.1', family: 4 }],
+  // Regression: an AAAA record of an IPv4-compatible address, in the hex form resolvers return.
+  'compat.test': [{ address: '::7f00:1', family: 6 }],
 };
 
 async function startGateway(egress: Record<string, unknown>, resolve: Record<string, string> = {}): Promise<Gateway> {
@@ -107,6 +109,7 @@ test('authorised destinations at non-global addresses get 403 destination_forbid
     '224.0.0.1:443',
     'metadata.test:80',
     'mixed.test:443',
+    `compat.test:${listenerPort}`,
   ];
   for (const destination of cases) await grant(destination);
   for (const destination of cases) {

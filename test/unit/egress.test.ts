@@ -32,6 +32,11 @@ const REFUSED: readonly [string, string][] = [
   ['::ffff:127.0.0.1', 'IPv4-mapped loopback'],
   ['::ffff:10.0.0.1', 'IPv4-mapped private'],
   ['::127.0.0.1', 'IPv4-compatible loopback'],
+  // Regression: the hex form a resolver returns was `unicast` to ipaddr.js, so a name with an
+  // AAAA record ::7f00:1 was dialled instead of refused.
+  ['::7f00:1', 'IPv4-compatible loopback, hex form'],
+  ['::a00:1', 'IPv4-compatible private, hex form'],
+  ['::808:808', 'IPv4-compatible (any embedding is refused)'],
   ['64:ff9b::a00:1', 'NAT64 of 10.0.0.1'],
   ['64:ff9b::808:808', 'NAT64 (any embedding is refused)'],
   ['2002:7f00:1::1', '6to4 of 127.0.0.1'],
@@ -66,6 +71,24 @@ test('egress: a v4 allow range does not admit a v6 address, and the mapped form 
   const policy: EgressPolicy = { allow: parseCidrs(['127.0.0.0/8']), deny: [] };
   assert.deepEqual(vetAddress('::ffff:127.0.0.1', policy), { allowed: true });
   assert.equal(vetAddress('::1', policy).allowed, false);
+});
+
+test('egress: IPv4-compatible addresses are refused with their class; allow_cidrs can still admit one', () => {
+  assert.deepEqual(vetAddress('::7f00:1', NONE), { allowed: false, why: 'ipv4Compatible address' });
+  assert.deepEqual(vetAddress('::7f00:1', { allow: parseCidrs(['::7f00:0/120']), deny: [] }), { allowed: true });
+});
+
+test('egress: an IPv4-mapped range in allow_cidrs or deny_cidrs is kept as the IPv4 range it names', () => {
+  assert.deepEqual(parseCidrs(['::ffff:8.8.8.0/120', '::ffff:0:0/96', '::ffff:127.0.0.1/128']).map(([range, bits]) => `${range.toString()}/${bits}`), ['8.8.8.0/24', '0.0.0.0/0', '127.0.0.1/32']);
+  // Regression: as written, a mapped deny range never matched (addresses are unwrapped to IPv4 first).
+  const deny: EgressPolicy = { allow: [], deny: parseCidrs(['::ffff:8.8.8.0/120']) };
+  assert.deepEqual(vetAddress('8.8.8.8', deny), { allowed: false, why: 'in deny_cidrs 8.8.8.0/24' });
+  assert.deepEqual(vetAddress('::ffff:8.8.8.8', deny), { allowed: false, why: 'in deny_cidrs 8.8.8.0/24' });
+  const allow: EgressPolicy = { allow: parseCidrs(['::ffff:10.1.0.0/112']), deny: [] };
+  assert.deepEqual(vetAddress('10.1.2.3', allow), { allowed: true });
+  assert.equal(vetAddress('10.2.0.1', allow).allowed, false);
+  // Other IPv6 ranges are kept as they are.
+  assert.deepEqual(parseCidrs(['fd00::/8', '::/0']).map(([range, bits]) => `${range.toString()}/${bits}`), ['fd00::/8', '::/0']);
 });
 
 test('egress: a name resolving to a public and a private address is refused; all-public is allowed', async () => {
