@@ -1,4 +1,5 @@
 import { Command } from 'commander';
+import { exitCodeFor } from '../../core/errors.js';
 import { tuneHeapForBytePath } from '../../core/heap-tuning.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { loadConfig } from './config.js';
@@ -19,7 +20,8 @@ const { config: configPath } = program.opts<{ config: string }>();
 function fail(error: unknown): never {
   const message = error instanceof AgentGatewayError ? error.message : `${(error as Error)?.stack ?? String(error)}`;
   process.stderr.write(`agent-gateway: ${message}\n`);
-  process.exit(error instanceof AgentGatewayError && error.code === 'ERR_CONFIG' ? 2 : 1);
+  // The catalogue's exit code, as the CLI exits: 2 for the config, 4 for the schema, 1 otherwise.
+  process.exit(exitCodeFor(error));
 }
 
 try {

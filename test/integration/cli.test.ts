@@ -45,14 +45,20 @@ test('an invalid config exits 2 naming the field', () => {
   assert.match(result.stderr, /limits\.max_streams: unknown key/);
 });
 
-test('a database at another schema version: exits 1 without listening', async () => {
+test('a database at another schema version: exits 4 (the catalogue\'s schema code, as the CLI) without listening', async () => {
   const url = await createDatabase(pgServer.url);
   const fixture = await RegistryFixture.connect(url);
   await fixture.db.query('INSERT INTO schema_version VALUES (1)');
   await fixture.close();
   const result = spawnSync(process.execPath, [BIN, '--config', configFile(url)], { encoding: 'utf8', env: process.env });
-  assert.equal(result.status, 1);
+  assert.equal(result.status, 4);
   assert.match(result.stderr, /schema_version must hold exactly one row, found 2/);
+});
+
+test('a database that cannot be reached within connect_timeout_ms: exits 1 with the reason', () => {
+  const result = spawnSync(process.execPath, [BIN, '--config', configFile('postgres://nobody@127.0.0.1:1/none')], { encoding: 'utf8', env: process.env });
+  assert.equal(result.status, 1);
+  assert.match(result.stderr, /agent-gateway: .+/);
 });
 
 test('serves CONNECT against a migrated database, then SIGTERM exits 0', async () => {
