@@ -4,9 +4,10 @@
  * every bin it spawns (they all use process.execPath).
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
 import { test } from 'node:test';
 
 const ROOT = resolve(import.meta.dirname, '../..');
@@ -32,4 +33,26 @@ test('the bins run the compiled output in dist/, not the TypeScript sources', ()
     env: { ...process.env, NODE_OPTIONS: '' },
   });
   assert.match(out, /Usage: agent-gateway/);
+});
+
+test('npm ci compiles dist/ (the prepare step), and steps aside where there is nothing to compile with', () => {
+  const pkg = JSON.parse(readFileSync(resolve(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> };
+  assert.equal(pkg.scripts.prepare, 'node scripts/prepare.mjs');
+  const prepare = resolve(ROOT, 'scripts/prepare.mjs');
+  const run = (cwd: string) => spawnSync(process.execPath, [prepare], { cwd, encoding: 'utf8', env: { ...process.env, npm_execpath: '' } });
+  // Only package.json so far (deploy/Dockerfile's npm ci before the sources are copied).
+  const bare = mkdtempSync(join(tmpdir(), 'agw-prepare-'));
+  try {
+    writeFileSync(join(bare, 'package.json'), '{"name":"x","private":true}\n');
+    const early = run(bare);
+    assert.equal(early.status, 0);
+    assert.match(early.stderr, /dist\/ not built here: no sources yet/);
+    // Sources but no TypeScript (npm ci --omit=dev).
+    writeFileSync(join(bare, 'tsconfig.build.json'), '{}\n');
+    const production = run(bare);
+    assert.equal(production.status, 0);
+    assert.match(production.stderr, /TypeScript is not installed/);
+  } finally {
+    rmSync(bare, { recursive: true, force: true });
+  }
 });
