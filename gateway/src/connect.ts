@@ -6,6 +6,7 @@ import { RegistryUnavailableError } from '../../registry/errors.js';
 import type { GatewayConfig } from './config.js';
 import type { Limiter } from './limits.js';
 import type { Authoriser, Decision } from './authoriser.js';
+import { EarlyData, type EarlyDataBudget, type EarlyDataOwner } from './early-data.js';
 import { resolveAndVet, type HostResolver, type ResolvedAddress } from './egress.js';
 import { LookupCancelledError } from './lookups.js';
 import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } from './outcome.js';
@@ -34,6 +35,8 @@ export interface ConnectDeps {
   readonly authoriser: Authoriser;
   readonly enforcer: PolicyEnforcer;
   readonly tunnels: TunnelTracker;
+  /** Client bytes held before answers, process-wide (early-data.ts). */
+  readonly earlyData: EarlyDataBudget;
   readonly recorder: OutcomeRecorder;
   readonly metrics: GatewayMetrics | undefined;
   readonly tracing: GatewayTracing | undefined;
@@ -57,7 +60,7 @@ export type Stage = 'check' | 'admit' | 'authorise' | 'vet' | 'dial' | 'tunnel';
  * (tunnelEnded), with no async frame suspended for the tunnel's life. `deps.finished` says when
  * it is over either way.
  */
-export class ConnectRequest implements TunnelOwner {
+export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
   stage: Stage = 'check';
   readonly facts: ConnectFacts;
   readonly #deps: ConnectDeps;
@@ -75,6 +78,10 @@ export class ConnectRequest implements TunnelOwner {
   #open: OpenTunnel | undefined;
   #tunnelSpan: Span | undefined;
   #slot: string | undefined;
+  /** The client's bytes before the answer, until the tunnel takes them or a refusal drops them. */
+  #early: EarlyData | undefined;
+  /** Why the gateway reset the stream before its answer (too many early bytes). */
+  #resetWhy: string | undefined;
 
   constructor(deps: ConnectDeps, session: PeerSession, stream: ServerHttp2Stream, headers: IncomingHttpHeaders) {
     this.#deps = deps;
@@ -100,6 +107,7 @@ export class ConnectRequest implements TunnelOwner {
   async run(): Promise<void> {
     const gone = () => this.#abort.abort(STREAM_GONE);
     this.#stream.once('close', gone);
+    this.#early = new EarlyData(this.#stream, this.#session, this.#deps.earlyData, this);
     /** The limiter key whose tunnel slot this CONNECT holds, until a tunnel takes it over. */
     let slot: string | undefined;
     try {
@@ -126,6 +134,11 @@ export class ConnectRequest implements TunnelOwner {
       if (slot !== undefined) this.#deps.limiter.release(slot);
       if (!this.#open) this.#finish();
     }
+  }
+
+  /** The stream sent more before its answer than early-data.ts allows, and was reset. */
+  earlyDataRefused(why: string): void {
+    this.#resetWhy ??= why;
   }
 
   #finish(): void {
@@ -251,7 +264,9 @@ export class ConnectRequest implements TunnelOwner {
       egress.sni === 'off'
         ? undefined
         : { mode: egress.sni, host: connectHost.host, hostIsIp: connectHost.kind !== 'hostname', timeoutMs: egress.sni_timeout_ms, onRefuse: () => metrics?.policyClose('sni_mismatch') };
-    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms, this, guard), decision };
+    const early = this.#early!.release();
+    this.#early = undefined;
+    return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms, this, guard, early), decision };
   }
 
   #openTunnel(tunnel: Tunnel, decision: Decision, slot: string | undefined): void {
@@ -304,11 +319,14 @@ export class ConnectRequest implements TunnelOwner {
   }
 
   #cancelled(): Outcome {
-    return { reason: 'client_cancelled', detail: `stream gone during ${this.stage}` };
+    const resetWhy = this.#resetWhy;
+    return { reason: 'client_cancelled', detail: resetWhy ? `reset by the gateway during ${this.stage} (ENHANCE_YOUR_CALM): ${resetWhy}` : `stream gone during ${this.stage}` };
   }
 
   /** Sends the answer (unless the stream is gone: then the outcome is client_cancelled) and records it. */
   #answer(outcome: Outcome): void {
+    // No tunnel will take the client's early bytes.
+    this.#early?.drop();
     const response = responseFor(outcome);
     if (response && this.#streamGone()) {
       this.#record(this.#cancelled());

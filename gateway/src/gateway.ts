@@ -13,6 +13,7 @@ import { Authoriser } from './authoriser.js';
 import { ChangeFeed } from './change-feed.js';
 import { parseListenAddress, type GatewayConfig } from './config.js';
 import { ConnectRequest, type ConnectDeps } from './connect.js';
+import { EarlyDataBudget } from './early-data.js';
 import { systemResolver, type HostResolver } from './egress.js';
 import { Limiter } from './limits.js';
 import { createLogger } from './logger.js';
@@ -86,6 +87,8 @@ export interface Gateway {
   readonly authoriser: Authoriser;
   /** Open HTTP/2 sessions. */
   readonly openSessions: number;
+  /** Client bytes held for CONNECTs not yet answered (early-data.ts). */
+  readonly earlyDataBytes: number;
   readonly registry: RegistryClient;
   readonly server: Http2SecureServer;
   /** The PROXY protocol listener in front of `server` (undefined without `[server] proxy_protocol_from`). */
@@ -110,6 +113,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     maxWaitMs: config.policy.pool_acquire_timeout_ms,
   });
   const tunnels = new TunnelTracker();
+  const earlyData = new EarlyDataBudget();
   const feed = new ChangeFeed({
     databaseUrl: config.policy.databaseUrl,
     pollIntervalMs: config.cache.poll_interval_ms,
@@ -156,6 +160,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           openSessions: () => sessions.size,
           tunnels: () => tunnels,
           lookups: () => ({ queued: lookups.queued, running: lookups.running }),
+          earlyDataBytes: () => earlyData.held,
           feed: () => feed,
           pools: () => {
             const standby = registry.standbyPoolStats;
@@ -183,6 +188,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     authoriser,
     enforcer,
     tunnels,
+    earlyData,
     recorder: new OutcomeRecorder({ log, metrics, audit }),
     metrics,
     get tracing() {
@@ -422,6 +428,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     authoriser,
     get openSessions() {
       return sessions.size;
+    },
+    get earlyDataBytes() {
+      return earlyData.held;
     },
     get limits() {
       return limits;

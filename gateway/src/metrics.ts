@@ -35,6 +35,8 @@ export interface MetricsSources {
   feed(): { readonly listening: boolean; readonly confirmed: boolean; readonly lagSeconds: number };
   /** Registry lookups waiting to start and running (the lookup queue). */
   lookups(): { readonly queued: number; readonly running: number };
+  /** Client bytes held for CONNECTs not yet answered (early-data.ts). */
+  earlyDataBytes(): number;
   pools(): readonly { readonly pool: string; readonly total: number; readonly idle: number; readonly waiting: number }[];
   audit(): { readonly queued: number; readonly written: number; readonly dropped: Readonly<Record<string, number>> } | undefined;
 }
@@ -232,6 +234,14 @@ export class GatewayMetrics {
         }
       },
     }));
+    new Gauge({
+      name: `${METRIC_PREFIX}early_data_bytes`,
+      help: 'Bytes clients sent on CONNECT streams before their answer, held until the tunnel opens (bounded per stream, session and process).',
+      registers,
+      collect() {
+        this.set(sources.earlyDataBytes());
+      },
+    });
     new Gauge({
       name: `${METRIC_PREFIX}audit_queue_rows`,
       help: 'Audit rows waiting to be written.',

@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import { spkiFingerprint } from '../../registry/ecdsa.js';
 import { readPeerIdentity } from '../../registry/identity.js';
 import type { GatewayConfig } from './config.js';
+import type { EarlyDataAccount } from './early-data.js';
 import type { ClientAddress } from './proxy-front.js';
 import type { GatewayTracing } from './tracing.js';
 import { TUNNEL_LINGER_MS } from './tunnel.js';
@@ -21,7 +22,7 @@ export interface SessionIdentity {
 }
 
 /** What a CONNECT needs to know about its session. */
-export interface PeerSession {
+export interface PeerSession extends EarlyDataAccount {
   readonly identity: SessionIdentity | undefined;
   /** Why the certificate yields no identity (log only). */
   readonly identityError: string | undefined;
@@ -130,6 +131,7 @@ export class SessionGuard {
       session,
       guard: this,
       openStreams: 0,
+      earlyDataBytes: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,
       proven: false,

@@ -4,6 +4,7 @@ import { sniVerdict, type SniMode, type SniVerdict } from './client-hello.js';
 import type { ResolvedAddress } from './egress.js';
 import { classifyDialError, type DialErrorType } from '../../core/errors.js';
 import { BytePipe, pipeFramesToSocket } from '../../core/frame-pipe.js';
+import type { EarlyBytes } from './early-data.js';
 
 export type DialResult =
   | { readonly ok: true; readonly socket: Socket }
@@ -156,7 +157,11 @@ export class Tunnel {
   /** Client → destination, once the first bytes are through the SNI check. */
   #up: BytePipe | undefined;
 
-  constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number, owner: TunnelOwner, guard?: SniGuard) {
+  /**
+   * `early`: what the client sent before the answer (early-data.ts), delivered first; the stream
+   * comes paused when given, and is resumed here.
+   */
+  constructor(stream: ServerHttp2Stream, socket: Socket, idleTimeoutMs: number, owner: TunnelOwner, guard?: SniGuard, early?: EarlyBytes) {
     this.stream = stream;
     this.socket = socket;
     this.#owner = owner;
@@ -181,8 +186,8 @@ export class Tunnel {
     // Bytes from the destination flow from the start (server-speaks-first protocols work);
     // the client's first bytes may be held for the SNI check.
     new BytePipe(socket, stream, false);
-    if (guard && guard.mode !== 'off') this.#guardFirstBytes(guard);
-    else this.#pipeUp();
+    if (guard && guard.mode !== 'off') this.#guardFirstBytes(guard, early);
+    else this.#sendEarlyThenPipe(early);
   }
 
   static #onIdle(this: Socket): void {
@@ -264,16 +269,27 @@ export class Tunnel {
     this.#up = pipeFramesToSocket(this.stream, this.socket);
   }
 
+  /** Without an SNI check: the early bytes go first, then the stream (or FIN, if it already ended). */
+  #sendEarlyThenPipe(early: EarlyBytes | undefined): void {
+    if (early && early.size > 0) this.socket.write(early.chunks.length === 1 ? early.chunks[0]! : Buffer.concat(early.chunks, early.size));
+    if (early?.ended) {
+      this.socket.end();
+      return;
+    }
+    this.#pipeUp();
+    this.stream.resume();
+  }
+
   /**
    * Holds the client's first bytes until they show a ClientHello whose server_name fits the
    * CONNECT host (or are not TLS, under `match`), at most MAX_CLIENT_HELLO_BYTES (16 KiB + 5) and
    * `timeoutMs` from the first byte. A refusal closes the tunnel before any client byte reaches
-   * the destination.
+   * the destination. The bytes sent before the answer (`early`) are the first ones checked.
    */
-  #guardFirstBytes(guard: SniGuard): void {
+  #guardFirstBytes(guard: SniGuard, early: EarlyBytes | undefined): void {
     const stream = this.stream;
-    const held: Buffer[] = [];
-    let size = 0;
+    const held: Buffer[] = early ? [...early.chunks] : [];
+    let size = early?.size ?? 0;
     let timer: NodeJS.Timeout | undefined;
     let decided = false;
     const finish = (verdict: SniVerdict, ended: boolean) => {
@@ -306,8 +322,18 @@ export class Tunnel {
       finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, false), false);
     };
     const onEnd = () => finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, true), true);
+    // The client ended before the answer: its stream will emit nothing more.
+    if (early?.ended) {
+      onEnd();
+      return;
+    }
     stream.on('data', onData);
     stream.once('end', onEnd);
+    if (size > 0) {
+      timer = setTimeout(() => finish({ kind: 'refuse', why: `no complete ClientHello within ${guard.timeoutMs} ms` }, false), guard.timeoutMs);
+      finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, false), false);
+    }
+    if (!decided) stream.resume();
   }
 
   get bytesUp(): number {

@@ -21,7 +21,8 @@ import { parseConfig } from '../../gateway/src/config.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
-import { connectHeaders, connectRaw, ErrorCode, FrameType, frame, rstStreamFrame, windowUpdateFrame, type RawH2 } from '../helpers/h2-raw.js';
+import { EARLY_DATA_SESSION_BYTES, EARLY_DATA_STREAM_BYTES } from '../../gateway/src/early-data.js';
+import { connectHeaders, connectRaw, dataFrame, dataPayload, ErrorCode, FrameType, frame, rstCode, rstStreamFrame, windowUpdateFrame, type RawH2 } from '../helpers/h2-raw.js';
 import { captureLogger } from '../helpers/logs.js';
 import { exchange, gatewaySession, request } from '../helpers/net.js';
 import { clientCredentials, TEST_OID, type ClientCredentials } from '../helpers/pki.js';
@@ -602,6 +603,87 @@ describe('work in proportion to what the peer spent', () => {
     } finally {
       session.destroy();
     }
+  });
+});
+
+describe('bytes sent before the answer are held within bounds (regression: a stranger\'s session whose lookups waited held ~60 MiB, up to 1 MiB per stream)', () => {
+  let gateway: Gateway;
+  const chunk = Buffer.alloc(16 * 1024, 0x61);
+  before(async () => {
+    gateway = await startGateway({ policy: { query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
+  });
+
+  test('past 64 KiB on one stream: reset with ENHANCE_YOUR_CALM, the decision says why, nothing stays held', async () => {
+    const base = await baseline(gateway);
+    const release = await holdRegistry();
+    const conn = await raw(gateway, stranger);
+    const traceId = 'ef'.repeat(16);
+    try {
+      const full = EARLY_DATA_STREAM_BYTES / chunk.length;
+      await conn.send(connectHeaders(1, world.echoAuthority, [['traceparent', `00-${traceId}-${'cd'.repeat(8)}-01`]]), ...Array.from({ length: full }, () => dataFrame(1, chunk)));
+      await until(() => gateway.earlyDataBytes === EARLY_DATA_STREAM_BYTES, 2000, 'held while the lookup waits');
+      await conn.send(dataFrame(1, chunk));
+      const answer = await conn.waitForResponse(1, 2000);
+      assert.equal(answer.rst, ErrorCode.ENHANCE_YOUR_CALM);
+      assert.equal(gateway.earlyDataBytes, 0);
+    } finally {
+      conn.destroy();
+      await release();
+    }
+    await until(() => decisions().some((l) => l.trace_id === traceId), 3000, 'the decision line');
+    const mine = decisions().filter((l) => l.trace_id === traceId);
+    assert.equal(mine.length, 1, 'exactly one decision');
+    assert.equal(mine[0]!.reason, 'client_cancelled');
+    assert.match(String(mine[0]!.detail), /reset by the gateway during authorise \(ENHANCE_YOUR_CALM\): more than 65536 bytes of DATA on the stream before the answer/);
+    await backToBaseline(gateway, base, 'early data past the stream bound');
+    await legitServed(gateway);
+  });
+
+  test('past 1 MiB on one session: the streams that go past it are reset, the others wait for their answer', async () => {
+    const base = await baseline(gateway);
+    const release = await holdRegistry();
+    const conn = await raw(gateway, stranger);
+    // 20 streams of 60 KiB: each under the stream bound, 1.2 MiB in all.
+    const streams = Array.from({ length: 20 }, (_, i) => 1 + 2 * i);
+    const piece = chunk.subarray(0, 15 * 1024);
+    try {
+      for (const id of streams) await conn.send(connectHeaders(id, world.echoAuthority), dataFrame(id, piece), dataFrame(id, piece), dataFrame(id, piece), dataFrame(id, piece));
+      await until(() => conn.frames.filter((f) => f.type === FrameType.RST_STREAM).length >= 3, 2000, 'three streams reset');
+      assert.ok(gateway.earlyDataBytes <= EARLY_DATA_SESSION_BYTES, `held ${gateway.earlyDataBytes}`);
+      const reset = conn.frames.filter((f) => f.type === FrameType.RST_STREAM);
+      assert.equal(reset.length, 3, '1.2 MiB less 1 MiB: three streams of 60 KiB');
+      for (const f of reset) assert.equal(rstCode(f), ErrorCode.ENHANCE_YOUR_CALM);
+    } finally {
+      await release();
+    }
+    // The others are answered once the registry is back (a stranger: 403), and let go of what they held.
+    const answered = await Promise.all(streams.map((id) => conn.waitForResponse(id, 3000)));
+    assert.equal(answered.filter((a) => a.status === 403).length, 17);
+    await until(() => gateway.earlyDataBytes === 0, 2000, 'nothing held once answered');
+    conn.destroy();
+    await backToBaseline(gateway, base, 'early data past the session bound');
+  });
+
+  test('a granted client\'s bytes before the answer reach the destination first, then the rest; with END_STREAM too', async () => {
+    const base = await baseline(gateway);
+    const conn = await raw(gateway, legit);
+    const early = Buffer.alloc(40 * 1024, 0x62);
+    // DATA frames of at most 16 KiB (SETTINGS_MAX_FRAME_SIZE).
+    await conn.send(connectHeaders(1, world.echoAuthority), dataFrame(1, early.subarray(0, 16384)), dataFrame(1, early.subarray(16384, 32768)), dataFrame(1, early.subarray(32768)));
+    assert.equal((await conn.waitForResponse(1, 3000)).status, 200);
+    await conn.send(dataFrame(1, 'and then this'));
+    const echoed = () => Buffer.concat(conn.frames.filter((f) => f.type === FrameType.DATA && f.streamId === 1).map(dataPayload));
+    await until(() => echoed().length === early.length + 13, 3000, 'all of it echoed');
+    assert.deepEqual(echoed(), Buffer.concat([early, Buffer.from('and then this')]));
+    conn.destroy();
+    const ended = await raw(gateway, legit);
+    await ended.send(connectHeaders(1, world.echoAuthority), dataFrame(1, 'bye', { endStream: true }));
+    assert.equal((await ended.waitForResponse(1, 3000)).status, 200);
+    assert.equal(await ended.waitForEndStream(1, 3000), true, 'the echo saw our FIN and ended too');
+    assert.equal(Buffer.concat(ended.frames.filter((f) => f.type === FrameType.DATA && f.streamId === 1).map(dataPayload)).toString(), 'bye');
+    ended.destroy();
+    await backToBaseline(gateway, base, 'early data of a granted client');
+    assert.equal(gateway.earlyDataBytes, 0);
   });
 });
 

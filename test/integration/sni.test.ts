@@ -13,6 +13,7 @@ import { connect as tlsConnect } from 'node:tls';
 import { parseConfig } from '../../gateway/src/config.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
+import { realClientHello } from '../helpers/client-hello.js';
 import { captureLogger } from '../helpers/logs.js';
 import { gatewaySession, request } from '../helpers/net.js';
 import { clientCredentials, TEST_OID, type ClientCredentials } from '../helpers/pki.js';
@@ -26,7 +27,7 @@ const gateways: Gateway[] = [];
 const sessions: ClientHttp2Session[] = [];
 const lines: Record<string, unknown>[] = [];
 
-async function startGateway(sni: 'match' | 'require'): Promise<Gateway> {
+async function startGateway(sni: 'match' | 'require' | 'off'): Promise<Gateway> {
   const gateway = createGateway(
     parseConfig({
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
@@ -49,6 +50,18 @@ async function tunnel(gateway: Gateway, authority: string): Promise<ClientHttp2S
   assert.equal(status, 200);
   stream.on('error', () => {});
   return stream;
+}
+
+/** A CONNECT whose first bytes are written before its answer (an optimistic client); `end` sends END_STREAM with them. */
+async function optimisticTunnel(gateway: Gateway, authority: string, first: Buffer, end = false): Promise<{ status: number; stream: ClientHttp2Stream }> {
+  const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: client.certPem, privateKeyPem: client.privateKeyPem });
+  sessions.push(session);
+  const stream = session.request({ ':method': 'CONNECT', ':authority': authority });
+  stream.on('error', () => {});
+  if (end) stream.end(first);
+  else stream.write(first);
+  const [headers] = (await once(stream, 'response')) as [Record<string, unknown>];
+  return { status: Number(headers[':status']), stream };
 }
 
 /** Starts a TLS handshake over the tunnel with `servername`; resolves when the tunnel ends. */
@@ -124,15 +137,8 @@ test('match: no server_name for a hostname destination is refused', async () => 
 test('match: a ClientHello split over segments is read whole', async () => {
   const gateway = await startGateway('match');
   sink.received.length = 0;
-  // Capture a real ClientHello, then replay it through the tunnel in pieces.
-  const hello = await new Promise<Buffer>((resolve) => {
-    const capture = createServer((socket) => socket.once('data', (chunk: Buffer) => { resolve(chunk); socket.destroy(); }));
-    capture.listen(0, '127.0.0.1', () => {
-      const t = tlsConnect({ host: '127.0.0.1', port: (capture.address() as AddressInfo).port, servername: 'docs.test', rejectUnauthorized: false });
-      t.on('error', () => {});
-      t.once('close', () => capture.close());
-    });
-  });
+  // A real ClientHello, replayed through the tunnel in pieces.
+  const hello = await realClientHello('docs.test');
   const stream = await tunnel(gateway, 'docs.test:443');
   // Node 24's ClientHello is ~1.6 KB (a post-quantum key share): eight pieces, well within sni_timeout_ms.
   for (let at = 0; at < hello.length; at += 200) {
@@ -172,3 +178,38 @@ test('a ClientHello that never completes is refused at sni_timeout_ms', async ()
   assert.ok(performance.now() - started >= 250, 'not before the timeout');
   assert.equal(receivedBytes(), 0);
 });
+
+test('match: a ClientHello sent before the answer is checked first; for another name, nothing reaches the destination', async () => {
+  const gateway = await startGateway('match');
+  sink.received.length = 0;
+  const { status, stream } = await optimisticTunnel(gateway, 'docs.test:443', await realClientHello('other.test'));
+  assert.equal(status, 200);
+  stream.resume();
+  await once(stream, 'close');
+  assert.equal(receivedBytes(), 0, 'the destination received nothing');
+  await until(() => lines.some((l) => l.event === 'tunnel_closed' && l.detail === 'sni_mismatch' && String(l.error).includes('server_name other.test is not docs.test')), 2000, 'tunnel_closed detail sni_mismatch');
+});
+
+for (const sni of ['match', 'off'] as const) {
+  test(`${sni}: bytes sent before the answer reach the destination first, in order; sent with END_STREAM, they arrive with the FIN`, async () => {
+    const gateway = await startGateway(sni);
+    sink.received.length = 0;
+    const hello = await realClientHello('docs.test');
+    const { status, stream } = await optimisticTunnel(gateway, 'docs.test:443', hello);
+    assert.equal(status, 200);
+    stream.resume();
+    stream.write('after the answer');
+    await until(() => receivedBytes() === hello.length + 16, 2000, 'the early bytes, then the rest');
+    assert.deepEqual(Buffer.concat(sink.received), Buffer.concat([hello, Buffer.from('after the answer')]));
+    stream.close();
+
+    sink.received.length = 0;
+    const ended = await optimisticTunnel(gateway, 'mail.test:25', Buffer.from('QUIT\r\n'), true);
+    assert.equal(ended.status, 200);
+    ended.stream.resume();
+    // The sink ends its side on our FIN; the tunnel then closes on its own, well before any timeout.
+    await once(ended.stream, 'close');
+    assert.equal(Buffer.concat(sink.received).toString(), 'QUIT\r\n');
+    assert.equal(gateway.earlyDataBytes, 0);
+  });
+}
