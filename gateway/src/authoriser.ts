@@ -48,8 +48,11 @@ export class Authoriser {
     return this.#cache?.size ?? 0;
   }
 
-  /** The decision for `request`; `fresh` skips the cache (re-checks of open tunnels). */
-  async decide(request: AuthorizationRequest, signal: AbortSignal, fresh = false): Promise<Decision> {
+  /**
+   * The decision for `request`; `fresh` skips the cache (re-checks of open tunnels); `vouched`:
+   * the registry has allowed this peer before (lookups.ts lets such lookups go first).
+   */
+  async decide(request: AuthorizationRequest, signal: AbortSignal, fresh = false, vouched = true): Promise<Decision> {
     const generation = this.#feed.generation;
     const cache = this.#cache;
     const key = cache ? decisionKey(request) : '';
@@ -64,7 +67,7 @@ export class Authoriser {
         this.#metrics?.cache('miss');
       }
     }
-    const result = await this.#lookups.authorize(request, signal, generation);
+    const result = await this.#lookups.authorize(request, signal, generation, vouched);
     if (cache && result.allowed && result.validForMs > 0 && this.#feed.confirmed && this.#feed.generation === generation) {
       cache.set(key, { result, generation, expiresAt: performance.now() + result.validForMs });
     }

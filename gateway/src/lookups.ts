@@ -39,8 +39,36 @@ interface Job {
   readonly enqueuedAt: number;
   readonly waiters: Set<Waiter>;
   started: boolean;
-  /** Still counted in #waiting. */
+  /** Still counted in #waiting (and, while not vouched for, in #waitingStrangers). */
   counted: boolean;
+  /** Asked for a peer the registry has vouched for (or a re-check of an open tunnel). */
+  vouched: boolean;
+}
+
+/** A FIFO of jobs: an array and a head index, compacted now and then rather than shift() per job. */
+class JobFifo {
+  #jobs: Job[] = [];
+  #head = 0;
+
+  push(job: Job): void {
+    this.#jobs.push(job);
+  }
+
+  /** The next job, or undefined; the caller skips the ones that no longer belong here. */
+  shift(): Job | undefined {
+    const job = this.#jobs[this.#head];
+    if (job === undefined) return undefined;
+    this.#head++;
+    if (this.#head > 1024 && this.#head * 2 > this.#jobs.length) {
+      this.#jobs.splice(0, this.#head);
+      this.#head = 0;
+    }
+    return job;
+  }
+
+  *waiting(): IterableIterator<Job> {
+    for (let i = this.#head; i < this.#jobs.length; i++) yield this.#jobs[i]!;
+  }
 }
 
 /**
@@ -49,18 +77,25 @@ interface Job {
  * - a lookup starts only when a pooled connection is free, after the current burst of frames has
  *   been read (setImmediate), so a stream reset in the same packet as its HEADERS never reaches
  *   PostgreSQL, and a lookup whose CONNECTs are all gone before it starts is dropped;
- * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`).
+ * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`);
+ * - peers the registry has not vouched for (no CONNECT of that identity and key allowed yet) get
+ *   at most half of the queue and leave a quarter of the connections free: a stranger minting
+ *   CONNECTs to distinct destinations (each its own query) filled the whole queue in a review, and
+ *   granted agents' uncached CONNECTs got 503. Vouched-for lookups start first.
  * Denials are shared only while in flight; nothing is remembered after a lookup settles.
  */
 export class LookupQueue {
   readonly #lookup: LookupFn;
   readonly #options: LookupQueueOptions;
   readonly #inFlight = new Map<string, Job>();
-  readonly #queue: Job[] = [];
-  #queueHead = 0;
+  readonly #vouched = new JobFifo();
+  readonly #strangers = new JobFifo();
   #running = 0;
+  #runningStrangers = 0;
   /** Unstarted jobs with a waiter (the bound applies to these, not to abandoned ones). */
   #waiting = 0;
+  /** Of those, the ones no vouched-for peer waits on. */
+  #waitingStrangers = 0;
   #expiryTimer: NodeJS.Timeout | undefined;
   #pumpScheduled = false;
   /** Queries actually sent (tests, metrics). */
@@ -80,17 +115,33 @@ export class LookupQueue {
     return this.#running;
   }
 
+  /** Of `queued`, the lookups only peers nobody has vouched for wait on. */
+  get queuedForStrangers(): number {
+    return this.#waitingStrangers;
+  }
+
+  /** At most this many lookups for strangers wait: half the queue. */
+  get #maxQueuedStrangers(): number {
+    return Math.max(1, Math.floor(this.#options.maxQueued / 2));
+  }
+
+  /** At most this many lookups for strangers run: a quarter of the connections stays free. */
+  get #maxRunningStrangers(): number {
+    return Math.max(1, this.#options.concurrency - Math.floor(this.#options.concurrency / 4));
+  }
+
   get started(): number {
     return this.#started;
   }
 
   /**
    * The decision for `request`, shared with identical lookups in flight asked at the same change-
-   * feed `generation`. Rejects with
-   * LookupCancelledError when `signal` fires first, RegistryUnavailableError when the queue is
-   * full, the wait too long or the registry cannot be asked.
+   * feed `generation`. `vouched`: the registry has allowed this peer (identity and key) before, or
+   * this re-checks an open tunnel; false for a peer nobody has vouched for yet. Rejects with
+   * LookupCancelledError when `signal` fires first, RegistryUnavailableError when the queue (or
+   * strangers' half of it) is full, the wait too long or the registry cannot be asked.
    */
-  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0): Promise<AuthorizationResult> {
+  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, vouched = true): Promise<AuthorizationResult> {
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
     // The generation keeps a lookup asked after a registry change from joining one asked before it.
     const key = `${generation}\n${decisionKey(request)}`;
@@ -99,12 +150,24 @@ export class LookupQueue {
       if (this.queued >= this.#options.maxQueued) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full (${this.#options.maxQueued} waiting)`));
       }
-      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true };
+      if (!vouched && this.#waitingStrangers >= this.#maxQueuedStrangers) {
+        return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full for peers not yet vouched for (${this.#maxQueuedStrangers} waiting)`));
+      }
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true, vouched };
       this.#inFlight.set(key, job);
-      this.#queue.push(job);
+      (vouched ? this.#vouched : this.#strangers).push(job);
       this.#waiting++;
+      if (!vouched) this.#waitingStrangers++;
       this.#schedulePump();
       this.#armExpiry();
+    } else if (vouched && !job.vouched) {
+      // A vouched-for peer asks the same question: the job moves up (its stranger entry is skipped).
+      job.vouched = true;
+      if (!job.started) {
+        if (job.counted) this.#waitingStrangers--;
+        this.#vouched.push(job);
+        this.#schedulePump();
+      }
     }
     const owner = job;
     return new Promise((resolve, reject) => {
@@ -138,36 +201,49 @@ export class LookupQueue {
 
   #pump(): void {
     const now = performance.now();
-    while (this.#running < this.#options.concurrency && this.#queueHead < this.#queue.length) {
-      const job = this.#queue[this.#queueHead++]!;
-      if (job.waiters.size === 0) continue; // every CONNECT behind it is gone
+    while (this.#running < this.#options.concurrency) {
+      const job = this.#next();
+      if (!job) break;
       if (now - job.enqueuedAt > this.#options.maxWaitMs) {
         this.#expire(job);
         continue;
       }
       this.#uncount(job);
       job.started = true;
+      const stranger = !job.vouched;
       this.#running++;
+      if (stranger) this.#runningStrangers++;
       this.#started++;
       this.#lookup(job.request).then(
         (result) => this.#settle(job, result, undefined),
         (error: unknown) => this.#settle(job, undefined, error),
       ).finally(() => {
         this.#running--;
+        if (stranger) this.#runningStrangers--;
         this.#schedulePump();
       });
     }
-    // Compact the array now and then rather than shift() per job.
-    if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
-      this.#queue.splice(0, this.#queueHead);
-      this.#queueHead = 0;
+  }
+
+  /** The next job to start: vouched-for first; a stranger's only while their share of connections allows. */
+  #next(): Job | undefined {
+    for (let job = this.#vouched.shift(); job; job = this.#vouched.shift()) {
+      if (!job.started && job.waiters.size > 0) return job; // else every CONNECT behind it is gone
     }
+    while (this.#runningStrangers < this.#maxRunningStrangers) {
+      const job = this.#strangers.shift();
+      if (!job) return undefined;
+      // Moved up to the vouched queue (and maybe started there), or abandoned.
+      if (!job.vouched && !job.started && job.waiters.size > 0) return job;
+    }
+    return undefined;
   }
 
   #uncount(job: Job): void {
     if (!job.counted) return;
     job.counted = false;
     this.#waiting--;
+    if (!job.vouched) this.#waitingStrangers--;
   }
 
   #expire(job: Job): void {
@@ -184,11 +260,13 @@ export class LookupQueue {
     this.#expiryTimer = setTimeout(() => {
       this.#expiryTimer = undefined;
       const now = performance.now();
-      for (let i = this.#queueHead; i < this.#queue.length; i++) {
-        const job = this.#queue[i]!;
-        if (job.started || !job.counted) continue;
-        if (now - job.enqueuedAt <= this.#options.maxWaitMs) break; // FIFO: the rest are younger
-        this.#expire(job);
+      for (const fifo of [this.#vouched, this.#strangers]) {
+        for (const job of fifo.waiting()) {
+          if (job.started || !job.counted) continue;
+          // FIFO: the rest are younger (a job moved up keeps its age, so it may stop this early).
+          if (now - job.enqueuedAt <= this.#options.maxWaitMs) break;
+          this.#expire(job);
+        }
       }
       if (this.#waiting > 0) this.#armExpiry();
     }, this.#options.maxWaitMs);

@@ -35,6 +35,12 @@ export interface PeerSession extends EarlyDataAccount {
    * never allowed anything live on short deadlines (see SessionGuard).
    */
   answered(allowed: boolean): void;
+  /**
+   * The registry has vouched for this peer: a CONNECT of its identity and key was allowed, on
+   * this session or on a recent one. Only then do its lookups go first (lookups.ts), and only
+   * then is it spared the deadline of sessions nobody has vouched for.
+   */
+  readonly proven: boolean;
 }
 
 type ParsedPeer = Pick<PeerSession, 'identity' | 'identityError' | 'fingerprint'>;
@@ -48,7 +54,6 @@ interface SessionState extends PeerSession {
   openStreams: number;
   idleTimer: NodeJS.Timeout | undefined;
   anonymousTimer: NodeJS.Timeout | undefined;
-  /** At least one CONNECT on this session was allowed: the registry vouches for its peer. */
   proven: boolean;
 }
 
@@ -69,6 +74,8 @@ export class SessionGuard {
   readonly #tracing: () => GatewayTracing | undefined;
   readonly #sessions = new Map<ServerHttp2Session, SessionState>();
   readonly #peers = new LRUCache<string, ParsedPeer>({ max: PEER_CACHE_ENTRIES });
+  /** Limiter keys (identity and key) that had a CONNECT allowed recently: a reconnecting agent is vouched for at once. */
+  readonly #vouched = new LRUCache<string, true>({ max: PEER_CACHE_ENTRIES });
 
   constructor(config: GatewayConfig, limits: () => GatewayConfig['limits'], log: Logger, tracing: () => GatewayTracing | undefined) {
     this.#config = config;
@@ -134,10 +141,11 @@ export class SessionGuard {
       earlyDataBytes: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,
-      proven: false,
+      proven: peer.identity !== undefined && this.#vouched.has(peer.identity.limitKey),
       answered: (allowed) => {
         if (allowed && state.identity) {
           state.proven = true;
+          this.#vouched.set(state.identity.limitKey, true);
           clearTimeout(state.anonymousTimer);
         } else if (!state.proven) this.#armAnonymous(session, state);
       },

@@ -402,17 +402,20 @@ describe('review regressions', () => {
 
   test('a cancelled CONNECT does not count toward the lookup queue bound', async () => {
     const gateway = await startGateway({ policy: { lookup_queue_size: 2, max_connections: 1, query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
+    const conn = await raw(gateway, legit);
+    // Vouched for first (one CONNECT allowed), so the whole queue is this session's to use.
+    await conn.send(connectHeaders(1, world.echoAuthority), dataFrame(1, '', { endStream: true }));
+    assert.equal((await conn.waitForResponse(1, 3000)).status, 200);
     const release = await holdRegistry();
     try {
-      const conn = await raw(gateway, legit);
       // One lookup runs (held), then two are queued and abandoned at once.
-      await conn.send(connectHeaders(1, 'a.test:1'));
+      await conn.send(connectHeaders(3, 'a.test:1'));
       await until(() => gateway.lookups.running === 1, 2000, 'one running');
-      await conn.send(connectHeaders(3, 'b.test:1'), connectHeaders(5, 'c.test:1'));
+      await conn.send(connectHeaders(5, 'b.test:1'), connectHeaders(7, 'c.test:1'));
       await until(() => gateway.lookups.queued === 2, 2000, 'two queued');
-      await conn.send(rstStreamFrame(3, ErrorCode.CANCEL), rstStreamFrame(5, ErrorCode.CANCEL));
+      await conn.send(rstStreamFrame(5, ErrorCode.CANCEL), rstStreamFrame(7, ErrorCode.CANCEL));
       await until(() => gateway.lookups.queued === 0, 2000, 'abandoned lookups leave the bound');
-      await conn.send(connectHeaders(7, 'd.test:1'));
+      await conn.send(connectHeaders(9, 'd.test:1'));
       await sleep(200);
       assert.ok(!decisions('registry_unavailable').some((l) => l.destination === 'd.test:1'), 'not refused as a full queue');
       conn.destroy();
@@ -585,8 +588,10 @@ describe('work in proportion to what the peer spent', () => {
 
   test('a full lookup queue answers 503 registry_unavailable at once', async () => {
     const gateway = await startGateway({ policy: { lookup_queue_size: 2, max_connections: 1, query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
-    const release = await holdRegistry();
     const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: legit.certPem, privateKeyPem: legit.privateKeyPem });
+    // A vouched-for session (one CONNECT allowed) may use the whole queue; strangers get half (next test).
+    (await request(session, world.echoAuthority)).stream.close();
+    const release = await holdRegistry();
     try {
       // Distinct destinations so nothing coalesces: 1 running + 2 queued, then the fourth is refused.
       const pending = [request(session, 'a.test:1').catch(() => undefined)];
@@ -603,6 +608,40 @@ describe('work in proportion to what the peer spent', () => {
     } finally {
       session.destroy();
     }
+  });
+});
+
+describe('a stranger cannot starve agents the registry vouched for (regression: distinct destinations from a self-made identity filled the lookup queue; granted agents got 503)', () => {
+  test('with the registry slow and a stranger\'s lookups filling their half of the queue, a vouched-for agent\'s uncached CONNECT waits its turn and gets 200', async () => {
+    const gateway = await startGateway({ policy: { lookup_queue_size: 40, max_connections: 4, query_timeout_ms: 5000, pool_acquire_timeout_ms: 5000 } });
+    const base = await baseline(gateway);
+    const session = await gatewaySession(gateway.address!.port, { caPem: world.tls.caPem, certPem: legit.certPem, privateKeyPem: legit.privateKeyPem });
+    (await request(session, world.echoAuthority)).stream.close(); // allowed: the registry vouches for this agent
+    const release = await holdRegistry();
+    const conn = await raw(gateway, stranger);
+    let agentAnswer: Promise<Awaited<ReturnType<typeof request>>> | undefined;
+    try {
+      const ids = Array.from({ length: 60 }, (_, i) => 1 + 2 * i);
+      await conn.send(...ids.map((id) => connectHeaders(id, `s${id}.example:443`)));
+      // At most 20 wait (half of 40) and 3 of the 4 pooled connections run; the rest get 503 at once.
+      await until(() => conn.frames.filter((f) => f.type === FrameType.HEADERS).length >= 37 && gateway.lookups.running === 3, 3000, 'the stranger\'s overflow refused');
+      assert.ok(gateway.lookups.queuedForStrangers <= 20, `${gateway.lookups.queuedForStrangers} waiting`);
+      agentAnswer = request(session, stall.authority); // granted, never asked before: not cached
+      await until(() => gateway.lookups.running === 4, 2000, 'the agent\'s lookup runs on the connection strangers may not take');
+    } finally {
+      await release();
+    }
+    const answer = await agentAnswer!;
+    assert.equal(answer.status, 200);
+    answer.stream.close();
+    const stranded = await Promise.all(Array.from({ length: 60 }, (_, i) => conn.waitForResponse(1 + 2 * i, 5000)));
+    const refused = stranded.filter((a) => a.status === 503).length;
+    assert.ok(refused >= 37, `${refused} refused at once`);
+    assert.equal(stranded.filter((a) => a.status === 403).length, 60 - refused, 'the stranger\'s queued lookups were still answered');
+    conn.destroy();
+    session.destroy();
+    await destinationSeesClose();
+    await backToBaseline(gateway, base, 'lookup queue under a stranger\'s flood');
   });
 });
 

@@ -133,3 +133,68 @@ test('a failing lookup rejects every caller sharing it, and the next ask runs ag
   calls[1]!.resolve(ALLOWED);
   assert.equal(await again, ALLOWED);
 });
+
+test('strangers (peers nobody has vouched for) get half the queue; a vouched-for lookup still queues and starts first', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 4, maxQueued: 10, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const stranger = (i: number) => queue.authorize(request(`s${i}.example:443`, 'stranger'), signal, 0, false);
+  // Three of the four connections may run strangers' lookups, and five more may wait.
+  const strangers = [stranger(0), stranger(1), stranger(2)];
+  await tick();
+  strangers.push(stranger(3), stranger(4), stranger(5), stranger(6), stranger(7));
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['s0.example:443', 's1.example:443', 's2.example:443']);
+  assert.equal(queue.queuedForStrangers, 5);
+  // Regression: the whole queue was theirs, and a granted agent's uncached CONNECT got 503.
+  await assert.rejects(stranger(8), /full for peers not yet vouched for \(5 waiting\)/);
+  const agent = [queue.authorize(request('docs:443'), signal, 0, true), queue.authorize(request('mail:443'), signal, 0, true)];
+  await tick();
+  assert.equal(calls.length, 4, 'the fourth connection was left for a vouched-for lookup');
+  assert.equal(calls[3]!.request.destination, 'docs:443');
+  // A freed connection goes to the vouched-for lookup waiting, ahead of five older strangers'.
+  calls[0]!.resolve(ALLOWED);
+  await tick();
+  assert.equal(calls[4]!.request.destination, 'mail:443');
+  calls[3]!.resolve(ALLOWED);
+  calls[4]!.resolve(ALLOWED);
+  assert.deepEqual(await Promise.all(agent), [ALLOWED, ALLOWED]);
+  await tick();
+  assert.deepEqual(calls.slice(5).map((c) => c.request.destination), ['s3.example:443'], 'then strangers again, at most three at a time (s1 and s2 still run)');
+  // The rest drain as connections free up.
+  for (let settled = 5; settled < calls.length || queue.queued > 0; settled++) {
+    calls[settled]?.resolve(ALLOWED);
+    await tick();
+  }
+  for (const call of calls) call.resolve(ALLOWED);
+  assert.equal((await Promise.all(strangers)).length, 8);
+  assert.equal(calls.length, 10);
+  assert.equal(queue.queuedForStrangers, 0);
+});
+
+test('a vouched-for peer asking what a stranger asked moves the shared lookup up', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 10, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const first = queue.authorize(request('busy:443', 'x'), signal, 0, false);
+  const queued = [queue.authorize(request('a:443', 'x'), signal, 0, false), queue.authorize(request('b:443', 'x'), signal, 0, false)];
+  await tick();
+  assert.equal(calls.length, 1);
+  assert.equal(queue.queuedForStrangers, 2);
+  const shared = queue.authorize(request('b:443', 'x'), signal, 0, true);
+  assert.equal(queue.queuedForStrangers, 1, 'b is no longer only a stranger\'s');
+  calls[0]!.resolve(ALLOWED);
+  await tick();
+  assert.equal(calls[1]!.request.destination, 'b:443', 'b starts before the older a');
+  calls[1]!.resolve(ALLOWED);
+  assert.equal(await shared, ALLOWED);
+  assert.equal(await queued[1], ALLOWED);
+  await tick();
+  assert.equal(calls[2]!.request.destination, 'a:443');
+  calls[2]!.resolve(ALLOWED);
+  assert.equal(await queued[0], ALLOWED);
+  assert.equal(await first, ALLOWED);
+  await tick();
+  assert.equal(calls.length, 3, 'b ran once, not again from the strangers\' queue');
+  assert.equal(queue.queued, 0);
+});
