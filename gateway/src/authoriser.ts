@@ -1,7 +1,7 @@
 import { LRUCache } from 'lru-cache';
 import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
 import type { ChangeFeed } from './change-feed.js';
-import { decisionKey, type LookupQueue } from './lookups.js';
+import { decisionKey, type LookupAsker, type LookupQueue } from './lookups.js';
 import type { GatewayMetrics } from './metrics.js';
 
 /** A decision and what it is worth: from the cache or the registry, read at which feed generation. */
@@ -49,10 +49,10 @@ export class Authoriser {
   }
 
   /**
-   * The decision for `request`; `fresh` skips the cache (re-checks of open tunnels); `vouched`:
-   * the registry has allowed this peer before (lookups.ts lets such lookups go first).
+   * The decision for `request`; `fresh` skips the cache (re-checks of open tunnels); `asker`: the
+   * CONNECT's session (lookups.ts lets peers the registry vouched for go first).
    */
-  async decide(request: AuthorizationRequest, signal: AbortSignal, fresh = false, vouched = true): Promise<Decision> {
+  async decide(request: AuthorizationRequest, signal: AbortSignal, fresh = false, asker?: LookupAsker): Promise<Decision> {
     const generation = this.#feed.generation;
     const cache = this.#cache;
     const key = cache ? decisionKey(request) : '';
@@ -67,7 +67,7 @@ export class Authoriser {
         this.#metrics?.cache('miss');
       }
     }
-    const result = await this.#lookups.authorize(request, signal, generation, vouched);
+    const result = await this.#lookups.authorize(request, signal, generation, asker);
     if (cache && result.allowed && result.validForMs > 0 && this.#feed.confirmed && this.#feed.generation === generation) {
       cache.set(key, { result, generation, expiresAt: performance.now() + result.validForMs });
     }

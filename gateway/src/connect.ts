@@ -194,7 +194,7 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     const authStarted = performance.now();
     let decision: Decision;
     try {
-      decision = await authoriser.decide({ identity: identity.identity, spkiDer: identity.spkiDer, destination }, signal, false, this.#session.proven);
+      decision = await authoriser.decide({ identity: identity.identity, spkiDer: identity.spkiDer, destination }, signal, false, this.#session);
       lookupSpan?.setAttribute('agent_gateway.cached', decision.cached);
       lookupSpan?.end();
     } catch (error) {

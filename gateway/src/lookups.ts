@@ -43,7 +43,24 @@ interface Job {
   counted: boolean;
   /** Asked for a peer the registry has vouched for (or a re-check of an open tunnel). */
   vouched: boolean;
+  /** The session a stranger's job counts against while it waits. */
+  readonly asker: LookupAsker | undefined;
 }
+
+/**
+ * Who asks, when it is a CONNECT: its session. `proven`: the registry has vouched for the peer
+ * (a CONNECT of its identity and key was allowed); `strangerLookupsWaiting` is kept here.
+ */
+export interface LookupAsker {
+  readonly proven: boolean;
+  strangerLookupsWaiting: number;
+}
+
+/**
+ * Lookups one session of a peer nobody has vouched for may have waiting: a few sessions cannot
+ * take strangers' whole share, and a new agent's first CONNECT finds room.
+ */
+export const MAX_STRANGER_LOOKUPS_PER_SESSION = 64;
 
 /** A FIFO of jobs: an array and a head index, compacted now and then rather than shift() per job. */
 class JobFifo {
@@ -79,9 +96,10 @@ class JobFifo {
  *   PostgreSQL, and a lookup whose CONNECTs are all gone before it starts is dropped;
  * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`);
  * - peers the registry has not vouched for (no CONNECT of that identity and key allowed yet) get
- *   at most half of the queue and leave a quarter of the connections free: a stranger minting
- *   CONNECTs to distinct destinations (each its own query) filled the whole queue in a review, and
- *   granted agents' uncached CONNECTs got 503. Vouched-for lookups start first.
+ *   at most half of the queue, at most MAX_STRANGER_LOOKUPS_PER_SESSION of it per session, and
+ *   leave a quarter of the connections free: a stranger minting CONNECTs to distinct destinations
+ *   (each its own query) filled the whole queue in a review, and granted agents' uncached CONNECTs
+ *   got 503. Vouched-for lookups start first.
  * Denials are shared only while in flight; nothing is remembered after a lookup settles.
  */
 export class LookupQueue {
@@ -136,12 +154,13 @@ export class LookupQueue {
 
   /**
    * The decision for `request`, shared with identical lookups in flight asked at the same change-
-   * feed `generation`. `vouched`: the registry has allowed this peer (identity and key) before, or
-   * this re-checks an open tunnel; false for a peer nobody has vouched for yet. Rejects with
-   * LookupCancelledError when `signal` fires first, RegistryUnavailableError when the queue (or
-   * strangers' half of it) is full, the wait too long or the registry cannot be asked.
+   * feed `generation`. `asker`: the CONNECT's session (none for a re-check of an open tunnel,
+   * which counts as vouched for). Rejects with LookupCancelledError when `signal` fires first,
+   * RegistryUnavailableError when the queue (or strangers' share of it) is full, the wait too
+   * long or the registry cannot be asked.
    */
-  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, vouched = true): Promise<AuthorizationResult> {
+  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, asker?: LookupAsker): Promise<AuthorizationResult> {
+    const vouched = asker?.proven ?? true;
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
     // The generation keeps a lookup asked after a registry change from joining one asked before it.
     const key = `${generation}\n${decisionKey(request)}`;
@@ -153,18 +172,24 @@ export class LookupQueue {
       if (!vouched && this.#waitingStrangers >= this.#maxQueuedStrangers) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full for peers not yet vouched for (${this.#maxQueuedStrangers} waiting)`));
       }
-      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true, vouched };
+      if (!vouched && asker && asker.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
+        return Promise.reject(new RegistryUnavailableError(`this session, not yet vouched for, has ${MAX_STRANGER_LOOKUPS_PER_SESSION} registry lookups waiting`));
+      }
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true, vouched, asker: vouched ? undefined : asker };
       this.#inFlight.set(key, job);
       (vouched ? this.#vouched : this.#strangers).push(job);
       this.#waiting++;
-      if (!vouched) this.#waitingStrangers++;
+      if (!vouched) {
+        this.#waitingStrangers++;
+        if (asker) asker.strangerLookupsWaiting++;
+      }
       this.#schedulePump();
       this.#armExpiry();
     } else if (vouched && !job.vouched) {
       // A vouched-for peer asks the same question: the job moves up (its stranger entry is skipped).
-      job.vouched = true;
       if (!job.started) {
-        if (job.counted) this.#waitingStrangers--;
+        if (job.counted) this.#uncountStranger(job);
+        job.vouched = true;
         this.#vouched.push(job);
         this.#schedulePump();
       }
@@ -243,7 +268,13 @@ export class LookupQueue {
     if (!job.counted) return;
     job.counted = false;
     this.#waiting--;
-    if (!job.vouched) this.#waitingStrangers--;
+    if (!job.vouched) this.#uncountStranger(job);
+  }
+
+  /** A stranger's job stops counting against strangers' share and its session's. */
+  #uncountStranger(job: Job): void {
+    this.#waitingStrangers--;
+    if (job.asker) job.asker.strangerLookupsWaiting--;
   }
 
   #expire(job: Job): void {

@@ -8,6 +8,7 @@ import { spkiFingerprint } from '../../registry/ecdsa.js';
 import { readPeerIdentity } from '../../registry/identity.js';
 import type { GatewayConfig } from './config.js';
 import type { EarlyDataAccount } from './early-data.js';
+import type { LookupAsker } from './lookups.js';
 import type { ClientAddress } from './proxy-front.js';
 import type { GatewayTracing } from './tracing.js';
 import { TUNNEL_LINGER_MS } from './tunnel.js';
@@ -22,7 +23,7 @@ export interface SessionIdentity {
 }
 
 /** What a CONNECT needs to know about its session. */
-export interface PeerSession extends EarlyDataAccount {
+export interface PeerSession extends EarlyDataAccount, LookupAsker {
   readonly identity: SessionIdentity | undefined;
   /** Why the certificate yields no identity (log only). */
   readonly identityError: string | undefined;
@@ -139,6 +140,7 @@ export class SessionGuard {
       guard: this,
       openStreams: 0,
       earlyDataBytes: 0,
+      strangerLookupsWaiting: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,
       proven: peer.identity !== undefined && this.#vouched.has(peer.identity.limitKey),

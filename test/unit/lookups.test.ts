@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import { setImmediate } from 'node:timers/promises';
 import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
 import { RegistryUnavailableError } from '../../registry/errors.js';
-import { LookupCancelledError, LookupQueue } from '../../gateway/src/lookups.js';
+import { LookupCancelledError, LookupQueue, MAX_STRANGER_LOOKUPS_PER_SESSION } from '../../gateway/src/lookups.js';
 
 /** Lets the queue's deferred pump run (it starts lookups on setImmediate, after the settling microtasks). */
 const tick = async () => {
@@ -138,7 +138,9 @@ test('strangers (peers nobody has vouched for) get half the queue; a vouched-for
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 4, maxQueued: 10, maxWaitMs: 10_000 });
   const signal = new AbortController().signal;
-  const stranger = (i: number) => queue.authorize(request(`s${i}.example:443`, 'stranger'), signal, 0, false);
+  const strangerSession = { proven: false, strangerLookupsWaiting: 0 };
+  const agentSession = { proven: true, strangerLookupsWaiting: 0 };
+  const stranger = (i: number) => queue.authorize(request(`s${i}.example:443`, 'stranger'), signal, 0, strangerSession);
   // Three of the four connections may run strangers' lookups, and five more may wait.
   const strangers = [stranger(0), stranger(1), stranger(2)];
   await tick();
@@ -148,7 +150,7 @@ test('strangers (peers nobody has vouched for) get half the queue; a vouched-for
   assert.equal(queue.queuedForStrangers, 5);
   // Regression: the whole queue was theirs, and a granted agent's uncached CONNECT got 503.
   await assert.rejects(stranger(8), /full for peers not yet vouched for \(5 waiting\)/);
-  const agent = [queue.authorize(request('docs:443'), signal, 0, true), queue.authorize(request('mail:443'), signal, 0, true)];
+  const agent = [queue.authorize(request('docs:443'), signal, 0, agentSession), queue.authorize(request('mail:443'), signal, 0, agentSession)];
   await tick();
   assert.equal(calls.length, 4, 'the fourth connection was left for a vouched-for lookup');
   assert.equal(calls[3]!.request.destination, 'docs:443');
@@ -170,19 +172,22 @@ test('strangers (peers nobody has vouched for) get half the queue; a vouched-for
   assert.equal((await Promise.all(strangers)).length, 8);
   assert.equal(calls.length, 10);
   assert.equal(queue.queuedForStrangers, 0);
+  assert.equal(strangerSession.strangerLookupsWaiting, 0);
 });
 
 test('a vouched-for peer asking what a stranger asked moves the shared lookup up', async () => {
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 10, maxWaitMs: 10_000 });
   const signal = new AbortController().signal;
-  const first = queue.authorize(request('busy:443', 'x'), signal, 0, false);
-  const queued = [queue.authorize(request('a:443', 'x'), signal, 0, false), queue.authorize(request('b:443', 'x'), signal, 0, false)];
+  const strangerSession = { proven: false, strangerLookupsWaiting: 0 };
+  const first = queue.authorize(request('busy:443', 'x'), signal, 0, strangerSession);
+  const queued = [queue.authorize(request('a:443', 'x'), signal, 0, strangerSession), queue.authorize(request('b:443', 'x'), signal, 0, strangerSession)];
   await tick();
   assert.equal(calls.length, 1);
   assert.equal(queue.queuedForStrangers, 2);
-  const shared = queue.authorize(request('b:443', 'x'), signal, 0, true);
+  const shared = queue.authorize(request('b:443', 'x'), signal, 0, { proven: true, strangerLookupsWaiting: 0 });
   assert.equal(queue.queuedForStrangers, 1, 'b is no longer only a stranger\'s');
+  assert.equal(strangerSession.strangerLookupsWaiting, 1);
   calls[0]!.resolve(ALLOWED);
   await tick();
   assert.equal(calls[1]!.request.destination, 'b:443', 'b starts before the older a');
@@ -196,5 +201,32 @@ test('a vouched-for peer asking what a stranger asked moves the shared lookup up
   assert.equal(await first, ALLOWED);
   await tick();
   assert.equal(calls.length, 3, 'b ran once, not again from the strangers\' queue');
+  assert.equal(queue.queued, 0);
+});
+
+test('one session nobody has vouched for has at most 64 lookups waiting; another session still finds room, and the counts return to 0', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 1000, maxWaitMs: 10_000 });
+  const flooder = { proven: false, strangerLookupsWaiting: 0 };
+  const newcomer = { proven: false, strangerLookupsWaiting: 0 };
+  const gone = new AbortController();
+  const asked = Array.from({ length: MAX_STRANGER_LOOKUPS_PER_SESSION }, (_, i) => queue.authorize(request(`f${i}:443`, 'flooder'), gone.signal, 0, flooder).catch((e: unknown) => e));
+  assert.equal(flooder.strangerLookupsWaiting, MAX_STRANGER_LOOKUPS_PER_SESSION);
+  await assert.rejects(queue.authorize(request('one-more:443', 'flooder'), gone.signal, 0, flooder), /this session, not yet vouched for, has 64 registry lookups waiting/);
+  const first = queue.authorize(request('docs:443', 'newcomer'), new AbortController().signal, 0, newcomer);
+  assert.equal(newcomer.strangerLookupsWaiting, 1);
+  await tick();
+  assert.equal(calls.length, 1, 'one connection: the flooder\'s first lookup runs');
+  assert.equal(flooder.strangerLookupsWaiting, MAX_STRANGER_LOOKUPS_PER_SESSION - 1);
+  // The flooder leaves: its waiting lookups are dropped and counted out; the running one finishes.
+  gone.abort();
+  assert.equal(flooder.strangerLookupsWaiting, 0);
+  calls[0]!.resolve(ALLOWED);
+  await tick();
+  assert.equal(calls[1]!.request.destination, 'docs:443');
+  assert.equal(newcomer.strangerLookupsWaiting, 0);
+  calls[1]!.resolve(ALLOWED);
+  assert.equal(await first, ALLOWED);
+  assert.equal((await Promise.all(asked)).filter((e) => e instanceof LookupCancelledError).length, MAX_STRANGER_LOOKUPS_PER_SESSION, 'every one of the flooder\'s CONNECTs was cancelled, the running one too');
   assert.equal(queue.queued, 0);
 });
