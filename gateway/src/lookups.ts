@@ -83,8 +83,46 @@ class JobFifo {
     return job;
   }
 
+  get empty(): boolean {
+    return this.#head >= this.#jobs.length;
+  }
+
+  /** Oldest first. */
   *waiting(): IterableIterator<Job> {
     for (let i = this.#head; i < this.#jobs.length; i++) yield this.#jobs[i]!;
+  }
+}
+
+/**
+ * Strangers' jobs: a FIFO per session, the sessions served in turn, so a newcomer's lookup waits
+ * behind one of each flooding session's, not behind all of them.
+ */
+class TurnFifo {
+  /** In turn order (a Map keeps insertion order): a served session goes to the back. */
+  readonly #bySession = new Map<LookupAsker | undefined, JobFifo>();
+
+  push(job: Job): void {
+    let fifo = this.#bySession.get(job.asker);
+    if (!fifo) {
+      fifo = new JobFifo();
+      this.#bySession.set(job.asker, fifo);
+    }
+    fifo.push(job);
+  }
+
+  shift(): Job | undefined {
+    for (const [asker, fifo] of this.#bySession) {
+      const job = fifo.shift();
+      this.#bySession.delete(asker);
+      if (!fifo.empty) this.#bySession.set(asker, fifo);
+      if (job) return job;
+    }
+    return undefined;
+  }
+
+  /** Each session's jobs, oldest first. */
+  fifos(): IterableIterator<JobFifo> {
+    return this.#bySession.values();
   }
 }
 
@@ -96,8 +134,8 @@ class JobFifo {
  *   PostgreSQL, and a lookup whose CONNECTs are all gone before it starts is dropped;
  * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`);
  * - peers the registry has not vouched for (no CONNECT of that identity and key allowed yet) get
- *   at most half of the queue, at most MAX_STRANGER_LOOKUPS_PER_SESSION of it per session, and
- *   leave a quarter of the connections free: a stranger minting CONNECTs to distinct destinations
+ *   at most half of the queue, at most MAX_STRANGER_LOOKUPS_PER_SESSION of it per session, served
+ *   one session at a time in turn, and leave a quarter of the connections free: a stranger minting CONNECTs to distinct destinations
  *   (each its own query) filled the whole queue in a review, and granted agents' uncached CONNECTs
  *   got 503. Vouched-for lookups start first.
  * Denials are shared only while in flight; nothing is remembered after a lookup settles.
@@ -107,7 +145,7 @@ export class LookupQueue {
   readonly #options: LookupQueueOptions;
   readonly #inFlight = new Map<string, Job>();
   readonly #vouched = new JobFifo();
-  readonly #strangers = new JobFifo();
+  readonly #strangers = new TurnFifo();
   #running = 0;
   #runningStrangers = 0;
   /** Unstarted jobs with a waiter (the bound applies to these, not to abandoned ones). */
@@ -291,7 +329,7 @@ export class LookupQueue {
     this.#expiryTimer = setTimeout(() => {
       this.#expiryTimer = undefined;
       const now = performance.now();
-      for (const fifo of [this.#vouched, this.#strangers]) {
+      for (const fifo of [this.#vouched, ...this.#strangers.fifos()]) {
         for (const job of fifo.waiting()) {
           if (job.started || !job.counted) continue;
           // FIFO: the rest are younger (a job moved up keeps its age, so it may stop this early).

@@ -230,3 +230,20 @@ test('one session nobody has vouched for has at most 64 lookups waiting; another
   assert.equal((await Promise.all(asked)).filter((e) => e instanceof LookupCancelledError).length, MAX_STRANGER_LOOKUPS_PER_SESSION, 'every one of the flooder\'s CONNECTs was cancelled, the running one too');
   assert.equal(queue.queued, 0);
 });
+
+test('strangers\' sessions are served in turn: a newcomer waits behind one lookup of a flooding session, not all of them', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 100, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const flooder = { proven: false, strangerLookupsWaiting: 0 };
+  const newcomer = { proven: false, strangerLookupsWaiting: 0 };
+  const asked = Array.from({ length: 5 }, (_, i) => queue.authorize(request(`f${i}:443`, 'flooder'), signal, 0, flooder));
+  await tick();
+  asked.push(queue.authorize(request('docs:443', 'newcomer'), signal, 0, newcomer));
+  for (let i = 0; i < 6; i++) {
+    await tick();
+    calls[i]!.resolve(ALLOWED);
+  }
+  await Promise.all(asked);
+  assert.deepEqual(calls.map((c) => c.request.destination), ['f0:443', 'f1:443', 'docs:443', 'f2:443', 'f3:443', 'f4:443']);
+});
