@@ -1,4 +1,5 @@
 import { constants as h2, type ServerHttp2Stream } from 'node:http2';
+import { ByteHold } from './byte-hold.js';
 
 /**
  * Client bytes that arrive on a CONNECT stream before its answer (DESIGN §9a: nothing a peer
@@ -6,9 +7,12 @@ import { constants as h2, type ServerHttp2Stream } from 'node:http2';
  * the stream's flow-control window whether or not anyone reads it, and replenishes the
  * connection window on its own; with the 1 MiB stream window the upload speed needs and 1,000
  * streams per session, one stranger's session whose lookups wait on a slow registry held ~60 MiB
- * in a test, and could hold a gigabyte. So those bytes are read as they arrive and held here
- * within three bounds: per stream, per session and per process. A stream past any of them is
- * reset with ENHANCE_YOUR_CALM (its CONNECT is recorded as `client_cancelled`, with the reason).
+ * in a test, and could hold a gigabyte. So those bytes are read as they arrive, copied into a
+ * buffer of the stream's own (byte-hold.ts: what is counted is what is allocated), and held
+ * within three bounds: per stream, per session, and per process for sessions the registry has not
+ * vouched for (so strangers filling it cannot get an agent's optimistic CONNECT reset). A stream
+ * past a bound is reset with ENHANCE_YOUR_CALM (its CONNECT is recorded as `client_cancelled`,
+ * with the reason).
  *
  * A well-behaved client waits for the 200; an optimistic one sends a TLS ClientHello (≤ 16 KiB
  * + 5) or a request, far below the stream bound. What is held goes to the destination first
@@ -16,6 +20,7 @@ import { constants as h2, type ServerHttp2Stream } from 'node:http2';
  * and dropped until the stream closes.
  */
 export const EARLY_DATA_STREAM_BYTES = 64 * 1024;
+/** Counted as allocated: a stream holding anything takes at least ByteHold.MIN_CAPACITY (1 KiB). */
 export const EARLY_DATA_SESSION_BYTES = 1024 * 1024;
 export const EARLY_DATA_PROCESS_BYTES = 64 * 1024 * 1024;
 
@@ -27,6 +32,8 @@ export class EarlyDataBudget {
 /** Where a session's share is counted (its PeerSession). */
 export interface EarlyDataAccount {
   earlyDataBytes: number;
+  /** The registry vouched for the peer (lookups.ts): the process bound does not apply. */
+  readonly vouched: boolean;
 }
 
 /** Told when a stream went past a bound and was reset. */
@@ -55,8 +62,9 @@ export class EarlyData {
   readonly #account: EarlyDataAccount;
   readonly #budget: EarlyDataBudget;
   readonly #owner: EarlyDataOwner;
-  #chunks: Buffer[] = [];
-  #size = 0;
+  readonly #hold = new ByteHold(EARLY_DATA_STREAM_BYTES);
+  /** What this stream has charged to its session and the process: its buffer's capacity. */
+  #charged = 0;
   #ended = false;
   /** Refused or answered without a tunnel: bytes are read and dropped. */
   #dropping = false;
@@ -75,26 +83,27 @@ export class EarlyData {
 
   /** The tunnel takes over: what was held, and the stream paused with nothing listening. */
   release(): EarlyBytes {
-    const early = { chunks: this.#chunks, size: this.#size, ended: this.#ended };
+    const size = this.#hold.size;
+    const early = { chunks: size > 0 ? [this.#hold.bytes()] : [], size, ended: this.#ended };
     this.#stream.pause();
     this.#detach();
-    this.#chunks = [];
-    this.#give(this.#size);
+    this.#hold.clear();
+    this.#charge(-this.#charged);
     return early;
   }
 
   /** No tunnel will come (a refusal): drop what is held, and read and drop the rest. */
   drop(): void {
     this.#dropping = true;
-    this.#chunks = [];
-    this.#give(this.#size);
+    this.#hold.clear();
+    this.#charge(-this.#charged);
   }
 
-  #give(bytes: number): void {
+  #charge(bytes: number): void {
     if (bytes === 0) return;
-    this.#size -= bytes;
-    this.#account.earlyDataBytes -= bytes;
-    this.#budget.held -= bytes;
+    this.#charged += bytes;
+    this.#account.earlyDataBytes += bytes;
+    this.#budget.held += bytes;
   }
 
   #detach(): void {
@@ -108,15 +117,16 @@ export class EarlyData {
     stream[HOLDER] = undefined;
   }
 
-  #hold(chunk: Buffer): void {
+  #take(chunk: Buffer): void {
     if (this.#dropping) return;
-    const bytes = chunk.length;
+    const capacity = this.#hold.capacityFor(chunk.length);
+    const growth = capacity === undefined ? 0 : capacity - this.#charged;
     const over =
-      this.#size + bytes > EARLY_DATA_STREAM_BYTES
+      capacity === undefined
         ? `more than ${EARLY_DATA_STREAM_BYTES} bytes of DATA on the stream before the answer`
-        : this.#account.earlyDataBytes + bytes > EARLY_DATA_SESSION_BYTES
-          ? `more than ${EARLY_DATA_SESSION_BYTES} bytes of DATA before the answers on the session`
-          : this.#budget.held + bytes > EARLY_DATA_PROCESS_BYTES
+        : this.#account.earlyDataBytes + growth > EARLY_DATA_SESSION_BYTES
+          ? `more than ${EARLY_DATA_SESSION_BYTES} bytes held for DATA before the answers on the session`
+          : growth > 0 && !this.#account.vouched && this.#budget.held + growth > EARLY_DATA_PROCESS_BYTES
             ? `the gateway already holds ${EARLY_DATA_PROCESS_BYTES} bytes sent before answers`
             : undefined;
     if (over) {
@@ -126,15 +136,13 @@ export class EarlyData {
       this.#owner.earlyDataRefused(over);
       return;
     }
-    this.#chunks.push(chunk);
-    this.#size += bytes;
-    this.#account.earlyDataBytes += bytes;
-    this.#budget.held += bytes;
+    this.#hold.append(chunk);
+    this.#charge(growth);
   }
 
   static #onData(this: Carrier, chunk: Buffer): void {
     const holder = this[HOLDER];
-    if (holder) holder.#hold(chunk);
+    if (holder) holder.#take(chunk);
   }
 
   static #onEnd(this: Carrier): void {

@@ -1,9 +1,10 @@
 import { constants as h2, type ServerHttp2Stream } from 'node:http2';
 import { connect, type LookupFunction, type Socket } from 'node:net';
-import { sniVerdict, type SniMode, type SniVerdict } from './client-hello.js';
+import { MAX_CLIENT_HELLO_BYTES, sniVerdict, type SniMode, type SniVerdict } from './client-hello.js';
 import type { ResolvedAddress } from './egress.js';
 import { classifyDialError, type DialErrorType } from '../../core/errors.js';
 import { BytePipe, pipeFramesToSocket } from '../../core/frame-pipe.js';
+import { ByteHold } from './byte-hold.js';
 import type { EarlyBytes } from './early-data.js';
 
 export type DialResult =
@@ -288,8 +289,15 @@ export class Tunnel {
    */
   #guardFirstBytes(guard: SniGuard, early: EarlyBytes | undefined): void {
     const stream = this.stream;
-    const held: Buffer[] = early ? [...early.chunks] : [];
-    let size = early?.size ?? 0;
+    // Copied, not kept as Node's chunks (byte-hold.ts); a chunk that would take it past the
+    // bound is judged with it in one concatenation, which the bound makes decisive.
+    const hold = new ByteHold(MAX_CLIENT_HELLO_BYTES);
+    let past: Buffer | undefined;
+    const add = (chunk: Buffer) => {
+      if (past) past = Buffer.concat([past, chunk]);
+      else if (!hold.append(chunk)) past = Buffer.concat([hold.bytes(), chunk]);
+    };
+    const held = () => past ?? hold.bytes();
     let timer: NodeJS.Timeout | undefined;
     let decided = false;
     const finish = (verdict: SniVerdict, ended: boolean) => {
@@ -305,23 +313,26 @@ export class Tunnel {
       }
       // The destination went away while the first bytes were held: nothing to deliver them to.
       if (this.#socketClosed) return;
-      const first = Buffer.concat(held, size);
+      const first = held();
       if (ended) {
         this.socket.end(first);
         return;
       }
       stream.pause();
-      if (size > 0) this.socket.write(first);
+      if (first.length > 0) this.socket.write(first);
       this.#pipeUp();
       stream.resume();
     };
-    const onData = (chunk: Buffer) => {
-      held.push(chunk);
-      size += chunk.length;
+    const armTimer = () => {
       timer ??= setTimeout(() => finish({ kind: 'refuse', why: `no complete ClientHello within ${guard.timeoutMs} ms` }, false), guard.timeoutMs);
-      finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, false), false);
     };
-    const onEnd = () => finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, true), true);
+    const onData = (chunk: Buffer) => {
+      add(chunk);
+      armTimer();
+      finish(sniVerdict(held(), guard.mode, guard.host, guard.hostIsIp, false), false);
+    };
+    const onEnd = () => finish(sniVerdict(held(), guard.mode, guard.host, guard.hostIsIp, true), true);
+    for (const chunk of early?.chunks ?? []) add(chunk);
     // The client ended before the answer: its stream will emit nothing more.
     if (early?.ended) {
       onEnd();
@@ -329,9 +340,9 @@ export class Tunnel {
     }
     stream.on('data', onData);
     stream.once('end', onEnd);
-    if (size > 0) {
-      timer = setTimeout(() => finish({ kind: 'refuse', why: `no complete ClientHello within ${guard.timeoutMs} ms` }, false), guard.timeoutMs);
-      finish(sniVerdict(Buffer.concat(held, size), guard.mode, guard.host, guard.hostIsIp, false), false);
+    if (held().length > 0) {
+      armTimer();
+      finish(sniVerdict(held(), guard.mode, guard.host, guard.hostIsIp, false), false);
     }
     if (!decided) stream.resume();
   }
