@@ -138,6 +138,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   let admin: AdminServer | undefined;
   let tracing: GatewayTracing | undefined;
   const sessions = new SessionGuard(config, () => limits, log, () => tracing);
+  // A revoked key must not keep the place an allowed CONNECT gave it (lookups.ts, early-data.ts).
+  feed.on('change', () => sessions.forgetVouched());
 
   let credentials: ServerCredentials = loadServerCredentials(serverPaths.cert, serverPaths.key);
   if (credentials.notAfter.getTime() <= Date.now()) log.warn({ event: 'certificate_expired', not_after: credentials.notAfter.toISOString() }, 'the server certificate has expired');

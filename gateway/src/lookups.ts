@@ -48,11 +48,12 @@ interface Job {
 }
 
 /**
- * Who asks, when it is a CONNECT: its session. `proven`: the registry has vouched for the peer
- * (a CONNECT of its identity and key was allowed); `strangerLookupsWaiting` is kept here.
+ * Who asks, when it is a CONNECT: its session. `vouched`: the registry has vouched for the peer
+ * (a CONNECT of its identity and key was allowed since the last registry change); its
+ * `strangerLookupsWaiting` is kept here.
  */
 export interface LookupAsker {
-  readonly proven: boolean;
+  readonly vouched: boolean;
   strangerLookupsWaiting: number;
 }
 
@@ -181,9 +182,14 @@ export class LookupQueue {
     return Math.max(1, Math.floor(this.#options.maxQueued / 2));
   }
 
-  /** At most this many lookups for strangers run: a quarter of the connections stays free. */
+  /**
+   * At most this many lookups for strangers run: a quarter of the connections (at least one) stays
+   * free for vouched-for ones. With a pool of one, strangers may use it: a newcomer could never be
+   * vouched for otherwise.
+   */
   get #maxRunningStrangers(): number {
-    return Math.max(1, this.#options.concurrency - Math.floor(this.#options.concurrency / 4));
+    const concurrency = this.#options.concurrency;
+    return concurrency < 2 ? concurrency : concurrency - Math.max(1, Math.floor(concurrency / 4));
   }
 
   get started(): number {
@@ -198,7 +204,7 @@ export class LookupQueue {
    * long or the registry cannot be asked.
    */
   authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, asker?: LookupAsker): Promise<AuthorizationResult> {
-    const vouched = asker?.proven ?? true;
+    const vouched = asker?.vouched ?? true;
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
     // The generation keeps a lookup asked after a registry change from joining one asked before it.
     const key = `${generation}\n${decisionKey(request)}`;

@@ -36,12 +36,6 @@ export interface PeerSession extends EarlyDataAccount, LookupAsker {
    * never allowed anything live on short deadlines (see SessionGuard).
    */
   answered(allowed: boolean): void;
-  /**
-   * The registry has vouched for this peer: a CONNECT of its identity and key was allowed, on
-   * this session or on a recent one. Only then do its lookups go first (lookups.ts), and only
-   * then is it spared the deadline of sessions nobody has vouched for.
-   */
-  readonly proven: boolean;
 }
 
 type ParsedPeer = Pick<PeerSession, 'identity' | 'identityError' | 'fingerprint'>;
@@ -55,8 +49,16 @@ interface SessionState extends PeerSession {
   openStreams: number;
   idleTimer: NodeJS.Timeout | undefined;
   anonymousTimer: NodeJS.Timeout | undefined;
+  /** A CONNECT of this peer was allowed (on this session, or recently): spared the strangers' deadline. */
   proven: boolean;
 }
+
+/**
+ * How long an allowed CONNECT vouches for its peer's identity and key (their lookups go first,
+ * lookups.ts; early-data.ts), unless a registry change comes first: after one, every peer is
+ * vouched for again by its next allowed CONNECT, so a revoked key loses its place at once.
+ */
+const VOUCHED_FOR_MS = 10 * 60_000;
 
 /** The session state a stream counts against, for the 'close' listener every stream shares. */
 const SESSION_STATE = Symbol('agent-gateway.session-state');
@@ -76,7 +78,7 @@ export class SessionGuard {
   readonly #sessions = new Map<ServerHttp2Session, SessionState>();
   readonly #peers = new LRUCache<string, ParsedPeer>({ max: PEER_CACHE_ENTRIES });
   /** Limiter keys (identity and key) that had a CONNECT allowed recently: a reconnecting agent is vouched for at once. */
-  readonly #vouched = new LRUCache<string, true>({ max: PEER_CACHE_ENTRIES });
+  readonly #vouched = new LRUCache<string, true>({ max: PEER_CACHE_ENTRIES, ttl: VOUCHED_FOR_MS });
 
   constructor(config: GatewayConfig, limits: () => GatewayConfig['limits'], log: Logger, tracing: () => GatewayTracing | undefined) {
     this.#config = config;
@@ -87,6 +89,15 @@ export class SessionGuard {
 
   get size(): number {
     return this.#sessions.size;
+  }
+
+  /** A registry change: no peer is vouched for until its next allowed CONNECT. */
+  forgetVouched(): void {
+    this.#vouched.clear();
+  }
+
+  #isVouched(identity: SessionIdentity | undefined): boolean {
+    return identity !== undefined && this.#vouched.has(identity.limitKey);
   }
 
   sessions(): IterableIterator<ServerHttp2Session> {
@@ -132,18 +143,22 @@ export class SessionGuard {
         },
       });
     }
+    const guard = this;
     const state: SessionState = {
       ...peer,
       span,
       client,
       session,
-      guard: this,
+      guard,
       openStreams: 0,
       earlyDataBytes: 0,
       strangerLookupsWaiting: 0,
       idleTimer: undefined,
       anonymousTimer: undefined,
-      proven: peer.identity !== undefined && this.#vouched.has(peer.identity.limitKey),
+      proven: this.#isVouched(peer.identity),
+      get vouched() {
+        return guard.#isVouched(this.identity);
+      },
       answered: (allowed) => {
         if (allowed && state.identity) {
           state.proven = true;

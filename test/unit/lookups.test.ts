@@ -138,8 +138,8 @@ test('strangers (peers nobody has vouched for) get half the queue; a vouched-for
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 4, maxQueued: 10, maxWaitMs: 10_000 });
   const signal = new AbortController().signal;
-  const strangerSession = { proven: false, strangerLookupsWaiting: 0 };
-  const agentSession = { proven: true, strangerLookupsWaiting: 0 };
+  const strangerSession = { vouched: false, strangerLookupsWaiting: 0 };
+  const agentSession = { vouched: true, strangerLookupsWaiting: 0 };
   const stranger = (i: number) => queue.authorize(request(`s${i}.example:443`, 'stranger'), signal, 0, strangerSession);
   // Three of the four connections may run strangers' lookups, and five more may wait.
   const strangers = [stranger(0), stranger(1), stranger(2)];
@@ -179,13 +179,13 @@ test('a vouched-for peer asking what a stranger asked moves the shared lookup up
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 10, maxWaitMs: 10_000 });
   const signal = new AbortController().signal;
-  const strangerSession = { proven: false, strangerLookupsWaiting: 0 };
+  const strangerSession = { vouched: false, strangerLookupsWaiting: 0 };
   const first = queue.authorize(request('busy:443', 'x'), signal, 0, strangerSession);
   const queued = [queue.authorize(request('a:443', 'x'), signal, 0, strangerSession), queue.authorize(request('b:443', 'x'), signal, 0, strangerSession)];
   await tick();
   assert.equal(calls.length, 1);
   assert.equal(queue.queuedForStrangers, 2);
-  const shared = queue.authorize(request('b:443', 'x'), signal, 0, { proven: true, strangerLookupsWaiting: 0 });
+  const shared = queue.authorize(request('b:443', 'x'), signal, 0, { vouched: true, strangerLookupsWaiting: 0 });
   assert.equal(queue.queuedForStrangers, 1, 'b is no longer only a stranger\'s');
   assert.equal(strangerSession.strangerLookupsWaiting, 1);
   calls[0]!.resolve(ALLOWED);
@@ -207,8 +207,8 @@ test('a vouched-for peer asking what a stranger asked moves the shared lookup up
 test('one session nobody has vouched for has at most 64 lookups waiting; another session still finds room, and the counts return to 0', async () => {
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 1000, maxWaitMs: 10_000 });
-  const flooder = { proven: false, strangerLookupsWaiting: 0 };
-  const newcomer = { proven: false, strangerLookupsWaiting: 0 };
+  const flooder = { vouched: false, strangerLookupsWaiting: 0 };
+  const newcomer = { vouched: false, strangerLookupsWaiting: 0 };
   const gone = new AbortController();
   const asked = Array.from({ length: MAX_STRANGER_LOOKUPS_PER_SESSION }, (_, i) => queue.authorize(request(`f${i}:443`, 'flooder'), gone.signal, 0, flooder).catch((e: unknown) => e));
   assert.equal(flooder.strangerLookupsWaiting, MAX_STRANGER_LOOKUPS_PER_SESSION);
@@ -235,8 +235,8 @@ test('strangers\' sessions are served in turn: a newcomer waits behind one looku
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 100, maxWaitMs: 10_000 });
   const signal = new AbortController().signal;
-  const flooder = { proven: false, strangerLookupsWaiting: 0 };
-  const newcomer = { proven: false, strangerLookupsWaiting: 0 };
+  const flooder = { vouched: false, strangerLookupsWaiting: 0 };
+  const newcomer = { vouched: false, strangerLookupsWaiting: 0 };
   const asked = Array.from({ length: 5 }, (_, i) => queue.authorize(request(`f${i}:443`, 'flooder'), signal, 0, flooder));
   await tick();
   asked.push(queue.authorize(request('docs:443', 'newcomer'), signal, 0, newcomer));
@@ -246,4 +246,34 @@ test('strangers\' sessions are served in turn: a newcomer waits behind one looku
   }
   await Promise.all(asked);
   assert.deepEqual(calls.map((c) => c.request.destination), ['f0:443', 'f1:443', 'docs:443', 'f2:443', 'f3:443', 'f4:443']);
+});
+
+for (const concurrency of [2, 3, 4, 5, 8]) {
+  test(`a pool of ${concurrency}: strangers never take every connection (review regression: pools under 4 kept none free)`, async () => {
+    const { calls, lookup } = controlled();
+    const queue = new LookupQueue(lookup, { concurrency, maxQueued: 100, maxWaitMs: 10_000 });
+    const signal = new AbortController().signal;
+    const stranger = { vouched: false, strangerLookupsWaiting: 0 };
+    const asked = Array.from({ length: 10 }, (_, i) => queue.authorize(request(`s${i}:443`, 'stranger'), signal, 0, stranger));
+    await tick();
+    assert.equal(calls.length, concurrency - Math.max(1, Math.floor(concurrency / 4)));
+    const agent = queue.authorize(request('docs:443'), signal, 0, { vouched: true, strangerLookupsWaiting: 0 });
+    await tick();
+    assert.equal(calls.at(-1)!.request.destination, 'docs:443', 'started at once on the free connection');
+    while (queue.queued > 0 || queue.running > 0) {
+      for (const call of calls) call.resolve(ALLOWED);
+      await tick();
+    }
+    await Promise.all([...asked, agent]);
+  });
+}
+
+test('a pool of one: strangers may use it (a newcomer could never be vouched for otherwise)', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 10, maxWaitMs: 10_000 });
+  const answer = queue.authorize(request('docs:443', 'newcomer'), new AbortController().signal, 0, { vouched: false, strangerLookupsWaiting: 0 });
+  await tick();
+  assert.equal(calls.length, 1);
+  calls[0]!.resolve(ALLOWED);
+  assert.equal(await answer, ALLOWED);
 });
