@@ -9,8 +9,10 @@ import { ByteHold } from './byte-hold.js';
  * streams per session, one stranger's session whose lookups wait on a slow registry held ~60 MiB
  * in a test, and could hold a gigabyte. So those bytes are read as they arrive, copied into a
  * buffer of the stream's own (byte-hold.ts: what is counted is what is allocated), and held
- * within three bounds: per stream, per session, and per process for sessions the registry has not
- * vouched for (so strangers filling it cannot get an agent's optimistic CONNECT reset). A stream
+ * within three bounds: per stream, per session, and per process, where peers the registry has
+ * vouched for and strangers each have a share of their own (strangers filling theirs cannot get
+ * an agent's optimistic CONNECT reset, and one granted key with many sessions cannot fill the
+ * strangers' share, or more than its own). A stream
  * past a bound is reset with ENHANCE_YOUR_CALM (its CONNECT is recorded as `client_cancelled`,
  * with the reason).
  *
@@ -22,11 +24,18 @@ import { ByteHold } from './byte-hold.js';
 export const EARLY_DATA_STREAM_BYTES = 64 * 1024;
 /** Counted as allocated: a stream holding anything takes at least ByteHold.MIN_CAPACITY (1 KiB). */
 export const EARLY_DATA_SESSION_BYTES = 1024 * 1024;
+/** Per process, for each of the two classes of peer (vouched for, not): 128 MiB at most in all. */
 export const EARLY_DATA_PROCESS_BYTES = 64 * 1024 * 1024;
 
-/** Early bytes held by every CONNECT of the process (the `early_data_bytes` gauge). */
+/** Early bytes held by every CONNECT of the process, by class of peer. */
 export class EarlyDataBudget {
-  held = 0;
+  vouched = 0;
+  strangers = 0;
+
+  /** All of it (the `early_data_bytes` gauge). */
+  get held(): number {
+    return this.vouched + this.strangers;
+  }
 }
 
 /** Where a session's share is counted (its PeerSession). */
@@ -65,6 +74,8 @@ export class EarlyData {
   readonly #hold = new ByteHold(EARLY_DATA_STREAM_BYTES);
   /** What this stream has charged to its session and the process: its buffer's capacity. */
   #charged = 0;
+  /** The process share charged, fixed at the first charge (a session may be vouched for meanwhile). */
+  #share: 'vouched' | 'strangers' | undefined;
   #ended = false;
   /** Refused or answered without a tunnel: bytes are read and dropped. */
   #dropping = false;
@@ -103,7 +114,11 @@ export class EarlyData {
     if (bytes === 0) return;
     this.#charged += bytes;
     this.#account.earlyDataBytes += bytes;
-    this.#budget.held += bytes;
+    this.#budget[this.#shareOf()] += bytes;
+  }
+
+  #shareOf(): 'vouched' | 'strangers' {
+    return (this.#share ??= this.#account.vouched ? 'vouched' : 'strangers');
   }
 
   #detach(): void {
@@ -126,8 +141,8 @@ export class EarlyData {
         ? `more than ${EARLY_DATA_STREAM_BYTES} bytes of DATA on the stream before the answer`
         : this.#account.earlyDataBytes + growth > EARLY_DATA_SESSION_BYTES
           ? `more than ${EARLY_DATA_SESSION_BYTES} bytes held for DATA before the answers on the session`
-          : growth > 0 && !this.#account.vouched && this.#budget.held + growth > EARLY_DATA_PROCESS_BYTES
-            ? `the gateway already holds ${EARLY_DATA_PROCESS_BYTES} bytes sent before answers`
+          : growth > 0 && this.#budget[this.#shareOf()] + growth > EARLY_DATA_PROCESS_BYTES
+            ? `the gateway already holds ${EARLY_DATA_PROCESS_BYTES} bytes sent before answers by peers ${this.#shareOf() === 'vouched' ? 'vouched for' : 'not vouched for'}`
             : undefined;
     if (over) {
       this.drop();
