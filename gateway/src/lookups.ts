@@ -63,34 +63,42 @@ export interface LookupAsker {
  */
 export const MAX_STRANGER_LOOKUPS_PER_SESSION = 64;
 
-/** A FIFO of jobs: an array and a head index, compacted now and then rather than shift() per job. */
+/**
+ * A FIFO of jobs that can also let go of one in the middle (a Set keeps insertion order, and
+ * deletes in constant time): an abandoned or expired job leaves at once, so a flood of reset
+ * CONNECTs cannot pile up entries, and the sessions they point at, behind busy connections.
+ */
 class JobFifo {
-  #jobs: Job[] = [];
-  #head = 0;
+  readonly #jobs = new Set<Job>();
 
   push(job: Job): void {
-    this.#jobs.push(job);
+    this.#jobs.add(job);
   }
 
-  /** The next job, or undefined; the caller skips the ones that no longer belong here. */
   shift(): Job | undefined {
-    const job = this.#jobs[this.#head];
-    if (job === undefined) return undefined;
-    this.#head++;
-    if (this.#head > 1024 && this.#head * 2 > this.#jobs.length) {
-      this.#jobs.splice(0, this.#head);
-      this.#head = 0;
+    for (const job of this.#jobs) {
+      this.#jobs.delete(job);
+      return job;
     }
-    return job;
+    return undefined;
+  }
+
+  /** True when the job was here. */
+  remove(job: Job): boolean {
+    return this.#jobs.delete(job);
   }
 
   get empty(): boolean {
-    return this.#head >= this.#jobs.length;
+    return this.#jobs.size === 0;
   }
 
-  /** Oldest first. */
-  *waiting(): IterableIterator<Job> {
-    for (let i = this.#head; i < this.#jobs.length; i++) yield this.#jobs[i]!;
+  get size(): number {
+    return this.#jobs.size;
+  }
+
+  /** Oldest first; the caller may remove the job it is given. */
+  waiting(): IterableIterator<Job> {
+    return this.#jobs.values();
   }
 }
 
@@ -119,6 +127,18 @@ class TurnFifo {
       if (job) return job;
     }
     return undefined;
+  }
+
+  /** Lets go of a job (abandoned, expired, moved up), and of its session once it has none. */
+  remove(job: Job): void {
+    const fifo = this.#bySession.get(job.asker);
+    if (!fifo?.remove(job)) return;
+    if (fifo.empty) this.#bySession.delete(job.asker);
+  }
+
+  /** Sessions with jobs waiting (tests). */
+  get sessions(): number {
+    return this.#bySession.size;
   }
 
   /** Each session's jobs, oldest first. */
@@ -177,6 +197,11 @@ export class LookupQueue {
     return this.#waitingStrangers;
   }
 
+  /** Sessions with strangers' lookups in the queue (tests: abandoned ones leave at once). */
+  get strangerSessionsQueued(): number {
+    return this.#strangers.sessions;
+  }
+
   /** At most this many lookups for strangers wait: half the queue. */
   get #maxQueuedStrangers(): number {
     return Math.max(1, Math.floor(this.#options.maxQueued / 2));
@@ -230,9 +255,10 @@ export class LookupQueue {
       this.#schedulePump();
       this.#armExpiry();
     } else if (vouched && !job.vouched) {
-      // A vouched-for peer asks the same question: the job moves up (its stranger entry is skipped).
+      // A vouched-for peer asks the same question: the job moves up.
       if (!job.started) {
         if (job.counted) this.#uncountStranger(job);
+        this.#strangers.remove(job);
         job.vouched = true;
         this.#vouched.push(job);
         this.#schedulePump();
@@ -251,6 +277,7 @@ export class LookupQueue {
           if (!owner.started && owner.waiters.size === 0) {
             this.#inFlight.delete(owner.key);
             this.#uncount(owner);
+            this.#forget(owner);
           }
         },
       };
@@ -321,8 +348,15 @@ export class LookupQueue {
     if (job.asker) job.asker.strangerLookupsWaiting--;
   }
 
+  /** Takes a job that will never start out of its queue. */
+  #forget(job: Job): void {
+    if (job.vouched) this.#vouched.remove(job);
+    else this.#strangers.remove(job);
+  }
+
   #expire(job: Job): void {
     this.#uncount(job);
+    this.#forget(job);
     this.#settle(job, undefined, new RegistryUnavailableError(`registry lookup waited more than ${this.#options.maxWaitMs} ms for a connection`));
   }
 

@@ -277,3 +277,24 @@ test('a pool of one: strangers may use it (a newcomer could never be vouched for
   calls[0]!.resolve(ALLOWED);
   assert.equal(await answer, ALLOWED);
 });
+
+test('an abandoned or moved-up lookup leaves its queue at once, and a session with none left leaves the turns (review regression: kept while strangers\' connections were busy)', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 2, maxQueued: 100, maxWaitMs: 10_000 });
+  const session = { vouched: false, strangerLookupsWaiting: 0 };
+  void queue.authorize(request('busy:443', 's'), new AbortController().signal, 0, session); // strangers' one connection
+  await tick();
+  const gone = new AbortController();
+  const asked = Array.from({ length: 10 }, (_, i) => queue.authorize(request(`x${i}:443`, 's'), gone.signal, 0, session).catch(() => undefined));
+  const shared = queue.authorize(request('moved:443', 's'), new AbortController().signal, 0, session);
+  assert.equal(queue.strangerSessionsQueued, 1);
+  void queue.authorize(request('moved:443', 's'), new AbortController().signal, 0, { vouched: true, strangerLookupsWaiting: 0 });
+  gone.abort();
+  await Promise.all(asked);
+  assert.equal(queue.strangerSessionsQueued, 0, 'nothing of the session is kept');
+  assert.equal(session.strangerLookupsWaiting, 0);
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['busy:443', 'moved:443']);
+  for (const call of calls) call.resolve(ALLOWED);
+  assert.equal(await shared, ALLOWED);
+});
