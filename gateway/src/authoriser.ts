@@ -44,6 +44,11 @@ export class Authoriser {
     feed.on('change', () => this.#cache?.clear());
   }
 
+  /** The decision was read at the feed's current generation: no registry change has overtaken it. */
+  isCurrent(decision: Decision): boolean {
+    return decision.generation === this.#feed.generation;
+  }
+
   get cachedEntries(): number {
     return this.#cache?.size ?? 0;
   }

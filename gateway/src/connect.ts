@@ -257,7 +257,7 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     }
     this.stage = 'tunnel';
     this.#stream.respond({ ':status': 200 });
-    this.#session.answered(true);
+    this.#session.answered(true, authoriser.isCurrent(decision));
     this.#record({ reason: 'allowed' });
     const egress = config.egress;
     const guard: SniGuard | undefined =

@@ -33,9 +33,11 @@ export interface PeerSession extends EarlyDataAccount, LookupAsker {
   readonly client: ClientAddress;
   /**
    * A CONNECT on this session was answered; `allowed` when it got a tunnel. Sessions that were
-   * never allowed anything live on short deadlines (see SessionGuard).
+   * never allowed anything live on short deadlines (see SessionGuard). `vouch`: the allowing
+   * decision is current (no registry change since it was read), so the peer is vouched for; one a
+   * revocation may have overtaken must not put a revoked key back in front.
    */
-  answered(allowed: boolean): void;
+  answered(allowed: boolean, vouch?: boolean): void;
 }
 
 type ParsedPeer = Pick<PeerSession, 'identity' | 'identityError' | 'fingerprint'>;
@@ -159,10 +161,10 @@ export class SessionGuard {
       get vouched() {
         return guard.#isVouched(this.identity);
       },
-      answered: (allowed) => {
+      answered: (allowed, vouch = allowed) => {
         if (allowed && state.identity) {
           state.proven = true;
-          this.#vouched.set(state.identity.limitKey, true);
+          if (vouch) this.#vouched.set(state.identity.limitKey, true);
           clearTimeout(state.anonymousTimer);
         } else if (!state.proven) this.#armAnonymous(session, state);
       },

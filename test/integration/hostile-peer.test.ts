@@ -20,6 +20,7 @@ import * as x509 from '../../registry/x509.js';
 import { pino } from 'pino';
 import pg from 'pg';
 import { parseConfig } from '../../gateway/src/config.js';
+import type { HostResolver } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
@@ -44,7 +45,7 @@ const LIMITS = { handshake_timeout_ms: 1000, max_streams_per_session: 100, idle_
 setFlagsFromString('--expose-gc');
 const collectGarbage = runInNewContext('gc') as () => void;
 
-async function startGateway(overrides: { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown>; server?: Record<string, unknown> } = {}): Promise<Gateway> {
+async function startGateway(overrides: { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown>; server?: Record<string, unknown> } = {}, resolver?: HostResolver): Promise<Gateway> {
   const config = parseConfig({
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, ...overrides.server },
     policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000, ...overrides.policy },
@@ -55,7 +56,7 @@ async function startGateway(overrides: { limits?: Record<string, unknown>; polic
     audit: { enabled: false, ...overrides.audit },
     limits: { ...LIMITS, ...overrides.limits },
   });
-  const gateway = createGateway(config, { logger: captureLogger(lines) });
+  const gateway = createGateway(config, { logger: captureLogger(lines), ...(resolver ? { resolver } : {}) });
   gateways.push(gateway);
   await gateway.listen();
   return gateway;
@@ -649,6 +650,32 @@ describe('a stranger cannot starve agents the registry vouched for (regression: 
     await destinationSeesClose();
     await backToBaseline(gateway, base, 'lookup queue under a stranger\'s flood');
   });
+
+  test('HEADERS+RST_STREAM pairs from strangers while strangers\' connections are busy: the queue keeps nothing of them (review regression: 20,000 kept 13.9 MiB and their closed sessions)', async () => {
+    const gateway = await startGateway({ policy: { max_connections: 4, query_timeout_ms: 20_000, pool_acquire_timeout_ms: 20_000 }, limits: { max_streams_per_session: 1000 } });
+    const release = await holdRegistry();
+    const conns: RawH2[] = [];
+    try {
+      const busy = await raw(gateway, stranger);
+      conns.push(busy);
+      await busy.send(...[1, 3, 5].map((id) => connectHeaders(id, `busy${id}.example:443`)));
+      await until(() => gateway.lookups.running === 3, 3000, 'strangers\' three connections busy');
+      for (let n = 0; n < 10; n++) {
+        const conn = await raw(gateway, stranger);
+        const frames: Buffer[] = [];
+        for (let i = 0; i < 200; i++) frames.push(connectHeaders(1 + 2 * i, `x${n}-${i}.example:443`), rstStreamFrame(1 + 2 * i, ErrorCode.CANCEL));
+        await conn.send(...frames);
+        await sleep(50);
+        conn.destroy();
+      }
+      await until(() => gateway.openSessions === 1, 5000, 'the resetting sessions gone');
+      assert.equal(gateway.lookups.queued, 0);
+      assert.equal(gateway.lookups.strangerSessionsQueued, 0, 'no session kept in the strangers\' queue');
+    } finally {
+      for (const conn of conns) conn.destroy();
+      await release();
+    }
+  });
 });
 
 describe('vouched for only until the registry changes (review regression: a revoked key kept its place in the lookup queue)', () => {
@@ -681,6 +708,77 @@ describe('vouched for only until the registry changes (review regression: a revo
       await release();
       conn.destroy();
     }
+  });
+
+  test('a CONNECT allowed on a decision a revocation overtook does not vouch for the revoked key again (review regression)', async () => {
+    // A destination by name: the CONNECT waits in [egress] resolution after its allowed lookup.
+    const destination = `race.test:${world.echoAuthority.split(':')[1]}`;
+    let resolving = false;
+    let letResolve!: () => void;
+    const resolved = new Promise<void>((resolve) => (letResolve = resolve));
+    const gateway = await startGateway({ policy: { lookup_queue_size: 40, max_connections: 4, query_timeout_ms: 5000, pool_acquire_timeout_ms: 5000 } }, async () => {
+      resolving = true;
+      await resolved;
+      return [{ address: '127.0.0.1', family: 4 }];
+    });
+    const racer = await clientCredentials({ identity: 'agent-racer' });
+    await world.fixture.delegate(world.alice.keyId, destination);
+    const permissionId = await world.fixture.permit(world.alice, { identity: 'agent-racer', spkiDer: racer.spkiDer }, destination);
+    const first = await raw(gateway, racer);
+    await first.send(connectHeaders(1, destination));
+    await until(() => resolving, 3000, 'allowed, now resolving');
+    const generation = gateway.feed.generation;
+    await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [permissionId]);
+    await until(() => gateway.feed.generation > generation, 3000, 'the revocation reached the gateway');
+    letResolve();
+    // Answered on the decision read before the change (the enforcer then closes the tunnel as revoked).
+    assert.equal((await first.waitForResponse(1, 3000)).status, 200);
+    first.destroy();
+    const conn = await raw(gateway, racer);
+    const release = await holdRegistry();
+    try {
+      await conn.send(...Array.from({ length: 60 }, (_, i) => connectHeaders(1 + 2 * i, `r${i}.example:443`)));
+      await until(() => gateway.lookups.running === 3, 3000, 'strangers\' three connections busy');
+      await sleep(100);
+      assert.ok(gateway.lookups.queued <= 20, `${gateway.lookups.queued} of 40 places`);
+      assert.equal(gateway.lookups.queuedForStrangers, gateway.lookups.queued, 'all of them a stranger\'s');
+    } finally {
+      await release();
+      conn.destroy();
+    }
+  });
+
+  test('one granted key\'s many sessions hold at most the vouched-for share of early bytes (review regression: 80 sessions held 80 MiB)', async () => {
+    const gateway = await startGateway({ policy: { query_timeout_ms: 20_000, pool_acquire_timeout_ms: 20_000 } });
+    const warm = await raw(gateway, legit);
+    await warm.send(connectHeaders(1, world.echoAuthority), dataFrame(1, '', { endStream: true }));
+    assert.equal((await warm.waitForResponse(1, 3000)).status, 200);
+    warm.destroy();
+    const release = await holdRegistry();
+    const conns: RawH2[] = [];
+    const piece = Buffer.alloc(16 * 1024, 0x61);
+    try {
+      for (let n = 0; n < 80; n++) {
+        const conn = await raw(gateway, legit);
+        conns.push(conn);
+        for (let i = 0; i < 16; i++) {
+          const sid = 1 + 2 * i;
+          await conn.send(connectHeaders(sid, `v${n}-${i}.example:443`), dataFrame(sid, piece), dataFrame(sid, piece), dataFrame(sid, piece), dataFrame(sid, piece));
+        }
+      }
+      await until(() => conns.reduce((n, c) => n + c.frames.filter((f) => f.type === FrameType.RST_STREAM).length, 0) >= 16 * 16, 5000, 'the sessions past the share reset');
+      assert.ok(gateway.earlyDataBytes <= EARLY_DATA_PROCESS_BYTES, `${gateway.earlyDataBytes} bytes held for one key's sessions`);
+      // A stranger's optimistic bytes still have their own share.
+      const newcomer = await raw(gateway, stranger);
+      conns.push(newcomer);
+      await newcomer.send(connectHeaders(1, world.echoAuthority), dataFrame(1, 'hello'));
+      await sleep(200);
+      assert.equal(newcomer.frames.filter((f) => f.type === FrameType.RST_STREAM).length, 0, 'not reset');
+    } finally {
+      for (const conn of conns) conn.destroy();
+      await release();
+    }
+    await until(() => gateway.earlyDataBytes === 0, 5000, 'nothing held once they are gone');
   });
 
   test('strangers filling the process bound on early bytes cannot get a vouched-for agent\'s optimistic CONNECT reset (review regression)', async () => {
