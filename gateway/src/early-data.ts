@@ -12,9 +12,8 @@ import { ByteHold } from './byte-hold.js';
  * within three bounds: per stream, per session, and per process, where peers the registry has
  * vouched for and strangers each have a share of their own (strangers filling theirs cannot get
  * an agent's optimistic CONNECT reset, and one granted key with many sessions cannot fill the
- * strangers' share, or more than its own). A stream
- * past a bound is reset with ENHANCE_YOUR_CALM (its CONNECT is recorded as `client_cancelled`,
- * with the reason).
+ * strangers' share, or more than its own). A stream past a bound is reset with ENHANCE_YOUR_CALM
+ * (its CONNECT is recorded as `client_cancelled`, with the reason).
  *
  * A well-behaved client waits for the 200; an optimistic one sends a TLS ClientHello (≤ 16 KiB
  * + 5) or a request, far below the stream bound. What is held goes to the destination first
@@ -41,7 +40,7 @@ export class EarlyDataBudget {
 /** Where a session's share is counted (its PeerSession). */
 export interface EarlyDataAccount {
   earlyDataBytes: number;
-  /** The registry vouched for the peer (lookups.ts): the process bound does not apply. */
+  /** The registry vouched for the peer (lookups.ts): which process share its bytes count against. */
   readonly vouched: boolean;
 }
 
@@ -52,8 +51,8 @@ export interface EarlyDataOwner {
 
 /** What the client sent before the answer, handed to the tunnel. */
 export interface EarlyBytes {
-  readonly chunks: readonly Buffer[];
-  readonly size: number;
+  /** Possibly empty. */
+  readonly bytes: Buffer;
   /** The client also ended its half (END_STREAM) before the answer. */
   readonly ended: boolean;
 }
@@ -71,9 +70,8 @@ export class EarlyData {
   readonly #account: EarlyDataAccount;
   readonly #budget: EarlyDataBudget;
   readonly #owner: EarlyDataOwner;
+  /** Its capacity is what this stream has charged to its session and the process. */
   readonly #hold = new ByteHold(EARLY_DATA_STREAM_BYTES);
-  /** What this stream has charged to its session and the process: its buffer's capacity. */
-  #charged = 0;
   /** The process share charged, fixed at the first charge (a session may be vouched for meanwhile). */
   #share: 'vouched' | 'strangers' | undefined;
   #ended = false;
@@ -94,25 +92,26 @@ export class EarlyData {
 
   /** The tunnel takes over: what was held, and the stream paused with nothing listening. */
   release(): EarlyBytes {
-    const size = this.#hold.size;
-    const early = { chunks: size > 0 ? [this.#hold.bytes()] : [], size, ended: this.#ended };
+    const early = { bytes: this.#hold.bytes(), ended: this.#ended };
     this.#stream.pause();
     this.#detach();
-    this.#hold.clear();
-    this.#charge(-this.#charged);
+    this.#clear();
     return early;
   }
 
   /** No tunnel will come (a refusal): drop what is held, and read and drop the rest. */
   drop(): void {
     this.#dropping = true;
+    this.#clear();
+  }
+
+  #clear(): void {
+    this.#charge(-this.#hold.capacity);
     this.#hold.clear();
-    this.#charge(-this.#charged);
   }
 
   #charge(bytes: number): void {
     if (bytes === 0) return;
-    this.#charged += bytes;
     this.#account.earlyDataBytes += bytes;
     this.#budget[this.#shareOf()] += bytes;
   }
@@ -135,7 +134,7 @@ export class EarlyData {
   #take(chunk: Buffer): void {
     if (this.#dropping) return;
     const capacity = this.#hold.capacityFor(chunk.length);
-    const growth = capacity === undefined ? 0 : capacity - this.#charged;
+    const growth = capacity === undefined ? 0 : capacity - this.#hold.capacity;
     const over =
       capacity === undefined
         ? `more than ${EARLY_DATA_STREAM_BYTES} bytes of DATA on the stream before the answer`

@@ -272,7 +272,7 @@ export class Tunnel {
 
   /** Without an SNI check: the early bytes go first, then the stream (or FIN, if it already ended). */
   #sendEarlyThenPipe(early: EarlyBytes | undefined): void {
-    if (early && early.size > 0) this.socket.write(early.chunks.length === 1 ? early.chunks[0]! : Buffer.concat(early.chunks, early.size));
+    if (early && early.bytes.length > 0) this.socket.write(early.bytes);
     if (early?.ended) {
       this.socket.end();
       return;
@@ -332,7 +332,7 @@ export class Tunnel {
       finish(sniVerdict(held(), guard.mode, guard.host, guard.hostIsIp, false), false);
     };
     const onEnd = () => finish(sniVerdict(held(), guard.mode, guard.host, guard.hostIsIp, true), true);
-    for (const chunk of early?.chunks ?? []) add(chunk);
+    if (early && early.bytes.length > 0) add(early.bytes);
     // The client ended before the answer: its stream will emit nothing more.
     if (early?.ended) {
       onEnd();
