@@ -92,10 +92,6 @@ class JobFifo {
     return this.#jobs.size === 0;
   }
 
-  get size(): number {
-    return this.#jobs.size;
-  }
-
   /** Oldest first; the caller may remove the job it is given. */
   waiting(): IterableIterator<Job> {
     return this.#jobs.values();
@@ -156,9 +152,11 @@ class TurnFifo {
  * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`);
  * - peers the registry has not vouched for (no CONNECT of that identity and key allowed yet) get
  *   at most half of the queue, at most MAX_STRANGER_LOOKUPS_PER_SESSION of it per session, served
- *   one session at a time in turn, and leave a quarter of the connections free: a stranger minting CONNECTs to distinct destinations
- *   (each its own query) filled the whole queue in a review, and granted agents' uncached CONNECTs
- *   got 503. Vouched-for lookups start first.
+ *   one session at a time in turn, and leave a quarter of the connections free: a stranger
+ *   minting CONNECTs to distinct destinations (each its own query) filled the whole queue in a
+ *   review, and granted agents' uncached CONNECTs got 503. Vouched-for lookups start first.
+ * A job sits in one of the two queues exactly while it waits to start with someone waiting on it:
+ * starting, abandoning, expiring and moving up each take it out.
  * Denials are shared only while in flight; nothing is remembered after a lookup settles.
  */
 export class LookupQueue {
@@ -229,7 +227,8 @@ export class LookupQueue {
    * long or the registry cannot be asked.
    */
   authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, asker?: LookupAsker): Promise<AuthorizationResult> {
-    const vouched = asker?.vouched ?? true;
+    /** The asking session, when the registry has not vouched for its peer. */
+    const stranger = asker?.vouched === false ? asker : undefined;
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
     // The generation keeps a lookup asked after a registry change from joining one asked before it.
     const key = `${generation}\n${decisionKey(request)}`;
@@ -238,23 +237,23 @@ export class LookupQueue {
       if (this.queued >= this.#options.maxQueued) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full (${this.#options.maxQueued} waiting)`));
       }
-      if (!vouched && this.#waitingStrangers >= this.#maxQueuedStrangers) {
+      if (stranger && this.#waitingStrangers >= this.#maxQueuedStrangers) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full for peers not yet vouched for (${this.#maxQueuedStrangers} waiting)`));
       }
-      if (!vouched && asker && asker.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
+      if (stranger && stranger.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
         return Promise.reject(new RegistryUnavailableError(`this session, not yet vouched for, has ${MAX_STRANGER_LOOKUPS_PER_SESSION} registry lookups waiting`));
       }
-      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true, vouched, asker: vouched ? undefined : asker };
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true, vouched: !stranger, asker: stranger };
       this.#inFlight.set(key, job);
-      (vouched ? this.#vouched : this.#strangers).push(job);
       this.#waiting++;
-      if (!vouched) {
+      if (stranger) {
+        this.#strangers.push(job);
         this.#waitingStrangers++;
-        if (asker) asker.strangerLookupsWaiting++;
-      }
+        stranger.strangerLookupsWaiting++;
+      } else this.#vouched.push(job);
       this.#schedulePump();
       this.#armExpiry();
-    } else if (vouched && !job.vouched) {
+    } else if (!stranger && !job.vouched) {
       // A vouched-for peer asks the same question: the job moves up.
       if (!job.started) {
         if (job.counted) this.#uncountStranger(job);
@@ -323,16 +322,7 @@ export class LookupQueue {
 
   /** The next job to start: vouched-for first; a stranger's only while their share of connections allows. */
   #next(): Job | undefined {
-    for (let job = this.#vouched.shift(); job; job = this.#vouched.shift()) {
-      if (!job.started && job.waiters.size > 0) return job; // else every CONNECT behind it is gone
-    }
-    while (this.#runningStrangers < this.#maxRunningStrangers) {
-      const job = this.#strangers.shift();
-      if (!job) return undefined;
-      // Moved up to the vouched queue (and maybe started there), or abandoned.
-      if (!job.vouched && !job.started && job.waiters.size > 0) return job;
-    }
-    return undefined;
+    return this.#vouched.shift() ?? (this.#runningStrangers < this.#maxRunningStrangers ? this.#strangers.shift() : undefined);
   }
 
   #uncount(job: Job): void {
@@ -345,7 +335,7 @@ export class LookupQueue {
   /** A stranger's job stops counting against strangers' share and its session's. */
   #uncountStranger(job: Job): void {
     this.#waitingStrangers--;
-    if (job.asker) job.asker.strangerLookupsWaiting--;
+    job.asker!.strangerLookupsWaiting--;
   }
 
   /** Takes a job that will never start out of its queue. */
@@ -371,7 +361,6 @@ export class LookupQueue {
       const now = performance.now();
       for (const fifo of [this.#vouched, ...this.#strangers.fifos()]) {
         for (const job of fifo.waiting()) {
-          if (job.started || !job.counted) continue;
           // FIFO: the rest are younger (a job moved up keeps its age, so it may stop this early).
           if (now - job.enqueuedAt <= this.#options.maxWaitMs) break;
           this.#expire(job);
