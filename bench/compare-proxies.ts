@@ -122,11 +122,15 @@ export interface OursOptions {
   readonly sessionWindow: number;
   /** Node.js options before the script, e.g. --cpu-prof. */
   readonly nodeArgs?: readonly string[];
+  /** Another checkout whose compiled build runs instead of this one's (bench --other-build), under `name`. */
+  readonly root?: string;
+  readonly name?: string;
 }
 
 /** Our gateway from dist/, as `agent-gateway --config FILE`; ready when /readyz answers 200. */
 export async function startOurs(options: OursOptions): Promise<Proxy> {
-  const configPath = join(options.dir, 'gateway.toml');
+  const tag = options.name === undefined ? 'gateway' : 'gateway-other';
+  const configPath = join(options.dir, `${tag}.toml`);
   const q = JSON.stringify;
   writeFileSync(
     configPath,
@@ -155,8 +159,8 @@ export async function startOurs(options: OursOptions): Promise<Proxy> {
       '',
     ].join('\n'),
   );
-  const log = join(options.dir, 'gateway.log');
-  const proc = spawnLogged(process.execPath, [...(options.nodeArgs ?? []), join(ROOT, 'bin/agent-gateway.js'), '--config', configPath], log);
+  const log = join(options.dir, `${tag}.log`);
+  const proc = spawnLogged(process.execPath, [...(options.nodeArgs ?? []), join(options.root ?? ROOT, 'bin/agent-gateway.js'), '--config', configPath], log);
   const deadline = Date.now() + 20_000;
   for (;;) {
     if (exited(proc)) throw new Error(`agent-gateway exited with ${proc.exitCode ?? proc.signalCode}:\n${tail(log)}`);
@@ -181,7 +185,7 @@ export async function startOurs(options: OursOptions): Promise<Proxy> {
     }
     return out;
   };
-  return { name: 'ours', port: options.port, pids: () => [proc.pid!], stop: () => stopProcess(proc), heap };
+  return { name: options.name ?? 'ours', port: options.port, pids: () => [proc.pid!], stop: () => stopProcess(proc), heap };
 }
 
 export interface FloorOptions {

@@ -63,6 +63,7 @@ const { values } = parseArgs({
     'stream-window': { type: 'string', default: String(STREAM_WINDOW_BYTES) },
     'session-window': { type: 'string', default: String(SESSION_WINDOW_BYTES) },
     floor: { type: 'boolean', default: false },
+    'other-build': { type: 'string' },
   },
 });
 
@@ -89,7 +90,15 @@ const PHASES = new Set(values.phases!.split(',').map((phase) => phase.trim()));
 for (const phase of PHASES) if (!['idle', 'connect', 'sessions', 'throughput', 'revocation'].includes(phase)) throw new Error(`--phases: unknown phase ${phase}`);
 const PROFILE = values.profile === true;
 /** Also measure bench/floor-proxy.ts, node:http2 with nothing of ours, as a third column. */
-const FLOOR_ON = values.floor === true;
+/**
+ * An A/B of two builds of ours in one run (this machine's drift between runs is larger than most
+ * single changes): the gateway of another checkout (its `dist/`, e.g. a `git worktree` of the
+ * previous commit, built) runs in the third column instead of the floor.
+ */
+const OTHER_BUILD = values['other-build'];
+if (OTHER_BUILD !== undefined && values.floor === true) throw new Error('--other-build and --floor share the third column: choose one');
+const FLOOR_ON = values.floor === true || OTHER_BUILD !== undefined;
+const THIRD = OTHER_BUILD === undefined ? 'node floor' : 'other build';
 /** No phase starts after this many seconds; the run is abandoned (every process stopped) 120 s later. */
 const MAX_SECONDS = num('max-seconds');
 /**
@@ -754,7 +763,7 @@ function postmasterPid(dir: string | undefined): number | undefined {
 type Row = [metric: string, ours: number | string, baseline: number | string, better: 'higher' | 'lower' | '', direct?: number | string, floor?: number | string];
 
 function printTable(rows: Row[]): string {
-  const header = ['metric', 'ours', 'nghttpx+squid', 'ours/baseline', 'better', 'direct TCP', ...(FLOOR_ON ? ['node floor', 'floor/baseline'] : [])];
+  const header = ['metric', 'ours', 'nghttpx+squid', 'ours/baseline', 'better', 'direct TCP', ...(FLOOR_ON ? [THIRD, `${OTHER_BUILD === undefined ? 'floor' : 'other'}/baseline`] : [])];
   const ratioOf = (x: number | string | undefined, baseline: number | string) =>
     typeof x === 'number' && typeof baseline === 'number' && baseline !== 0 && Number.isFinite(x) && Number.isFinite(baseline) ? (x / baseline).toFixed(2) : '';
   const body = rows.map(([metric, ours, baseline, better, direct, floor]) => {
@@ -814,20 +823,23 @@ async function main(): Promise<void> {
 
     log('starting our gateway (dist/), squid and nghttpx');
     const profileDir = join(resultsDir, `profile-${stamp}`);
-    const ours = await startOurs({
-      dir,
-      port: await freePort(),
-      adminPort: await freePort(),
-      certPath: server.certPath,
-      keyPath: server.keyPath,
-      oid: TEST_OID,
-      databaseUrl,
-      logLevel: LOG_LEVEL,
-      maxStreams: MAX_STREAMS,
-      streamWindow: STREAM_WINDOW,
-      sessionWindow: SESSION_WINDOW,
-      nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, '--cpu-prof-name=gateway.cpuprofile'] : []), ...values['gateway-node-options']!.split(' ').filter(Boolean)],
-    });
+    const startBuild = async (profileName: string, other?: { root: string; name: string }) =>
+      startOurs({
+        dir,
+        port: await freePort(),
+        adminPort: await freePort(),
+        certPath: server.certPath,
+        keyPath: server.keyPath,
+        oid: TEST_OID,
+        databaseUrl,
+        logLevel: LOG_LEVEL,
+        maxStreams: MAX_STREAMS,
+        streamWindow: STREAM_WINDOW,
+        sessionWindow: SESSION_WINDOW,
+        nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, `--cpu-prof-name=${profileName}`] : []), ...values['gateway-node-options']!.split(' ').filter(Boolean)],
+        ...other,
+      });
+    const ours = await startBuild('gateway.cpuprofile');
     proxies.push(ours);
     const baseline = await startBaseline({
       dir,
@@ -845,7 +857,8 @@ async function main(): Promise<void> {
       tls13Ciphers: TLS13_CIPHERS,
     });
     proxies.push(baseline);
-    if (FLOOR_ON) {
+    if (OTHER_BUILD !== undefined) proxies.push(await startBuild('other-build.cpuprofile', { root: OTHER_BUILD, name: FLOOR }));
+    else if (FLOOR_ON) {
       proxies.push(
         await startFloor({
           dir,
@@ -1020,7 +1033,7 @@ async function main(): Promise<void> {
           nghttpx_tls13_ciphers: TLS13_CIPHERS,
           squid: '-N (one process), no cache, access log to a file',
         },
-        ...(FLOOR_ON ? { node_floor: 'bench/floor-proxy.ts: node:http2 CONNECT and pipe, no authorization, no logs, no audit; same TLS, windows and stream limit as ours' } : {}),
+        ...(OTHER_BUILD !== undefined ? { node_floor: `other build: ${OTHER_BUILD}/bin/agent-gateway.js (its dist/), same config; its figures are under the node_floor key` } : FLOOR_ON ? { node_floor: 'bench/floor-proxy.ts: node:http2 CONNECT and pipe, no authorization, no logs, no audit; same TLS, windows and stream limit as ours' } : {}),
         tls_negotiated: tlsSeen,
         client: 'node:http2 in the bench process (one session per measurement unless stated); destination servers in their own process',
         options: values,
