@@ -25,7 +25,7 @@ import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { EARLY_DATA_PROCESS_BYTES, EARLY_DATA_SESSION_BYTES, EARLY_DATA_STREAM_BYTES } from '../../gateway/src/early-data.js';
-import { connectHeaders, connectRaw, dataFrame, dataPayload, ErrorCode, FrameType, frame, rstCode, rstStreamFrame, windowUpdateFrame, type RawH2 } from '../helpers/h2-raw.js';
+import { connectHeaders, connectRaw, dataFrame, dataPayload, ErrorCode, Flag, FrameType, frame, hpackEncode, hpackString, pingFrame, priorityFrame, rstCode, rstStreamFrame, Setting, settingsFrame, windowUpdateFrame, type RawH2 } from '../helpers/h2-raw.js';
 import { captureLogger } from '../helpers/logs.js';
 import { exchange, gatewaySession, request } from '../helpers/net.js';
 import { clientCredentials, TEST_OID, type ClientCredentials } from '../helpers/pki.js';
@@ -142,7 +142,7 @@ async function legitServed(gateway: Gateway): Promise<void> {
   }
 }
 
-async function raw(gateway: Gateway, who: ClientCredentials | undefined, options: { sendPreface?: boolean } = {}): Promise<RawH2> {
+async function raw(gateway: Gateway, who: ClientCredentials | undefined, options: { sendPreface?: boolean; settings?: ReadonlyArray<readonly [number, number]> } = {}): Promise<RawH2> {
   // A silent peer answers nothing either (an automatic SETTINGS ACK would be its first bytes).
   const silent = options.sendPreface === false ? { autoSettingsAck: false, autoPingAck: false } : {};
   const conn = await connectRaw({ port: gateway.address!.port, servername: 'localhost', ...(who ? { cert: who.certPem, key: who.privateKeyPem } : {}), ...options, ...silent });
@@ -1064,3 +1064,188 @@ async function localConnect(port: number, authority: string): Promise<{ status: 
     return { status, body: buffer.subarray(end + 4, end + 4 + length).toString('utf8'), socket };
   }
 }
+
+/**
+ * The classic HTTP/2 denial-of-service attacks (CVE-2019-9511 to 9518, CVE-2016-6581 and the 2024
+ * CONTINUATION floods), each from a peer that pays little and reads nothing back. The nghttp2
+ * inside Node 24 stops most of them with its own limits; these tests pin that the gateway, as
+ * configured, keeps them: the session goes (or the stream, or the cost stays the attacker's), the
+ * process's memory stays flat, and afterwards everything is back to its baseline and a granted
+ * client is served.
+ */
+/**
+ * Node 22's node:http2 (not Node 24's) wedges a session whose peer vanishes while the session's
+ * writes are stalled: no 'close' on the session or its socket, and even session.destroy() keeps
+ * the descriptor. Reproduced with a bare node:http2 CONNECT proxy; we ship Node 24 (README,
+ * "Runtime").
+ */
+const NODE_22_WEDGES = Number(process.versions.node.split('.')[0]) < 24 ? `node:http2 ${process.version} wedges a write-stalled session whose peer vanished (fixed in Node 24)` : false;
+
+describe('HTTP/2 floods, and a peer that stops reading', () => {
+  let gateway: Gateway;
+  let firehose: { server: Server; authority: string; written: () => number; sockets: Set<Socket> };
+  before(async () => {
+    gateway = await startGateway();
+    // A destination that writes as fast as it is let.
+    const sockets = new Set<Socket>();
+    let written = 0;
+    const chunk = Buffer.alloc(64 * 1024, 0x61);
+    const server = createServer((socket) => {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      socket.once('close', () => sockets.delete(socket));
+      const pump = () => {
+        while (!socket.destroyed) {
+          written += chunk.length;
+          if (!socket.write(chunk)) return void socket.once('drain', pump);
+        }
+      };
+      pump();
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const authority = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+    firehose = { server, authority, written: () => written, sockets };
+    await world.fixture.delegate(world.alice.keyId, authority);
+    await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+  });
+  after(() => {
+    for (const socket of firehose?.sockets ?? []) socket.destroy();
+    firehose?.server.close();
+  });
+
+  /** What this process holds on V8's heap and in buffers, garbage collected. */
+  async function held(): Promise<number> {
+    await collectGarbage();
+    const { heapUsed, arrayBuffers } = process.memoryUsage();
+    return heapUsed + arrayBuffers;
+  }
+  const MiB = 2 ** 20;
+
+  test('a granted client opens 8 tunnels to a destination that sends without end, grants 2 GiB of window, then stops reading: the gateway stops reading the destination', { skip: NODE_22_WEDGES }, async () => {
+    const base = await baseline(gateway);
+    const before = await held();
+    const conn = await raw(gateway, legit, { settings: [[Setting.INITIAL_WINDOW_SIZE, 2 ** 31 - 1]] });
+    await conn.send(windowUpdateFrame(0, 2 ** 31 - 1 - 65_535));
+    await conn.send(...Array.from({ length: 8 }, (_, i) => connectHeaders(1 + 2 * i, firehose.authority)));
+    for (let i = 0; i < 8; i++) assert.equal((await conn.waitForResponse(1 + 2 * i, 2000)).status, 200);
+    conn.socket.pause();
+    // Everything between fills (the kernel's socket buffers, the gateway's stream buffers), then
+    // nothing moves: flow control reaches the destination through the gateway.
+    let last = -1;
+    await until(
+      async () => {
+        await sleep(300);
+        const now = firehose.written();
+        const still = now === last;
+        last = now;
+        return still;
+      },
+      10_000,
+      'the destination stops being read',
+    );
+    const growth = (await held()) - before;
+    assert.ok(growth < 16 * MiB, `the gateway held ${(growth / MiB).toFixed(1)} MiB of the ${(last / MiB).toFixed(0)} MiB the destination sent`);
+    assert.equal(gateway.openTunnels, 8, 'the tunnels wait; they are not the gateway\'s to end');
+    conn.destroy();
+    await backToBaseline(gateway, base, 'download stall');
+    await legitServed(gateway);
+  });
+
+  test('a CONTINUATION flood (a header block that never ends): GOAWAY, nothing held', async () => {
+    const base = await baseline(gateway);
+    const before = await held();
+    const conn = await raw(gateway, stranger);
+    await conn.send(connectHeaders(1, world.echoAuthority, [], { endHeaders: false }));
+    const filler = frame(FrameType.CONTINUATION, 0, 1, hpackEncode([['x-filler', 'f'.repeat(1000)]]));
+    // 20 MB offered, 100 frames to a write.
+    for (let batch = 0; batch < 200 && !conn.isClosed; batch++) await conn.send(...Array.from({ length: 100 }, () => filler));
+    assert.ok(await conn.waitForGoaway(3000), `GOAWAY (${conn.describeFrames()})`);
+    assert.ok(await conn.waitForClose(3000), 'closed by the gateway');
+    const growth = (await held()) - before;
+    assert.ok(growth < 4 * MiB, `held ${(growth / MiB).toFixed(1)} MiB`);
+    assert.equal(conn.frames.filter((f) => f.type === FrameType.HEADERS).length, 0, 'no answer: the CONNECT never reached the gateway');
+    conn.destroy();
+    await backToBaseline(gateway, base, 'CONTINUATION flood');
+    await legitServed(gateway);
+  });
+
+  // Each frame asks for an answer (or is a protocol error) that the attacker never reads.
+  for (const [name, make] of [
+    ['PING', () => pingFrame()],
+    ['SETTINGS', () => settingsFrame([[Setting.INITIAL_WINDOW_SIZE, 65_535]])],
+    ['PRIORITY (idle streams)', (i: number) => priorityFrame(1001 + 2 * i, { dependsOn: 1 + 2 * i })],
+    ['RST_STREAM (idle streams)', (i: number) => rstStreamFrame(1 + 2 * i)],
+  ] as const) {
+    test(`a ${name} flood from a peer that reads nothing: the gateway drops the session, nothing held`, async () => {
+      const base = await baseline(gateway);
+      const before = await held();
+      const conn = await raw(gateway, stranger);
+      conn.socket.pause();
+      let sent = 0;
+      // Up to 200,000 frames, 1,000 to a write, until the gateway has dropped the session.
+      for (let batch = 0; batch < 200 && gateway.openSessions > 0; batch++) {
+        await conn.send(...Array.from({ length: 1000 }, (_, i) => (make as (i: number) => Buffer)(batch * 1000 + i)));
+        sent += 1000;
+      }
+      await until(() => gateway.openSessions === 0, 3000, `the gateway dropped the session (${sent} frames sent)`);
+      const growth = (await held()) - before;
+      assert.ok(growth < 4 * MiB, `held ${(growth / MiB).toFixed(1)} MiB`);
+      conn.destroy();
+      await backToBaseline(gateway, base, `${name} flood`);
+      await legitServed(gateway);
+    });
+  }
+
+  test('a WINDOW_UPDATE flood (200,000 increments of 1): costs only what the attacker sends, nothing held', async () => {
+    const base = await baseline(gateway);
+    const before = await held();
+    const conn = await raw(gateway, stranger);
+    conn.socket.pause();
+    for (let batch = 0; batch < 200; batch++) await conn.send(...Array.from({ length: 1000 }, () => windowUpdateFrame(0, 1)));
+    const growth = (await held()) - before;
+    assert.ok(growth < 4 * MiB, `held ${(growth / MiB).toFixed(1)} MiB`);
+    await legitServed(gateway);
+    conn.destroy();
+    await backToBaseline(gateway, base, 'WINDOW_UPDATE flood');
+  });
+
+  test('empty DATA frames on a tunnel (CVE-2019-9518): GOAWAY after about a thousand, tunnel and session gone', async () => {
+    const base = await baseline(gateway);
+    const conn = await raw(gateway, legit);
+    await conn.send(connectHeaders(1, world.echoAuthority));
+    assert.equal((await conn.waitForResponse(1, 2000)).status, 200);
+    let sent = 0;
+    for (let batch = 0; batch < 100 && !conn.isClosed && conn.goaways.length === 0; batch++) {
+      await conn.send(...Array.from({ length: 500 }, () => dataFrame(1)));
+      sent += 500;
+      await sleep(5);
+    }
+    assert.ok(await conn.waitForGoaway(2000), `GOAWAY (${sent} empty frames sent)`);
+    assert.ok(sent <= 5000, `${sent} empty frames before the GOAWAY`);
+    assert.ok(await conn.waitForClose(3000), 'closed by the gateway');
+    conn.destroy();
+    await backToBaseline(gateway, base, 'empty DATA frames');
+    await legitServed(gateway);
+  });
+
+  test('an HPACK bomb (one 4 KB table entry referenced 16,000 times, 64 MB decoded): the stream is reset, nothing held, no CONNECT made of it', async () => {
+    const base = await baseline(gateway);
+    const before = await held();
+    const decided = decisions().length;
+    const conn = await raw(gateway, stranger);
+    // A literal with incremental indexing (0x40, new name) puts a 4,000-byte entry in the dynamic
+    // table; indexed field 62 (one byte) then names it again and again.
+    const insert = Buffer.concat([Buffer.from([0x40]), hpackString('x-bomb'), hpackString('b'.repeat(4000))]);
+    const block = Buffer.concat([hpackEncode([[':method', 'CONNECT'], [':authority', world.echoAuthority]]), insert, Buffer.alloc(16_000, 0x80 | 62)]);
+    await conn.send(frame(FrameType.HEADERS, 0, 1, block.subarray(0, 16_000)), frame(FrameType.CONTINUATION, Flag.END_HEADERS, 1, block.subarray(16_000)));
+    const answer = await conn.nextFrame((f) => (f.type === FrameType.RST_STREAM && f.streamId === 1) || f.type === FrameType.GOAWAY || f.type === FrameType.HEADERS, 3000);
+    assert.notEqual(answer.type, FrameType.HEADERS, `no answer to a CONNECT (${conn.describeFrames()})`);
+    const growth = (await held()) - before;
+    assert.ok(growth < 4 * MiB, `held ${(growth / MiB).toFixed(1)} MiB`);
+    assert.equal(decisions().length, decided, 'no CONNECT decision');
+    conn.destroy();
+    await backToBaseline(gateway, base, 'HPACK bomb');
+    await legitServed(gateway);
+  });
+});
