@@ -42,8 +42,64 @@ async function removeStaleSocket(path: string): Promise<void> {
   rmSync(path, { force: true });
 }
 
+/**
+ * How long a tunnel whose agent vanished may take to end cleanly: our END_STREAM makes the
+ * gateway close the destination's half, and the destination (an HTTPS server reads EOF as the
+ * end) closes, so the gateway ends the stream too. Only a stream still open after this is reset.
+ */
+export const ABANDON_LINGER_MS = 2000;
+
+/**
+ * Resets this sidecar may send the gateway: a burst, refilled at a rate, both well inside
+ * nghttp2's rapid-reset defence (in the gateway's Node, as in nghttpx and Apache: a burst of
+ * 1,000, then 33 a second), past which the gateway drops the whole session and every tunnel on
+ * it. Past the budget, an abandoned stream waits for the gateway to end it, or for a token.
+ */
+export class ResetBudget {
+  readonly #burst: number;
+  readonly #perSecond: number;
+  #tokens: number;
+  #at = performance.now();
+
+  constructor(burst = 100, perSecond = 10) {
+    this.#burst = burst;
+    this.#perSecond = perSecond;
+    this.#tokens = burst;
+  }
+
+  take(): boolean {
+    const now = performance.now();
+    this.#tokens = Math.min(this.#burst, this.#tokens + ((now - this.#at) / 1000) * this.#perSecond);
+    this.#at = now;
+    if (this.#tokens < 1) return false;
+    this.#tokens -= 1;
+    return true;
+  }
+}
+
+/**
+ * The agent is gone while its tunnel still carries something. Not a reset at once: agents that
+ * close with a TCP reset (an aborted download, a socket closed with unread bytes) would count
+ * toward the gateway's rapid-reset defence and, after ~1,000 of them, cost this sidecar its
+ * session and every other agent's tunnel. Our half ends with END_STREAM and what still arrives is
+ * dropped; a stream the gateway has not ended after ABANDON_LINGER_MS is reset within `budget`.
+ */
+function abandon(stream: ClientHttp2Stream, budget: ResetBudget): void {
+  if (stream.closed || stream.destroyed) return;
+  stream.resume();
+  if (!stream.writableEnded) stream.end();
+  let timer: NodeJS.Timeout;
+  const cancel = () => {
+    if (stream.closed || stream.destroyed) return;
+    if (budget.take()) stream.close(h2.NGHTTP2_CANCEL);
+    else timer = setTimeout(cancel, 1000);
+  };
+  timer = setTimeout(cancel, ABANDON_LINGER_MS);
+  stream.once('close', () => clearTimeout(timer));
+}
+
 /** Relays bytes both ways; each side's end half-closes the other (END_STREAM ⇄ FIN). */
-function relay(agent: Socket, stream: ClientHttp2Stream): void {
+function relay(agent: Socket, stream: ClientHttp2Stream, budget: ResetBudget): void {
   agent.pipe(stream);
   // Gateway → agent: the DATA frames of one session read leave in one writev.
   pipeFramesToSocket(stream, agent);
@@ -53,15 +109,11 @@ function relay(agent: Socket, stream: ClientHttp2Stream): void {
     else if (!agent.writableEnded) agent.end();
   });
   stream.on('error', () => agent.destroy());
-  // The agent vanished: cancel the stream. Only here do we reset; normal ends use END_STREAM so
-  // nghttp2's rapid-reset defence never counts us.
-  agent.on('error', () => {
-    if (!stream.closed) stream.close(h2.NGHTTP2_CANCEL);
-  });
+  agent.on('error', () => abandon(stream, budget));
   agent.on('close', () => {
     // The agent is gone while the tunnel still carries something to it or from it (it was
-    // destroyed, or sent its FIN and then vanished mid-download): a real error.
-    if (!stream.closed && (!stream.writableEnded || !stream.readableEnded)) stream.close(h2.NGHTTP2_CANCEL);
+    // destroyed, or sent its FIN and then vanished mid-download).
+    if (!stream.closed && (!stream.writableEnded || !stream.readableEnded)) abandon(stream, budget);
   });
 }
 
@@ -110,6 +162,7 @@ export class LocalProxy {
   readonly #options: LocalProxyOptions;
   readonly #servers: Server[] = [];
   readonly #agents = new Set<Socket>();
+  readonly #resets = new ResetBudget();
   readonly addresses: AddressInfo[] = [];
 
   constructor(options: LocalProxyOptions) {
@@ -258,12 +311,12 @@ export class LocalProxy {
       return;
     }
     if (agent.destroyed) {
-      stream.close(h2.NGHTTP2_CANCEL);
+      abandon(stream, this.#resets);
       return;
     }
     writeHead(agent, 200, {});
     if (head.length > 0) stream.write(head);
-    relay(agent, stream);
+    relay(agent, stream, this.#resets);
   }
 
   /** Absolute-URI plain HTTP (`GET http://host/path`) goes through a CONNECT to host:80. */

@@ -22,6 +22,7 @@ import pg from 'pg';
 import { parseConfig } from '../../gateway/src/config.js';
 import type { HostResolver } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
+import { ABANDON_LINGER_MS } from '../../sidecar/src/local-proxy.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { EARLY_DATA_PROCESS_BYTES, EARLY_DATA_SESSION_BYTES, EARLY_DATA_STREAM_BYTES } from '../../gateway/src/early-data.js';
@@ -996,6 +997,55 @@ describe('the sidecar never trips the gateway rapid-reset defence', () => {
 });
 
 describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
+  // Regression (black-box review): the sidecar answered each agent's TCP reset with RST_STREAM
+  // CANCEL; 1,500 of them tripped the gateway's rapid-reset defence, which dropped the session
+  // and cut every other agent's tunnel on it.
+  test('1,500 tunnels whose agents reset their TCP connection after an echo: the sidecar keeps its session and an unrelated tunnel', async () => {
+    const { gateway, sidecar, handshakes } = await gatewayWithSidecar(1000);
+    try {
+      const long = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(long.status, 200);
+      let next = 0;
+      const worker = async () => {
+        while (next++ < 1500) {
+          const { status, socket } = await localConnect(sidecar.port, world.echoAuthority);
+          assert.equal(status, 200);
+          socket.write('x');
+          await once(socket, 'data');
+          socket.resetAndDestroy();
+        }
+      };
+      await Promise.all(Array.from({ length: 20 }, worker));
+      assert.equal(handshakes(), 1, 'one TLS session throughout');
+      long.socket.write('still here');
+      const [echoed] = (await once(long.socket, 'data')) as [Buffer];
+      assert.equal(echoed.toString(), 'still here', 'the unrelated tunnel still carries bytes');
+      long.socket.destroy();
+      // The abandoned tunnels end with END_STREAM from both sides once the destination has closed.
+      await until(() => gateway.openTunnels === 0, 5000, 'every tunnel closed');
+    } finally {
+      await sidecar.close();
+    }
+  });
+
+  test('an abandoned tunnel whose destination never closes is reset after ABANDON_LINGER_MS', async () => {
+    const { gateway, sidecar } = await gatewayWithSidecar(100);
+    try {
+      const { status, socket } = await localConnect(sidecar.port, stall.authority);
+      assert.equal(status, 200);
+      await until(() => gateway.openTunnels === 1, 2000, 'the tunnel');
+      const abandoned = performance.now();
+      socket.resetAndDestroy();
+      await until(() => gateway.openTunnels === 0, ABANDON_LINGER_MS + 3000, 'the tunnel ended');
+      const took = performance.now() - abandoned;
+      assert.ok(took >= ABANDON_LINGER_MS - 100, `not reset before the linger (${Math.round(took)} ms)`);
+      const closed = lines.filter((l) => l.event === 'tunnel_closed' && l.destination === stall.authority).at(-1);
+      assert.match(String(closed?.error ?? ''), /client reset the stream \(code 8\)/, `closed by the sidecar's RST_STREAM CANCEL (${JSON.stringify(closed)})`);
+    } finally {
+      await sidecar.close();
+    }
+  });
+
   test('2,000 tunnels through one sidecar closed at once by the gateway: the sidecar keeps its session', async () => {
     const { gateway, sidecar, handshakes } = await gatewayWithSidecar(5000);
     try {
