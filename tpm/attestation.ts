@@ -56,10 +56,11 @@ function runTool(file: string, args: readonly string[], env: NodeJS.ProcessEnv, 
   return new Promise((resolve, reject) => {
     execFile(file, [...args], { env, timeout: STEP_TIMEOUT_MS, encoding: 'utf8', maxBuffer: 1 << 20 }, (error, stdout, stderr) => {
       if (!error) return resolve(stdout);
-      let output = `${stderr}${stdout}`.trim().split('\n').slice(-3).join(' / ');
+      // execFile's message repeats the command line (a --userpin included): scrubbed like the tool's output.
+      let output = `${stderr}${stdout}`.trim().split('\n').slice(-3).join(' / ') || error.message;
       for (const secret of secrets) if (secret) output = output.split(secret).join('[redacted]');
       const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
-      reject(new TpmError('ERR_TPM_ATTESTATION', missing ? `${what}: ${file} not found (install tpm2-tools / libtpm2-pkcs11-tools)` : `${what} failed (${file}): ${output || error.message}`, { cause: error }));
+      reject(new TpmError('ERR_TPM_ATTESTATION', missing ? `${what}: ${file} not found (install tpm2-tools / libtpm2-pkcs11-tools)` : `${what} failed (${file}): ${output}`, { cause: error }));
     });
   });
 }

@@ -10,7 +10,7 @@ import {
   USER_PIN_VARIABLE,
 } from './environment.js';
 import { EXIT, UsageError, type ExitCode } from './errors.js';
-import { Output, type CliIo } from './output.js';
+import { errorText, Output, type CliIo } from './output.js';
 
 /**
  * The `agent-gateway-registry` command line: commander wiring only. Each subcommand lives in
@@ -88,7 +88,7 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
     .exitOverride()
     .configureOutput({
       writeOut: (text) => io.stdout.write(text),
-      writeErr: (text) => io.stderr.write(output.redact(scrubOptionValues(text))),
+      writeErr: (text) => io.stderr.write(errorText(scrubOptionValues(text))),
       // Every error the CLI prints starts the same way, commander's usage errors included.
       outputError: (text, write) => write(text.replace(/^error: /, 'agent-gateway-registry: error: ')),
     })

@@ -1,4 +1,4 @@
-import { databasePassword, databaseTarget, type DatabaseTarget } from './environment.js';
+import { databaseTarget, type DatabaseTarget } from './environment.js';
 import type { ExitCode } from './errors.js';
 import type { Output } from './output.js';
 
@@ -17,9 +17,7 @@ export interface CommandResult {
   readonly exitCode?: ExitCode;
 }
 
-/** The registry URL for this run; its password is registered as a secret before anything can print it. */
+/** The registry URL for this run (printed only through redactDatabaseUrl). */
 export function registryTarget(context: CommandContext): DatabaseTarget {
-  const target = databaseTarget(context.env, context.databaseUrlEnv);
-  context.output.secret(databasePassword(target.url));
-  return target;
+  return databaseTarget(context.env, context.databaseUrlEnv);
 }

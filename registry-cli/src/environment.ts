@@ -67,14 +67,16 @@ export function redactDatabaseUrl(url: string): string {
   }
 }
 
-/** The password in a database URL (so the output layer can scrub it), if any. */
-export function databasePassword(url: string): string | undefined {
-  try {
-    const parsed = new URL(url);
-    return parsed.password ? decodeURIComponent(parsed.password) : (parsed.searchParams.get('password') ?? undefined);
-  } catch {
-    return undefined;
-  }
+/**
+ * `scheme://user:password@` and `password=...` / `sslpassword=...` (URL query or libpq keyword
+ * form) with the password replaced by `redacted`, wherever they occur in a text: for error
+ * messages that quote a connection string. The password runs to the authority's last `@`, as URL
+ * parsers read it.
+ */
+export function redactUrlPasswords(text: string): string {
+  return text
+    .replace(/(\b[A-Za-z][A-Za-z0-9+.-]*:\/\/[^\s/?#@:]*:)[^\s/?#]*@/g, '$1redacted@')
+    .replace(/(\b(?:ssl)?password=)(?!redacted\b)[^\s&#]+/gi, '$1redacted');
 }
 
 function readSecretFile(option: string, path: string): string {

@@ -1,3 +1,4 @@
+import { redactUrlPasswords } from './environment.js';
 import { errorCode, exitCodeFor, hintFor, type ExitCode } from './errors.js';
 
 export interface Writer {
@@ -10,66 +11,64 @@ export interface CliIo {
   readonly stderr: Writer;
 }
 
-/** Secrets shorter than this are not searched for: replacing every "1" in a message helps nobody. */
-const MIN_REDACTED_LENGTH = 4;
-
 /**
  * Everything the CLI prints goes through here. With `--json`, stdout carries exactly one JSON
  * document per run (the result, or `{ok:false,error}`); without it, human text. Warnings and errors
- * go to stderr in both modes. Known secrets (PINs, the database password) are scrubbed from every
- * line as a last line of defence: the layers below are written never to put them into messages.
+ * go to stderr in both modes.
+ *
+ * Secrets are kept out at their source: PINs are never put into messages, and a database URL is
+ * printed only through redactDatabaseUrl. Results are printed exactly as the command made them
+ * (a value that happens to contain a PIN's digits is still that value). Only the text of warnings
+ * and errors, which may quote a third-party library, is filtered (errorText): passwords of URLs and
+ * `password=` settings written in it are replaced.
  */
 export class Output {
   json: boolean;
   readonly #io: CliIo;
-  readonly #secrets = new Set<string>();
 
   constructor(io: CliIo, json: boolean) {
     this.#io = io;
     this.json = json;
   }
 
-  /** Registers a value that must never be printed. */
-  secret(value: string | undefined): void {
-    if (value && value.length >= MIN_REDACTED_LENGTH) this.#secrets.add(value);
-  }
-
-  redact(text: string): string {
-    let result = text;
-    for (const secret of this.#secrets) result = result.split(secret).join('[redacted]');
-    return result;
-  }
-
   /** The command's result: `data` as JSON, or `human` lines as text. */
   result(command: string, data: Record<string, unknown>, human: string | readonly string[]): void {
     if (this.json) {
-      this.#io.stdout.write(`${this.redact(JSON.stringify({ ok: true, command, ...data }, jsonReplacer))}\n`);
+      this.#io.stdout.write(`${JSON.stringify({ ok: true, command, ...data }, jsonReplacer)}\n`);
       return;
     }
     const lines = typeof human === 'string' ? [human] : human;
-    if (lines.length > 0) this.#io.stdout.write(`${this.redact(lines.join('\n'))}\n`);
+    if (lines.length > 0) this.#io.stdout.write(`${lines.join('\n')}\n`);
   }
 
   warn(message: string): void {
-    this.#io.stderr.write(`agent-gateway-registry: warning: ${this.redact(message)}\n`);
+    this.#io.stderr.write(`agent-gateway-registry: warning: ${errorText(message)}\n`);
   }
 
   /** Reports a failure and returns its exit code. `printed`: commander already wrote the human message. */
   failure(error: unknown, options: { printed?: boolean; exitCode?: ExitCode } = {}): ExitCode {
     const exitCode = options.exitCode ?? exitCodeFor(error);
     const code = errorCode(error);
-    const message = this.redact(error instanceof Error ? error.message : String(error));
+    const message = errorText(error instanceof Error ? error.message : String(error));
     const hint = hintFor(error);
     if (this.json) {
       this.#io.stdout.write(`${JSON.stringify({ ok: false, error: { code, message, exit_code: exitCode, ...(hint ? { hint } : {}) } })}\n`);
     }
     if (!options.printed) {
       // An error that is not ours is a bug: its stack helps whoever reports it.
-      const detail = code === 'ERR_INTERNAL' && error instanceof Error && error.stack ? this.redact(error.stack) : message;
+      const detail = code === 'ERR_INTERNAL' && error instanceof Error && error.stack ? errorText(error.stack) : message;
       this.#io.stderr.write(`agent-gateway-registry: error: ${detail}\n${hint ? `hint: ${hint}\n` : ''}`);
     }
     return exitCode;
   }
+}
+
+/**
+ * The text of a warning or an error as printed (stderr, and the `error.message` of --json): the
+ * passwords of URLs and `password=` settings a library quoted are replaced by `redacted`.
+ */
+export function errorText(text: string): string {
+  return redactUrlPasswords(text);
 }
 
 /** Buffers become lowercase hex and bigints decimal text, so JSON output never loses bytes or digits. */

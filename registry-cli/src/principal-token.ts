@@ -20,12 +20,10 @@ export function checkKeyLabel(keyId: string): void {
 /**
  * Opens the principal's tpm2-pkcs11 token and logs in. The TPM is found through TPM2_PKCS11_TCTI
  * and the token metadata through TPM2_PKCS11_STORE, both read by tpm2-pkcs11 itself. PINs come from
- * the environment or PIN files and are registered as secrets before anything can print.
+ * the environment or PIN files and are never put into a message.
  */
 export async function openPrincipalToken(context: CommandContext, options: TokenOptions, { create }: { create: boolean }): Promise<TpmToken> {
   const pins = readPins(context.env, options);
-  context.output.secret(pins.userPin);
-  context.output.secret(pins.soPin);
   const label = tokenLabel(context.env, options.token);
   // The TSS and tpm2-pkcs11 print warnings on fd 2 by default; an operator's explicit setting wins.
   process.env.TSS2_LOG ??= 'all+NONE';

@@ -11,7 +11,7 @@ import { checkTextField, checkValidityWindow, durationOption, normaliseDestinati
 import { runCli } from '../../registry-cli/src/cli.js';
 import { delegationAction } from '../../registry-cli/src/commands/grant-scope.js';
 import { checkCertificateIdentity, checkSigningAuthority } from '../../registry-cli/src/commands/grant-permission.js';
-import { databaseTarget, readPins, redactDatabaseUrl } from '../../registry-cli/src/environment.js';
+import { databaseTarget, readPins, redactDatabaseUrl, redactUrlPasswords } from '../../registry-cli/src/environment.js';
 import { DatabaseError, EXIT, exitCodeFor, MigrationError, RefusedError, UsageError } from '../../registry-cli/src/errors.js';
 import { Output } from '../../registry-cli/src/output.js';
 import { checkIdentity, readSubjectKey } from '../../registry-cli/src/subject-key.js';
@@ -114,16 +114,18 @@ describe('environment and output', () => {
     assert.equal(refusal(() => readPins({}, { userPinFile: join(scratch, 'missing') })), 'ERR_USAGE');
   });
 
-  test('registered secrets are scrubbed from results, warnings and errors', () => {
+  test('results are printed as they are; URL passwords are redacted from warnings and errors only', () => {
     let stdout = '';
     let stderr = '';
     const output = new Output({ env: {}, stdout: { write: (s: string) => (stdout += s) }, stderr: { write: (s: string) => (stderr += s) } }, false);
-    output.secret('pin-123456');
-    output.result('x', {}, ['value pin-123456']);
-    output.warn('pin-123456 in a warning');
-    output.failure(new Error('pin-123456 in a stack'));
-    assert.ok(!`${stdout}${stderr}`.includes('pin-123456'));
-    assert.match(stdout, /value \[redacted\]/);
+    output.result('x', {}, ['postgres://admin:s3cret@db/registry password=1234']);
+    assert.equal(stdout, 'postgres://admin:s3cret@db/registry password=1234\n');
+    output.warn('postgres://admin:s3cret@db/registry in a warning');
+    output.failure(new Error('connecting to postgresql://admin:p@ss:w0rd@db:5432/registry?sslmode=require failed; host=db password=s3cret sslpassword=k3y'));
+    assert.ok(!stderr.includes('s3cret') && !stderr.includes('w0rd') && !stderr.includes('k3y'), stderr);
+    assert.match(stderr, /postgres:\/\/admin:redacted@db\/registry in a warning/);
+    assert.match(stderr, /postgresql:\/\/admin:redacted@db:5432\/registry\?sslmode=require failed; host=db password=redacted sslpassword=redacted/);
+    assert.equal(redactUrlPasswords('postgres://admin@db/x, postgres://db:5432/x, https://example.com/a:b@c'), 'postgres://admin@db/x, postgres://db:5432/x, https://example.com/a:b@c');
   });
 });
 

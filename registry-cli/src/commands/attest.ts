@@ -48,7 +48,6 @@ export async function attestCollect(context: CommandContext, options: CollectOpt
   const { tokenLabel, keyLabel } = sidecarKeyLabels(context.env, options);
   checkKeyLabel(keyLabel);
   const pins = readPins(context.env, options);
-  context.output.secret(pins.userPin);
   const tpm = await attestor(context, options.stateDir, { tokenLabel, keyLabel, userPin: pins.userPin });
   const evidence = await tpm.collect();
   writeOutput(options.out, evidenceRequestDocument(evidence), false);

@@ -33,7 +33,6 @@ export async function enrolAgentKey(context: CommandContext, options: EnrolAgent
   requireAttestationPolicy(cas, {}, `enrolling agent key "${keyLabel}"`);
   if (options.proof !== undefined) return enrolWithProof(context, options.proof, cas!, expected);
   const pins = readPins(context.env, options);
-  context.output.secret(pins.userPin);
   process.env.TSS2_LOG ??= 'all+NONE';
   process.env.TPM2_PKCS11_LOG_LEVEL ??= '0';
   const { openToken } = await import('../../../tpm/token.js');
