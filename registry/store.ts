@@ -122,11 +122,21 @@ export async function insertPrincipalKeyIfAbsent(db: Queryable, input: Principal
   return result.rowCount === 1;
 }
 
+/*
+ * The revoke functions below lock the rows they would change (FOR UPDATE; call them inside a
+ * transaction) and issue the UPDATE only when one of them is not revoked yet. The change-feed
+ * triggers (migrations/0002) fire once per statement, even one that changes no row, and every
+ * firing makes each gateway flush its cache and re-check its tunnels: an unknown name or an
+ * already-revoked row must not send one.
+ */
+
 /** Sets revoked_at = now() unless already revoked; undefined when the key does not exist. */
 export async function revokePrincipalKey(db: Queryable, keyId: string): Promise<{ row: PrincipalKeyRow; revokedNow: boolean } | undefined> {
-  const updated = await db.query(`UPDATE principal_signing_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL`, [keyId]);
+  const { rows } = await db.query<{ revoked: boolean }>(`SELECT revoked_at IS NOT NULL AS revoked FROM principal_signing_keys WHERE key_id = $1 FOR UPDATE`, [keyId]);
+  if (rows.length === 0) return undefined;
+  const revokedNow = !rows[0]!.revoked && (await db.query(`UPDATE principal_signing_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL`, [keyId])).rowCount === 1;
   const row = await findPrincipalKey(db, keyId);
-  return row ? { row, revokedNow: updated.rowCount === 1 } : undefined;
+  return row ? { row, revokedNow } : undefined;
 }
 
 export interface DelegationRow {
@@ -181,6 +191,11 @@ export async function reopenDelegation(db: Queryable, input: DelegationInput): P
 
 /** Revokes the key's delegations for these normalised destinations; returns the ones revoked now. */
 export async function revokeDelegations(db: Queryable, signingKeyId: string, destinations: readonly string[]): Promise<string[]> {
+  const open = await db.query(
+    `SELECT 1 FROM principal_key_permissions WHERE signing_key_id = $1 AND destination = ANY($2::text[]) AND revoked_at IS NULL FOR UPDATE`,
+    [signingKeyId, [...destinations]],
+  );
+  if (open.rows.length === 0) return [];
   const { rows } = await db.query<{ destination: string }>(
     `UPDATE principal_key_permissions SET revoked_at = now()
       WHERE signing_key_id = $1 AND destination = ANY($2::text[]) AND revoked_at IS NULL
@@ -259,6 +274,14 @@ export async function listPermissions(db: Queryable, filter: PermissionFilter = 
  */
 export async function revokePermissions(db: Queryable, filter: PermissionFilter): Promise<{ permissionId: string; destination: string }[]> {
   if (filter.identity === undefined && filter.permissionIds === undefined) throw new Error('revokePermissions needs an identity or permission ids');
+  const open = await db.query(
+    `SELECT 1 FROM permission_registry p
+      WHERE ${PERMISSION_FILTER}
+        AND p.revoked_at IS NULL AND now() < p.not_after
+        FOR UPDATE`,
+    permissionFilterValues(filter),
+  );
+  if (open.rows.length === 0) return [];
   const { rows } = await db.query<{ permission_id: string; destination: string }>(
     `UPDATE permission_registry p SET revoked_at = now()
       WHERE ${PERMISSION_FILTER}

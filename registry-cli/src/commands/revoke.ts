@@ -10,7 +10,7 @@ import { RefusedError } from '../errors.js';
  */
 
 export async function revokePrincipal(context: CommandContext, keyId: string): Promise<CommandResult> {
-  const result = await withRegistry(registryTarget(context), (db) => revokePrincipalKey(db, keyId));
+  const result = await withRegistry(registryTarget(context), (db) => transaction(db, () => revokePrincipalKey(db, keyId)));
   if (!result) throw new RefusedError('ERR_REFUSED_PRINCIPAL_UNKNOWN', `no principal key ${JSON.stringify(keyId)} in the registry`);
   const { row, revokedNow } = result;
   return {
