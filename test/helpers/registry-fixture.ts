@@ -2,6 +2,7 @@ import pg from 'pg';
 import { permissionFields, signPermission, softwareSigner, type PermissionSigner } from '../../registry/signing.js';
 import { insertDelegation, insertPermission, insertPrincipalKey } from '../../registry/store.js';
 import { newP256Key, type SoftwareKey } from './pki.js';
+import { createDatabase, testServer } from './postgres.js';
 
 /** Writes registry rows the way an operator would (signed with software principal keys). */
 export class RegistryFixture {
@@ -44,6 +45,21 @@ export class RegistryFixture {
   async close(): Promise<void> {
     await this.db.end();
   }
+}
+
+/** A migrated registry database of its own (on a throwaway cluster or TEST_DATABASE_URL) and a fixture on it. */
+export async function registryDatabase(): Promise<{ databaseUrl: string; fixture: RegistryFixture; close: () => Promise<void> }> {
+  const server = await testServer();
+  const databaseUrl = await createDatabase(server.url);
+  const fixture = await RegistryFixture.connect(databaseUrl);
+  return {
+    databaseUrl,
+    fixture,
+    close: async () => {
+      await fixture.close();
+      server.close();
+    },
+  };
 }
 
 /** RFC 3339 for now + `ms` (negative for the past). */

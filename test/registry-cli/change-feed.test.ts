@@ -1,8 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { createDatabase, testServer } from '../helpers/postgres.js';
 import { newP256Key } from '../helpers/pki.js';
-import { RegistryFixture } from '../helpers/registry-fixture.js';
+import { registryDatabase, type RegistryFixture } from '../helpers/registry-fixture.js';
 import { describeRun, runInProcess, type CliRun } from './run-cli.js';
 
 /**
@@ -12,15 +11,14 @@ import { describeRun, runInProcess, type CliRun } from './run-cli.js';
  * already revoked, changes nothing and must not advance the feed; a real one must.
  */
 
-let pgServer: Awaited<ReturnType<typeof testServer>>;
+let registry: Awaited<ReturnType<typeof registryDatabase>>;
 let databaseUrl: string;
 let fixture: RegistryFixture;
 let permissionIds: string[];
 
 before(async () => {
-  pgServer = await testServer();
-  databaseUrl = await createDatabase(pgServer.url);
-  fixture = await RegistryFixture.connect(databaseUrl);
+  registry = await registryDatabase();
+  ({ databaseUrl, fixture } = registry);
   const alpha = await fixture.principal('org-alpha');
   await fixture.delegate('org-alpha', 'docstore:443');
   await fixture.delegate('org-alpha', 'messaging:443');
@@ -31,10 +29,7 @@ before(async () => {
   ];
 });
 
-after(async () => {
-  await fixture?.close();
-  pgServer?.close();
-});
+after(() => registry?.close());
 
 async function counter(): Promise<number> {
   return Number((await fixture.db.query('SELECT counter FROM registry_changes')).rows[0].counter);

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { createDatabase, freePort, testServer } from '../helpers/postgres.js';
+import { freePort } from '../helpers/postgres.js';
 import { newP256Key } from '../helpers/pki.js';
-import { RegistryFixture } from '../helpers/registry-fixture.js';
+import { registryDatabase, type RegistryFixture } from '../helpers/registry-fixture.js';
 import { describeRun, runCli, runInProcess } from './run-cli.js';
 
 /**
@@ -11,14 +11,13 @@ import { describeRun, runCli, runInProcess } from './run-cli.js';
  * results byte for byte as they are without it.
  */
 
-let pgServer: Awaited<ReturnType<typeof testServer>>;
+let registry: Awaited<ReturnType<typeof registryDatabase>>;
 let databaseUrl: string;
 let fixture: RegistryFixture;
 
 before(async () => {
-  pgServer = await testServer();
-  databaseUrl = await createDatabase(pgServer.url);
-  fixture = await RegistryFixture.connect(databaseUrl);
+  registry = await registryDatabase();
+  ({ databaseUrl, fixture } = registry);
   const alpha = await fixture.principal('org-alpha');
   await fixture.delegate('org-alpha', 'docstore:443');
   await fixture.permit(alpha, { identity: 'agent-alpha', spkiDer: newP256Key().spkiDer }, 'docstore:443', {
@@ -27,10 +26,7 @@ before(async () => {
   });
 });
 
-after(async () => {
-  await fixture?.close();
-  pgServer?.close();
-});
+after(() => registry?.close());
 
 function withPassword(url: string, password: string): string {
   const parsed = new URL(url);
