@@ -54,6 +54,15 @@ interface RunState {
   result?: CommandResult;
   /** `migrate`, `revoke scope`, ...: the `command` field of JSON output. */
   name?: string;
+  /** The deepest command parsing reached: the one that lacked a subcommand when commander shows help as an error. */
+  reached?: Command;
+}
+
+/** What a command that only groups subcommands (the program, `revoke`, `attest`) says when given none. */
+function missingSubcommand(command: Command): string {
+  const names = command.commands.map((sub) => sub.name()).filter((name) => name !== 'help').join(', ');
+  if (!command.parent) return `no command given: use one of ${names} (see \`agent-gateway-registry --help\`)`;
+  return `\`${command.name()}\` needs one of its commands: ${names} (see \`agent-gateway-registry ${command.name()} --help\`)`;
 }
 
 type Loader<A extends unknown[]> = (context: CommandContext, ...args: A) => Promise<CommandResult>;
@@ -92,7 +101,10 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
       // Every error the CLI prints starts the same way, commander's usage errors included.
       outputError: (text, write) => write(text.replace(/^error: /, 'agent-gateway-registry: error: ')),
     })
-    .addHelpText('after', GLOBAL_HELP);
+    .addHelpText('after', GLOBAL_HELP)
+    .hook('preSubcommand', (_command, subcommand) => {
+      state.reached = subcommand;
+    });
 
   /** Wraps a subcommand: builds its context from the global options and keeps its result. */
   const run = <A extends unknown[]>(load: () => Promise<Loader<A>>) =>
@@ -252,6 +264,8 @@ export async function runCli(argv: readonly string[], io: CliIo): Promise<ExitCo
   } catch (error) {
     if (error instanceof CommanderError) {
       if (error.exitCode === 0 || error.code === 'commander.helpDisplayed' || error.code === 'commander.version') return EXIT.ok;
+      // A command that only groups subcommands was given none: commander printed its help to stderr, and the error follows it.
+      if (error.code === 'commander.help') return output.failure(new UsageError(missingSubcommand(state.reached ?? program)));
       return output.failure(new UsageError(scrubOptionValues(error.message).replace(/^error: /, '')), { printed: true });
     }
     return output.failure(error);

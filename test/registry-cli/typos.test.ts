@@ -80,3 +80,18 @@ test('usage errors from the option parser carry the same "agent-gateway-registry
     assert.match(run.stderr, /^agent-gateway-registry: error: /, describeRun(run));
   }
 });
+
+test('a command that only groups subcommands, given none, names them (not commander\'s "(outputHelp)")', async () => {
+  for (const [args, message] of [
+    [['revoke'], /^`revoke` needs one of its commands: principal, scope, permission /],
+    [['attest'], /^`attest` needs one of its commands: collect, challenge, activate /],
+    [[], /^no command given: use one of migrate, .*, audit /],
+  ] as const) {
+    const run = await runCli(['--json', ...args], { env });
+    assert.equal(run.status, 2, describeRun(run));
+    assert.equal(run.json.error.code, 'ERR_USAGE');
+    assert.match(run.json.error.message, message, describeRun(run));
+    assert.match(run.stderr, /^Usage: agent-gateway-registry/, 'the help comes first');
+    assert.match(run.stderr, /\nagent-gateway-registry: error: (?:`\w+` needs one of|no command given)/, describeRun(run));
+  }
+});
