@@ -20,7 +20,7 @@ export interface CliIo {
  * printed only through redactDatabaseUrl. Results are printed exactly as the command made them
  * (a value that happens to contain a PIN's digits is still that value). Only the text of warnings
  * and errors, which may quote a third-party library, is filtered (errorText): passwords of URLs and
- * `password=` settings written in it are replaced.
+ * `password=` settings written in it are replaced, and control characters are escaped.
  */
 export class Output {
   json: boolean;
@@ -63,12 +63,19 @@ export class Output {
   }
 }
 
+/** Control characters a message must not carry raw: C0 but newline and tab, DEL, and C1. */
+const RAW_CONTROL = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g;
+
 /**
  * The text of a warning or an error as printed (stderr, and the `error.message` of --json): the
- * passwords of URLs and `password=` settings a library quoted are replaced by `redacted`.
+ * passwords of URLs and `password=` settings a library quoted are replaced by `redacted`, and
+ * control characters are written as `\uXXXX`. Our messages quote values with JSON.stringify,
+ * which escapes C0 (`\n`, `\u001b`) but leaves DEL and C1 (U+0080-U+009F, U+009B being a
+ * terminal's CSI) raw, and a library's message may hold anything; newlines and tabs that format
+ * the message itself are kept.
  */
 export function errorText(text: string): string {
-  return redactUrlPasswords(text);
+  return redactUrlPasswords(text).replace(RAW_CONTROL, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
 }
 
 /** Buffers become lowercase hex and bigints decimal text, so JSON output never loses bytes or digits. */

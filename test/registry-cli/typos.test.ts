@@ -95,3 +95,19 @@ test('a command that only groups subcommands, given none, names them (not comman
     assert.match(run.stderr, /\nagent-gateway-registry: error: (?:`\w+` needs one of|no command given)/, describeRun(run));
   }
 });
+
+test('error messages escape DEL and C1 controls as \\uXXXX, on stderr and in --json, as they escape C0 ones', async () => {
+  for (const [args, escaped] of [
+    [['grant-permission', '--principal', 'org-alice', '--identity', 'agent\u007falpha', '--spki', '00', 'docstore'], 'agent\\u007falpha'],
+    [['grant-permission', '--principal', 'org-alice', '--identity', 'agent\u0085\u009b31malpha', '--spki', '00', 'docstore'], 'agent\\u0085\\u009b31malpha'],
+    [['revoke', 'bogus\u0080\u001b'], "bogus\\u0080\\u001b'"],
+  ] as const) {
+    const run = await runCli(['--json', ...args], { env });
+    assert.ok(run.status === 2 || run.status === 3, describeRun(run));
+    for (const text of [run.stderr, run.json.error.message as string, run.stdout]) {
+      assert.doesNotMatch(text, /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/, describeRun(run));
+    }
+    assert.ok(run.json.error.message.includes(escaped), describeRun(run));
+    assert.ok(run.stderr.includes(escaped), describeRun(run));
+  }
+});

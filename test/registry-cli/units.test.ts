@@ -13,7 +13,7 @@ import { delegationAction } from '../../registry-cli/src/commands/grant-scope.js
 import { checkCertificateIdentity, checkSigningAuthority } from '../../registry-cli/src/commands/grant-permission.js';
 import { databaseTarget, readPins, redactDatabaseUrl, redactUrlPasswords } from '../../registry-cli/src/environment.js';
 import { DatabaseError, EXIT, exitCodeFor, MigrationError, RefusedError, UsageError } from '../../registry-cli/src/errors.js';
-import { Output } from '../../registry-cli/src/output.js';
+import { errorText, Output } from '../../registry-cli/src/output.js';
 import { checkIdentity, readSubjectKey } from '../../registry-cli/src/subject-key.js';
 import { clientCredentials, newP256Key, TEST_OID } from '../helpers/pki.js';
 
@@ -126,6 +126,11 @@ describe('environment and output', () => {
     assert.match(stderr, /postgres:\/\/admin:redacted@db\/registry in a warning/);
     assert.match(stderr, /postgresql:\/\/admin:redacted@db:5432\/registry\?sslmode=require failed; host=db password=redacted sslpassword=redacted/);
     assert.equal(redactUrlPasswords('postgres://admin@db/x, postgres://db:5432/x, https://example.com/a:b@c'), 'postgres://admin@db/x, postgres://db:5432/x, https://example.com/a:b@c');
+  });
+
+  test('warning and error text: C0 (but newline and tab), DEL and C1 controls are written as \\uXXXX', () => {
+    assert.equal(errorText('a\u007fb\u0080c\u0085d\u009fe\u001bf\rg'), 'a\\u007fb\\u0080c\\u0085d\\u009fe\\u001bf\\u000dg');
+    assert.equal(errorText('line one\n\tline two \u00a0\u2028é'), 'line one\n\tline two \u00a0\u2028é');
   });
 });
 
