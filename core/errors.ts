@@ -219,7 +219,7 @@ export const ERROR_CODES = {
 
   // The registry CLI.
   ERR_DATABASE: { exit: EXIT.runtime, hint: 'check that the registry database is reachable with the URL in AGENT_GATEWAY_DATABASE_URL (or --database-url-env) and that the role may do this' },
-  ERR_REFUSED_FIELD_INVALID: { exit: EXIT.refused, hint: 'the gateway would deny a row with this value: drop the control character, invalid Unicode or excess length named in the message' },
+  ERR_REFUSED_FIELD_INVALID: { exit: EXIT.refused, hint: 'the gateway would deny a row with this value, or it is not what was typed: drop the control character, invalid Unicode (U+FFFD: an argument that was not UTF-8) or excess length named in the message' },
   ERR_REFUSED_VALIDITY: { exit: EXIT.refused, hint: 'give a --not-after later than --not-before and in the future (database time)' },
   ERR_REFUSED_OUT_OF_SCOPE: { exit: EXIT.refused, hint: 'an admin delegates the destination to this principal first: `agent-gateway-registry grant-scope KEY_ID DESTINATION...`' },
   ERR_REFUSED_PRINCIPAL_UNKNOWN: { exit: EXIT.refused, hint: 'register the principal key first: `agent-gateway-registry register-principal KEY_ID`' },

@@ -41,12 +41,18 @@ export function checkValidityWindow(window: ValidityWindow, now: CanonicalTimest
 
 /**
  * A value that becomes a registry text field (key id, identity): refused when the gateway could
- * never match or verify it. Control characters would make the signed text ambiguous.
+ * never match or verify it. Control characters would make the signed text ambiguous; U+FFFD is
+ * what Node makes of an argument's bytes that are not UTF-8, so signing it would store another
+ * identity than the one typed.
  */
 export function checkTextField(name: string, value: string, maxBytes?: number): string {
   if (value.length === 0) throw new UsageError(`${name} must not be empty`);
   if (hasControlCharacter(value)) throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} ${JSON.stringify(value)} contains a control character; the gateway would deny it`);
   if (/[\ud800-\udfff]/u.test(value)) throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} is not valid Unicode`);
+  // Node turns bytes of an argument that are not UTF-8 into U+FFFD: the value is not what was typed.
+  if (value.includes('\ufffd')) {
+    throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} ${JSON.stringify(value)} contains U+FFFD: the argument was not valid UTF-8 (or holds the replacement character, which no registry text field may)`);
+  }
   if (maxBytes !== undefined && Buffer.byteLength(value, 'utf8') > maxBytes) {
     throw new RefusedError('ERR_REFUSED_FIELD_INVALID', `${name} is longer than ${maxBytes} bytes of UTF-8; no certificate could carry it`);
   }

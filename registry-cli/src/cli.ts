@@ -34,8 +34,9 @@ Exit codes:
   0  success (explain: the gateway would allow)
   1  runtime error: database, TPM, file system
   2  usage error: bad option, argument or value
-  3  refused: the result would be denied by the gateway, or contradicts the registry;
-     nothing was written (explain: the gateway would deny)
+  3  refused: the result would be denied by the gateway, or contradicts the registry,
+     or a key id or identity argument is not valid UTF-8; nothing was written
+     (explain: the gateway would deny)
   4  schema: database not migrated, another schema version, edited or out-of-order migration
 
 PINs and database passwords are never accepted as argument values and never printed.`;

@@ -6,7 +6,7 @@ import { after, before, test } from 'node:test';
 import { clientCredentials } from '../helpers/pki.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
 import { RegistryFixture } from '../helpers/registry-fixture.js';
-import { describeRun, runCli } from './run-cli.js';
+import { CLI, describeRun, runCli, runFile } from './run-cli.js';
 
 /**
  * What a newcomer's typos get from the registry CLI: a clear refusal that changes nothing, never a
@@ -110,4 +110,18 @@ test('error messages escape DEL and C1 controls as \\uXXXX, on stderr and in --j
     assert.ok(run.json.error.message.includes(escaped), describeRun(run));
     assert.ok(run.stderr.includes(escaped), describeRun(run));
   }
+});
+
+test('an identity argument that is not valid UTF-8 (Node reads U+FFFD) is refused (exit 3), nothing signed or written', async () => {
+  const before = await permissionRows();
+  // The shell passes the byte 0xff as it is, as an operator's terminal would.
+  const invalid = await runFile('/bin/bash', ['-c', `exec "$0" "$1" --json grant-permission --principal org-alice --identity $'agent\\xffbeta' --spki 00 docstore`, process.execPath, CLI], { env });
+  const replacement = await runCli(['--json', 'register-principal', 'org-\ufffd'], { env });
+  for (const run of [invalid, replacement]) {
+    assert.equal(run.status, 3, describeRun(run));
+    assert.equal(run.json.error.code, 'ERR_REFUSED_FIELD_INVALID', describeRun(run));
+    assert.match(run.json.error.message, /contains U\+FFFD: the argument was not valid UTF-8/);
+    assert.doesNotMatch(run.stderr, /TPM|PKCS/);
+  }
+  assert.equal(await permissionRows(), before);
 });

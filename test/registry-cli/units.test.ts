@@ -87,7 +87,7 @@ describe('arguments', () => {
   });
 
   test('text fields: control characters (C0, DEL, C1) and over-long identities are refused', () => {
-    for (const bad of ['a\nb', 'a\u0000', 'a\u007f', 'a\u0085']) assert.equal(refusal(() => checkTextField('identity', bad)), 'ERR_REFUSED_FIELD_INVALID');
+    for (const bad of ['a\nb', 'a\u0000', 'a\u007f', 'a\u0085', 'a\ufffdb', 'a\ud800']) assert.equal(refusal(() => checkTextField('identity', bad)), 'ERR_REFUSED_FIELD_INVALID');
     assert.equal(refusal(() => checkIdentity('é'.repeat(128))), 'ERR_REFUSED_FIELD_INVALID'); // 256 bytes
     assert.equal(checkIdentity('agent-ü'), 'agent-ü');
     assert.equal(refusal(() => checkTextField('identity', '')), 'ERR_USAGE');
