@@ -99,8 +99,9 @@ const policySchema = z
     pool_acquire_timeout_ms: millis(1000),
     query_timeout_ms: millis(500),
     /**
-     * Distinct registry lookups waiting for a pooled connection; past it a CONNECT gets 503
-     * registry_unavailable at once. A lookup waits at most pool_acquire_timeout_ms to start.
+     * Distinct registry lookups waiting for a pooled connection (running ones do not count); past
+     * it a CONNECT gets 503 registry_unavailable at once. A lookup waits at most
+     * pool_acquire_timeout_ms to start.
      */
     lookup_queue_size: z.number().int().min(1).max(1_000_000).default(10_000),
     /**

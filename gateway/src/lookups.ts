@@ -12,7 +12,10 @@ export type LookupFn = (request: AuthorizationRequest) => Promise<AuthorizationR
 export interface LookupQueueOptions {
   /** Lookups running at once: the pool size, so a started lookup never waits for a connection. */
   readonly concurrency: number;
-  /** Distinct lookups waiting to start; past it a CONNECT gets 503 at once. */
+  /**
+   * Distinct lookups waiting to start, i.e. for a connection (those running or given one do not
+   * count); past it a CONNECT gets 503 at once.
+   */
   readonly maxQueued: number;
   /** Longest a lookup may wait to start before its CONNECTs get 503 (`pool_acquire_timeout_ms`). */
   readonly maxWaitMs: number;
@@ -33,16 +36,24 @@ interface Waiter {
   readonly onAbort: () => void;
 }
 
+/**
+ * Where a job is. `waiting`: in one of the two queues, counted against the bounds (#waiting and,
+ * while not vouched for, #waitingStrangers and its session's count). `starting`: given a free
+ * connection (counted in #running), sent when the current read is over unless its CONNECTs are
+ * all gone first. `running`: sent. `done`: abandoned or expired before it was sent.
+ */
+type JobState = 'waiting' | 'starting' | 'running' | 'done';
+
 interface Job {
   readonly key: string;
   readonly request: AuthorizationRequest;
   readonly enqueuedAt: number;
   readonly waiters: Set<Waiter>;
-  started: boolean;
-  /** Still counted in #waiting (and, while not vouched for, in #waitingStrangers). */
-  counted: boolean;
+  state: JobState;
   /** Asked for a peer the registry has vouched for (or a re-check of an open tunnel). */
   vouched: boolean;
+  /** Holds one of strangers' connections (given one while not vouched for), from `starting` on. */
+  strangerConnection: boolean;
   /** The session a stranger's job counts against while it waits. */
   readonly asker: LookupAsker | undefined;
 }
@@ -146,17 +157,22 @@ class TurnFifo {
 /**
  * Registry work in proportion to what clients spend (DESIGN §9a):
  * - identical lookups in flight (same identity, key and destination) share one query;
- * - a lookup starts only when a pooled connection is free, after the current burst of frames has
- *   been read (setImmediate), so a stream reset in the same packet as its HEADERS never reaches
- *   PostgreSQL, and a lookup whose CONNECTs are all gone before it starts is dropped;
- * - waiting is bounded in count (`maxQueued`: 503 at once when full) and in time (`maxWaitMs`);
+ * - a lookup is given a pooled connection as soon as one is free (when asked, or when a lookup
+ *   ends), and is sent after the current burst of frames has been read (setImmediate), so a stream
+ *   reset in the same packet as its HEADERS never reaches PostgreSQL, and a lookup whose CONNECTs
+ *   are all gone before it is sent is dropped and its connection given to the next;
+ * - waiting, i.e. having no connection yet, is bounded in count (`maxQueued`: 503 at once when
+ *   full; lookups given a connection or running do not count) and in time (`maxWaitMs`);
  * - peers the registry has not vouched for (no CONNECT of that identity and key allowed yet) get
  *   at most half of the queue, at most MAX_STRANGER_LOOKUPS_PER_SESSION of it per session, served
  *   one session at a time in turn, and leave a quarter of the connections free: a stranger
  *   minting CONNECTs to distinct destinations (each its own query) filled the whole queue in a
  *   review, and granted agents' uncached CONNECTs got 503. Vouched-for lookups start first.
- * A job sits in one of the two queues exactly while it waits to start with someone waiting on it:
- * starting, abandoning, expiring and moving up each take it out.
+ * A job sits in one of the two queues exactly while it is `waiting` with someone waiting on it:
+ * being given a connection, abandoning, expiring and moving up each take it out. Every bound on
+ * waiting (the queue, strangers' half, a session's 64) counts only `waiting` jobs: a burst of
+ * CONNECTs read in one go is not refused for lookups that have a connection to start on (review
+ * regression: with a pool of 2 and a queue of 2, 2 of 10 were let in, none of them waiting).
  * Denials are shared only while in flight; nothing is remembered after a lookup settles.
  */
 export class LookupQueue {
@@ -165,14 +181,18 @@ export class LookupQueue {
   readonly #inFlight = new Map<string, Job>();
   readonly #vouched = new JobFifo();
   readonly #strangers = new TurnFifo();
+  /** Jobs given a connection, to be sent once the current read is over. */
+  readonly #starting = new Set<Job>();
+  /** Connections held: `starting` and `running` jobs. */
   #running = 0;
+  /** Of those, strangers' (`strangerConnection`). */
   #runningStrangers = 0;
-  /** Unstarted jobs with a waiter (the bound applies to these, not to abandoned ones). */
+  /** `waiting` jobs (with a waiter: abandoned ones leave at once). */
   #waiting = 0;
   /** Of those, the ones no vouched-for peer waits on. */
   #waitingStrangers = 0;
   #expiryTimer: NodeJS.Timeout | undefined;
-  #pumpScheduled = false;
+  #sendScheduled = false;
   /** Queries actually sent (tests, metrics). */
   #started = 0;
 
@@ -181,11 +201,12 @@ export class LookupQueue {
     this.#options = options;
   }
 
-  /** Lookups waiting to start that someone still waits for. */
+  /** Lookups waiting for a connection that someone still waits for. */
   get queued(): number {
     return this.#waiting;
   }
 
+  /** Lookups holding a connection: running, or about to be sent once the current read is over. */
   get running(): number {
     return this.#running;
   }
@@ -243,7 +264,7 @@ export class LookupQueue {
       if (stranger && stranger.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
         return Promise.reject(new RegistryUnavailableError(`this session, not yet vouched for, has ${MAX_STRANGER_LOOKUPS_PER_SESSION} registry lookups waiting`));
       }
-      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), started: false, counted: true, vouched: !stranger, asker: stranger };
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), state: 'waiting', vouched: !stranger, strangerConnection: false, asker: stranger };
       this.#inFlight.set(key, job);
       this.#waiting++;
       if (stranger) {
@@ -251,17 +272,15 @@ export class LookupQueue {
         this.#waitingStrangers++;
         stranger.strangerLookupsWaiting++;
       } else this.#vouched.push(job);
-      this.#schedulePump();
-      this.#armExpiry();
-    } else if (!stranger && !job.vouched) {
+      this.#assign();
+      if (job.state === 'waiting') this.#armExpiry();
+    } else if (!stranger && !job.vouched && job.state === 'waiting') {
       // A vouched-for peer asks the same question: the job moves up.
-      if (!job.started) {
-        if (job.counted) this.#uncountStranger(job);
-        this.#strangers.remove(job);
-        job.vouched = true;
-        this.#vouched.push(job);
-        this.#schedulePump();
-      }
+      this.#uncountStranger(job);
+      this.#strangers.remove(job);
+      job.vouched = true;
+      this.#vouched.push(job);
+      this.#assign();
     }
     const owner = job;
     return new Promise((resolve, reject) => {
@@ -272,11 +291,19 @@ export class LookupQueue {
         onAbort: () => {
           owner.waiters.delete(waiter);
           reject(new LookupCancelledError());
-          // Nobody left to answer: a job that has not started never will.
-          if (!owner.started && owner.waiters.size === 0) {
+          // Nobody left to answer: a job not yet sent never will be.
+          if (owner.waiters.size > 0) return;
+          if (owner.state === 'waiting') {
             this.#inFlight.delete(owner.key);
-            this.#uncount(owner);
-            this.#forget(owner);
+            this.#leaveQueue(owner);
+            owner.state = 'done';
+          } else if (owner.state === 'starting') {
+            // Its connection goes to the next job waiting.
+            this.#inFlight.delete(owner.key);
+            this.#starting.delete(owner);
+            this.#release(owner);
+            owner.state = 'done';
+            this.#assign();
           }
         },
       };
@@ -285,39 +312,59 @@ export class LookupQueue {
     });
   }
 
-  #schedulePump(): void {
-    if (this.#pumpScheduled) return;
-    this.#pumpScheduled = true;
-    setImmediate(() => {
-      this.#pumpScheduled = false;
-      this.#pump();
-    });
-  }
-
-  #pump(): void {
-    const now = performance.now();
+  /**
+   * Gives free connections to waiting jobs (vouched-for first, expired ones failed instead), at
+   * once, so only jobs that found none count as waiting; they are sent after the current read.
+   */
+  #assign(): void {
+    let now: number | undefined;
     while (this.#running < this.#options.concurrency) {
       const job = this.#next();
       if (!job) break;
+      this.#uncount(job);
+      now ??= performance.now();
       if (now - job.enqueuedAt > this.#options.maxWaitMs) {
         this.#expire(job);
         continue;
       }
-      this.#uncount(job);
-      job.started = true;
-      const stranger = !job.vouched;
+      job.state = 'starting';
+      job.strangerConnection = !job.vouched;
       this.#running++;
-      if (stranger) this.#runningStrangers++;
+      if (job.strangerConnection) this.#runningStrangers++;
+      this.#starting.add(job);
+    }
+    if (this.#starting.size > 0) this.#scheduleSend();
+  }
+
+  #scheduleSend(): void {
+    if (this.#sendScheduled) return;
+    this.#sendScheduled = true;
+    setImmediate(() => {
+      this.#sendScheduled = false;
+      this.#send();
+    });
+  }
+
+  /** Sends the jobs given a connection whose CONNECTs are still there (the others left already). */
+  #send(): void {
+    for (const job of this.#starting) {
+      this.#starting.delete(job);
+      job.state = 'running';
       this.#started++;
       this.#lookup(job.request).then(
         (result) => this.#settle(job, result, undefined),
         (error: unknown) => this.#settle(job, undefined, error),
       ).finally(() => {
-        this.#running--;
-        if (stranger) this.#runningStrangers--;
-        this.#schedulePump();
+        this.#release(job);
+        this.#assign();
       });
     }
+  }
+
+  /** A job gives its connection back. */
+  #release(job: Job): void {
+    this.#running--;
+    if (job.strangerConnection) this.#runningStrangers--;
   }
 
   /** The next job to start: vouched-for first; a stranger's only while their share of connections allows. */
@@ -325,9 +372,8 @@ export class LookupQueue {
     return this.#vouched.shift() ?? (this.#runningStrangers < this.#maxRunningStrangers ? this.#strangers.shift() : undefined);
   }
 
+  /** A job taken out of its queue stops counting as waiting. */
   #uncount(job: Job): void {
-    if (!job.counted) return;
-    job.counted = false;
     this.#waiting--;
     if (!job.vouched) this.#uncountStranger(job);
   }
@@ -338,15 +384,16 @@ export class LookupQueue {
     job.asker!.strangerLookupsWaiting--;
   }
 
-  /** Takes a job that will never start out of its queue. */
-  #forget(job: Job): void {
+  /** Takes a waiting job that will never start out of its queue and the counts. */
+  #leaveQueue(job: Job): void {
+    this.#uncount(job);
     if (job.vouched) this.#vouched.remove(job);
     else this.#strangers.remove(job);
   }
 
+  /** Fails a job that waited too long (the caller took it out of its queue and the counts). */
   #expire(job: Job): void {
-    this.#uncount(job);
-    this.#forget(job);
+    job.state = 'done';
     this.#settle(job, undefined, new RegistryUnavailableError(`registry lookup waited more than ${this.#options.maxWaitMs} ms for a connection`));
   }
 
@@ -363,6 +410,7 @@ export class LookupQueue {
         for (const job of fifo.waiting()) {
           // FIFO: the rest are younger (a job moved up keeps its age, so it may stop this early).
           if (now - job.enqueuedAt <= this.#options.maxWaitMs) break;
+          this.#leaveQueue(job);
           this.#expire(job);
         }
       }

@@ -97,7 +97,7 @@ export class GatewayMetrics {
     });
     new Gauge({
       name: `${METRIC_PREFIX}registry_lookups`,
-      help: 'Registry lookups by state: queued (waiting for a pooled connection) or running.',
+      help: 'Registry lookups by state: queued (waiting for a pooled connection; what [policy] lookup_queue_size bounds) or running (holding one).',
       labelNames: ['state'],
       registers,
       collect() {

@@ -624,6 +624,26 @@ describe('work in proportion to what the peer spent', () => {
       session.destroy();
     }
   });
+  test('lookup_queue_size counts lookups waiting, not running: with a pool of 2 and a queue of 2, 4 of 10 CONNECTs sent at once are let in and 6 get 503 at once (review regression: 2 let in, none waiting)', async () => {
+    const gateway = await startGateway({ policy: { lookup_queue_size: 2, max_connections: 2, query_timeout_ms: 3000, pool_acquire_timeout_ms: 3000 } });
+    const conn = await raw(gateway, legit);
+    await conn.send(connectHeaders(1, world.echoAuthority), dataFrame(1, '', { endStream: true }));
+    assert.equal((await conn.waitForResponse(1, 3000)).status, 200); // vouched for: the whole queue is its to use
+    const release = await holdRegistry();
+    try {
+      const ids = Array.from({ length: 10 }, (_, i) => 3 + 2 * i);
+      await conn.send(...ids.map((id, i) => connectHeaders(id, `q${i}.test:1`)));
+      await until(() => conn.frames.filter((f) => f.type === FrameType.HEADERS).length >= 1 + 6, 2000, 'the overflow refused');
+      await sleep(200);
+      assert.equal(conn.frames.filter((f) => f.type === FrameType.HEADERS).length, 1 + 6, 'only the overflow was answered');
+      assert.deepEqual([gateway.lookups.running, gateway.lookups.queued], [2, 2]);
+      const refused = await Promise.all(ids.slice(4).map((id) => conn.waitForResponse(id, 100)));
+      assert.deepEqual(refused.map((a) => a.status), [503, 503, 503, 503, 503, 503]);
+    } finally {
+      await release();
+      conn.destroy();
+    }
+  });
 });
 
 describe('a stranger cannot starve agents the registry vouched for (regression: distinct destinations from a self-made identity filled the lookup queue; granted agents got 503)', () => {

@@ -26,6 +26,14 @@ function controlled() {
   return { calls, lookup };
 }
 
+/** Answers every lookup, those started meanwhile too, until none waits or runs. */
+async function drain(queue: LookupQueue, calls: ReturnType<typeof controlled>['calls']): Promise<void> {
+  while (queue.queued > 0 || queue.running > 0) {
+    for (const call of calls) call.resolve(ALLOWED);
+    await tick();
+  }
+}
+
 test('identical lookups in flight share one query; distinct ones do not', async () => {
   const { calls, lookup } = controlled();
   const queue = new LookupQueue(lookup, { concurrency: 5, maxQueued: 100, maxWaitMs: 10_000 });
@@ -210,14 +218,16 @@ test('one session nobody has vouched for has at most 64 lookups waiting; another
   const flooder = { vouched: false, strangerLookupsWaiting: 0 };
   const newcomer = { vouched: false, strangerLookupsWaiting: 0 };
   const gone = new AbortController();
-  const asked = Array.from({ length: MAX_STRANGER_LOOKUPS_PER_SESSION }, (_, i) => queue.authorize(request(`f${i}:443`, 'flooder'), gone.signal, 0, flooder).catch((e: unknown) => e));
+  // The first is given the one connection at once; 64 more wait.
+  const asked = Array.from({ length: MAX_STRANGER_LOOKUPS_PER_SESSION + 1 }, (_, i) => queue.authorize(request(`f${i}:443`, 'flooder'), gone.signal, 0, flooder).catch((e: unknown) => e));
   assert.equal(flooder.strangerLookupsWaiting, MAX_STRANGER_LOOKUPS_PER_SESSION);
+  assert.equal(queue.running, 1);
   await assert.rejects(queue.authorize(request('one-more:443', 'flooder'), gone.signal, 0, flooder), /this session, not yet vouched for, has 64 registry lookups waiting/);
   const first = queue.authorize(request('docs:443', 'newcomer'), new AbortController().signal, 0, newcomer);
   assert.equal(newcomer.strangerLookupsWaiting, 1);
   await tick();
   assert.equal(calls.length, 1, 'one connection: the flooder\'s first lookup runs');
-  assert.equal(flooder.strangerLookupsWaiting, MAX_STRANGER_LOOKUPS_PER_SESSION - 1);
+  assert.equal(flooder.strangerLookupsWaiting, MAX_STRANGER_LOOKUPS_PER_SESSION);
   // The flooder leaves: its waiting lookups are dropped and counted out; the running one finishes.
   gone.abort();
   assert.equal(flooder.strangerLookupsWaiting, 0);
@@ -227,7 +237,7 @@ test('one session nobody has vouched for has at most 64 lookups waiting; another
   assert.equal(newcomer.strangerLookupsWaiting, 0);
   calls[1]!.resolve(ALLOWED);
   assert.equal(await first, ALLOWED);
-  assert.equal((await Promise.all(asked)).filter((e) => e instanceof LookupCancelledError).length, MAX_STRANGER_LOOKUPS_PER_SESSION, 'every one of the flooder\'s CONNECTs was cancelled, the running one too');
+  assert.equal((await Promise.all(asked)).filter((e) => e instanceof LookupCancelledError).length, MAX_STRANGER_LOOKUPS_PER_SESSION + 1, 'every one of the flooder\'s CONNECTs was cancelled, the running one too');
   assert.equal(queue.queued, 0);
 });
 
@@ -260,10 +270,7 @@ for (const concurrency of [2, 3, 4, 5, 8]) {
     const agent = queue.authorize(request('docs:443'), signal, 0, { vouched: true, strangerLookupsWaiting: 0 });
     await tick();
     assert.equal(calls.at(-1)!.request.destination, 'docs:443', 'started at once on the free connection');
-    while (queue.queued > 0 || queue.running > 0) {
-      for (const call of calls) call.resolve(ALLOWED);
-      await tick();
-    }
+    await drain(queue, calls);
     await Promise.all([...asked, agent]);
   });
 }
@@ -297,4 +304,153 @@ test('an abandoned or moved-up lookup leaves its queue at once, and a session wi
   assert.deepEqual(calls.map((c) => c.request.destination), ['busy:443', 'moved:443']);
   for (const call of calls) call.resolve(ALLOWED);
   assert.equal(await shared, ALLOWED);
+});
+
+test('lookups given a connection do not count as waiting: a pool of 2 and a queue of 2 take 4 distinct lookups read in one burst and refuse the 5th (review regression: 2 were let in, none waiting)', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 2, maxQueued: 2, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const agent = { vouched: true, strangerLookupsWaiting: 0 };
+  const asked = ['a', 'b', 'c', 'd'].map((d) => queue.authorize(request(`${d}:443`), signal, 0, agent));
+  assert.equal(queue.running, 2);
+  assert.equal(queue.queued, 2);
+  await assert.rejects(queue.authorize(request('e:443'), signal, 0, agent), /registry lookup queue is full \(2 waiting\)/);
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['a:443', 'b:443']);
+  assert.equal(queue.queued, 2);
+  // Still full while two wait; a freed connection makes room for one more.
+  await assert.rejects(queue.authorize(request('e:443'), signal, 0, agent), /queue is full/);
+  calls[0]!.resolve(ALLOWED);
+  await tick();
+  assert.equal(queue.queued, 1);
+  const e = queue.authorize(request('e:443'), signal, 0, agent);
+  await drain(queue, calls);
+  assert.equal((await Promise.all([...asked, e])).length, 5);
+  assert.equal(queue.started, 5);
+});
+
+test('a pool of one and a queue of N: N lookups wait behind the running one, asked in one burst or not', async () => {
+  for (const sameBurst of [true, false]) {
+    const { calls, lookup } = controlled();
+    const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 3, maxWaitMs: 10_000 });
+    const signal = new AbortController().signal;
+    const asked = [queue.authorize(request('a:443'), signal)];
+    if (!sameBurst) await tick();
+    asked.push(...['b', 'c', 'd'].map((d) => queue.authorize(request(`${d}:443`), signal)));
+    assert.equal(queue.queued, 3);
+    await assert.rejects(queue.authorize(request('e:443'), signal), /queue is full \(3 waiting\)/);
+    await drain(queue, calls);
+    assert.equal((await Promise.all(asked)).length, 4);
+  }
+});
+
+test('strangers\' half of the queue counts only their lookups waiting: three quarters of a pool of 4 run and 5 wait, read in one burst', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 4, maxQueued: 10, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const session = { vouched: false, strangerLookupsWaiting: 0 };
+  const asked = Array.from({ length: 8 }, (_, i) => queue.authorize(request(`s${i}:443`, 'stranger'), signal, 0, session));
+  assert.equal(queue.running, 3);
+  assert.equal(queue.queuedForStrangers, 5);
+  assert.equal(session.strangerLookupsWaiting, 5);
+  await assert.rejects(queue.authorize(request('s8:443', 'stranger'), signal, 0, session), /full for peers not yet vouched for \(5 waiting\)/);
+  // The fourth connection is still a vouched-for lookup's, at once.
+  const agent = queue.authorize(request('docs:443'), signal, 0, { vouched: true, strangerLookupsWaiting: 0 });
+  assert.equal(queue.running, 4);
+  await tick();
+  assert.equal(calls.length, 4);
+  await drain(queue, calls);
+  assert.equal((await Promise.all([...asked, agent])).length, 9);
+  assert.equal(session.strangerLookupsWaiting, 0);
+});
+
+test('a lookup given a connection whose CONNECT is reset in the same burst is never sent, and its connection goes to the next waiting', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 1, maxWaitMs: 10_000 });
+  const reset = new AbortController();
+  const gone = queue.authorize(request('a:443'), reset.signal);
+  const next = queue.authorize(request('b:443'), new AbortController().signal);
+  assert.deepEqual([queue.running, queue.queued], [1, 1]);
+  reset.abort();
+  await assert.rejects(gone, LookupCancelledError);
+  assert.deepEqual([queue.running, queue.queued], [1, 0]);
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['b:443']);
+  calls[0]!.resolve(ALLOWED);
+  assert.equal(await next, ALLOWED);
+  await tick();
+  assert.deepEqual([queue.running, queue.queued, queue.started], [0, 0, 1]);
+});
+
+test('randomised: the counts never drift and the bounds hold exactly under asking, joining, moving up, aborting, settling and expiry', async () => {
+  let seed = 20260501;
+  const random = () => {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31;
+    return seed / 2 ** 31;
+  };
+  const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)]!;
+  for (let round = 0; round < 40; round++) {
+    const { calls, lookup } = controlled();
+    const concurrency = 1 + Math.floor(random() * 4);
+    const maxQueued = 1 + Math.floor(random() * 8);
+    const maxWaitMs = random() < 0.3 ? 5 : 10_000;
+    const queue = new LookupQueue(lookup, { concurrency, maxQueued, maxWaitMs });
+    const maxStrangers = Math.max(1, Math.floor(maxQueued / 2));
+    const strangers = [0, 1, 2].map(() => ({ vouched: false, strangerLookupsWaiting: 0 }));
+    const askers = [...strangers, { vouched: true, strangerLookupsWaiting: 0 }, undefined];
+    const controllers = Array.from({ length: 6 }, () => new AbortController());
+    const answers: Promise<unknown>[] = [];
+    let settled = 0;
+    const check = (where: string) => {
+      assert.ok(queue.queued <= maxQueued, `${where}: queued ${queue.queued} > ${maxQueued}`);
+      assert.ok(queue.queuedForStrangers <= maxStrangers, `${where}: strangers' ${queue.queuedForStrangers} > ${maxStrangers}`);
+      assert.ok(queue.queuedForStrangers <= queue.queued, where);
+      assert.equal(strangers.reduce((sum, s) => sum + s.strangerLookupsWaiting, 0), queue.queuedForStrangers, `${where}: sessions' counts`);
+      assert.ok(queue.running <= concurrency, where);
+    };
+    for (let step = 0; step < 200; step++) {
+      const op = random();
+      if (op < 0.5) {
+        const asker = pick(askers);
+        const before = { queued: queue.queued, strangers: queue.queuedForStrangers, running: queue.running };
+        const answer = queue.authorize(request(`d${Math.floor(random() * 12)}:443`), pick(controllers).signal, 0, asker);
+        answers.push(answer.then(() => undefined, (error: unknown) => {
+          if (error instanceof RegistryUnavailableError && /full/.test(error.message)) {
+            // Refused only when what waits is at its bound.
+            if (/queue is full \(/.test(error.message)) assert.equal(before.queued, maxQueued);
+            else assert.equal(before.strangers, maxStrangers);
+            // ... and only lookups that found no connection wait (strangers' may find theirs all taken).
+            assert.ok(before.running === concurrency || before.queued === before.strangers, 'refused beside a free connection');
+          }
+        }).finally(() => void settled++));
+      } else if (op < 0.6) {
+        const index = Math.floor(random() * controllers.length);
+        controllers[index]!.abort();
+        controllers[index] = new AbortController();
+      } else if (op < 0.8) {
+        const call = calls.splice(Math.floor(random() * calls.length), 1)[0];
+        if (random() < 0.8) call?.resolve(ALLOWED);
+        else call?.reject(new RegistryUnavailableError('down'));
+      } else if (op < 0.95) {
+        await tick();
+        check(`round ${round} step ${step} after a tick`);
+        // After the read: every connection held is a query sent, and none idles while a lookup that may use it waits.
+        assert.equal(queue.running, calls.length);
+        if (queue.queued > queue.queuedForStrangers) assert.equal(queue.running, concurrency, 'a vouched-for lookup waits beside a free connection');
+      } else {
+        await new Promise((resolve) => setTimeout(resolve, 6));
+      }
+      check(`round ${round} step ${step}`);
+    }
+    for (const controller of controllers) controller.abort();
+    while (calls.length > 0) {
+      calls.shift()!.resolve(ALLOWED);
+      await tick();
+    }
+    await tick();
+    await Promise.all(answers);
+    assert.equal(settled, answers.length);
+    assert.deepEqual([queue.queued, queue.queuedForStrangers, queue.running, queue.strangerSessionsQueued], [0, 0, 0, 0]);
+    for (const session of strangers) assert.equal(session.strangerLookupsWaiting, 0);
+  }
 });
