@@ -27,6 +27,13 @@ const STANDBY_BACKOFF_MAX_MS = 30_000;
 /** /readyz's view of the registry. */
 export type RegistryReadiness = { readonly ready: true } | { readonly ready: false; readonly reason: 'unavailable' | 'schema_mismatch'; readonly message: string };
 
+/** What to do about a registry at another schema version: migrate an older one; a newer one needs a newer gateway. */
+function schemaVersionHint(version: unknown): string {
+  if (typeof version !== 'number') return '';
+  if (version < SCHEMA_VERSION) return ' (run `agent-gateway-registry migrate`, or apply the newer files in migrations/ in order)';
+  return ' (this gateway is older than the registry\'s schema: upgrade the gateway to a release built for that version, or restore the database this gateway was built for)';
+}
+
 /**
  * The gateway's read-only view of the registry: a bounded pool, every wait bounded by a
  * `[policy]` timeout, and every failure to ask turned into RegistryUnavailableError (503).
@@ -152,9 +159,9 @@ export class RegistryClient {
       throw new RegistryUnavailableError(`cannot read schema_version: ${(error as Error).message}`, { cause: error });
     }
     if (rows.length !== 1) throw new SchemaVersionError(`schema_version must hold exactly one row, found ${rows.length}`);
-    if (rows[0]!.version !== SCHEMA_VERSION) {
-      const hint = typeof rows[0]!.version === 'number' && rows[0]!.version < SCHEMA_VERSION ? ' (run `agent-gateway-registry migrate`, or apply the newer files in migrations/ in order)' : '';
-      throw new SchemaVersionError(`registry schema version is ${String(rows[0]!.version)}, this gateway needs ${SCHEMA_VERSION}${hint}`);
+    const version = rows[0]!.version;
+    if (version !== SCHEMA_VERSION) {
+      throw new SchemaVersionError(`registry schema version is ${String(version)}, this gateway needs ${SCHEMA_VERSION}${schemaVersionHint(version)}`);
     }
   }
 
