@@ -54,27 +54,34 @@ export class Authoriser {
   }
 
   /**
-   * The decision for `request`; `fresh` skips the cache (re-checks of open tunnels); `asker`: the
-   * CONNECT's session (lookups.ts lets peers the registry vouched for go first).
+   * The cached decision for `request`, without waiting (a CONNECT's common case: no promise, no
+   * turn of the microtask queue), counted as a hit; undefined (counted as a miss or bypass) when
+   * lookUp must ask the registry.
    */
-  async decide(request: AuthorizationRequest, signal: AbortSignal, fresh = false, asker?: LookupAsker): Promise<Decision> {
+  cached(request: AuthorizationRequest): Decision | undefined {
+    const cache = this.#cache;
+    if (!cache) return undefined;
+    if (!this.#feed.confirmed) {
+      this.#metrics?.cache('bypass');
+      return undefined;
+    }
+    const generation = this.#feed.generation;
+    const hit = cache.get(decisionKey(request));
+    if (hit && hit.generation === generation && performance.now() < hit.expiresAt) {
+      this.#metrics?.cache('hit');
+      return { result: hit.result, cached: true, generation };
+    }
+    this.#metrics?.cache('miss');
+    return undefined;
+  }
+
+  /** Asks the registry (through the lookup queue), and caches an allowed answer that is still current. */
+  async lookUp(request: AuthorizationRequest, signal: AbortSignal, asker?: LookupAsker): Promise<Decision> {
     const generation = this.#feed.generation;
     const cache = this.#cache;
-    const key = cache ? decisionKey(request) : '';
-    if (cache && !fresh) {
-      if (!this.#feed.confirmed) this.#metrics?.cache('bypass');
-      else {
-        const hit = cache.get(key);
-        if (hit && hit.generation === generation && performance.now() < hit.expiresAt) {
-          this.#metrics?.cache('hit');
-          return { result: hit.result, cached: true, generation };
-        }
-        this.#metrics?.cache('miss');
-      }
-    }
     const result = await this.#lookups.authorize(request, signal, generation, asker);
     if (cache && result.allowed && result.validForMs > 0 && this.#feed.confirmed && this.#feed.generation === generation) {
-      cache.set(key, { result, generation, expiresAt: performance.now() + result.validForMs });
+      cache.set(decisionKey(request), { result, generation, expiresAt: performance.now() + result.validForMs });
     }
     return { result, cached: false, generation };
   }

@@ -56,8 +56,28 @@ export function inList(address: ipaddr.IPv4 | ipaddr.IPv6, list: readonly Cidr[]
   return list.find(([range, bits]) => range.kind() === address.kind() && address.match(range, bits));
 }
 
-/** The verdict for one address; pure. */
+/**
+ * Verdicts already reached, per policy (a config's is frozen; a reload brings a new one): an
+ * agent dials the same few addresses over and over, and ipaddr.js parses and classifies each
+ * anew. Bounded: past VERDICTS_KEPT addresses the memo starts again.
+ */
+const VERDICTS_KEPT = 1024;
+const verdicts = new WeakMap<EgressPolicy, Map<string, AddressVerdict>>();
+
+/** The verdict for one address; pure (remembered per policy). */
 export function vetAddress(text: string, policy: EgressPolicy): AddressVerdict {
+  let known = verdicts.get(policy);
+  if (known === undefined) verdicts.set(policy, (known = new Map()));
+  let verdict = known.get(text);
+  if (verdict === undefined) {
+    verdict = judgeAddress(text, policy);
+    if (known.size >= VERDICTS_KEPT) known.clear();
+    known.set(text, verdict);
+  }
+  return verdict;
+}
+
+function judgeAddress(text: string, policy: EgressPolicy): AddressVerdict {
   let address: ipaddr.IPv4 | ipaddr.IPv6;
   try {
     address = ipaddr.process(text);
@@ -95,32 +115,44 @@ export type VetResult =
  * gets a tunnel. The caller dials exactly the addresses returned, never resolving again.
  */
 export async function resolveAndVet(host: string, policy: EgressPolicy, resolver: HostResolver, timeoutMs: number, signal: AbortSignal): Promise<VetResult> {
-  let addresses: ResolvedAddress[];
+  return vetLiteral(host, policy) ?? resolveThenVet(host, policy, resolver, timeoutMs, signal);
+}
+
+/** The result for an IP-literal host, without resolving (or waiting); undefined for a name. */
+export function vetLiteral(host: string, policy: EgressPolicy): VetResult | undefined {
   const family = isIP(host);
-  if (family !== 0) addresses = [{ address: host, family: family === 6 ? 6 : 4 }];
-  else {
-    let timer: NodeJS.Timeout | undefined;
-    let onAbort: (() => void) | undefined;
-    try {
-      addresses = await Promise.race([
-        resolver(host),
-        new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(Object.assign(new Error(`no answer within ${timeoutMs} ms`), { code: 'ETIMEOUT' })), timeoutMs);
-          onAbort = () => reject(Object.assign(new Error('aborted'), { code: 'ABORT_ERR' }));
-          signal.addEventListener('abort', onAbort, { once: true });
-        }),
-      ]);
-    } catch (error) {
-      const code = (error as NodeJS.ErrnoException).code;
-      if (code === 'ABORT_ERR') return { ok: false, kind: 'aborted' };
-      if (code === 'ETIMEOUT') return { ok: false, kind: 'timeout', message: `resolving ${host}: ${(error as Error).message}` };
-      return { ok: false, kind: 'not_found', message: `resolving ${host}: ${(error as Error).message}` };
-    } finally {
-      clearTimeout(timer);
-      if (onAbort) signal.removeEventListener('abort', onAbort);
-    }
-    if (addresses.length === 0) return { ok: false, kind: 'not_found', message: `${host} has no address` };
+  if (family === 0) return undefined;
+  return vetAll([{ address: host, family: family === 6 ? 6 : 4 }], policy);
+}
+
+async function resolveThenVet(host: string, policy: EgressPolicy, resolver: HostResolver, timeoutMs: number, signal: AbortSignal): Promise<VetResult> {
+  let addresses: ResolvedAddress[];
+  let timer: NodeJS.Timeout | undefined;
+  let onAbort: (() => void) | undefined;
+  try {
+    addresses = await Promise.race([
+      resolver(host),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(Object.assign(new Error(`no answer within ${timeoutMs} ms`), { code: 'ETIMEOUT' })), timeoutMs);
+        onAbort = () => reject(Object.assign(new Error('aborted'), { code: 'ABORT_ERR' }));
+        signal.addEventListener('abort', onAbort, { once: true });
+      }),
+    ]);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ABORT_ERR') return { ok: false, kind: 'aborted' };
+    if (code === 'ETIMEOUT') return { ok: false, kind: 'timeout', message: `resolving ${host}: ${(error as Error).message}` };
+    return { ok: false, kind: 'not_found', message: `resolving ${host}: ${(error as Error).message}` };
+  } finally {
+    clearTimeout(timer);
+    if (onAbort) signal.removeEventListener('abort', onAbort);
   }
+  if (addresses.length === 0) return { ok: false, kind: 'not_found', message: `${host} has no address` };
+  return vetAll(addresses, policy);
+}
+
+/** Every address must be allowed: one that is not refuses the destination. */
+function vetAll(addresses: readonly ResolvedAddress[], policy: EgressPolicy): VetResult {
   for (const { address } of addresses) {
     const verdict = vetAddress(address, policy);
     if (!verdict.allowed) return { ok: false, kind: 'forbidden', address, why: verdict.why };

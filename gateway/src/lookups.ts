@@ -1,9 +1,18 @@
 import type { AuthorizationRequest, AuthorizationResult } from '../../registry/authorize.js';
 import { RegistryUnavailableError } from '../../registry/errors.js';
 
+/** Each key's text, made once per parsed certificate (a session's CONNECTs share its key bytes). */
+const spkiTexts = new WeakMap<Uint8Array, string>();
+
+function spkiText(der: Uint8Array): string {
+  let text = spkiTexts.get(der);
+  if (text === undefined) spkiTexts.set(der, (text = Buffer.from(der.buffer, der.byteOffset, der.byteLength).toString('base64')));
+  return text;
+}
+
 /** One key per (identity, SPKI, destination): what a decision is about (lookups and the cache). */
 export function decisionKey(request: AuthorizationRequest): string {
-  return `${request.identity}\n${Buffer.from(request.spkiDer).toString('base64')}\n${request.destination}`;
+  return `${request.identity}\n${spkiText(request.spkiDer)}\n${request.destination}`;
 }
 
 /** What runs one lookup (RegistryClient.authorize, bound). */
