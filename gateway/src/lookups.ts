@@ -264,13 +264,17 @@ export class LookupQueue {
     const key = `${generation}\n${decisionKey(request)}`;
     let job = this.#inFlight.get(key);
     if (!job) {
-      if (this.queued >= this.#options.maxQueued) {
+      // A lookup that gets a connection at once never waits, so no bound on waiting refuses it
+      // (review regression: with lookup_queue_size 1, one stranger waiting got a vouched-for
+      // CONNECT a 503 beside the free connection kept for vouched-for lookups).
+      const startsNow = this.#running < this.#options.concurrency && (!stranger || this.#runningStrangers < this.#maxRunningStrangers);
+      if (!startsNow && this.queued >= this.#options.maxQueued) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full (${this.#options.maxQueued} waiting)`));
       }
-      if (stranger && this.#waitingStrangers >= this.#maxQueuedStrangers) {
+      if (!startsNow && stranger && this.#waitingStrangers >= this.#maxQueuedStrangers) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full for peers not yet vouched for (${this.#maxQueuedStrangers} waiting)`));
       }
-      if (stranger && stranger.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
+      if (!startsNow && stranger && stranger.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
         return Promise.reject(new RegistryUnavailableError(`this session, not yet vouched for, has ${MAX_STRANGER_LOOKUPS_PER_SESSION} registry lookups waiting`));
       }
       job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), state: 'waiting', vouched: !stranger, strangerConnection: false, asker: stranger };

@@ -419,8 +419,10 @@ test('randomised: the counts never drift and the bounds hold exactly under askin
             // Refused only when what waits is at its bound.
             if (/queue is full \(/.test(error.message)) assert.equal(before.queued, maxQueued);
             else assert.equal(before.strangers, maxStrangers);
-            // ... and only lookups that found no connection wait (strangers' may find theirs all taken).
-            assert.ok(before.running === concurrency || before.queued === before.strangers, 'refused beside a free connection');
+            // ... and only lookups that found no connection wait (strangers' may find theirs all taken;
+            // a vouched-for lookup is never refused while any connection is free).
+            if (asker?.vouched !== false) assert.equal(before.running, concurrency, 'a vouched-for lookup refused beside a free connection');
+            else assert.ok(before.running === concurrency || before.queued === before.strangers, 'refused beside a free connection');
           }
         }).finally(() => void settled++));
       } else if (op < 0.6) {
@@ -453,4 +455,28 @@ test('randomised: the counts never drift and the bounds hold exactly under askin
     assert.deepEqual([queue.queued, queue.queuedForStrangers, queue.running, queue.strangerSessionsQueued], [0, 0, 0, 0]);
     for (const session of strangers) assert.equal(session.strangerLookupsWaiting, 0);
   }
+});
+
+// Regression (review of the lookup_queue_size fix): with a queue of 1, one stranger's lookup
+// waiting filled it, and a vouched-for CONNECT got 503 beside the connection kept for vouched-for
+// lookups.
+test('lookup queue: a lookup that gets a connection at once is never refused by a full queue', async () => {
+  const pending: Array<() => void> = [];
+  const queue = new LookupQueue(() => new Promise<AuthorizationResult>((resolve) => pending.push(() => resolve(ALLOWED))), { concurrency: 4, maxQueued: 1, maxWaitMs: 10_000 });
+  const signal = new AbortController().signal;
+  const stranger = { vouched: false, strangerLookupsWaiting: 0 };
+  const strangers = [0, 1, 2, 3].map((i) => queue.authorize(request(`s${i}:443`), signal, 0, stranger));
+  assert.equal(queue.running, 3, "strangers' share of 4 connections");
+  assert.equal(queue.queued, 1, 'the queue of 1 is full');
+  const agent = queue.authorize(request('docs:443'), signal, 0, { vouched: true, strangerLookupsWaiting: 0 });
+  assert.equal(queue.running, 4, 'the vouched-for lookup took the free connection');
+  const fifth = queue.authorize(request('s4:443'), signal, 0, stranger);
+  await assert.rejects(fifth, /queue is full/, 'a stranger that would wait is still refused');
+  // Answer every query, including those sent once others free their connection (after a read).
+  for (let turn = 0; turn < 20; turn++) {
+    while (pending.length > 0) pending.shift()!();
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+  assert.deepEqual(await agent, ALLOWED);
+  await Promise.all(strangers);
 });
