@@ -244,10 +244,19 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     log.info({ event: 'tls_handshake_failed', reason, code: error.code, err: error.message }, 'TLS handshake failed');
   });
 
+  // The TLS socket under the session Node is about to create: its 'secureConnection' listener
+  // (registered when the server was made) creates the session and emits 'session' at once, and
+  // session.socket refuses destroy(), which a wedged session needs (sessions.ts, silence backstop).
+  let accepted: TLSSocket | undefined;
+  server.prependListener('secureConnection', (socket: TLSSocket) => (accepted = socket));
   server.on('session', (session: ServerHttp2Session) => {
     const socket = session.socket;
+    // The same connection, or none: a TLS connection that never became a session (no h2) leaves
+    // its socket here, and no other connection may be closed for this session's silence.
+    const connection = accepted && accepted.remotePort === socket.remotePort && accepted.remoteAddress === socket.remoteAddress && accepted.localPort === socket.localPort ? accepted : undefined;
+    accepted = undefined;
     const client = front?.clientOf(socket) ?? { address: socket.remoteAddress ?? '', port: socket.remotePort ?? 0 };
-    sessions.adopt(session, config.server.session_window_bytes, config.server.max_session_age_ms, client);
+    sessions.adopt(session, config.server.session_window_bytes, config.server.max_session_age_ms, client, connection);
     if (closing) session.close();
   });
 
@@ -289,6 +298,8 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     }
     // Node fixed the handshake timeout when the server was created: keep reporting the one in force.
     limits = Object.freeze({ ...next, handshake_timeout_ms: config.limits.handshake_timeout_ms });
+    // Longer idle deadlines must not let open sessions be taken for wedged ones.
+    if (changed.includes('idle_timeout_ms') || changed.includes('session_idle_timeout_ms')) sessions.rearmSilence();
     return changed.filter((key) => key !== 'handshake_timeout_ms');
   }
 

@@ -53,6 +53,8 @@ interface SessionState extends PeerSession {
   anonymousTimer: NodeJS.Timeout | undefined;
   /** A CONNECT of this peer was allowed (on this session, or recently): spared the strangers' deadline. */
   proven: boolean;
+  /** The silence backstop in force for this session (0: none). */
+  silentMs: number;
 }
 
 /**
@@ -72,6 +74,17 @@ type StreamOfSession = ServerHttp2Stream & { [SESSION_STATE]?: SessionState | un
  * sessions without a usable identity, and release on TCP end (no CLOSE_WAIT). It reads the
  * client certificate once per session, bounded and cached by its hash.
  */
+/**
+ * How long a live session can go without a frame either way: each tunnel ends after
+ * `idle_timeout_ms` without a byte, then the session gets GOAWAY after `session_idle_timeout_ms`
+ * without a stream, so twice the longer of the two is never reached by a session that works.
+ * 0 (no backstop) when either is off: a silent session may then be legitimately idle for ever.
+ */
+export function silenceBackstopMs(limits: Pick<GatewayConfig['limits'], 'idle_timeout_ms' | 'session_idle_timeout_ms'>): number {
+  const { idle_timeout_ms: idle, session_idle_timeout_ms: sessionIdle } = limits;
+  return idle > 0 && sessionIdle > 0 ? 2 * Math.max(idle, sessionIdle) : 0;
+}
+
 export class SessionGuard {
   readonly #config: GatewayConfig;
   readonly #limits: () => GatewayConfig['limits'];
@@ -111,9 +124,24 @@ export class SessionGuard {
     return this.#sessions.get(session);
   }
 
-  /** Takes charge of a new session; returns its state. */
-  adopt(session: ServerHttp2Session, sessionWindowBytes: number, maxAgeMs: number, client: ClientAddress): PeerSession {
+  /**
+   * Takes charge of a new session; returns its state. `connection` is the TLS socket under it
+   * (session.socket refuses destroy()), for the silence backstop.
+   */
+  adopt(session: ServerHttp2Session, sessionWindowBytes: number, maxAgeMs: number, client: ClientAddress, connection?: TLSSocket): PeerSession {
     const limits = this.#limits();
+    // The silence backstop: a session silent for longer than any live one can be (silenceBackstopMs)
+    // is wedged; its connection is closed. Node 22's http2 wedges a session whose peer vanished
+    // while the session's writes were stalled: no 'close', and session.destroy() keeps the socket.
+    const onSilent = () => {
+      this.#log.info({ event: 'session_silent', silent_ms: this.#sessions.get(session)?.silentMs }, 'session silent past every idle deadline: closing its connection');
+      session.destroy();
+      connection?.destroy();
+    };
+    // One listener for the session's life; rearmSilence() only moves the deadline.
+    session.on('timeout', onSilent);
+    const silentMs = silenceBackstopMs(limits);
+    if (silentMs > 0) session.setTimeout(silentMs);
     // Node destroys a session on error; without a listener the error would end the process.
     session.on('error', (error) => this.#log.debug({ err: error.message, code: (error as NodeJS.ErrnoException).code }, 'session error'));
     session.on('frameError', (type, code) => this.#log.debug({ frame_type: type, code }, 'frame error'));
@@ -158,6 +186,7 @@ export class SessionGuard {
       idleTimer: undefined,
       anonymousTimer: undefined,
       proven: this.#isVouched(peer.identity),
+      silentMs,
       get vouched() {
         return guard.#isVouched(this.identity);
       },
@@ -214,6 +243,20 @@ export class SessionGuard {
     this[SESSION_STATE] = undefined;
     state.openStreams--;
     if (state.openStreams === 0) state.guard.#armIdle(state.session, state);
+  }
+
+  /**
+   * The idle deadlines changed (reload): an open session's silence backstop grows with them, or
+   * ends when one is turned off, and never shrinks (its tunnels keep the idle deadline they were
+   * opened with, and may be silent that long).
+   */
+  rearmSilence(): void {
+    const silentMs = silenceBackstopMs(this.#limits());
+    for (const [session, state] of this.#sessions) {
+      if (session.destroyed || state.silentMs === 0 || (silentMs !== 0 && silentMs <= state.silentMs)) continue;
+      state.silentMs = silentMs;
+      session.setTimeout(silentMs);
+    }
   }
 
   /** GOAWAY to every session (shutdown); those still open after `graceMs` are destroyed. */

@@ -49,6 +49,12 @@ async function removeStaleSocket(path: string): Promise<void> {
  */
 export const ABANDON_LINGER_MS = 2000;
 
+/** What an abandoned stream may still read (and drop) while it lingers. */
+export const ABANDON_DRAIN_BYTES = 256 * 1024;
+
+/** Streams already abandoned: an agent's 'error' and then its 'close' abandon once. */
+const abandoned = new WeakSet<ClientHttp2Stream>();
+
 /**
  * Resets this sidecar may send the gateway: a burst, refilled at a rate, both well inside
  * nghttp2's rapid-reset defence (in the gateway's Node, as in nghttpx and Apache: a burst of
@@ -85,7 +91,16 @@ export class ResetBudget {
  * dropped; a stream the gateway has not ended after ABANDON_LINGER_MS is reset within `budget`.
  */
 function abandon(stream: ClientHttp2Stream, budget: ResetBudget): void {
-  if (stream.closed || stream.destroyed) return;
+  if (stream.closed || stream.destroyed || abandoned.has(stream)) return;
+  abandoned.add(stream);
+  // What still comes is read and dropped up to ABANDON_DRAIN_BYTES, then the stream is paused:
+  // flow control stops the gateway, which stops reading the destination (review regression: a
+  // destination that kept sending after the FIN was read at full speed for the whole linger).
+  let drained = 0;
+  stream.on('data', (chunk: Buffer) => {
+    drained += chunk.length;
+    if (drained >= ABANDON_DRAIN_BYTES) stream.pause();
+  });
   stream.resume();
   if (!stream.writableEnded) stream.end();
   let timer: NodeJS.Timeout;

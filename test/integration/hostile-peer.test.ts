@@ -22,6 +22,7 @@ import pg from 'pg';
 import { parseConfig } from '../../gateway/src/config.js';
 import type { HostResolver } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
+import { silenceBackstopMs } from '../../gateway/src/sessions.js';
 import { ABANDON_LINGER_MS } from '../../sidecar/src/local-proxy.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
@@ -53,8 +54,17 @@ async function collectGarbage(): Promise<void> {
   }
 }
 
-async function startGateway(overrides: { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown>; server?: Record<string, unknown> } = {}, resolver?: HostResolver): Promise<Gateway> {
-  const config = parseConfig({
+type Overrides = { limits?: Record<string, unknown>; policy?: Record<string, unknown>; audit?: Record<string, unknown>; server?: Record<string, unknown> };
+
+async function startGateway(overrides: Overrides = {}, resolver?: HostResolver): Promise<Gateway> {
+  const gateway = createGateway(gatewayConfig(overrides), { logger: captureLogger(lines), ...(resolver ? { resolver } : {}) });
+  gateways.push(gateway);
+  await gateway.listen();
+  return gateway;
+}
+
+function gatewayConfig(overrides: Overrides = {}) {
+  return parseConfig({
     server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, ...overrides.server },
     policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000, ...overrides.policy },
     observability: { log_level: 'debug' },
@@ -64,10 +74,6 @@ async function startGateway(overrides: { limits?: Record<string, unknown>; polic
     audit: { enabled: false, ...overrides.audit },
     limits: { ...LIMITS, ...overrides.limits },
   });
-  const gateway = createGateway(config, { logger: captureLogger(lines), ...(resolver ? { resolver } : {}) });
-  gateways.push(gateway);
-  await gateway.listen();
-  return gateway;
 }
 
 /**
@@ -1048,6 +1054,50 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
     }
   });
 
+  // Regression (review of the change above): the abandoned stream was read and dropped at full
+  // speed for the whole linger, so the gateway kept reading a destination that ignores the FIN
+  // (449 MiB in 2 s).
+  test('an abandoned download from a destination that keeps sending: bounded by flow control during the linger', async () => {
+    const sockets = new Set<Socket>();
+    let written = 0;
+    const chunk = Buffer.alloc(64 * 1024, 0x61);
+    // Keeps sending after the client's FIN, as a server streaming a file does.
+    const server = createServer({ allowHalfOpen: true }, (socket) => {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      socket.once('close', () => sockets.delete(socket));
+      const pump = () => {
+        while (!socket.destroyed && socket.writable) {
+          written += chunk.length;
+          if (!socket.write(chunk)) return void socket.once('drain', pump);
+        }
+      };
+      pump();
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const authority = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+    await world.fixture.delegate(world.alice.keyId, authority);
+    await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+    const { gateway, sidecar } = await gatewayWithSidecar(100);
+    try {
+      const { status, socket } = await localConnect(sidecar.port, authority);
+      assert.equal(status, 200);
+      await once(socket, 'data');
+      socket.resetAndDestroy();
+      await sleep(ABANDON_LINGER_MS / 2);
+      const midLinger = written;
+      await sleep(ABANDON_LINGER_MS / 4);
+      assert.equal(written, midLinger, 'the destination is no longer read while the stream lingers');
+      await until(() => gateway.openTunnels === 0, ABANDON_LINGER_MS + 3000, 'reset after the linger');
+      assert.ok(written < 256 * 2 ** 20, `${(written / 2 ** 20).toFixed(0)} MiB read from the destination in all`);
+    } finally {
+      await sidecar.close();
+      for (const s of sockets) s.destroy();
+      server.close();
+    }
+  });
+
   test('an abandoned tunnel whose destination never closes is reset after ABANDON_LINGER_MS', async () => {
     const { gateway, sidecar } = await gatewayWithSidecar(100);
     try {
@@ -1222,6 +1272,49 @@ describe('HTTP/2 floods, and a peer that stops reading', () => {
     await legitServed(gateway);
   });
 
+  // Regression (Node 22): its node:http2 wedged such a session for good once the client vanished
+  // (no 'close'; session.destroy() kept the descriptor). The silence backstop closes it.
+  test('a client that stalls downloads and then vanishes: everything is released, by the silence backstop at the latest', async () => {
+    const limits = { idle_timeout_ms: 1000, session_idle_timeout_ms: 1000 };
+    const backstop = silenceBackstopMs(limits);
+    assert.equal(backstop, 2000);
+    const own = await startGateway({ limits });
+    const base = await baseline(own);
+    const conn = await raw(own, legit, { settings: [[Setting.INITIAL_WINDOW_SIZE, 2 ** 31 - 1]] });
+    await conn.send(windowUpdateFrame(0, 2 ** 31 - 1 - 65_535));
+    await conn.send(...Array.from({ length: 8 }, (_, i) => connectHeaders(1 + 2 * i, firehose.authority)));
+    for (let i = 0; i < 8; i++) assert.equal((await conn.waitForResponse(1 + 2 * i, 2000)).status, 200);
+    conn.socket.pause();
+    await sleep(300); // the buffers between fill
+    conn.destroy();
+    await until(() => own.openSessions === 0 && own.openTunnels === 0, backstop + 3000, `released (sessions ${own.openSessions}, tunnels ${own.openTunnels})`);
+    await backToBaseline(own, base, 'stalled then vanished');
+    await legitServed(own);
+    await own.close(100);
+  });
+
+  test('the silence backstop follows a reload that lengthens or ends it: a session silent past the old one stays', async () => {
+    const limits = { idle_timeout_ms: 1000, session_idle_timeout_ms: 1000 };
+    const own = await startGateway({ limits, policy: { query_timeout_ms: 10_000, pool_acquire_timeout_ms: 10_000 } });
+    // A CONNECT waiting on a held registry: a stream is open (no idle deadline runs) and no frame moves.
+    const release = await holdRegistry();
+    let conn: RawH2 | undefined;
+    try {
+      conn = await raw(own, stranger);
+      await conn.send(connectHeaders(1, world.echoAuthority));
+      await until(() => own.lookups.running + own.lookups.queued === 1, 2000, 'the lookup waits');
+      const result = await own.reload(gatewayConfig({ limits: { ...limits, session_idle_timeout_ms: 0 }, policy: { query_timeout_ms: 10_000, pool_acquire_timeout_ms: 10_000 } }));
+      assert.deepEqual(result.limits, ['session_idle_timeout_ms']);
+      await sleep(silenceBackstopMs(limits) + 1000);
+      assert.equal(own.openSessions, 1, 'not taken for a wedged session after the reload');
+    } finally {
+      await release();
+    }
+    assert.equal((await conn.waitForResponse(1, 5000)).status, 403, 'the CONNECT is answered once the registry is back');
+    conn.destroy();
+    await own.close(100);
+  });
+
   test('a CONTINUATION flood (a header block that never ends): GOAWAY, nothing held', async () => {
     const base = await baseline(gateway);
     const before = await held();
@@ -1240,12 +1333,15 @@ describe('HTTP/2 floods, and a peer that stops reading', () => {
     await legitServed(gateway);
   });
 
-  // Each frame asks for an answer (or is a protocol error) that the attacker never reads.
+  // Each frame costs the gateway something (an answer the attacker never reads, or state).
+  // (RST_STREAM for idle streams is not here: the first one is a connection error, RFC 9113 §6.4;
+  // the rapid-reset flood, HEADERS then RST_STREAM, has its own test above.)
   for (const [name, make] of [
     ['PING', () => pingFrame()],
     ['SETTINGS', () => settingsFrame([[Setting.INITIAL_WINDOW_SIZE, 65_535]])],
-    ['PRIORITY (idle streams)', (i: number) => priorityFrame(1001 + 2 * i, { dependsOn: 1 + 2 * i })],
-    ['RST_STREAM (idle streams)', (i: number) => rstStreamFrame(1 + 2 * i)],
+    // Legal frames (RFC 9113 allows PRIORITY on an idle stream): nghttp2 calls it a flood
+    // (GOAWAY ENHANCE_YOUR_CALM after some 20,000 when the peer reads).
+    ['PRIORITY (one idle stream, over and over)', () => priorityFrame(3, { dependsOn: 0 })],
   ] as const) {
     test(`a ${name} flood from a peer that reads nothing: the gateway drops the session, nothing held`, async () => {
       const base = await baseline(gateway);
