@@ -1058,27 +1058,9 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
   // speed for the whole linger, so the gateway kept reading a destination that ignores the FIN
   // (449 MiB in 2 s).
   test('an abandoned download from a destination that keeps sending: bounded by flow control during the linger', async () => {
-    const sockets = new Set<Socket>();
-    let written = 0;
-    const chunk = Buffer.alloc(64 * 1024, 0x61);
-    // Keeps sending after the client's FIN, as a server streaming a file does.
-    const server = createServer({ allowHalfOpen: true }, (socket) => {
-      sockets.add(socket);
-      socket.on('error', () => {});
-      socket.once('close', () => sockets.delete(socket));
-      const pump = () => {
-        while (!socket.destroyed && socket.writable) {
-          written += chunk.length;
-          if (!socket.write(chunk)) return void socket.once('drain', pump);
-        }
-      };
-      pump();
-    });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const authority = `127.0.0.1:${(server.address() as AddressInfo).port}`;
-    await world.fixture.delegate(world.alice.keyId, authority);
-    await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+    const destination = await startFirehose(true);
+    const authority = destination.authority;
+    const written = destination.written;
     const { gateway, sidecar } = await gatewayWithSidecar(100);
     try {
       const { status, socket } = await localConnect(sidecar.port, authority);
@@ -1086,15 +1068,14 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
       await once(socket, 'data');
       socket.resetAndDestroy();
       await sleep(ABANDON_LINGER_MS / 2);
-      const midLinger = written;
+      const midLinger = written();
       await sleep(ABANDON_LINGER_MS / 4);
-      assert.equal(written, midLinger, 'the destination is no longer read while the stream lingers');
+      assert.equal(written(), midLinger, 'the destination is no longer read while the stream lingers');
       await until(() => gateway.openTunnels === 0, ABANDON_LINGER_MS + 3000, 'reset after the linger');
-      assert.ok(written < 256 * 2 ** 20, `${(written / 2 ** 20).toFixed(0)} MiB read from the destination in all`);
+      assert.ok(written() < 256 * 2 ** 20, `${(written() / 2 ** 20).toFixed(0)} MiB read from the destination in all`);
     } finally {
       await sidecar.close();
-      for (const s of sockets) s.destroy();
-      server.close();
+      destination.close();
     }
   });
 
@@ -1149,6 +1130,49 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
 });
 
 /** A gateway and a sidecar (software key) with one session to it; counts TLS handshakes. */
+/** A destination granted to agent-legit that writes as fast as it is let, and counts what it wrote. */
+interface Firehose {
+  readonly server: Server;
+  readonly authority: string;
+  readonly written: () => number;
+  readonly sockets: Set<Socket>;
+  close(): void;
+}
+
+/** `keepSending`: go on after the client's FIN, as a server streaming a file does. */
+async function startFirehose(keepSending = false): Promise<Firehose> {
+  const sockets = new Set<Socket>();
+  let written = 0;
+  const chunk = Buffer.alloc(64 * 1024, 0x61);
+  const server = createServer({ allowHalfOpen: keepSending }, (socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.once('close', () => sockets.delete(socket));
+    const pump = () => {
+      while (!socket.destroyed && socket.writable) {
+        written += chunk.length;
+        if (!socket.write(chunk)) return void socket.once('drain', pump);
+      }
+    };
+    pump();
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const authority = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+  await world.fixture.delegate(world.alice.keyId, authority);
+  await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+  return {
+    server,
+    authority,
+    written: () => written,
+    sockets,
+    close() {
+      for (const socket of sockets) socket.destroy();
+      server.close();
+    },
+  };
+}
+
 async function gatewayWithSidecar(maxStreams: number, server: Record<string, unknown> = {}): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
   const gateway = await startGateway({ limits: { max_streams_per_session: maxStreams }, server });
   let handshakes = 0;
@@ -1203,36 +1227,12 @@ const NODE_22_WEDGES = Number(process.versions.node.split('.')[0]) < 24 ? `node:
 
 describe('HTTP/2 floods, and a peer that stops reading', () => {
   let gateway: Gateway;
-  let firehose: { server: Server; authority: string; written: () => number; sockets: Set<Socket> };
+  let firehose: Firehose;
   before(async () => {
     gateway = await startGateway();
-    // A destination that writes as fast as it is let.
-    const sockets = new Set<Socket>();
-    let written = 0;
-    const chunk = Buffer.alloc(64 * 1024, 0x61);
-    const server = createServer((socket) => {
-      sockets.add(socket);
-      socket.on('error', () => {});
-      socket.once('close', () => sockets.delete(socket));
-      const pump = () => {
-        while (!socket.destroyed) {
-          written += chunk.length;
-          if (!socket.write(chunk)) return void socket.once('drain', pump);
-        }
-      };
-      pump();
-    });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    const authority = `127.0.0.1:${(server.address() as AddressInfo).port}`;
-    firehose = { server, authority, written: () => written, sockets };
-    await world.fixture.delegate(world.alice.keyId, authority);
-    await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+    firehose = await startFirehose();
   });
-  after(() => {
-    for (const socket of firehose?.sockets ?? []) socket.destroy();
-    firehose?.server.close();
-  });
+  after(() => firehose?.close());
 
   /** What this process holds on V8's heap and in buffers, garbage collected. */
   async function held(): Promise<number> {
