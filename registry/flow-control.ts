@@ -28,3 +28,21 @@ export const MAX_WINDOW_BYTES = Number(process.versions.node.split('.')[0]) >= 2
  * cannot make one session hold more than a few windows' worth of unread data.
  */
 export const MAX_SESSION_MEMORY_MB = 64;
+
+/** The gateway's default `max_streams_per_session`: how many streams a sidecar's session may hold. */
+const STREAMS_PER_SESSION = 1000;
+/** However large the configured windows, the sidecar's cap stops here. */
+const SIDECAR_SESSION_MEMORY_CEILING_MB = 4096;
+
+/**
+ * The sidecar's cap (MB). Each open stream may hold up to a stream window of download its agent
+ * has not read yet; with MAX_SESSION_MEMORY_MB, a hundred tunnels whose agents stopped reading
+ * made Node stop reading the whole session, so every other agent's tunnel stalled until the PING
+ * timeout dropped the session (black-box review). The sidecar therefore allows a window for each
+ * stream the gateway lets a session open, on top: what is held stays bounded by flow control, and
+ * is held for agents behind this sidecar only. The gateway keeps MAX_SESSION_MEMORY_MB: it serves
+ * many sidecars, and one session must not hold it a gigabyte.
+ */
+export function sidecarSessionMemoryMb(streamWindowBytes: number): number {
+  return MAX_SESSION_MEMORY_MB + Math.min(SIDECAR_SESSION_MEMORY_CEILING_MB, Math.ceil((STREAMS_PER_SESSION * streamWindowBytes) / 2 ** 20));
+}

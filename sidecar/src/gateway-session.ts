@@ -10,7 +10,7 @@ import {
 import type { SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import { AgentGatewayError } from '../../registry/errors.js';
-import { MAX_SESSION_MEMORY_MB, SESSION_WINDOW_BYTES, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
+import { SESSION_WINDOW_BYTES, sidecarSessionMemoryMb, STREAM_WINDOW_BYTES } from '../../registry/flow-control.js';
 
 
 export class GatewayUnavailableError extends AgentGatewayError {
@@ -153,7 +153,7 @@ export class GatewaySession extends EventEmitter {
       secureContext,
       ...(servername ? { servername } : {}),
       settings: { initialWindowSize: this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES, enablePush: false },
-      maxSessionMemory: MAX_SESSION_MEMORY_MB,
+      maxSessionMemory: sidecarSessionMemoryMb(this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES),
     });
     this.#sessionKeys.set(session, fingerprint);
     let established = false;

@@ -138,9 +138,19 @@ function writeHead(agent: Socket, status: number, headers: Record<string, string
   agent.write(`${lines.join('\r\n')}\r\n\r\n`);
 }
 
+/**
+ * How long a refused agent keeps its connection: an agent that never reads its answer (or a
+ * request cut off by the header timeout) would otherwise hold a descriptor for as long as it
+ * likes (black-box review: 100 such connections held for the whole run).
+ */
+export const REFUSAL_LINGER_MS = 2000;
+
 /** Ends a refused CONNECT with its status, proxy-status and the one-line body. */
 function refuse(agent: Socket, answer: Refusal): void {
   if (agent.writable) agent.end(rawResponse(answer));
+  const timer = setTimeout(() => agent.destroy(), REFUSAL_LINGER_MS);
+  timer.unref();
+  agent.once('close', () => clearTimeout(timer));
 }
 
 /** Answers a plain request with a refusal; the connection closes after it. */

@@ -23,7 +23,7 @@ import { parseConfig } from '../../gateway/src/config.js';
 import type { HostResolver } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { silenceBackstopMs } from '../../gateway/src/sessions.js';
-import { ABANDON_LINGER_MS } from '../../sidecar/src/local-proxy.js';
+import { ABANDON_LINGER_MS, REFUSAL_LINGER_MS } from '../../sidecar/src/local-proxy.js';
 import { startSidecar, type Sidecar } from '../../sidecar/src/sidecar.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { EARLY_DATA_PROCESS_BYTES, EARLY_DATA_SESSION_BYTES, EARLY_DATA_STREAM_BYTES } from '../../gateway/src/early-data.js';
@@ -1079,6 +1079,61 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
     }
   });
 
+  // Regression (black-box review): with the gateway's 64 MB session-memory cap on the sidecar too,
+  // 100 agents that stopped reading their downloads (a window each held for them) made Node stop
+  // reading the whole session; every other tunnel stalled until the PING timeout dropped it.
+  test('100 agents that stop reading their downloads: the sidecar keeps its session, and another agent is served', async () => {
+    const destination = await startFirehose();
+    const { sidecar, handshakes } = await gatewayWithSidecar(1000, {}, { pingIntervalMs: 1000 });
+    const stuck: Socket[] = [];
+    try {
+      for (let batch = 0; batch < 10; batch++) {
+        const opened = await Promise.all(Array.from({ length: 10 }, () => localConnect(sidecar.port, destination.authority)));
+        for (const { status, socket } of opened) {
+          assert.equal(status, 200);
+          socket.pause();
+          stuck.push(socket);
+        }
+      }
+      await sleep(3000); // three PING intervals with every window full
+      const other = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(other.status, 200, 'another agent still gets a tunnel');
+      other.socket.write('still served');
+      const [echoed] = (await once(other.socket, 'data')) as [Buffer];
+      assert.equal(echoed.toString(), 'still served');
+      other.socket.destroy();
+      assert.equal(handshakes(), 1, 'the same session throughout');
+    } finally {
+      for (const socket of stuck) socket.destroy();
+      await sidecar.close();
+      destination.close();
+    }
+  });
+
+  // Regression (black-box review): the sidecar ended a refusal with end() only, so an agent that
+  // never read it kept the descriptor for as long as it liked.
+  test('50 agents refused who never read their answer: the sidecar closes their connections after REFUSAL_LINGER_MS', async () => {
+    const { sidecar } = await gatewayWithSidecar(100);
+    const agents: Socket[] = [];
+    try {
+      const before = readdirSync('/proc/self/fd').length;
+      for (let i = 0; i < 50; i++) {
+        const socket = netConnect({ host: '127.0.0.1', port: sidecar.port });
+        socket.on('error', () => {});
+        await once(socket, 'connect');
+        socket.pause(); // reads nothing
+        socket.write('CONNECT bad_host:443 HTTP/1.1\r\nhost: bad_host:443\r\n\r\n');
+        agents.push(socket);
+      }
+      // Both ends of each connection are in this process until the sidecar lets go of its own.
+      await until(() => readdirSync('/proc/self/fd').length >= before + 100, 2000, 'both ends open');
+      await until(() => readdirSync('/proc/self/fd').length <= before + 50 + 5, REFUSAL_LINGER_MS + 3000, "the sidecar's ends closed");
+    } finally {
+      for (const socket of agents) socket.destroy();
+      await sidecar.close();
+    }
+  });
+
   test('an abandoned tunnel whose destination never closes is reset after ABANDON_LINGER_MS', async () => {
     const { gateway, sidecar } = await gatewayWithSidecar(100);
     try {
@@ -1173,7 +1228,7 @@ async function startFirehose(keepSending = false): Promise<Firehose> {
   };
 }
 
-async function gatewayWithSidecar(maxStreams: number, server: Record<string, unknown> = {}): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
+async function gatewayWithSidecar(maxStreams: number, server: Record<string, unknown> = {}, options: { pingIntervalMs?: number } = {}): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
   const gateway = await startGateway({ limits: { max_streams_per_session: maxStreams }, server });
   let handshakes = 0;
   gateway.server.on('secureConnection', () => handshakes++);
@@ -1182,6 +1237,7 @@ async function gatewayWithSidecar(maxStreams: number, server: Record<string, unk
     secureContext: createSecureContext({ cert: legit.certPem, key: legit.privateKeyPem, ca: world.tls.caPem }),
     logger: pino({ level: 'silent' }),
     backoffMaxMs: 500,
+    ...options,
   });
   return { gateway, sidecar, handshakes: () => handshakes };
 }
