@@ -56,6 +56,7 @@ export type ProxyErrorType =
   | 'destination_ip_prohibited'
   | 'proxy_internal_error'
   | 'http_response_incomplete'
+  | 'http_response_timeout'
   | DialErrorType;
 
 export interface ConnectReasonSpec {
@@ -157,6 +158,7 @@ export const SIDECAR_RESPONSES = {
   authority_invalid: { status: 400, error: 'http_request_error', hint: 'the agent asked for a CONNECT target that is not host:port (DESIGN §3 destination rules)', agent: 'the CONNECT target is not a valid host:port; fix the address' },
   request_invalid: { status: 400, error: 'http_request_error', hint: 'the local proxy takes CONNECT host:port, or a plain request with an absolute http:// URL; anything else is refused', agent: 'send CONNECT host:port, or a request with an absolute http:// URL, as HTTPS_PROXY/HTTP_PROXY clients do' },
   gateway_unavailable: { status: 503, error: 'proxy_internal_error', hint: 'no usable session to the gateway within --connect-wait-ms (gateway down or unreachable, TLS refused, sidecar stopping): check the sidecar log and the gateway', agent: 'the sidecar has no session to the gateway; retry later, or ask an operator to check the sidecar' },
+  gateway_timeout: { status: 504, error: 'http_response_timeout', hint: 'the gateway did not answer a CONNECT within the answer deadline (30 s): every stream the session may open is taken (max_streams_per_session), or the gateway is stalled; check the sidecar log and the gateway', agent: 'the gateway did not answer in time (this sidecar may have too many tunnels open); retry later' },
   sidecar_unavailable: { status: 503, error: 'proxy_internal_error', hint: "run's forwarder could not reach the sidecar's Unix socket (the sidecar stopped or is restarting): check that it runs with --listen-socket at the path run was given", agent: 'the sidecar is not running; retry shortly, or ask an operator to restart it' },
   upstream_failed: { status: 502, error: 'http_response_incomplete', hint: 'a plain http:// request was sent through the tunnel but no complete response came back from the destination', agent: 'no complete response came back from the destination; retry later' },
   internal_error: { status: 500, error: 'proxy_internal_error', hint: 'an unexpected failure in the sidecar (a bug): report the sidecar log line', agent: 'the sidecar failed unexpectedly; retry, and report it if it persists' },

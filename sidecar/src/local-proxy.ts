@@ -22,7 +22,18 @@ export interface LocalProxyOptions {
   readonly gateway: GatewaySession;
   readonly log: Logger;
   readonly tracing?: SidecarTracing;
+  /** How long a CONNECT may wait for the gateway's answer (default ANSWER_DEADLINE_MS). */
+  readonly answerDeadlineMs?: number;
 }
+
+/**
+ * How long an agent's CONNECT may wait for the gateway's answer before the agent gets 504
+ * `gateway_timeout`: past the gateway's own deadlines (registry, dial), so only a session whose
+ * streams are all taken (another agent holding max_streams_per_session tunnels) or a stalled
+ * gateway meets it. Without it such a CONNECT waited for ever, and an agent that left meanwhile
+ * kept its connection (black-box review).
+ */
+export const ANSWER_DEADLINE_MS = 30_000;
 
 /** Removes a Unix socket no process listens on any more; refuses a live one or another kind of file. */
 async function removeStaleSocket(path: string): Promise<void> {
@@ -321,7 +332,20 @@ export class LocalProxy {
     }
     let tunnel;
     try {
-      tunnel = await this.#openTunnel(authority, req);
+      const answer = this.#openTunnel(authority, req);
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), this.#options.answerDeadlineMs ?? ANSWER_DEADLINE_MS)));
+      tunnel = await Promise.race([answer, late]).finally(() => clearTimeout(timer));
+      if (tunnel === undefined) {
+        log.warn({ event: 'local_connect_timeout', authority }, 'the gateway did not answer the CONNECT in time');
+        refuse(agent, sidecarRefusal('CONNECT', authority, 'gateway_timeout'));
+        // The answer may still come: a tunnel nobody will use ends as an abandoned one.
+        answer.then(
+          (late) => (late.status === 200 ? abandon(late.stream, this.#resets) : finishRefused(late.stream)),
+          () => {},
+        );
+        return;
+      }
     } catch (error) {
       log.warn({ event: 'local_connect_failed', authority, err: (error as Error).message }, 'CONNECT could not reach the gateway');
       refuse(agent, sidecarRefusal('CONNECT', authority, sidecarReasonForError(error)));

@@ -19,6 +19,8 @@ export interface SidecarOptions {
   /** Also listen on this Unix socket (mode 0600), for agents isolated by `run`. */
   readonly listenSocket?: string;
   readonly connectWaitMs?: number;
+  /** How long an agent's CONNECT may wait for the gateway's answer (default ANSWER_DEADLINE_MS). */
+  readonly answerDeadlineMs?: number;
   readonly pingIntervalMs?: number;
   readonly backoffInitialMs?: number;
   readonly backoffMaxMs?: number;
@@ -55,6 +57,7 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
   const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0,
     ...(options.preferredPort !== undefined ? { preferredPort: options.preferredPort } : {}),
     ...(options.listenSocket !== undefined ? { socketPath: options.listenSocket } : {}),
+    ...(options.answerDeadlineMs !== undefined ? { answerDeadlineMs: options.answerDeadlineMs } : {}),
     gateway, log, ...(options.tracing ? { tracing: options.tracing } : {}) });
   let port: number;
   try {

@@ -1134,6 +1134,37 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
     }
   });
 
+  // Regression (black-box review): one agent holding every stream the session may open left other
+  // agents' CONNECTs waiting for ever, and their connections in CLOSE_WAIT when they gave up.
+  test('the session\'s streams all taken by one agent: another agent gets 504 gateway_timeout at the answer deadline, and is served once a stream is free', async () => {
+    const { gateway, sidecar } = await gatewayWithSidecar(3, {}, { answerDeadlineMs: 1000 });
+    const held: Socket[] = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        const { status, socket } = await localConnect(sidecar.port, stall.authority);
+        assert.equal(status, 200);
+        held.push(socket);
+      }
+      const started = performance.now();
+      const waiting = await localConnect(sidecar.port, world.echoAuthority);
+      const waited = performance.now() - started;
+      assert.equal(waiting.status, 504);
+      assert.match(waiting.body, /gateway_timeout/);
+      assert.ok(waited >= 900 && waited < 5000, `answered at the deadline (${Math.round(waited)} ms)`);
+      waiting.socket.destroy();
+      // The agents go: their tunnels end after the linger, and the late CONNECT, sent once a stream
+      // is free, ends as an abandoned tunnel too.
+      for (const socket of held.splice(0)) socket.resetAndDestroy();
+      await until(() => gateway.openTunnels === 0, 2 * ABANDON_LINGER_MS + 5000, 'every tunnel ended');
+      const after = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(after.status, 200, 'served again');
+      after.socket.destroy();
+    } finally {
+      for (const socket of held) socket.destroy();
+      await sidecar.close();
+    }
+  });
+
   test('an abandoned tunnel whose destination never closes is reset after ABANDON_LINGER_MS', async () => {
     const { gateway, sidecar } = await gatewayWithSidecar(100);
     try {
@@ -1228,7 +1259,7 @@ async function startFirehose(keepSending = false): Promise<Firehose> {
   };
 }
 
-async function gatewayWithSidecar(maxStreams: number, server: Record<string, unknown> = {}, options: { pingIntervalMs?: number } = {}): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
+async function gatewayWithSidecar(maxStreams: number, server: Record<string, unknown> = {}, options: { pingIntervalMs?: number; answerDeadlineMs?: number } = {}): Promise<{ gateway: Gateway; sidecar: Sidecar; handshakes: () => number }> {
   const gateway = await startGateway({ limits: { max_streams_per_session: maxStreams }, server });
   let handshakes = 0;
   gateway.server.on('secureConnection', () => handshakes++);
