@@ -1,5 +1,5 @@
 import { once } from 'node:events';
-import { createServer, request as httpRequest, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer, request as httpRequest, STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import { chmodSync, lstatSync, rmSync } from 'node:fs';
 import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
@@ -181,6 +181,24 @@ function refuseRequest(res: ServerResponse, answer: Refusal): void {
 function finishRefused(stream: ClientHttp2Stream): void {
   stream.resume();
   if (!stream.writableEnded) stream.end();
+}
+
+/** Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded to the destination. */
+const HOP_BY_HOP = ['connection', 'proxy-connection', 'keep-alive', 'proxy-authorization', 'proxy-authenticate', 'te', 'trailer', 'upgrade'];
+
+/**
+ * A plain request's fields for the destination: without the hop-by-hop ones, nor any field the
+ * agent's Connection header names (black-box review: `Connection: x-secret-hop` let
+ * `X-Secret-Hop` through).
+ */
+export function endToEndHeaders(incoming: IncomingHttpHeaders): IncomingHttpHeaders {
+  const headers = { ...incoming };
+  const named = String(incoming.connection ?? '')
+    .split(',')
+    .map((name) => name.trim().toLowerCase())
+    .filter(Boolean);
+  for (const name of [...HOP_BY_HOP, ...named]) delete headers[name];
+  return headers;
 }
 
 /** The gateway would answer 400 (same shared rules): say so without a round trip. */
@@ -401,8 +419,7 @@ export class LocalProxy {
       refuseRequest(res, refusal(method, authority, tunnel.status, tunnel.headers['proxy-status'] as string | undefined));
       return;
     }
-    const headers = { ...req.headers };
-    for (const hop of ['proxy-connection', 'proxy-authorization', 'connection', 'keep-alive']) delete headers[hop];
+    const headers = endToEndHeaders(req.headers);
     const upstream = httpRequest({
       createConnection: () => tunnel.stream as unknown as Socket,
       method: req.method,
