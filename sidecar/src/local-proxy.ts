@@ -116,7 +116,11 @@ function abandon(stream: ClientHttp2Stream, budget: ResetBudget): void {
   if (!stream.writableEnded) stream.end();
   let timer: NodeJS.Timeout;
   const cancel = () => {
-    if (stream.closed || stream.destroyed) return;
+    if (stream.destroyed) return;
+    // Ended by the gateway while paused with unread data: its 'end', and so its 'close', would never
+    // come, and it would hold that data and its place in the session for the session's life
+    // (review regression). Nothing is sent for a closed stream.
+    if (stream.closed) return void stream.destroy();
     if (budget.take()) stream.close(h2.NGHTTP2_CANCEL);
     else timer = setTimeout(cancel, 1000);
   };

@@ -1165,6 +1165,45 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
     }
   });
 
+  // Regression (review of the drain bound): the paused stream of an aborted download that the
+  // destination then finished was closed by the gateway but never destroyed (its 'end' never came
+  // with unread data), so it held its data and its place in the session for good.
+  test('20 aborted downloads that the destination finishes: the sidecar holds nothing of them after the linger', async () => {
+    const sockets = new Set<Socket>();
+    const server = createServer({ allowHalfOpen: true }, (socket) => {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      socket.once('close', () => sockets.delete(socket));
+      socket.write(Buffer.alloc(900 * 1024, 0x61));
+      socket.resume();
+      socket.once('end', () => socket.end()); // an HTTPS server closes on the client's EOF
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const authority = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+    await world.fixture.delegate(world.alice.keyId, authority);
+    await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+    const { gateway, sidecar } = await gatewayWithSidecar(100);
+    try {
+      await collectGarbage();
+      const before = process.memoryUsage().arrayBuffers;
+      for (let i = 0; i < 20; i++) {
+        const { status, socket } = await localConnect(sidecar.port, authority);
+        assert.equal(status, 200);
+        socket.resetAndDestroy();
+      }
+      await until(() => gateway.openTunnels === 0, ABANDON_LINGER_MS + 3000, 'the gateway ended every tunnel');
+      await sleep(ABANDON_LINGER_MS + 1000);
+      await collectGarbage();
+      const held = process.memoryUsage().arrayBuffers - before;
+      assert.ok(held < 4 * 2 ** 20, `${(held / 2 ** 20).toFixed(1)} MiB still held after the linger`);
+    } finally {
+      await sidecar.close();
+      for (const socket of sockets) socket.destroy();
+      server.close();
+    }
+  });
+
   test('an abandoned tunnel whose destination never closes is reset after ABANDON_LINGER_MS', async () => {
     const { gateway, sidecar } = await gatewayWithSidecar(100);
     try {
