@@ -240,11 +240,12 @@ export class GatewaySession extends EventEmitter {
    * refused unprocessed (a replica draining or rebalancing sent GOAWAY as we asked) goes again
    * on a new session, so the agent never sees that race.
    */
-  async openTunnel(authority: string, extraHeaders: OutgoingHttpHeaders = {}): Promise<TunnelResponse> {
+  async openTunnel(authority: string, extraHeaders: OutgoingHttpHeaders = {}, signal?: AbortSignal): Promise<TunnelResponse> {
     for (let attempt = 0; ; attempt++) {
       const session = await this.session();
+      if (signal?.aborted) throw new GatewayUnavailableError('the agent was answered before a session was ready');
       try {
-        return await this.#request(session, authority, extraHeaders);
+        return await this.#request(session, authority, extraHeaders, signal);
       } catch (error) {
         if (!(error instanceof StreamRefusedError)) throw error;
         // That session takes no new streams: its open tunnels finish, the next attempt waits for its successor.
@@ -258,7 +259,12 @@ export class GatewaySession extends EventEmitter {
     }
   }
 
-  #request(session: ClientHttp2Session, authority: string, extraHeaders: OutgoingHttpHeaders): Promise<TunnelResponse> {
+  /**
+   * `signal`: the agent was answered without us (the answer deadline). A stream still queued for a
+   * free slot (the session at the gateway's stream limit) is then dropped before it is ever sent,
+   * which costs no frame; one already sent waits for its answer, and the caller ends it.
+   */
+  #request(session: ClientHttp2Session, authority: string, extraHeaders: OutgoingHttpHeaders, signal?: AbortSignal): Promise<TunnelResponse> {
     let stream: ClientHttp2Stream;
     try {
       stream = session.request({ ':method': 'CONNECT', ':authority': authority, ...extraHeaders });
@@ -273,7 +279,13 @@ export class GatewaySession extends EventEmitter {
     stream.once('close', () => this.#openStreams.set(session, (this.#openStreams.get(session) ?? 1) - 1));
     return new Promise((resolve, reject) => {
       const onClose = () => reject(refused() ? new StreamRefusedError('REFUSED_STREAM') : new GatewayUnavailableError(`gateway closed the stream before answering (code ${stream.rstCode})`));
+      const onAbort = () => {
+        if (stream.pending) stream.close(h2constants.NGHTTP2_CANCEL);
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      stream.once('close', () => signal?.removeEventListener('abort', onAbort));
       stream.once('response', (headers) => {
+        signal?.removeEventListener('abort', onAbort);
         stream.removeListener('close', onClose);
         resolve({ status: Number(headers[':status']), headers, stream });
       });

@@ -27,11 +27,12 @@ export interface LocalProxyOptions {
 }
 
 /**
- * How long an agent's CONNECT may wait for the gateway's answer before the agent gets 504
- * `gateway_timeout`: past the gateway's own deadlines (registry, dial), so only a session whose
- * streams are all taken (another agent holding max_streams_per_session tunnels) or a stalled
- * gateway meets it. Without it such a CONNECT waited for ever, and an agent that left meanwhile
- * kept its connection (black-box review).
+ * How long an agent's CONNECT (or plain request) may wait for the gateway's answer once a session
+ * is there (the sidecar adds its connect wait) before the agent gets 504 `gateway_timeout`: past
+ * the gateway's own deadlines (registry, dial), so only a session whose streams are all taken
+ * (another agent holding max_streams_per_session tunnels) or a stalled gateway meets it. Without
+ * it such a CONNECT waited for ever, and an agent that left meanwhile kept its connection
+ * (black-box review).
  */
 export const ANSWER_DEADLINE_MS = 30_000;
 
@@ -327,21 +328,37 @@ export class LocalProxy {
   /**
    * One CONNECT stream to the gateway for an agent request, inside a span when tracing is on
    * (it ends with the stream); otherwise with a fresh traceparent so the gateway still logs one.
+   * Undefined when the gateway has not answered within the answer deadline: the caller answers
+   * 504; a CONNECT still queued for a stream is dropped unsent, and a late answer is ended here.
    */
-  async #openTunnel(authority: string, req: IncomingMessage): Promise<TunnelResponse> {
+  async #openTunnel(authority: string, req: IncomingMessage): Promise<TunnelResponse | undefined> {
     const tracing = this.#options.tracing ?? TRACING_DISABLED;
     const span = tracing.startConnect(authority, req.headers);
     const headers = tracing.enabled ? span.headers : { traceparent: childTraceparent(req.headers.traceparent) };
-    let tunnel: TunnelResponse;
-    try {
-      tunnel = await this.#options.gateway.openTunnel(authority, headers);
-    } catch (error) {
-      span.end(undefined, (error as Error).message);
-      throw error;
-    }
-    if (tunnel.status !== 200) span.end(tunnel.status);
-    else tunnel.stream.once('close', () => span.end(200, tunnel.stream.rstCode ? `stream reset (code ${tunnel.stream.rstCode})` : undefined));
-    return tunnel;
+    const late = new AbortController();
+    const answer = this.#options.gateway.openTunnel(authority, headers, late.signal).then(
+      (tunnel) => {
+        if (tunnel.status !== 200) span.end(tunnel.status);
+        else tunnel.stream.once('close', () => span.end(200, tunnel.stream.rstCode ? `stream reset (code ${tunnel.stream.rstCode})` : undefined));
+        return tunnel;
+      },
+      (error: unknown) => {
+        span.end(undefined, (error as Error).message);
+        throw error;
+      },
+    );
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), this.#options.answerDeadlineMs ?? ANSWER_DEADLINE_MS)));
+    const tunnel = await Promise.race([answer, deadline]).finally(() => clearTimeout(timer));
+    if (tunnel !== undefined) return tunnel;
+    this.#options.log.warn({ event: 'local_connect_timeout', authority }, 'the gateway did not answer the CONNECT in time');
+    late.abort();
+    // An answer that still comes is nobody's: a tunnel ends as an abandoned one.
+    answer.then(
+      (unwanted) => (unwanted.status === 200 ? abandon(unwanted.stream, this.#resets) : finishRefused(unwanted.stream)),
+      () => {},
+    );
+    return undefined;
   }
 
   async #onConnect(req: IncomingMessage, agent: Socket, head: Buffer): Promise<void> {
@@ -354,18 +371,9 @@ export class LocalProxy {
     }
     let tunnel;
     try {
-      const answer = this.#openTunnel(authority, req);
-      let timer: NodeJS.Timeout | undefined;
-      const late = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), this.#options.answerDeadlineMs ?? ANSWER_DEADLINE_MS)));
-      tunnel = await Promise.race([answer, late]).finally(() => clearTimeout(timer));
+      tunnel = await this.#openTunnel(authority, req);
       if (tunnel === undefined) {
-        log.warn({ event: 'local_connect_timeout', authority }, 'the gateway did not answer the CONNECT in time');
         refuse(agent, sidecarRefusal('CONNECT', authority, 'gateway_timeout'));
-        // The answer may still come: a tunnel nobody will use ends as an abandoned one.
-        answer.then(
-          (late) => (late.status === 200 ? abandon(late.stream, this.#resets) : finishRefused(late.stream)),
-          () => {},
-        );
         return;
       }
     } catch (error) {
@@ -413,6 +421,10 @@ export class LocalProxy {
     let tunnel;
     try {
       tunnel = await this.#openTunnel(authority, req);
+      if (tunnel === undefined) {
+        refuseRequest(res, sidecarRefusal(method, authority, 'gateway_timeout'));
+        return;
+      }
     } catch (error) {
       refuseRequest(res, sidecarRefusal(method, authority, sidecarReasonForError(error)));
       log.warn({ event: 'local_request_failed', authority, err: (error as Error).message }, 'request could not reach the gateway');

@@ -1,7 +1,7 @@
 import type { SecureContext } from 'node:tls';
 import { pino, type Logger } from 'pino';
 import { GatewaySession } from './gateway-session.js';
-import { LocalProxy } from './local-proxy.js';
+import { ANSWER_DEADLINE_MS, LocalProxy } from './local-proxy.js';
 import type { SidecarTracing } from './tracing.js';
 
 export interface SidecarOptions {
@@ -57,7 +57,8 @@ export async function startSidecar(options: SidecarOptions): Promise<Sidecar> {
   const proxy = new LocalProxy({ hosts: options.listenHosts ?? ['127.0.0.1', '::1'], port: options.listenPort ?? 0,
     ...(options.preferredPort !== undefined ? { preferredPort: options.preferredPort } : {}),
     ...(options.listenSocket !== undefined ? { socketPath: options.listenSocket } : {}),
-    ...(options.answerDeadlineMs !== undefined ? { answerDeadlineMs: options.answerDeadlineMs } : {}),
+    // Counted from the agent's request, which may first wait up to connectWaitMs for a session.
+    answerDeadlineMs: options.answerDeadlineMs ?? (options.connectWaitMs ?? 5000) + ANSWER_DEADLINE_MS,
     gateway, log, ...(options.tracing ? { tracing: options.tracing } : {}) });
   let port: number;
   try {

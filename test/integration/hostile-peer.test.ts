@@ -1136,7 +1136,7 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
 
   // Regression (black-box review): one agent holding every stream the session may open left other
   // agents' CONNECTs waiting for ever, and their connections in CLOSE_WAIT when they gave up.
-  test('the session\'s streams all taken by one agent: another agent gets 504 gateway_timeout at the answer deadline, and is served once a stream is free', async () => {
+  test('the session\'s streams all taken by one agent: another agent\'s CONNECT or plain request gets 504 gateway_timeout at the answer deadline, and the agent is served once a stream is free', async () => {
     const { gateway, sidecar } = await gatewayWithSidecar(3, {}, { answerDeadlineMs: 1000 });
     const held: Socket[] = [];
     try {
@@ -1152,8 +1152,15 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
       assert.match(waiting.body, /gateway_timeout/);
       assert.ok(waited >= 900 && waited < 5000, `answered at the deadline (${Math.round(waited)} ms)`);
       waiting.socket.destroy();
-      // The agents go: their tunnels end after the linger, and the late CONNECT, sent once a stream
-      // is free, ends as an abandoned tunnel too.
+      // A plain request waits under the same deadline.
+      const plain = netConnect({ host: '127.0.0.1', port: sidecar.port });
+      plain.on('error', () => {});
+      await once(plain, 'connect');
+      plain.write(`GET http://${world.echoAuthority}/ HTTP/1.1\r\nhost: ${world.echoAuthority}\r\n\r\n`);
+      const [head] = (await once(plain, 'data')) as [Buffer];
+      assert.match(head.toString('latin1'), /^HTTP\/1\.1 504 .*gateway_timeout/s);
+      plain.destroy();
+      // The agents go, and their tunnels end after the linger.
       for (const socket of held.splice(0)) socket.resetAndDestroy();
       await until(() => gateway.openTunnels === 0, 2 * ABANDON_LINGER_MS + 5000, 'every tunnel ended');
       const after = await localConnect(sidecar.port, world.echoAuthority);
