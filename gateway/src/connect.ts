@@ -1,3 +1,4 @@
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { SpanKind, SpanStatusCode, type Context, type Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
@@ -240,7 +241,12 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
       }
       vetted = verdict.addresses;
     }
-    if (signal.aborted) return this.#cancelled();
+    // A cached decision is reached within the read that brought the HEADERS: let the rest of that
+    // read (a RST_STREAM in the same packet) be seen before anything is dialled, as a lookup is
+    // sent only after it (lookups.ts). Otherwise HEADERS+RST_STREAM pairs would make the gateway
+    // open a TCP connection to the destination for each (review).
+    if (decision.cached) await nextTurn();
+    if (signal.aborted || this.#streamGone()) return this.#cancelled();
 
     this.stage = 'dial';
     const dialSpan = this.#childSpan('agent_gateway.dial', SpanKind.CLIENT, { 'server.address': target.host, 'server.port': target.port });

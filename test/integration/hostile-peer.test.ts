@@ -534,6 +534,40 @@ describe('work in proportion to what the peer spent', () => {
     await backToBaseline(gateway, base, 'rapid reset');
   });
 
+  // Regression (review): a cached decision was reached within the read that carried the HEADERS,
+  // so the RST_STREAM right behind it came too late: each pair made the gateway dial the destination.
+  test('rapid reset from a granted client with a cached decision: no pair makes the gateway dial', async () => {
+    const gateway = await startGateway();
+    let dialled = 0;
+    const counting = createServer((socket) => {
+      dialled++;
+      socket.on('error', () => {});
+      socket.pipe(socket);
+    });
+    counting.listen(0, '127.0.0.1');
+    await once(counting, 'listening');
+    const authority = `127.0.0.1:${(counting.address() as AddressInfo).port}`;
+    await world.fixture.delegate(world.alice.keyId, authority);
+    await world.fixture.permit(world.alice, { identity: 'agent-legit', spkiDer: legit.spkiDer }, authority);
+    try {
+      const conn = await raw(gateway, legit);
+      // One CONNECT answered first: the decision is cached from here on.
+      await conn.send(connectHeaders(1, authority));
+      assert.equal((await conn.waitForResponse(1, 2000)).status, 200);
+      await until(() => dialled === 1, 2000, 'the first dial');
+      const frames = [];
+      // 50 pairs: within max_streams_per_session (100), so each stream reaches the gateway's code.
+      for (let id = 3; id < 3 + 2 * 50; id += 2) frames.push(connectHeaders(id, authority), rstStreamFrame(id, ErrorCode.CANCEL));
+      await conn.send(...frames);
+      await sleep(500);
+      assert.equal(dialled, 1, `${dialled - 1} dials for 50 CONNECTs reset in the same write`);
+      assert.equal(decisions('client_cancelled').filter((l) => l.destination === authority).length, 50, 'each still leaves its one record');
+      conn.destroy();
+    } finally {
+      counting.close();
+    }
+  });
+
   test('certificates with 3,000 and 800 extensions are refused before any parse', async () => {
     const gateway = await startGateway();
     const base = await baseline(gateway);
