@@ -823,6 +823,9 @@ describe('vouched for only until the registry changes (review regression: a revo
     // Answered on the decision read before the change (the enforcer then closes the tunnel as revoked).
     assert.equal((await first.waitForResponse(1, 3000)).status, 200);
     first.destroy();
+    // The enforcer's re-check of that tunnel must be over before the registry is held, or it would
+    // hold a fourth connection (a CI run on a loaded machine saw exactly that).
+    await until(() => gateway.lookups.running === 0 && gateway.lookups.queued === 0, 3000, 'no lookup in flight');
     const conn = await raw(gateway, racer);
     const release = await holdRegistry();
     try {
