@@ -69,12 +69,6 @@ const SESSION_STATE = Symbol('agent-gateway.session-state');
 type StreamOfSession = ServerHttp2Stream & { [SESSION_STATE]?: SessionState | undefined };
 
 /**
- * Every HTTP/2 session from accept to close (DESIGN §9a): error handling from birth, a preface
- * deadline, GOAWAY after `session_idle_timeout_ms` without an open stream, a short life for
- * sessions without a usable identity, and release on TCP end (no CLOSE_WAIT). It reads the
- * client certificate once per session, bounded and cached by its hash.
- */
-/**
  * How long a live session can go without a frame either way: each tunnel ends after
  * `idle_timeout_ms` without a byte, then the session gets GOAWAY after `session_idle_timeout_ms`
  * without a stream, so twice the longer of the two is never reached by a session that works.
@@ -85,6 +79,12 @@ export function silenceBackstopMs(limits: Pick<GatewayConfig['limits'], 'idle_ti
   return idle > 0 && sessionIdle > 0 ? 2 * Math.max(idle, sessionIdle) : 0;
 }
 
+/**
+ * Every HTTP/2 session from accept to close (DESIGN §9a): error handling from birth, a preface
+ * deadline, GOAWAY after `session_idle_timeout_ms` without an open stream, a short life for
+ * sessions without a usable identity, and release on TCP end (no CLOSE_WAIT). It reads the
+ * client certificate once per session, bounded and cached by its hash.
+ */
 export class SessionGuard {
   readonly #config: GatewayConfig;
   readonly #limits: () => GatewayConfig['limits'];
