@@ -59,10 +59,11 @@ interface Job {
   readonly enqueuedAt: number;
   readonly waiters: Set<Waiter>;
   state: JobState;
-  /** Asked for a peer the registry has vouched for (or a re-check of an open tunnel). */
+  /**
+   * Asked for a peer the registry has vouched for (or a re-check of an open tunnel). Changes only
+   * while `waiting` (a move-up), so from `starting` on it also says whose connection the job holds.
+   */
   vouched: boolean;
-  /** Holds one of strangers' connections (given one while not vouched for), from `starting` on. */
-  strangerConnection: boolean;
   /** The session a stranger's job counts against while it waits. */
   readonly asker: LookupAsker | undefined;
 }
@@ -194,7 +195,7 @@ export class LookupQueue {
   readonly #starting = new Set<Job>();
   /** Connections held: `starting` and `running` jobs. */
   #running = 0;
-  /** Of those, strangers' (`strangerConnection`). */
+  /** Of those, strangers' (jobs not vouched for). */
   #runningStrangers = 0;
   /** `waiting` jobs (with a waiter: abandoned ones leave at once). */
   #waiting = 0;
@@ -277,7 +278,7 @@ export class LookupQueue {
       if (!startsNow && stranger && stranger.strangerLookupsWaiting >= MAX_STRANGER_LOOKUPS_PER_SESSION) {
         return Promise.reject(new RegistryUnavailableError(`this session, not yet vouched for, has ${MAX_STRANGER_LOOKUPS_PER_SESSION} registry lookups waiting`));
       }
-      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), state: 'waiting', vouched: !stranger, strangerConnection: false, asker: stranger };
+      job = { key, request, enqueuedAt: performance.now(), waiters: new Set(), state: 'waiting', vouched: !stranger, asker: stranger };
       this.#inFlight.set(key, job);
       this.#waiting++;
       if (stranger) {
@@ -341,9 +342,8 @@ export class LookupQueue {
         continue;
       }
       job.state = 'starting';
-      job.strangerConnection = !job.vouched;
       this.#running++;
-      if (job.strangerConnection) this.#runningStrangers++;
+      if (!job.vouched) this.#runningStrangers++;
       this.#starting.add(job);
     }
     if (this.#starting.size > 0) this.#scheduleSend();
@@ -377,7 +377,7 @@ export class LookupQueue {
   /** A job gives its connection back. */
   #release(job: Job): void {
     this.#running--;
-    if (job.strangerConnection) this.#runningStrangers--;
+    if (!job.vouched) this.#runningStrangers--;
   }
 
   /** The next job to start: vouched-for first; a stranger's only while their share of connections allows. */
