@@ -8,7 +8,7 @@ import type { GatewayConfig } from './config.js';
 import type { Limiter } from './limits.js';
 import type { Authoriser, Decision } from './authoriser.js';
 import { EarlyData, type EarlyDataBudget, type EarlyDataOwner } from './early-data.js';
-import { resolveAndVet, vetLiteral, type HostResolver, type ResolvedAddress } from './egress.js';
+import { resolveAndVet, type HostResolver, type ResolvedAddress } from './egress.js';
 import { LookupCancelledError } from './lookups.js';
 import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } from './outcome.js';
 import type { GatewayMetrics } from './metrics.js';
@@ -232,8 +232,7 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     const target = override ?? connectHost;
     let vetted: readonly ResolvedAddress[] | undefined;
     if (!override) {
-      // An address needs no resolving: no wait, and no turn of the microtask queue.
-      const verdict = vetLiteral(target.host, config.egress.policy) ?? (await resolveAndVet(target.host, config.egress.policy, this.#deps.resolver, this.#deps.limits().dial_timeout_ms, signal));
+      const verdict = await resolveAndVet(target.host, config.egress.policy, this.#deps.resolver, this.#deps.limits().dial_timeout_ms, signal);
       if (!verdict.ok) {
         if (verdict.kind === 'aborted') return this.#cancelled();
         if (verdict.kind === 'forbidden') return { reason: 'destination_forbidden', detail: `${target.host} → ${verdict.address}: ${verdict.why}` };

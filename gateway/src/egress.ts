@@ -118,8 +118,8 @@ export async function resolveAndVet(host: string, policy: EgressPolicy, resolver
   return vetLiteral(host, policy) ?? resolveThenVet(host, policy, resolver, timeoutMs, signal);
 }
 
-/** The result for an IP-literal host, without resolving (or waiting); undefined for a name. */
-export function vetLiteral(host: string, policy: EgressPolicy): VetResult | undefined {
+/** The result for an IP-literal host, without resolving; undefined for a name. */
+function vetLiteral(host: string, policy: EgressPolicy): VetResult | undefined {
   const family = isIP(host);
   if (family === 0) return undefined;
   return vetAll([{ address: host, family: family === 6 ? 6 : 4 }], policy);
