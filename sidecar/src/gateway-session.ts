@@ -149,11 +149,12 @@ export class GatewaySession extends EventEmitter {
     const { url, servername, log } = this.#options;
     const secureContext = this.#secureContext;
     const fingerprint = this.#keyFingerprint;
+    const streamWindow = this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES;
     const session = h2connect(url, {
       secureContext,
       ...(servername ? { servername } : {}),
-      settings: { initialWindowSize: this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES, enablePush: false },
-      maxSessionMemory: sidecarSessionMemoryMb(this.#options.streamWindowBytes ?? STREAM_WINDOW_BYTES),
+      settings: { initialWindowSize: streamWindow, enablePush: false },
+      maxSessionMemory: sidecarSessionMemoryMb(streamWindow),
     });
     this.#sessionKeys.set(session, fingerprint);
     let established = false;
