@@ -54,9 +54,9 @@ export class Authoriser {
   }
 
   /**
-   * The cached decision for `request`, without waiting (a CONNECT's common case: no promise, no
-   * turn of the microtask queue), counted as a hit; undefined (counted as a miss or bypass) when
-   * lookUp must ask the registry.
+   * The cached decision for `request`, without waiting (no promise), counted as a hit; undefined
+   * (counted as a miss or bypass) when lookUp must ask the registry. A CONNECT still waits for the
+   * end of its read before dialling on it (connect.ts), as a lookup is sent only after it.
    */
   cached(request: AuthorizationRequest): Decision | undefined {
     const cache = this.#cache;
