@@ -9,7 +9,7 @@
  *     [--parallel-mib 64] [--rounds 5] [--idle 2000] [--no-revocation]
  *     [--revocation-tunnels 2000] [--workers 1] [--log-level info]
  *     [--profile] [--max-seconds 300] [--keep] [--stream-window B] [--session-window B]
- *     [--gateway-node-options="--trace-gc …"]
+ *     [--gateway-node-options="--trace-gc …"] [--floor | --other-build DIR [--other-node-options="…"]]
  *
  * Processes, all on 127.0.0.1: this one (the load generator, our own node:http2 client), the
  * destination servers (bench/compare-sink.ts), our gateway (`node bin/agent-gateway.js`, from
@@ -60,6 +60,7 @@ const { values } = parseArgs({
     'max-seconds': { type: 'string', default: '300' },
     keep: { type: 'boolean', default: false },
     'gateway-node-options': { type: 'string', default: '' },
+    'other-node-options': { type: 'string' },
     'stream-window': { type: 'string', default: String(STREAM_WINDOW_BYTES) },
     'session-window': { type: 'string', default: String(SESSION_WINDOW_BYTES) },
     floor: { type: 'boolean', default: false },
@@ -97,6 +98,9 @@ const PROFILE = values.profile === true;
  */
 const OTHER_BUILD = values['other-build'];
 if (OTHER_BUILD !== undefined && values.floor === true) throw new Error('--other-build and --floor share the third column: choose one');
+/** The other build's Node.js options: --gateway-node-options unless given, so `--other-build .` with two sets of options is an A/B of the options alone. */
+const OTHER_NODE_OPTIONS = values['other-node-options'] ?? values['gateway-node-options']!;
+if (values['other-node-options'] !== undefined && OTHER_BUILD === undefined) throw new Error('--other-node-options needs --other-build (e.g. --other-build . for an A/B of options alone)');
 const FLOOR_ON = values.floor === true || OTHER_BUILD !== undefined;
 const THIRD = OTHER_BUILD === undefined ? 'node floor' : 'other build';
 /** No phase starts after this many seconds; the run is abandoned (every process stopped) 120 s later. */
@@ -823,7 +827,8 @@ async function main(): Promise<void> {
 
     log('starting our gateway (dist/), squid and nghttpx');
     const profileDir = join(resultsDir, `profile-${stamp}`);
-    const startBuild = async (profileName: string, other?: { root: string; name: string }) =>
+    const nodeOptions = (flags: string) => flags.split(' ').filter(Boolean);
+    const startBuild = async (profileName: string, flags: string, other?: { root: string; name: string }) =>
       startOurs({
         dir,
         port: await freePort(),
@@ -836,10 +841,10 @@ async function main(): Promise<void> {
         maxStreams: MAX_STREAMS,
         streamWindow: STREAM_WINDOW,
         sessionWindow: SESSION_WINDOW,
-        nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, `--cpu-prof-name=${profileName}`] : []), ...values['gateway-node-options']!.split(' ').filter(Boolean)],
+        nodeArgs: [...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, `--cpu-prof-name=${profileName}`] : []), ...nodeOptions(flags)],
         ...other,
       });
-    const ours = await startBuild('gateway.cpuprofile');
+    const ours = await startBuild('gateway.cpuprofile', values['gateway-node-options']!);
     proxies.push(ours);
     const baseline = await startBaseline({
       dir,
@@ -857,7 +862,7 @@ async function main(): Promise<void> {
       tls13Ciphers: TLS13_CIPHERS,
     });
     proxies.push(baseline);
-    if (OTHER_BUILD !== undefined) proxies.push(await startBuild('other-build.cpuprofile', { root: OTHER_BUILD, name: FLOOR }));
+    if (OTHER_BUILD !== undefined) proxies.push(await startBuild('other-build.cpuprofile', OTHER_NODE_OPTIONS, { root: OTHER_BUILD, name: FLOOR }));
     else if (FLOOR_ON) {
       proxies.push(
         await startFloor({
