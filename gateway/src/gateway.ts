@@ -311,7 +311,12 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         if (differs((config[section] as Record<string, unknown>)[key], (next[section] as Record<string, unknown>)[key])) keys.push(`${section}.${key}`);
       }
     }
-    for (const key of ['listen_addr', 'shutdown_grace_ms', 'drain_delay_ms', 'proxy_protocol_from'] as const) if (differs(config.server[key], next.server[key])) keys.push(`server.${key}`);
+    // Every [server] key but the certificate pair (reloaded) and proxyProtocolFrom (proxy_protocol_from
+    // parsed): a list of names let max_session_age_ms and the windows change silently, unapplied.
+    for (const key of Object.keys(config.server) as (keyof GatewayConfig['server'])[]) {
+      if (key === 'tls_cert_path' || key === 'tls_key_path' || key === 'proxyProtocolFrom') continue;
+      if (differs(config.server[key], next.server[key])) keys.push(`server.${key}`);
+    }
     if (differs([...config.resolve], [...next.resolve])) keys.push('resolve');
     // Node fixes the handshake timeout when the server is created.
     if (next.limits.handshake_timeout_ms !== config.limits.handshake_timeout_ms) keys.push('limits.handshake_timeout_ms');

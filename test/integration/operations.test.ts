@@ -507,6 +507,16 @@ describe('reload', () => {
     }
   });
 
+  // Regression: restart_required named four [server] keys; a reload changing max_session_age_ms or
+  // a window reported success with nothing to restart, and the old value silently stayed in force.
+  test('reload(): every [server] key it cannot apply is named under restart_required', async () => {
+    const gateway = await startGateway({ server: { max_session_age_ms: 60_000 } });
+    const changed = { max_session_age_ms: 120_000, stream_window_bytes: 65_535, session_window_bytes: 131_070, proxy_protocol_from: ['10.0.0.5/32'], drain_delay_ms: 100 };
+    const result = await gateway.reload(parseConfig(rawConfig({ server: changed })));
+    assert.deepEqual([...result.restart_required].sort(), Object.keys(changed).map((key) => `server.${key}`).sort());
+    assert.deepEqual((await gateway.reload(parseConfig(rawConfig({ server: { max_session_age_ms: 60_000 } })))).restart_required, [], 'the config it started with needs no restart');
+  });
+
   test('SIGHUP: the agent-gateway process reloads its certificate; an invalid config file changes nothing and counts as a failed reload', { skip: process.platform === 'win32' }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'agw-sighup-'));
     const certPath = join(dir, 'server.pem');
