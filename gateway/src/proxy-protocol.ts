@@ -5,7 +5,7 @@
  * reason (a metric label and a log field, never sent to the peer):
  * - version 2 only; the text form (v1, "PROXY TCP4 …") is refused;
  * - PROXY over TCP (AF_INET or AF_INET6, STREAM); LOCAL (the balancer speaking for itself, e.g. a
- *   health check) with any family, its address block ignored;
+ *   health check) with any family, its address block (sent or not) ignored;
  * - the length field bounded by MAX_PROXY_V2_PAYLOAD, and large enough for the family's addresses;
  * - TLVs framed exactly (type, 16-bit length, value) to the end of the header; a CRC32C TLV, when
  *   present, must match; other TLV types are skipped, as the specification requires.
@@ -119,7 +119,10 @@ export function parseProxyV2(bytes: Buffer): ParseResult {
     throw new ProxyHeaderError('bad_family', `PROXY command with family ${family} and transport ${transport}: only TCP over IPv4 or IPv6 is accepted`);
   }
   // LOCAL carries whatever block its family implies (usually none); only its framing is checked.
-  const block = addressBytes !== undefined && transport !== 0 ? addressBytes : 0;
+  // Its family is "ignored" (proxy-protocol.txt 2.2: the receiver must accept a LOCAL connection),
+  // so a LOCAL naming a family without sending its addresses is framed as if it named none.
+  let block = addressBytes !== undefined && transport !== 0 ? addressBytes : 0;
+  if (command === 'local' && payload < block) block = 0;
   if (payload < block) throw new ProxyHeaderError('bad_length', `header length ${payload} is too short for its ${block}-byte address block`);
   const length = PROXY_V2_FIXED_BYTES + payload;
   if (bytes.length < length) return { done: false };

@@ -119,15 +119,20 @@ test('a trusted balancer header makes the agent the client: decision log, tunnel
 });
 
 test('a LOCAL header from the balancer is accepted and the connection is the balancer\'s own', async () => {
-  const before = lines.length;
-  const session = await sessionVia('127.0.0.1', encodeProxyV2({ command: 'local' }));
-  try {
-    await tunnelWorks(session);
-  } finally {
-    session.close();
+  // Also one naming AF_INET without sending addresses: a LOCAL's family is ignored (it was refused as bad_length).
+  const inetNoAddresses = encodeProxyV2({ command: 'local' });
+  inetNoAddresses[13] = 0x11;
+  for (const header of [encodeProxyV2({ command: 'local' }), inetNoAddresses]) {
+    const before = lines.length;
+    const session = await sessionVia('127.0.0.1', header);
+    try {
+      await tunnelWorks(session);
+    } finally {
+      session.close();
+    }
+    const decision = lines.slice(before).find((l) => l.event === 'connect_decision');
+    assert.equal(decision?.client_address, '127.0.0.1');
   }
-  const decision = lines.slice(before).find((l) => l.event === 'connect_decision');
-  assert.equal(decision?.client_address, '127.0.0.1');
 });
 
 test('an untrusted peer is served without a header and refused with one (v2 or v1)', async () => {

@@ -47,6 +47,14 @@ test('parses IPv4 and IPv6 PROXY headers, a hand-written example and LOCAL, leav
   const local = encodeProxyV2(V4);
   local[12] = 0x20;
   assert.deepEqual(parseProxyV2(local), { done: true, length: local.length, header: { command: 'local' } });
+  // LOCAL naming a family but sending no addresses: the family is ignored, as the specification
+  // requires (it was refused as bad_length). Its TLVs are still framed.
+  for (const family of [0x11, 0x21, 0x31]) {
+    assert.deepEqual(parseProxyV2(withByte(encodeProxyV2({ command: 'local' }), 13, family)), { done: true, length: 16, header: { command: 'local' } }, `family byte ${family}`);
+    const tlv = withByte(encodeProxyV2({ command: 'local' }, [{ type: 0x04, value: Buffer.alloc(2) }]), 13, family);
+    assert.deepEqual(parseProxyV2(tlv), { done: true, length: 21, header: { command: 'local' } });
+    assert.equal(refusal(withByte(tlv, 18, 0x09)), 'bad_tlv', 'a TLV overrunning a LOCAL header is still refused');
+  }
 });
 
 test('TLVs: unknown types skipped, a matching CRC32C accepted, a wrong one or bad framing refused', () => {
