@@ -109,14 +109,24 @@ export class RegistryClient {
       return undefined;
     }
     let rows: Record<string, unknown>[];
+    // The whole attempt (pool wait, connecting, query) gets query_timeout_ms, not the pool's
+    // timeouts one after the other: a standby that stopped answering held each lookup, and so each
+    // re-check of open tunnels after a revocation, for pool_acquire_timeout_ms (1 s by default)
+    // before the primary was asked, past the 1 s in which a change must reach open tunnels.
+    const budgetMs = this.#policy.query_timeout_ms;
+    let timer: NodeJS.Timeout | undefined;
     try {
-      rows = (
-        await standby.query({
-          name: 'agent_gateway_candidate_rows_with_counter',
-          text: CANDIDATE_ROWS_WITH_COUNTER_QUERY,
-          values: [request.identity, request.destination, Buffer.from(request.spkiDer)],
-        })
-      ).rows as Record<string, unknown>[];
+      const query = standby.query({
+        name: 'agent_gateway_candidate_rows_with_counter',
+        text: CANDIDATE_ROWS_WITH_COUNTER_QUERY,
+        values: [request.identity, request.destination, Buffer.from(request.spkiDer)],
+      });
+      // Past the budget the query is abandoned to pg's own timeouts, which end it and free its client.
+      query.catch(() => {});
+      const late = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no answer within query_timeout_ms=${budgetMs}`)), budgetMs);
+      });
+      rows = (await Promise.race([query, late])).rows as Record<string, unknown>[];
       if (rows.length === 0) throw new Error('registry_changes has no row');
     } catch (error) {
       const backoff = Math.min(STANDBY_BACKOFF_MAX_MS, STANDBY_BACKOFF_INITIAL_MS * 2 ** this.#standbyFailures++);
@@ -124,6 +134,8 @@ export class RegistryClient {
       this.#log.warn({ event: 'standby_unavailable', err: (error as Error).message, retry_in_ms: backoff }, 'registry standby unavailable: lookups go to the primary');
       this.#standbyOutcome('unavailable');
       return undefined;
+    } finally {
+      clearTimeout(timer);
     }
     if (this.#standbyFailures > 0) this.#log.info({ event: 'standby_available' }, 'registry standby answering again');
     this.#standbyFailures = 0;

@@ -7,7 +7,9 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import type { ClientHttp2Session } from 'node:http2';
+import { createServer, type AddressInfo, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { pino } from 'pino';
 import { parseConfig } from '../../gateway/src/config.js';
@@ -92,6 +94,44 @@ test('a standby paused behind a revocation is not trusted: the open tunnel close
   }
 });
 
+// Regression: a standby that accepts connections and never answers held every lookup for
+// pool_acquire_timeout_ms before the primary was asked, so a revoked tunnel stayed open that long
+// (3 s here; 1 s with the defaults) although a change must reach open tunnels within 1 s.
+test('a standby that has stopped answering costs a revocation at most query_timeout_ms: the tunnel still closes within 1 s', async () => {
+  const held = new Set<Socket>();
+  const silent = createServer((socket) => {
+    held.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => held.delete(socket));
+  });
+  silent.listen(0, '127.0.0.1');
+  await once(silent, 'listening');
+  const config = testGatewayConfig({ databaseUrl: world.databaseUrl, tls: world.tls, policy: { read_database_url_env: STANDBY_ENV, pool_acquire_timeout_ms: 3000, connect_timeout_ms: 3000, query_timeout_ms: 500 } });
+  const hung = createGateway(parseConfig(config, { env: { [STANDBY_ENV]: `postgres://agent:x@127.0.0.1:${(silent.address() as AddressInfo).port}/registry` } }), { logger: pino({ level: 'silent' }) });
+  await hung.listen();
+  try {
+    const agent = await world.grant('agent-standby-4');
+    const session = await gatewaySession(hung.address!.port, { caPem: world.tls.caPem, certPem: agent.certPem, privateKeyPem: agent.privateKeyPem });
+    sessions.push(session);
+    const { status, stream } = await request(session, world.echoAuthority);
+    assert.equal(status, 200, 'served by the primary');
+    stream.on('error', () => {});
+    stream.resume();
+    // The failed attempt's back-off (1 s) runs out: the re-check below asks the standby again.
+    await sleep(1500);
+    const ended = once(stream, 'end');
+    const revokedAt = performance.now();
+    await world.revoke(agent.permissionId);
+    await ended;
+    const ms = performance.now() - revokedAt;
+    assert.ok(ms < 1000, `the revoked tunnel closed ${ms.toFixed(0)} ms after the commit`);
+  } finally {
+    await hung.close(200);
+    for (const socket of held) socket.destroy();
+    silent.close();
+  }
+});
+
 test('the standby stopped: lookups fall back to the primary and CONNECTs are served', async () => {
   const agent = await world.grant('agent-standby-3');
   world.standby.stopServer('fast');
@@ -102,3 +142,4 @@ test('the standby stopped: lookups fall back to the primary and CONNECTs are ser
   await world.revoke(agent.permissionId);
   await until(async () => (await tryConnect(agent)) === 403, 10_000, 'the revocation enforced without the standby');
 });
+
