@@ -23,9 +23,15 @@ export interface ProxyFrontOptions {
   readonly log: Logger;
 }
 
-/** Key of an accepted TCP connection; the TLS socket over it reports the same peer. */
-function endpointKey(address: string | undefined, port: number | undefined): string {
-  return `${address}|${port}`;
+type Endpoints = { remoteAddress?: string | undefined; remotePort?: number | undefined; localAddress?: string | undefined; localPort?: number | undefined };
+
+/**
+ * Key of an accepted TCP connection (the TLS socket over it reports the same endpoints): both
+ * ends, since one balancer address and port can hold connections to two of our addresses at once
+ * (a listener on 0.0.0.0), and keyed by the peer alone the second header was read for both.
+ */
+function endpointKey(socket: Endpoints): string {
+  return `${socket.remoteAddress}|${socket.remotePort}|${socket.localAddress}|${socket.localPort}`;
 }
 
 function inRanges(text: string | undefined, ranges: readonly Cidr[]): boolean {
@@ -58,8 +64,8 @@ export class ProxyFront {
   }
 
   /** The client behind a connection the TLS server is handling (by its peer endpoint). */
-  clientOf(socket: { remoteAddress?: string | undefined; remotePort?: number | undefined }): ClientAddress | undefined {
-    return this.#clients.get(endpointKey(socket.remoteAddress, socket.remotePort));
+  clientOf(socket: Endpoints): ClientAddress | undefined {
+    return this.#clients.get(endpointKey(socket));
   }
 
   /** Connections handed to TLS and still open (tests: nothing outlives its peer). */
@@ -69,7 +75,7 @@ export class ProxyFront {
 
   #accept(socket: Socket): void {
     const source = socket.remoteAddress;
-    const key = endpointKey(source, socket.remotePort);
+    const key = endpointKey(socket);
     const trusted = inRanges(source, this.#options.trusted);
     let received: Buffer = Buffer.alloc(0);
     let settled = false;

@@ -10,6 +10,7 @@ import { readdirSync } from 'node:fs';
 import { connect as h2connect, type ClientHttp2Session } from 'node:http2';
 import { connect as netConnect, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { parseConfig } from '../../gateway/src/config.js';
@@ -231,5 +232,54 @@ test('a balancer-side peer that resets mid-header is let go at once, not held un
     assert.equal(await refusals('timeout'), 0, 'not counted as a stall');
   } finally {
     await patient.close(200);
+  }
+});
+
+// Regression: the client behind a connection was found by the balancer's address and port alone;
+// one balancer port may hold connections to two of the gateway's addresses at once (a listener on
+// 0.0.0.0), and then both sessions took the header read last.
+test('two connections from one balancer port to two gateway addresses each keep their own header\'s client', async () => {
+  const config = parseConfig({
+    server: { listen_addr: '0.0.0.0:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
+    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
+    observability: { log_level: 'info' },
+    egress: { allow_cidrs: ['127.0.0.0/8'] },
+    limits: { handshake_timeout_ms: 3000 },
+  });
+  const decisions: Record<string, unknown>[] = [];
+  const wide = createGateway(config, { logger: captureLogger(decisions) });
+  await wide.listen();
+  const port = wide.address!.port;
+  const clients = ['198.51.100.23', '203.0.113.9'];
+  const sessions: ClientHttp2Session[] = [];
+  try {
+    // Both headers are read before either TLS handshake; the second connection reuses the first's local port.
+    const first = netConnect({ host: '127.0.0.1', port, localAddress: '127.0.0.1' });
+    first.on('error', () => {});
+    await once(first, 'connect');
+    const second = netConnect({ host: '127.0.0.2', port, localAddress: '127.0.0.1', localPort: first.localPort! });
+    second.on('error', () => {});
+    await once(second, 'connect');
+    const sockets = [first, second];
+    sockets.forEach((socket, i) => socket.write(encodeProxyV2({ ...AGENT, source: { address: clients[i]!, port: 40000 + i } })));
+    // Loopback delivers both at once; the count itself would not show whose header was lost.
+    await sleep(300);
+    for (const socket of sockets) {
+      const session = h2connect(`https://localhost:${port}`, {
+        createConnection: () => tlsConnect({ socket, servername: 'localhost', ca: world.tls.caPem, cert: agent.certPem, key: agent.privateKeyPem, ALPNProtocols: ['h2'] }),
+      });
+      session.on('error', () => {});
+      await once(session, 'connect');
+      sessions.push(session);
+    }
+    for (const [i, session] of sessions.entries()) {
+      const before = decisions.length;
+      await tunnelWorks(session);
+      await until(() => decisions.slice(before).some((l) => l.event === 'connect_decision'), 3000, 'the decision logged');
+      assert.equal(decisions.slice(before).find((l) => l.event === 'connect_decision')?.client_address, clients[i], `session ${i}`);
+    }
+  } finally {
+    for (const session of sessions) session.destroy();
+    await wide.close(200);
   }
 });
