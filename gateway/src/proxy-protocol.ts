@@ -176,6 +176,9 @@ function checkTlvs(header: Buffer, start: number): void {
 
 function formatAddress(bytes: Buffer): string {
   if (bytes.length === 4) return `${bytes[0]}.${bytes[1]}.${bytes[2]}.${bytes[3]}`;
+  // IPv4-mapped in the mixed form (RFC 5952 section 5), as Node reports a direct peer on a dual-stack
+  // listener: the same agent must read the same in logs and audit rows whichever way it came.
+  if (bytes.subarray(0, 10).every((byte) => byte === 0) && bytes[10] === 0xff && bytes[11] === 0xff) return `::ffff:${formatAddress(bytes.subarray(12))}`;
   const groups: string[] = [];
   for (let i = 0; i < 16; i += 2) groups.push(bytes.readUInt16BE(i).toString(16));
   // RFC 5952: the longest run (2+) of zero groups becomes "::".

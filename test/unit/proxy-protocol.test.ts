@@ -57,6 +57,14 @@ test('parses IPv4 and IPv6 PROXY headers, a hand-written example and LOCAL, leav
   }
 });
 
+test('an IPv4-mapped IPv6 source reads as Node writes a dual-stack peer (::ffff:a.b.c.d), not in hex groups', () => {
+  const mapped = encodeProxyV2({ command: 'proxy', family: 'inet6', source: { address: '::ffff:c633:6417', port: 1 }, destination: { address: '::1', port: 2 } });
+  const result = parseProxyV2(mapped);
+  assert.ok(result.done && result.header.command === 'proxy');
+  assert.equal(result.header.source.address, '::ffff:198.51.100.23');
+  assert.equal(result.header.destination.address, '::1');
+});
+
 test('TLVs: unknown types skipped, a matching CRC32C accepted, a wrong one or bad framing refused', () => {
   const noop = encodeProxyV2(V4, [{ type: 0x04, value: Buffer.alloc(5) }, { type: 0xe0, value: Buffer.from('x') }]);
   assert.ok(parseProxyV2(noop).done);
