@@ -283,3 +283,42 @@ test('two connections from one balancer port to two gateway addresses each keep 
     await wide.close(200);
   }
 });
+
+test('max_connections counts connections whose header is still pending: past it they are refused at accept, and served again once the stalled ones are reaped', async () => {
+  const config = parseConfig({
+    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
+    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
+    observability: { log_level: 'info' },
+    egress: { allow_cidrs: ['127.0.0.0/8'] },
+    limits: { handshake_timeout_ms: 1500, max_connections: 5 },
+  });
+  const capped = createGateway(config, { logger: captureLogger([]) });
+  await capped.listen();
+  const port = capped.address!.port;
+  const open = async (bytes: Buffer) => {
+    const socket = netConnect({ host: '127.0.0.1', port, localAddress: '127.0.0.1' });
+    socket.on('error', () => {});
+    await once(socket, 'connect');
+    socket.write(bytes);
+    return socket;
+  };
+  try {
+    // One byte of a header each: the whole cap, held until the handshake deadline.
+    const stalls = await Promise.all(Array.from({ length: 5 }, () => open(encodeProxyV2(AGENT).subarray(0, 1))));
+    await sleep(100);
+    const extra = await open(encodeProxyV2(AGENT));
+    const startedAt = performance.now();
+    await refused(extra);
+    assert.ok(performance.now() - startedAt < 500, 'the sixth is closed at accept, not at a deadline');
+    await Promise.all(stalls.map(refused));
+    const session = h2connect(`https://localhost:${port}`, {
+      createConnection: () => tlsConnect({ socket: netConnect({ host: '127.0.0.1', port, localAddress: '127.0.0.1' }).on('connect', function (this: Socket) { this.write(encodeProxyV2(AGENT)); }), servername: 'localhost', ca: world.tls.caPem, cert: agent.certPem, key: agent.privateKeyPem, ALPNProtocols: ['h2'] }),
+    });
+    session.on('error', () => {});
+    await once(session, 'connect');
+    await tunnelWorks(session);
+    session.destroy();
+  } finally {
+    await capped.close(200);
+  }
+});
