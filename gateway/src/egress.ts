@@ -39,8 +39,16 @@ export function parseCidrs(list: readonly string[]): Cidr[] {
   });
 }
 
-/** True when `text` is a CIDR ipaddr.js accepts (for the config schema). */
+/**
+ * True when `text` is a CIDR (for the config schema): an address as Node writes one, then a
+ * decimal prefix. ipaddr.js alone also reads 010.0.0.5 as octal (8.0.0.5), takes 127.1 and 0x7f.1
+ * as IPv4 and accepts a zone: a zero-padded balancer address in proxy_protocol_from trusted another
+ * host's PROXY header, and one in allow_cidrs or deny_cidrs named another range than it showed.
+ */
 export function isCidr(text: string): boolean {
+  const slash = text.indexOf('/');
+  const address = text.slice(0, slash);
+  if (slash < 0 || isIP(address) === 0 || address.includes('%') || !/^\d{1,3}$/.test(text.slice(slash + 1))) return false;
   try {
     ipaddr.parseCIDR(text);
     return true;

@@ -111,6 +111,15 @@ test('[server] proxy_protocol_from, drain_delay_ms and [policy] read_database_ur
     () => loadConfig(writeConfig(valid.replace('tls_key_path = "certs/server-key.pem"', 'tls_key_path = "certs/server-key.pem"\nproxy_protocol_from = ["balancer.internal"]')), {}),
     { code: 'ERR_CONFIG', message: /server\.proxy_protocol_from\.0: must be a CIDR/ },
   );
+  // Forms ipaddr.js reads as another address than they show (010.0.0.5 is octal: 8.0.0.5), or with
+  // a zone: refused, in every CIDR list (a zero-padded balancer address trusted another host).
+  for (const cidr of ['010.0.0.5/32', '10.0.0.05/32', '127.1/32', '0x7f.0.0.1/32', '10.0.0.5', 'fe80::1%eth0/128', '10.0.0.5/ 32', '10.0.0.5/+8']) {
+    for (const [section, key] of [['server', 'proxy_protocol_from'], ['egress', 'allow_cidrs'], ['egress', 'deny_cidrs']] as const) {
+      const text = section === 'server' ? valid.replace('tls_key_path = "certs/server-key.pem"', `tls_key_path = "certs/server-key.pem"\n${key} = ["${cidr}"]`) : `${valid}\n[egress]\n${key} = ["${cidr}"]\n`;
+      assert.throws(() => loadConfig(writeConfig(text), {}), { code: 'ERR_CONFIG', message: new RegExp(`${section}\\.${key}\\.0: must be a CIDR`) }, `${key} ${cidr}`);
+    }
+  }
+  assert.deepEqual(loadConfig(writeConfig(valid.replace('tls_key_path = "certs/server-key.pem"', 'tls_key_path = "certs/server-key.pem"\nproxy_protocol_from = ["10.0.0.5/32", "::ffff:10.0.0.0/104", "::/0"]')), {}).server.proxyProtocolFrom.map(String), ['10.0.0.5,32', '10.0.0.0,8', '::,0']);
 });
 
 const errors: { name: string; text: string | null; message: RegExp }[] = [
