@@ -228,6 +228,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           timeoutMs: () => limits.handshake_timeout_ms,
           handOff: (socket) => server.emit('connection', socket),
           refused: (reason) => metrics?.proxyProtocolRefused(reason),
+          stalled: () => handshakeFailed('timeout', 'ERR_TLS_HANDSHAKE_TIMEOUT', 'TLS handshake timeout'),
           log,
         })
       : undefined;
@@ -237,12 +238,12 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   listener.maxConnections = limits.max_connections > 0 ? limits.max_connections : Infinity;
 
   server.on('unknownProtocol', (socket: TLSSocket) => socket.destroy());
-  server.on('tlsClientError', (error: NodeJS.ErrnoException) => {
-    const reason = error.code === 'ERR_TLS_HANDSHAKE_TIMEOUT' ? 'timeout' : 'error';
+  function handshakeFailed(reason: 'timeout' | 'error', code: string | undefined, message: string): void {
     metrics?.handshakeFailure(reason);
     // Every counted failure has its line, so an operator can tell a probe from a broken client.
-    log.info({ event: 'tls_handshake_failed', reason, code: error.code, err: error.message }, 'TLS handshake failed');
-  });
+    log.info({ event: 'tls_handshake_failed', reason, code, err: message }, 'TLS handshake failed');
+  }
+  server.on('tlsClientError', (error: NodeJS.ErrnoException) => handshakeFailed(error.code === 'ERR_TLS_HANDSHAKE_TIMEOUT' ? 'timeout' : 'error', error.code, error.message));
 
   // The TLS socket under the session Node is about to create: its 'secureConnection' listener
   // (registered when the server was made) creates the session and emits 'session' at once, and

@@ -20,6 +20,11 @@ export interface ProxyFrontOptions {
   /** The connection, positioned at the client's first TLS byte. */
   readonly handOff: (socket: Socket) => void;
   readonly refused: (reason: ProxyRefusal) => void;
+  /**
+   * A peer not in the list sent nothing by the deadline: no header was owed, so this is a TLS
+   * handshake that stalled, told as the TLS server tells one when no balancer is configured.
+   */
+  readonly stalled: () => void;
   readonly log: Logger;
 }
 
@@ -134,7 +139,15 @@ export class ProxyFront {
     socket.on('end', onEnd);
     // A reset (or any error) closes without 'end': let go of it now, not at the deadline.
     socket.on('close', onEnd);
-    const deadline = setTimeout(() => refuse(received.length > 0 ? 'truncated' : 'timeout', `no complete header within ${this.#options.timeoutMs()} ms`), this.#options.timeoutMs());
+    const deadline = setTimeout(() => {
+      if (trusted) {
+        refuse(received.length > 0 ? 'truncated' : 'timeout', `no complete header within ${this.#options.timeoutMs()} ms`);
+        return;
+      }
+      cleanup();
+      this.#options.stalled();
+      socket.destroy();
+    }, this.#options.timeoutMs());
     deadline.unref();
   }
 }

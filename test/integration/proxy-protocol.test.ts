@@ -151,6 +151,25 @@ test('an untrusted peer is served without a header and refused with one (v2 or v
   assert.equal(await metric('agent_gateway_proxy_protocol_refusals_total', 'untrusted_source'), untrusted + 2);
 });
 
+// Regression: with a balancer configured, a direct peer's stalled handshake was counted as a PROXY
+// protocol refusal ('timeout') at debug level, although it owed no header; without one configured
+// the same stall is a TLS handshake timeout with its info line.
+test('an untrusted peer that sends nothing is a stalled TLS handshake, not a PROXY protocol refusal', async () => {
+  const proxyTimeouts = await metric('agent_gateway_proxy_protocol_refusals_total', 'timeout');
+  const tlsTimeouts = await metric('agent_gateway_tls_handshake_failures_total', 'timeout');
+  const before = lines.length;
+  const startedAt = performance.now();
+  await refused(await rawConnection('127.0.0.2'));
+  assert.ok(performance.now() - startedAt >= 900, 'held until the handshake deadline (1 s), not closed at once');
+  assert.equal(await metric('agent_gateway_tls_handshake_failures_total', 'timeout'), tlsTimeouts + 1);
+  assert.equal(await metric('agent_gateway_proxy_protocol_refusals_total', 'timeout'), proxyTimeouts);
+  assert.ok(lines.slice(before).some((l) => l.event === 'tls_handshake_failed' && l.reason === 'timeout'), 'logged as a handshake timeout');
+  // The balancer itself still owes a header: its silence stays a PROXY protocol refusal.
+  await refused(await rawConnection('127.0.0.1'));
+  assert.equal(await metric('agent_gateway_proxy_protocol_refusals_total', 'timeout'), proxyTimeouts + 1);
+  assert.equal(await metric('agent_gateway_tls_handshake_failures_total', 'timeout'), tlsTimeouts + 1);
+});
+
 test('the trusted balancer must send a v2 header: none, v1 or a broken one is refused by reason', async () => {
   const cases: [Buffer, string][] = [
     [Buffer.from([0x16, 0x03, 0x01, 0x00, 0x10]), 'missing'],
