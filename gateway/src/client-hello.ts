@@ -13,7 +13,7 @@ export const MAX_CLIENT_HELLO_BYTES = 16 * 1024 + 5;
 export type ClientHelloResult =
   /** Not enough bytes yet. */
   | { readonly kind: 'incomplete' }
-  /** The first bytes are not a TLS handshake record (another protocol). */
+  /** The first bytes are neither a TLS record nor an SSLv2 ClientHello (another protocol). */
   | { readonly kind: 'not_tls' }
   /** A TLS handshake that is not a well-formed ClientHello, or too large. */
   | { readonly kind: 'invalid'; readonly why: string }
@@ -21,11 +21,17 @@ export type ClientHelloResult =
   | { readonly kind: 'client_hello'; readonly serverName: string | undefined };
 
 const HANDSHAKE = 0x16;
+/** TLS record content types: change_cipher_spec (20) to heartbeat (24). */
+const FIRST_RECORD_TYPE = 0x14;
+const LAST_RECORD_TYPE = 0x18;
+/** SSLv2's CLIENT-HELLO message type, after a 2-byte header whose top bit is set. */
+const SSL2_CLIENT_HELLO = 0x01;
 const CLIENT_HELLO = 0x01;
 const SERVER_NAME = 0x0000;
 const HOST_NAME = 0x00;
 
 const INCOMPLETE: ClientHelloResult = Object.freeze({ kind: 'incomplete' });
+const SSL2_HELLO: ClientHelloResult = Object.freeze({ kind: 'client_hello', serverName: undefined });
 const NOT_TLS: ClientHelloResult = Object.freeze({ kind: 'not_tls' });
 const invalid = (why: string): ClientHelloResult => ({ kind: 'invalid', why });
 
@@ -38,8 +44,9 @@ function handshakeBytes(data: Uint8Array): { bytes: Uint8Array; complete: boolea
   while (true) {
     if (needed >= 0 && total >= needed) break;
     if (at + 5 > data.length) return INCOMPLETE;
-    if (data[at] !== HANDSHAKE) return at === 0 ? NOT_TLS : invalid('a non-handshake record inside the ClientHello');
-    if (data[at + 1] !== 0x03 || data[at + 2]! > 0x04) return at === 0 ? NOT_TLS : invalid('record version is not TLS');
+    // The record version is not checked: servers take any on the records before the ClientHello
+    // is read (OpenSSL any 3.x, Go anything below 16.0).
+    if (data[at] !== HANDSHAKE) return invalid(at === 0 ? 'the first record is not a handshake record' : 'a non-handshake record inside the ClientHello');
     const length = (data[at + 3]! << 8) | data[at + 4]!;
     if (length === 0 || length > 16 * 1024) return invalid(`record length ${length}`);
     if (at + 5 + length > data.length) return INCOMPLETE;
@@ -70,7 +77,20 @@ function concat(parts: Uint8Array[], total: number): Uint8Array {
 /** Parses the first bytes of a tunnel. */
 export function parseClientHello(data: Uint8Array): ClientHelloResult {
   if (data.length === 0) return INCOMPLETE;
-  if (data[0] !== HANDSHAKE) return NOT_TLS;
+  const first = data[0]!;
+  // OpenSSL servers still take SSLv2's CLIENT-HELLO, which has no extensions: a ClientHello
+  // without a server_name, not another protocol that `match` would let through.
+  if (first & 0x80) {
+    if (data.length < 3) return INCOMPLETE;
+    return data[2] === SSL2_CLIENT_HELLO ? SSL2_HELLO : NOT_TLS;
+  }
+  if (first < FIRST_RECORD_TYPE || first > LAST_RECORD_TYPE) return NOT_TLS;
+  if (data.length < 2) return INCOMPLETE;
+  // A TLS record of any type and version a server would read (OpenSSL reads major version 3, Go
+  // anything below 16.0). Such a record in front of the ClientHello, a warning alert (Go skips
+  // it) or an empty change_cipher_spec (OpenSSL skips it), or an unusual record version, is
+  // still TLS: passing it as another protocol would let the ClientHello behind it name any host.
+  if (data[1]! >= 0x10) return NOT_TLS;
   const reassembled = handshakeBytes(data.length > MAX_CLIENT_HELLO_BYTES * 2 ? data.subarray(0, MAX_CLIENT_HELLO_BYTES * 2) : data);
   if ('kind' in reassembled) return reassembled;
   const hello = reassembled.bytes;

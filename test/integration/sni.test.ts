@@ -150,6 +150,32 @@ test('match: a ClientHello split over segments is read whole', async () => {
   stream.close();
 });
 
+// Regression: each of these reached the destination under `match` as "not TLS", and a real server
+// (OpenSSL, Go) then read the ClientHello for other.test behind it.
+test('match: a ClientHello for another name behind an odd first record or record version is still refused', async () => {
+  const gateway = await startGateway('match');
+  const mismatches = () => lines.filter((l) => l.event === 'tunnel_closed' && l.detail === 'sni_mismatch').length;
+  const before = mismatches();
+  const other = await realClientHello('other.test');
+  const versioned = Buffer.from(other);
+  versioned[2] = 0x05; // record version 3.5
+  const smuggled: Record<string, Buffer> = {
+    'record version 3.5': versioned,
+    'an empty change_cipher_spec first': Buffer.concat([Buffer.from('1403030000', 'hex'), other]),
+    'a warning alert first': Buffer.concat([Buffer.from('1503030002015a', 'hex'), other]),
+  };
+  for (const [what, bytes] of Object.entries(smuggled)) {
+    sink.received.length = 0;
+    const stream = await tunnel(gateway, 'docs.test:443');
+    stream.resume();
+    stream.write(bytes);
+    const closed = once(stream, 'close').then(() => true);
+    assert.equal(await Promise.race([closed, sleep(2000).then(() => false)]), true, `${what}: the tunnel was closed`);
+    assert.equal(receivedBytes(), 0, `${what}: the destination received nothing`);
+  }
+  await until(() => mismatches() === before + 3, 2000, 'three more tunnel_closed sni_mismatch');
+});
+
 test('match passes a protocol that is not TLS; require refuses it', async () => {
   const matching = await startGateway('match');
   sink.received.length = 0;

@@ -42,7 +42,8 @@ test('client hello: split over records of 1, 7 and 100 bytes, and fed one segmen
 test('client hello: other protocols are not TLS; broken handshakes are invalid', () => {
   assert.equal(parseClientHello(Buffer.from('GET / HTTP/1.1\r\n')).kind, 'not_tls');
   assert.equal(parseClientHello(Buffer.from('SSH-2.0-OpenSSH\r\n')).kind, 'not_tls');
-  assert.equal(parseClientHello(Buffer.from([0x16, 0x02, 0x00, 0x00, 0x01, 0x01])).kind, 'not_tls');
+  assert.equal(parseClientHello(Buffer.from([0x16, 0x10, 0x00, 0x00, 0x01, 0x01])).kind, 'not_tls', 'record version 16.0: no server reads it as TLS');
+  assert.equal(parseClientHello(Buffer.from([0x81, 0x02, 0x03])).kind, 'not_tls', 'top bit set, but not an SSLv2 CLIENT-HELLO');
   const serverHello = Buffer.from(DOCS);
   serverHello[5] = 0x02;
   assert.equal(parseClientHello(serverHello).kind, 'invalid');
@@ -50,6 +51,38 @@ test('client hello: other protocols are not TLS; broken handshakes are invalid',
   assert.deepEqual(parseClientHello(huge), { kind: 'invalid', why: `ClientHello of ${0xffffff + 4} bytes` });
   assert.equal(parseClientHello(reframe(DOCS, 50).subarray(0, 60)).kind, 'incomplete');
   assert.equal(parseClientHello(Buffer.concat([reframe(DOCS, 50).subarray(0, 55), Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])])).kind, 'invalid');
+});
+
+/** `hello` behind another first record, or with its record version rewritten. */
+const withPrefix = (hex: string, hello: Buffer) => Buffer.concat([Buffer.from(hex, 'hex'), hello]);
+function withRecordVersion(hello: Buffer, major: number, minor: number): Buffer {
+  const out = Buffer.from(hello);
+  out[1] = major;
+  out[2] = minor;
+  return out;
+}
+/** An SSLv2-format CLIENT-HELLO offering TLS 1.2 (OpenSSL servers still read it; it has no extensions). */
+const SSL2 = (() => {
+  const ciphers = Buffer.from('00c02b00c02f00002f0000350000ff', 'hex');
+  const body = Buffer.concat([Buffer.from([0x01, 0x03, 0x03, 0x00, ciphers.length, 0x00, 0x00, 0x00, 32]), ciphers, Buffer.alloc(32, 0x11)]);
+  return Buffer.concat([Buffer.from([0x80 | (body.length >> 8), body.length & 0xff]), body]);
+})();
+
+// Regression: a first record a server reads but the reader took for another protocol let `match`
+// pass the ClientHello behind it whatever its server_name (each was checked against a real server:
+// OpenSSL takes any 3.x record version and skips empty change_cipher_spec records before the
+// ClientHello; Go takes record versions below 16.0 and skips warning alerts).
+test('client hello: unusual record versions and records in front of the ClientHello are still TLS', () => {
+  const OTHER = reframe(DOCS, 1000);
+  for (const [major, minor] of [[3, 5], [3, 0xff], [0, 1], [2, 0]] as const) {
+    assert.deepEqual(parseClientHello(withRecordVersion(OTHER, major, minor)), { kind: 'client_hello', serverName: 'docs.example.com' }, `record version ${major}.${minor}`);
+  }
+  for (const prefix of ['1403030000', '140303000101', '15030300020100', '1503030000', '1703030000', '1803030000']) {
+    assert.equal(parseClientHello(withPrefix(prefix, DOCS)).kind, 'invalid', `${prefix} in front`);
+  }
+  assert.equal(parseClientHello(Buffer.from([0x15])).kind, 'incomplete');
+  assert.deepEqual(parseClientHello(SSL2), { kind: 'client_hello', serverName: undefined });
+  assert.equal(parseClientHello(SSL2.subarray(0, 2)).kind, 'incomplete');
 });
 
 const CASES: readonly { name: string; data: Buffer; mode: 'match' | 'require'; host: string; ip?: boolean; ended?: boolean; verdict: string }[] = [
@@ -66,6 +99,11 @@ const CASES: readonly { name: string; data: Buffer; mode: 'match' | 'require'; h
   { name: 'match: half a ClientHello, then the client ends', data: DOCS.subarray(0, 40), mode: 'match', host: 'docs.example.com', ended: true, verdict: 'refuse' },
   { name: 'match: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'match', host: 'docs.example.com', ended: true, verdict: 'pass' },
   { name: 'match: 16 KiB + 5 bytes without a complete ClientHello', data: Buffer.concat([Buffer.from([0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x40, 0x00]), Buffer.alloc(16 * 1024 - 4)]), mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
+  { name: 'match: record version 3.5 for another name', data: withRecordVersion(DOCS, 3, 5), mode: 'match', host: 'api.example.com', verdict: 'refuse' },
+  { name: 'match: an empty change_cipher_spec, then the same name', data: withPrefix('1403030000', DOCS), mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
+  { name: 'match: a warning alert, then the same name', data: withPrefix('1503030002015a', DOCS), mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
+  { name: 'match: an SSLv2 ClientHello (no server_name) for a hostname', data: SSL2, mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
+  { name: 'match: an SSLv2 ClientHello for an IP literal', data: SSL2, mode: 'match', host: '93.184.216.34', ip: true, verdict: 'pass' },
   { name: 'require: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'require', host: 'docs.example.com', ended: true, verdict: 'refuse' },
 ];
 
