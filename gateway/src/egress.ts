@@ -11,6 +11,8 @@ import ipaddr from 'ipaddr.js';
  * ranges, and the IPv6 embeddings NAT64 (64:ff9b::/96, `rfc6052`), 6to4 and Teredo, whatever
  * they embed. `deny_cidrs` wins over both.
  *
+ * IPv6 outside 2000::/3 (IANA's global unicast space) is reserved, whatever ipaddr.js calls it.
+ *
  * One class ipaddr.js does not know: IPv4-compatible addresses (::/96 beyond :: and ::1, RFC 4291
  * §2.5.5.1, deprecated). It unwraps them only when written with a dotted tail (`::127.0.0.1`), and
  * calls the hex form a resolver returns (`::7f00:1`) `unicast`; a SIT tunnel routes them to the
@@ -25,6 +27,8 @@ export interface EgressPolicy {
 
 const IPV4_COMPATIBLE: Cidr = [ipaddr.IPv6.parse('::'), 96];
 const IPV4_MAPPED: Cidr = [ipaddr.IPv6.parse('::ffff:0:0'), 96];
+/** IANA's global unicast space; the rest of IPv6 is reserved by the IETF (RFC 4291 §2.4, the IANA IPv6 Address Space registry). */
+const IPV6_GLOBAL_UNICAST: Cidr = [ipaddr.IPv6.parse('2000::'), 3];
 
 /**
  * Parses a CIDR list (config validation has already checked each). Addresses are judged after
@@ -96,7 +100,12 @@ function judgeAddress(text: string, policy: EgressPolicy): AddressVerdict {
   if (denied) return { allowed: false, why: `in deny_cidrs ${denied[0].toString()}/${denied[1]}` };
   if (inList(address, policy.allow)) return { allowed: true };
   let range: string = address.range();
-  if (range === 'unicast' && address.kind() === 'ipv6' && address.match(IPV4_COMPATIBLE)) range = 'ipv4Compatible';
+  if (range === 'unicast' && address.kind() === 'ipv6') {
+    if (address.match(IPV4_COMPATIBLE)) range = 'ipv4Compatible';
+    // ipaddr.js calls `unicast` whatever no special range names, 4000::1 and 1::1 too: they are
+    // reserved, not global, however a local network might route them.
+    else if (!address.match(IPV6_GLOBAL_UNICAST)) range = 'reserved';
+  }
   return range === 'unicast' ? { allowed: true } : { allowed: false, why: `${range} address` };
 }
 

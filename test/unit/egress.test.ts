@@ -42,6 +42,11 @@ const REFUSED: readonly [string, string][] = [
   ['2002:7f00:1::1', '6to4 of 127.0.0.1'],
   ['2001::1', 'Teredo'],
   ['100::1', 'discard-only'],
+  // Regression: outside 2000::/3 but in no range ipaddr.js names, these were `unicast` and dialled.
+  ['4000::1', 'reserved by the IETF (outside 2000::/3)'],
+  ['1::1', 'reserved by the IETF (outside 2000::/3)'],
+  ['fe00::1', 'reserved by the IETF (fe00::/9)'],
+  ['e000::1', 'reserved by the IETF (outside 2000::/3)'],
 ];
 
 for (const [address, what] of REFUSED) {
@@ -51,7 +56,7 @@ for (const [address, what] of REFUSED) {
   });
 }
 
-for (const address of ['8.8.8.8', '1.1.1.1', '2606:4700:4700::1111', '::ffff:8.8.8.8']) {
+for (const address of ['8.8.8.8', '1.1.1.1', '2606:4700:4700::1111', '::ffff:8.8.8.8', '2a00:1450:4001:80b::200e', '3ffe:ffff::1']) {
   test(`egress: global unicast ${address} is allowed`, () => {
     assert.deepEqual(vetAddress(address, NONE), { allowed: true });
   });
