@@ -55,7 +55,7 @@ const postgresUrl = z.string().superRefine((value, ctx) => {
   }
 });
 
-const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8')).default([]);
+const cidrList = z.array(z.string().refine(isCidr, 'must be a CIDR such as 10.1.2.3/32 or fd00::/8 (IPv4 as a dotted quad without leading zeros, IPv6 without a zone)')).default([]);
 
 const serverSchema = z.strictObject({
   listen_addr: listenAddress.default('127.0.0.1:8443'),

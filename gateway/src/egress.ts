@@ -43,16 +43,23 @@ export function parseCidrs(list: readonly string[]): Cidr[] {
   });
 }
 
+const CIDR_TEXT = /^([^/]+)\/(?:0|[1-9][0-9]{0,2})$/;
+
 /**
- * True when `text` is a CIDR (for the config schema): an address as Node writes one, then a
- * decimal prefix. ipaddr.js alone also reads 010.0.0.5 as octal (8.0.0.5), takes 127.1 and 0x7f.1
- * as IPv4 and accepts a zone: a zero-padded balancer address in proxy_protocol_from trusted another
- * host's PROXY header, and one in allow_cidrs or deny_cidrs named another range than it showed.
+ * True when `text` is a CIDR in one unambiguous spelling (for the config schema): IPv4 as a
+ * dotted quad without leading zeros, IPv6 without a zone, a decimal prefix length. ipaddr.js
+ * alone also reads `010.0.0.0/8` as 8.0.0.0/8 (octal) and `127.1/32` as 127.0.0.1/32, so a
+ * deny range written with a leading zero silently named another network, and a zero-padded
+ * balancer address in proxy_protocol_from trusted another host's PROXY header; destinations with
+ * such hosts are refused by registry/destination.ts, and ranges now are too.
  */
 export function isCidr(text: string): boolean {
-  const slash = text.indexOf('/');
-  const address = text.slice(0, slash);
-  if (slash < 0 || isIP(address) === 0 || address.includes('%') || !/^\d{1,3}$/.test(text.slice(slash + 1))) return false;
+  const match = CIDR_TEXT.exec(text);
+  if (!match) return false;
+  const address = match[1]!;
+  if (address.includes('%')) return false;
+  const dotted = address.includes(':') ? (address.includes('.') ? address.slice(address.lastIndexOf(':') + 1) : undefined) : address;
+  if (dotted !== undefined && !ipaddr.IPv4.isValidFourPartDecimal(dotted)) return false;
   try {
     ipaddr.parseCIDR(text);
     return true;

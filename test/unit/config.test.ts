@@ -149,6 +149,14 @@ const errors: { name: string; text: string | null; message: RegExp }[] = [
   { name: 'bad log level', text: valid.replace('log_level = "info"', 'log_level = "loud"'), message: /observability\.log_level: unknown level "loud"/ },
   { name: 'bad listen address', text: valid.replace('[server]', '[server]\nlisten_addr = "8443"'), message: /server\.listen_addr: must be host:port/ },
   { name: 'wrong type', text: valid.replace('[policy]', '[policy]\nmax_connections = "five"'), message: /policy\.max_connections/ },
+  // Regression: ipaddr.js read 010.0.0.0/8 as 8.0.0.0/8 (octal) and 127.1/32 as 127.0.0.1/32.
+  { name: 'deny range with a leading zero (read as octal)', text: `${valid}\n[egress]\ndeny_cidrs = ["010.0.0.0/8"]\n`, message: /egress\.deny_cidrs\.0: must be a CIDR/ },
+  { name: 'allow range in shorthand', text: `${valid}\n[egress]\nallow_cidrs = ["127.1/32"]\n`, message: /egress\.allow_cidrs\.0: must be a CIDR/ },
+  { name: 'allow range in hex', text: `${valid}\n[egress]\nallow_cidrs = ["0x7f.0.0.1/32"]\n`, message: /egress\.allow_cidrs\.0: must be a CIDR/ },
+  { name: 'allow range as one number', text: `${valid}\n[egress]\nallow_cidrs = ["1/8"]\n`, message: /egress\.allow_cidrs\.0: must be a CIDR/ },
+  { name: 'mapped range with a leading zero', text: `${valid}\n[egress]\ndeny_cidrs = ["::ffff:010.0.0.0/104"]\n`, message: /egress\.deny_cidrs\.0: must be a CIDR/ },
+  { name: 'range with a zone', text: `${valid}\n[egress]\nallow_cidrs = ["fe80::1%eth0/64"]\n`, message: /egress\.allow_cidrs\.0: must be a CIDR/ },
+  { name: 'prefix with a leading zero', text: `${valid}\n[egress]\ndeny_cidrs = ["10.0.0.0/08"]\n`, message: /egress\.deny_cidrs\.0: must be a CIDR/ },
   { name: 'bad resolve key', text: `${valid}\n[resolve]\n"bad_host" = "127.0.0.1:1"\n`, message: /resolve\.bad_host: key invalid destination/ },
 ];
 

@@ -1,7 +1,7 @@
 /** [egress] address classes (DESIGN §9c): one table row per class, from ipaddr.js alone. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { parseCidrs, resolveAndVet, vetAddress, type EgressPolicy } from '../../gateway/src/egress.js';
+import { isCidr, parseCidrs, resolveAndVet, vetAddress, type EgressPolicy } from '../../gateway/src/egress.js';
 
 const NONE: EgressPolicy = { allow: [], deny: [] };
 
@@ -121,4 +121,9 @@ test('egress: localhost resolves (system resolver, /etc/hosts) to loopback only,
   const verdict = await resolveAndVet('localhost', NONE, systemResolver, 2000, new AbortController().signal);
   assert.equal(verdict.ok, false);
   assert.equal(verdict.ok === false && verdict.kind, 'forbidden');
+});
+
+test('egress: CIDRs are taken in one spelling only (an octal or shorthand IPv4 range named another network)', () => {
+  for (const good of ['10.0.0.0/8', '10.1.2.3/32', '0.0.0.0/0', '::/0', 'fd00::/8', '::ffff:10.0.0.0/104', '2001:db8::/32']) assert.equal(isCidr(good), true, good);
+  for (const bad of ['010.0.0.0/8', '127.1/32', '0x7f.0.0.1/32', '1/8', '::ffff:010.0.0.0/104', 'fe80::1%eth0/64', '10.0.0.0/08', '10.0.0.0', '10.0.0.0/33', '::/129', ' 10.0.0.0/8']) assert.equal(isCidr(bad), false, bad);
 });
