@@ -124,8 +124,29 @@ export interface ResolvedAddress {
 /** Resolves a hostname to every address it has (tests inject their own). */
 export type HostResolver = (host: string) => Promise<ResolvedAddress[]>;
 
-export const systemResolver: HostResolver = async (host) =>
-  (await dnsLookup(host, { all: true, verbatim: true })).map((entry) => ({ address: entry.address, family: entry.family === 6 ? 6 : 4 }));
+/**
+ * One lookup in flight per name, shared by every CONNECT that asks meanwhile; nothing is kept
+ * once it settles (each CONNECT still gets an answer no older than its own request). getaddrinfo
+ * runs on libuv's threadpool (4 threads) and cannot be cancelled: a name whose DNS never answers
+ * holds a thread for the resolver's whole timeout, well past dial_timeout_ms, and CONNECTs to it
+ * repeated (or reset and repeated) took every thread, so every other agent's lookup waited
+ * behind them and timed out.
+ */
+export function coalesced(resolver: HostResolver): HostResolver {
+  const inFlight = new Map<string, Promise<ResolvedAddress[]>>();
+  return (host) => {
+    let pending = inFlight.get(host);
+    if (pending === undefined) {
+      pending = resolver(host).finally(() => inFlight.delete(host));
+      inFlight.set(host, pending);
+    }
+    return pending;
+  };
+}
+
+export const systemResolver: HostResolver = coalesced(async (host) =>
+  (await dnsLookup(host, { all: true, verbatim: true })).map((entry) => Object.freeze({ address: entry.address, family: entry.family === 6 ? 6 : 4 }) as ResolvedAddress),
+);
 
 export type VetResult =
   | { readonly ok: true; readonly addresses: readonly ResolvedAddress[] }

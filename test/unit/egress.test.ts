@@ -127,3 +127,34 @@ test('egress: CIDRs are taken in one spelling only (an octal or shorthand IPv4 r
   for (const good of ['10.0.0.0/8', '10.1.2.3/32', '0.0.0.0/0', '::/0', 'fd00::/8', '::ffff:10.0.0.0/104', '2001:db8::/32']) assert.equal(isCidr(good), true, good);
   for (const bad of ['010.0.0.0/8', '127.1/32', '0x7f.0.0.1/32', '1/8', '::ffff:010.0.0.0/104', 'fe80::1%eth0/64', '10.0.0.0/08', '10.0.0.0', '10.0.0.0/33', '::/129', ' 10.0.0.0/8']) assert.equal(isCidr(bad), false, bad);
 });
+
+// Regression: every CONNECT ran its own getaddrinfo on libuv's 4-thread pool, which cannot be
+// cancelled; 8 CONNECTs to one name whose DNS never answers delayed an unrelated lookup by 12 s
+// (past dial_timeout_ms), so every other agent's CONNECT to a hostname failed.
+test('egress: lookups of one name in flight together are one lookup; none is kept after it settles', async () => {
+  const { coalesced, systemResolver } = await import('../../gateway/src/egress.js');
+  let calls = 0;
+  let answer!: (value: { address: string; family: 4 }[]) => void;
+  const resolver = coalesced(() => {
+    calls++;
+    return new Promise((resolve) => (answer = resolve));
+  });
+  const pending = [resolver('a.test'), resolver('a.test'), resolver('a.test')];
+  assert.equal(calls, 1);
+  answer([{ address: '93.184.216.34', family: 4 }]);
+  for (const result of await Promise.all(pending)) assert.deepEqual(result, [{ address: '93.184.216.34', family: 4 }]);
+  const again = resolver('a.test');
+  assert.equal(calls, 2, 'a settled lookup is not reused');
+  answer([]);
+  await again;
+  let failures = 0;
+  const failing = coalesced(async () => {
+    failures++;
+    throw Object.assign(new Error('getaddrinfo EAI_AGAIN'), { code: 'EAI_AGAIN' });
+  });
+  const results = await Promise.allSettled([failing('b.test'), failing('b.test')]);
+  assert.deepEqual([failures, results.map((r) => r.status)], [1, ['rejected', 'rejected']]);
+  // The system resolver is coalesced too: two CONNECTs at once share one answer.
+  const [first, second] = await Promise.all([systemResolver('localhost'), systemResolver('localhost')]);
+  assert.equal(first, second);
+});
