@@ -79,6 +79,20 @@ export function silenceBackstopMs(limits: Pick<GatewayConfig['limits'], 'idle_ti
   return idle > 0 && sessionIdle > 0 ? 2 * Math.max(idle, sessionIdle) : 0;
 }
 
+/** The share of max_session_age_ms by which one session's GOAWAY may come early (see sessionAgeMs). */
+export const SESSION_AGE_SPREAD = 0.1;
+
+/**
+ * When one session gets its rebalancing GOAWAY: a uniform point in the last SESSION_AGE_SPREAD of
+ * max_session_age_ms, never past it (0: never). Every session with the same deadline would go at
+ * once after a restart or a failover, when the agents all reconnected together, and come back
+ * together: a reconnection storm each max_session_age_ms, the opposite of spreading them.
+ */
+export function sessionAgeMs(maxAgeMs: number, random: () => number = Math.random): number {
+  if (maxAgeMs <= 0) return 0;
+  return Math.max(1, Math.ceil(maxAgeMs * (1 - SESSION_AGE_SPREAD * random())));
+}
+
 /**
  * Every HTTP/2 session from accept to close (DESIGN §9a): error handling from birth, a preface
  * deadline, GOAWAY after `session_idle_timeout_ms` without an open stream, a short life for
@@ -208,7 +222,8 @@ export class SessionGuard {
     session.once('remoteSettings', () => clearTimeout(preface));
 
     // Rebalancing: an old session is asked to go; its tunnels run to their end (no destroy).
-    const aged = maxAgeMs > 0 ? setTimeout(() => goAway(session, () => state.openStreams === 0), maxAgeMs) : undefined;
+    const ageMs = sessionAgeMs(maxAgeMs);
+    const aged = ageMs > 0 ? setTimeout(() => goAway(session, () => state.openStreams === 0), ageMs) : undefined;
     aged?.unref();
 
     session.once('close', () => {
