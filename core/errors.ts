@@ -235,7 +235,7 @@ export const ERROR_CODES = {
   ERR_REFUSED_PERMISSION_UNKNOWN: { exit: EXIT.refused, hint: '`agent-gateway-registry list` shows the permission ids in the registry' },
   ERR_REFUSED_UNATTESTED: { exit: EXIT.refused, hint: 'enrol the key with TPM evidence first (`agent-gateway-registry enrol-agent-key`, or register-principal with --ek-ca), or pass --allow-unattested to accept a key nothing proves is TPM-resident' },
   ERR_REFUSED_ATTESTATION_MALFORMED: { exit: EXIT.refused, hint: 'the evidence is not what tpm2-tools produces for an ECC P-256 key certified by an ECDSA AK under the RSA EK: collect it again on the machine that owns the TPM' },
-  ERR_REFUSED_ATTESTATION_EK_UNTRUSTED: { exit: EXIT.refused, hint: 'the TPM\'s EK certificate must be issued by a CA in --ek-ca / AGENT_GATEWAY_EK_CA_FILE: add its manufacturer\'s CA if you trust it, or enrol a key from another TPM' },
+  ERR_REFUSED_ATTESTATION_EK_UNTRUSTED: { exit: EXIT.refused, hint: 'the TPM\'s EK certificate must be issued by a CA in --ek-ca / AGENT_GATEWAY_EK_CA_FILE, be valid now, and be an EK certificate (never a CA or TLS certificate): add its manufacturer\'s CA if you trust it, or enrol a key from another TPM' },
   ERR_REFUSED_ATTESTATION_AK_ATTRIBUTES: { exit: EXIT.refused, hint: 'the attestation key must be restricted, sign, fixedTPM and fixedParent (tpm2_createak makes one): anything else can sign forged certify structures' },
   ERR_REFUSED_ATTESTATION_SIGNATURE: { exit: EXIT.refused, hint: 'the certify structure was not signed by the presented attestation key: the evidence was altered or forged' },
   ERR_REFUSED_ATTESTATION_KEY_MISMATCH: { exit: EXIT.refused, hint: 'the TPM certified another key than the one being enrolled: enrol the key the TPM holds under that label' },

@@ -82,6 +82,8 @@ const TPM_ALG_ECDSA = 0x0018;
 const TPM_ECC_NIST_P256 = 0x0003;
 const TPM_GENERATED_VALUE = 0xff544347;
 const TPM_ST_ATTEST_CERTIFY = 0x8017;
+/** Extended key usage of a TCG EK certificate. */
+const TCG_KP_EK_CERTIFICATE = '2.23.133.8.1';
 
 export const TPMA = {
   fixedTPM: 0x00000002,
@@ -250,7 +252,7 @@ function within(certificate: X509Certificate, now: Date): boolean {
   return new Date(certificate.validFrom).getTime() <= now.getTime() && now.getTime() <= new Date(certificate.validTo).getTime();
 }
 
-/** The EK certificate must be issued (and signed) by one of the configured CA certificates. */
+/** The EK certificate must be issued (and signed) by one of the configured CA certificates, valid now, and an EK certificate. */
 export function verifyEkCertificate(ekDer: Buffer, caCertificates: readonly X509Certificate[], now: Date): { ek: X509Certificate; ca: X509Certificate; ekPublicKey: KeyObject } {
   const ek = parseCertificate(ekDer);
   if (!ek.raw.equals(ekDer)) throw malformed('the EK certificate has trailing bytes');
@@ -260,6 +262,14 @@ export function verifyEkCertificate(ekDer: Buffer, caCertificates: readonly X509
   }
   if (!within(ek, now) || !within(ca, now)) {
     throw new AttestationError('ERR_REFUSED_ATTESTATION_EK_UNTRUSTED', `the EK certificate (valid ${ek.validFrom} .. ${ek.validTo}) or its CA (valid ${ca.validFrom} .. ${ca.validTo}) is not valid now`);
+  }
+  // The credential is encrypted to this certificate's key: whoever holds the private key of any
+  // other RSA certificate the CA signed (an intermediate, a TLS certificate) could open it in
+  // software. A TCG EK certificate is an end entity, and an extended key usage, when present, names
+  // the EK certificate purpose (TCG EK Credential Profile); `keyUsage` is Node's name for that list.
+  const purposes = ek.keyUsage;
+  if (ek.ca || (purposes !== undefined && !purposes.includes(TCG_KP_EK_CERTIFICATE))) {
+    throw new AttestationError('ERR_REFUSED_ATTESTATION_EK_UNTRUSTED', `the certificate presented as the EK's (subject "${ek.subject.replace(/\n/g, ', ')}", SHA-256 ${sha256Hex(ekDer)}) is not an EK certificate: ${ek.ca ? 'it is a CA certificate' : `its extended key usage is ${purposes!.join(', ') || 'empty'}, without ${TCG_KP_EK_CERTIFICATE} (tcg-kp-EKCertificate)`}`);
   }
   const ekPublicKey = ek.publicKey;
   if (ekPublicKey.asymmetricKeyType !== 'rsa') throw malformed('the EK certificate does not hold an RSA key (the RSA 2048 EK at NV index 0x01c00002 is expected)');
