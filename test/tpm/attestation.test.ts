@@ -10,6 +10,7 @@ import { parseCaBundle, verifyAttestation, verifyStatic, type AttestationEvidenc
 import { TpmAttestor, makeCredential } from '../../tpm/attestation.js';
 import { openToken } from '../../tpm/token.js';
 import { QUIET_TPM_LOG_ENV, createPtoolKey, startSwtpm, type SwtpmInstance } from '../helpers/swtpm.js';
+import { AK_ATTRIBUTES, TOKEN_KEY_ATTRIBUTES, certifyInfo as certifyInfoOf, eccPublic, ecdsaSignature, nameOf } from '../helpers/tpm-structures.js';
 
 /**
  * Attestation at enrolment against real software TPMs manufactured with EK certificates: the TPM
@@ -71,29 +72,6 @@ function flip(buffer: Buffer, offset: number, mask = 0x01): Buffer {
 
 // Byte offsets inside a TPM2B_PUBLIC: size(2) type(2) nameAlg(2) objectAttributes(4, big-endian).
 const ATTRIBUTE_BYTE = { restricted: 7, decrypt: 7, fixedTPM: 9, fixedParent: 9 } as const;
-
-function u16(value: number): Buffer {
-  const buffer = Buffer.alloc(2);
-  buffer.writeUInt16BE(value);
-  return buffer;
-}
-const sized = (data: Buffer) => Buffer.concat([u16(data.length), data]);
-
-/** A TPM2B_PUBLIC for a software P-256 key, claiming whatever attributes a forger likes. */
-function forgedPublic(jwk: { x?: string; y?: string }, attributes: number, ecdsa: boolean): Buffer {
-  const attr = Buffer.alloc(4);
-  attr.writeUInt32BE(attributes);
-  const area = Buffer.concat([
-    u16(0x0023), u16(0x000b), attr, sized(Buffer.alloc(0)), u16(0x0010),
-    ...(ecdsa ? [u16(0x0018), u16(0x000b)] : [u16(0x0010)]),
-    u16(0x0003), u16(0x0010), sized(Buffer.from(jwk.x!, 'base64url')), sized(Buffer.from(jwk.y!, 'base64url')),
-  ]);
-  return sized(area);
-}
-
-function nameOf(tpm2bPublic: Buffer): Buffer {
-  return Buffer.concat([u16(0x000b), createHash('sha256').update(tpm2bPublic.subarray(2)).digest()]);
-}
 
 before(async () => {
   scratch = mkdtempSync(join(tmpdir(), 'agw-attest-test-'));
@@ -199,14 +177,10 @@ describe('TPM attestation at enrolment (swtpm with EK certificates)', { concurre
     const ak = generateKeyPairSync('ec', { namedCurve: 'P-256' });
     const key = generateKeyPairSync('ec', { namedCurve: 'P-256' });
     // Every attribute a real AK and a real TPM key would have.
-    const akPublic = forgedPublic(ak.publicKey.export({ format: 'jwk' }), 0x00050072, true);
-    const keyPublic = forgedPublic(key.publicKey.export({ format: 'jwk' }), 0x00060072, false);
-    const certifyInfo = Buffer.concat([
-      Buffer.from('ff5443478017', 'hex'), sized(nameOf(akPublic)), sized(Buffer.alloc(0)), Buffer.alloc(17), Buffer.alloc(8),
-      sized(nameOf(keyPublic)), sized(nameOf(keyPublic)),
-    ]);
-    const p1363 = cryptoSign('sha256', certifyInfo, { key: ak.privateKey, dsaEncoding: 'ieee-p1363' });
-    const certifySignature = Buffer.concat([u16(0x0018), u16(0x000b), sized(p1363.subarray(0, 32)), sized(p1363.subarray(32))]);
+    const akPublic = eccPublic(ak.publicKey.export({ format: 'jwk' }), AK_ATTRIBUTES, { ecdsa: true });
+    const keyPublic = eccPublic(key.publicKey.export({ format: 'jwk' }), TOKEN_KEY_ATTRIBUTES);
+    const certifyInfo = certifyInfoOf(nameOf(akPublic), nameOf(keyPublic));
+    const certifySignature = ecdsaSignature(cryptoSign('sha256', certifyInfo, { key: ak.privateKey, dsaEncoding: 'ieee-p1363' }));
     const spki = key.publicKey.export({ type: 'spki', format: 'der' });
     const forged = { ekCertificate: first.evidence.ekCertificate, akPublic, keyPublic, certifyInfo, certifySignature };
     const { ekPublicKey, ak: parsedAk } = verifyStatic(forged, { caCertificates: trusted, enrolledSpkiDer: spki, now: new Date() });
