@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync } from 'node:fs';
 import { normaliseAuthority } from '../../registry/destination.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { hasControlCharacter } from '../../registry/permission.js';
@@ -92,10 +92,27 @@ export function durationOption(option: string, value: string | undefined): numbe
   return ms;
 }
 
-/** The bytes of the file an option names; an unreadable one is a usage error naming the option, the path and why. */
-export function readOptionFile(option: string, path: string): Buffer {
+/**
+ * The bytes of the file an option names; an unreadable one is a usage error naming the option, the
+ * path and why. With `maxBytes`, at most that many are read, however long the file (or device) is:
+ * pass one more than you accept to tell a file that is too large.
+ */
+export function readOptionFile(option: string, path: string, maxBytes?: number): Buffer {
   try {
-    return readFileSync(path);
+    if (maxBytes === undefined) return readFileSync(path);
+    const fd = openSync(path, 'r');
+    try {
+      const buffer = Buffer.alloc(maxBytes);
+      let length = 0;
+      while (length < maxBytes) {
+        const read = readSync(fd, buffer, length, maxBytes - length, null);
+        if (read === 0) break;
+        length += read;
+      }
+      return buffer.subarray(0, length);
+    } finally {
+      closeSync(fd);
+    }
   } catch (error) {
     throw new UsageError(`cannot read ${option} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
   }

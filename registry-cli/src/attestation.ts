@@ -116,8 +116,21 @@ export const CHALLENGE_FORMAT = 'agent-gateway-tpm-challenge-v1';
 export const PROOF_FORMAT = 'agent-gateway-tpm-proof-v1';
 export const CHALLENGE_VALID_SECONDS = 600;
 
+/**
+ * Evidence, challenge and proof files hold a few base64 fields of at most 8 KiB each: anything
+ * larger is refused before it is read through (a hostile file may be huge, or a device).
+ */
+const MAX_DOCUMENT_BYTES = 64 * 1024;
+
+/** The text of an evidence, challenge or proof file named by `option`. */
+export function readAttestationDocument(option: string, path: string): string {
+  const bytes = readOptionFile(option, path, MAX_DOCUMENT_BYTES + 1);
+  if (bytes.length > MAX_DOCUMENT_BYTES) throw new AttestationError('ERR_REFUSED_ATTESTATION_MALFORMED', `${option} ${path} is larger than ${MAX_DOCUMENT_BYTES} bytes: not an attestation document`);
+  return bytes.toString('utf8');
+}
+
 export function readJsonFile(option: string, path: string, format: string): Record<string, unknown> {
-  const text = readOptionFile(option, path).toString('utf8');
+  const text = readAttestationDocument(option, path);
   let document: unknown;
   try {
     document = JSON.parse(text);

@@ -221,6 +221,50 @@ describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }
       assert.ok(ids.includes(made.json.challenge_id), 'the new challenge');
     });
 
+    test('an oversized or endless evidence, challenge or proof file is refused unread (exit 3); nothing is stored', async () => {
+      const before = await challengeRows();
+      const attestations = await count('key_attestations');
+      // Valid evidence, padded: every field the verifier reads is bounded, the file was not.
+      const evidence = JSON.parse(readFileSync(file('evidence.json'), 'utf8'));
+      writeFileSync(file('padded-evidence.json'), JSON.stringify({ ...evidence, padding: 'A'.repeat(1 << 20) }));
+      const proof = JSON.parse(readFileSync(file('proof.json'), 'utf8'));
+      writeFileSync(file('padded-proof.json'), JSON.stringify({ ...proof, padding: 'A'.repeat(1 << 20) }));
+      const challenge = JSON.parse(readFileSync(file('challenge.json'), 'utf8'));
+      writeFileSync(file('padded-challenge.json'), JSON.stringify({ ...challenge, padding: 'A'.repeat(1 << 20) }));
+      const started = performance.now();
+      for (const [name, run] of [
+        ['padded evidence', () => registrySide(['--json', 'attest', 'challenge', '--evidence', file('padded-evidence.json'), '--out', file('c.json'), '--ek-ca', caPath])],
+        ['padded proof', () => registrySide(['--json', 'enrol-agent-key', '--proof', file('padded-proof.json'), '--ek-ca', caPath])],
+        ['padded challenge', () => tpmSide(['--json', 'attest', 'activate', '--challenge', file('padded-challenge.json'), '--state-dir', file('attest-state'), '--out', file('p.json')])],
+        ['endless evidence', () => registrySide(['--json', 'attest', 'challenge', '--evidence', '/dev/zero', '--out', file('c.json'), '--ek-ca', caPath])],
+        ['endless proof', () => registrySide(['--json', 'enrol-agent-key', '--proof', '/dev/zero', '--ek-ca', caPath])],
+        ['endless challenge', () => tpmSide(['--json', 'attest', 'activate', '--challenge', '/dev/zero', '--state-dir', file('attest-state'), '--out', file('p.json')])],
+      ] as const) {
+        const refused = await run();
+        expectExit(refused, 3, 'ERR_REFUSED_ATTESTATION_MALFORMED');
+        assert.match(refused.json.error.message, /is larger than 65536 bytes/, name);
+      }
+      assert.ok(performance.now() - started < 10_000, 'refused without reading the files through');
+      assert.throws(() => statSync(file('c.json')), /ENOENT/);
+      assert.throws(() => statSync(file('p.json')), /ENOENT/);
+      assert.equal(await challengeRows(), before);
+      assert.equal(await count('key_attestations'), attestations);
+    });
+
+    test('unknown fields in the evidence are ignored and not kept; a challenge whose --out cannot be written is not stored', async () => {
+      const evidence = JSON.parse(readFileSync(file('evidence.json'), 'utf8'));
+      writeFileSync(file('extra-evidence.json'), JSON.stringify({ ...evidence, note: 'x'.repeat(100), credential: 'AAAA' }));
+      const made = await registrySide(['--json', 'attest', 'challenge', '--evidence', file('extra-evidence.json'), '--out', file('extra-challenge.json'), '--ek-ca', caPath]);
+      expectExit(made, 0);
+      const stored = (await fixture.db.query('SELECT evidence FROM attestation_challenges WHERE challenge_id = $1', [made.json.challenge_id])).rows[0].evidence;
+      assert.deepEqual(Object.keys(stored).sort(), ['ak_public', 'certify_info', 'certify_signature', 'credential', 'ek_certificate', 'format', 'key_public']);
+      assert.notEqual(stored.credential, 'AAAA', 'the credential is the one made here');
+      const before = await challengeRows();
+      const unwritable = await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('no-such-dir/challenge.json'), '--ek-ca', caPath]);
+      expectExit(unwritable, 2, 'ERR_USAGE');
+      assert.equal(await challengeRows(), before);
+    });
+
     test('a challenge is refused for evidence from an untrusted EK, altered evidence, or another key; no challenge is stored', async () => {
       const before = await challengeRows();
       expectExit(await tpmSide(['--json', 'attest', 'collect', '--out', file('foreign-evidence.json'), '--state-dir', file('foreign-state')], foreignTpm), 0);

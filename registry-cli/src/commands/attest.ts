@@ -3,10 +3,9 @@ import { writeFileSync } from 'node:fs';
 import { base64Field, evidenceRequestDocument, parseEccPublic, parseEvidenceRequest, verifyStatic } from '../../../registry/attestation.js';
 import { insertChallenge } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
-import { CHALLENGE_FORMAT, CHALLENGE_VALID_SECONDS, PROOF_FORMAT, challengeIdOf, ekCaCertificates, readJsonFile, requireAttestationPolicy, sidecarKeyLabels } from '../attestation.js';
-import { readOptionFile } from '../arguments.js';
+import { CHALLENGE_FORMAT, CHALLENGE_VALID_SECONDS, PROOF_FORMAT, challengeIdOf, ekCaCertificates, readAttestationDocument, readJsonFile, requireAttestationPolicy, sidecarKeyLabels } from '../attestation.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
-import { withRegistry } from '../database.js';
+import { transaction, withRegistry } from '../database.js';
 import { DEFAULT_IDENTITY_OID, readPins, type PinSources } from '../environment.js';
 import { RefusedError, UsageError } from '../errors.js';
 import { checkKeyLabel } from '../principal-token.js';
@@ -68,7 +67,7 @@ export interface ChallengeOptions extends SubjectKeyOptions {
 export async function attestChallenge(context: CommandContext, options: ChallengeOptions): Promise<CommandResult> {
   const cas = ekCaCertificates(context.env, options);
   requireAttestationPolicy(cas, {}, 'a challenge');
-  const evidence = parseEvidenceRequest(readOptionFile('--evidence', options.evidence).toString('utf8'));
+  const evidence = parseEvidenceRequest(readAttestationDocument('--evidence', options.evidence));
   const spkiDer = parseEccPublic(evidence.keyPublic, 'enrolled key public area').spkiDer;
   const expected = options.cert || options.publicKey || options.spki ? readSubjectKey(options, checkOid(options.oid ?? DEFAULT_IDENTITY_OID)) : undefined;
   if (expected && !expected.spkiDer.equals(spkiDer)) {
@@ -79,7 +78,8 @@ export async function attestChallenge(context: CommandContext, options: Challeng
   const { makeCredential } = await import('../../../tpm/attestation.js');
   const credential = await makeCredential(ekPublicKey.export({ type: 'spki', format: 'pem' }).toString(), ak.name, secret, context.env);
   const challengeId = `chal-${randomUUID()}`;
-  return withRegistry(registryTarget(context), async (db) => {
+  // The row and the file go together: a challenge whose file could not be written is not stored.
+  return withRegistry(registryTarget(context), (db) => transaction(db, async () => {
     await insertChallenge(db, {
       challengeId,
       spkiDer,
@@ -92,7 +92,7 @@ export async function attestChallenge(context: CommandContext, options: Challeng
       data: { challenge_id: challengeId, out: options.out, fingerprint: spkiFingerprint(spkiDer), ek_fingerprint: verified.ekFingerprint, valid_seconds: CHALLENGE_VALID_SECONDS },
       human: [`challenge ${challengeId} for key ${spkiFingerprint(spkiDer)} (EK ${verified.ekFingerprint.slice(0, 16)}…) written to ${options.out}; answer it within ${CHALLENGE_VALID_SECONDS} s with attest activate where the TPM is`],
     };
-  });
+  }));
 }
 
 export interface ActivateOptions {
