@@ -173,17 +173,18 @@ export function parseEccPublic(tpm2bPublic: Buffer, what: string): EccPublicArea
   if (nameAlg !== TPM_ALG_SHA256) throw malformed(`${what} name algorithm is 0x${nameAlg.toString(16)}, not SHA-256`);
   const attributes = reader.u32();
   const authPolicy = reader.sized();
+  // Only a signing key's parameters are read: no symmetric algorithm, no scheme or ECDSA, no KDF.
+  // Other schemes marshal differently (ECDAA adds a count), and a parser that skipped them
+  // generically would read some other field as the curve or the point.
   const symmetric = reader.u16();
-  if (symmetric !== TPM_ALG_NULL) {
-    reader.u16(); // keyBits
-    reader.u16(); // mode
-  }
+  if (symmetric !== TPM_ALG_NULL) throw malformed(`${what} has a symmetric algorithm (0x${symmetric.toString(16)}): not a signing key`);
   const scheme = reader.u16();
+  if (scheme !== TPM_ALG_NULL && scheme !== TPM_ALG_ECDSA) throw malformed(`${what} has scheme 0x${scheme.toString(16)}; only none or ECDSA is accepted`);
   const schemeHash = scheme === TPM_ALG_NULL ? TPM_ALG_NULL : reader.u16();
   const curve = reader.u16();
   if (curve !== TPM_ECC_NIST_P256) throw malformed(`${what} is not on NIST P-256 (curve 0x${curve.toString(16)})`);
   const kdf = reader.u16();
-  if (kdf !== TPM_ALG_NULL) reader.u16();
+  if (kdf !== TPM_ALG_NULL) throw malformed(`${what} has a KDF (0x${kdf.toString(16)}): not a signing key`);
   const x = reader.sized();
   const y = reader.sized();
   reader.end();

@@ -44,6 +44,25 @@ describe('attestation formats', () => {
     }
   });
 
+  test('only the parameters of a signing key are read: a symmetric algorithm, another scheme or a KDF is refused, never misread', () => {
+    const jwk = generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ format: 'jwk' });
+    const point = [sized(Buffer.from(jwk.x!, 'base64url')), sized(Buffer.from(jwk.y!, 'base64url'))];
+    const area = (...parameters: Buffer[]) => sized(Buffer.concat([u16(0x23), u16(0x0b), Buffer.from('00060072', 'hex'), sized(Buffer.alloc(0)), ...parameters, ...point]));
+    // Accepted: no scheme, or ECDSA with its hash (what tpm2-pkcs11 and tpm2_createak make).
+    parseEccPublic(area(u16(0x10), u16(0x10), u16(0x03), u16(0x10)), 'key');
+    parseEccPublic(area(u16(0x10), u16(0x18), u16(0x0b), u16(0x03), u16(0x10)), 'key');
+    for (const [name, input] of [
+      // A TPM reads ECDAA's count (here 3) after its hash; a parser that does not reads the count as the curve.
+      ['ECDAA scheme', area(u16(0x10), u16(0x1a), u16(0x0b), u16(0x03), u16(0x03), u16(0x10))],
+      ['Schnorr scheme', area(u16(0x10), u16(0x1c), u16(0x0b), u16(0x03), u16(0x10))],
+      ['ECDH scheme', area(u16(0x10), u16(0x19), u16(0x0b), u16(0x03), u16(0x10))],
+      ['AES-128-CFB symmetric (a storage key)', area(u16(0x06), u16(0x80), u16(0x43), u16(0x10), u16(0x03), u16(0x10))],
+      ['KDF1 SP800-108', area(u16(0x10), u16(0x10), u16(0x03), u16(0x22), u16(0x0b))],
+    ] as const) {
+      assert.throws(() => parseEccPublic(input, 'key'), { code: 'ERR_REFUSED_ATTESTATION_MALFORMED' }, name);
+    }
+  });
+
   test('TPMS_ATTEST: only a TPM-generated CERTIFY with nothing after it', () => {
     const name = sized(Buffer.alloc(34, 1));
     const certify = Buffer.concat([Buffer.from('ff5443478017', 'hex'), name, sized(Buffer.alloc(0)), Buffer.alloc(25), name, name]);
