@@ -221,6 +221,16 @@ describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }
       assert.ok(ids.includes(made.json.challenge_id), 'the new challenge');
     });
 
+    test('one proof sent twice at once enrols once: the other is refused as answered already', async () => {
+      expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('race-challenge.json'), '--ek-ca', caPath]), 0);
+      expectExit(await tpmSide(['--json', 'attest', 'activate', '--challenge', file('race-challenge.json'), '--state-dir', file('attest-state'), '--out', file('race-proof.json')]), 0);
+      const runs = await Promise.all([0, 1].map(() => registrySide(['--json', 'enrol-agent-key', '--proof', file('race-proof.json'), '--ek-ca', caPath])));
+      assert.deepEqual(runs.map((run) => run.status).sort(), [0, 3], runs.map(describeRun).join('\n'));
+      const refused = runs.find((run) => run.status === 3)!;
+      assert.equal(refused.json.error.code, 'ERR_REFUSED_ATTESTATION_ACTIVATION');
+      assert.match(refused.json.error.message, /answered already/);
+    });
+
     test('an oversized or endless evidence, challenge or proof file is refused unread (exit 3); nothing is stored', async () => {
       const before = await challengeRows();
       const attestations = await count('key_attestations');
