@@ -221,9 +221,12 @@ describe('enrolment with TPM attestation (registry CLI)', { concurrency: false }
       assert.ok(ids.includes(made.json.challenge_id), 'the new challenge');
     });
 
-    test('one proof sent twice at once enrols once: the other is refused as answered already', async () => {
+    test('one proof sent twice at once enrols once: the other is refused as answered already; an existing proof file is made private', async () => {
       expectExit(await registrySide(['--json', 'attest', 'challenge', '--evidence', file('evidence.json'), '--out', file('race-challenge.json'), '--ek-ca', caPath]), 0);
+      // A proof file left readable by others is made private before the secret goes in.
+      writeFileSync(file('race-proof.json'), '', { mode: 0o644 });
       expectExit(await tpmSide(['--json', 'attest', 'activate', '--challenge', file('race-challenge.json'), '--state-dir', file('attest-state'), '--out', file('race-proof.json')]), 0);
+      assert.equal(statSync(file('race-proof.json')).mode & 0o777, 0o600);
       const runs = await Promise.all([0, 1].map(() => registrySide(['--json', 'enrol-agent-key', '--proof', file('race-proof.json'), '--ek-ca', caPath])));
       assert.deepEqual(runs.map((run) => run.status).sort(), [0, 3], runs.map(describeRun).join('\n'));
       const refused = runs.find((run) => run.status === 3)!;

@@ -1,5 +1,5 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { closeSync, fchmodSync, openSync, writeFileSync } from 'node:fs';
 import { base64Field, evidenceRequestDocument, parseEccPublic, parseEvidenceRequest, verifyStatic } from '../../../registry/attestation.js';
 import { insertChallenge } from '../../../registry/attestation-store.js';
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
@@ -23,7 +23,15 @@ import { checkOid, readSubjectKey, type SubjectKeyOptions } from '../subject-key
 
 function writeOutput(path: string, document: Record<string, unknown>, secret: boolean): void {
   try {
-    writeFileSync(path, `${JSON.stringify(document, null, 2)}\n`, { mode: secret ? 0o600 : 0o644 });
+    // The mode given to open applies only to a new file: an existing one is chmod'ed before the
+    // secret goes in, so a proof never lands in a file others can read.
+    const fd = openSync(path, 'w', secret ? 0o600 : 0o644);
+    try {
+      if (secret) fchmodSync(fd, 0o600);
+      writeFileSync(fd, `${JSON.stringify(document, null, 2)}\n`);
+    } finally {
+      closeSync(fd);
+    }
   } catch (error) {
     throw new UsageError(`cannot write ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
   }
