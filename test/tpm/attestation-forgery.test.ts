@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
-import { EVIDENCE_REQUEST_FORMAT, parseCaBundle, parseEccPublic, verifyAttestation, verifyStatic, type AttestationEvidence, type StaticEvidence } from '../../registry/attestation.js';
+import { evidenceRequestDocument, parseCaBundle, parseEccPublic, verifyAttestation, verifyStatic, type AttestationEvidence, type StaticEvidence } from '../../registry/attestation.js';
 import { RSA_EK_CERT_NV_INDEX, certificateDer, makeCredential } from '../../tpm/attestation.js';
 import { issueCertificate, makeTestCa, type IssueOptions } from '../helpers/ek-certificates.js';
 import { createDatabase, testServer } from '../helpers/postgres.js';
@@ -126,14 +126,7 @@ function softwareEvidence(ek: Buffer): StaticEvidence {
 }
 
 function evidenceFile(evidence: StaticEvidence, name: string): string {
-  writeFileSync(work(name), JSON.stringify({
-    format: EVIDENCE_REQUEST_FORMAT,
-    ek_certificate: evidence.ekCertificate.toString('base64'),
-    ak_public: evidence.akPublic.toString('base64'),
-    key_public: evidence.keyPublic.toString('base64'),
-    certify_info: evidence.certifyInfo.toString('base64'),
-    certify_signature: evidence.certifySignature.toString('base64'),
-  }));
+  writeFileSync(work(name), JSON.stringify(evidenceRequestDocument(evidence)));
   return work(name);
 }
 
