@@ -9,6 +9,7 @@ import type { Limiter } from './limits.js';
 import type { Authoriser, Decision } from './authoriser.js';
 import { EarlyData, type EarlyDataBudget, type EarlyDataOwner } from './early-data.js';
 import { resolveAndVet, type HostResolver, type ResolvedAddress } from './egress.js';
+import type { ResolverSlots } from './resolver-slots.js';
 import { LookupCancelledError } from './lookups.js';
 import { responseFor, type ConnectFacts, type Outcome, type OutcomeRecorder } from './outcome.js';
 import type { GatewayMetrics } from './metrics.js';
@@ -44,6 +45,8 @@ export interface ConnectDeps {
   readonly log: Logger;
   /** How hostnames are resolved for [egress] vetting (tests inject one). */
   readonly resolver: HostResolver;
+  /** Lookups each identity may have running (resolver-slots.ts). */
+  readonly resolverSlots: ResolverSlots;
   /** Called once per CONNECT when it is over: answered and, if it opened a tunnel, the tunnel closed and recorded. */
   finished(request: ConnectRequest): void;
 }
@@ -232,7 +235,11 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     const target = override ?? connectHost;
     let vetted: readonly ResolvedAddress[] | undefined;
     if (!override) {
-      const verdict = await resolveAndVet(target.host, config.egress.policy, this.#deps.resolver, this.#deps.limits().dial_timeout_ms, signal);
+      const dialTimeoutMs = this.#deps.limits().dial_timeout_ms;
+      const giveUpAt = performance.now() + dialTimeoutMs;
+      const { resolver, resolverSlots } = this.#deps;
+      const resolve: HostResolver = (host) => resolverSlots.run(identity.identity, () => resolver(host), () => !signal.aborted && performance.now() < giveUpAt);
+      const verdict = await resolveAndVet(target.host, config.egress.policy, resolve, dialTimeoutMs, signal);
       if (!verdict.ok) {
         if (verdict.kind === 'aborted') return this.#cancelled();
         if (verdict.kind === 'forbidden') return { reason: 'destination_forbidden', detail: `${target.host} → ${verdict.address}: ${verdict.why}` };

@@ -15,6 +15,7 @@ import { parseListenAddress, type GatewayConfig } from './config.js';
 import { ConnectRequest, type ConnectDeps } from './connect.js';
 import { EarlyDataBudget } from './early-data.js';
 import { systemResolver, type HostResolver } from './egress.js';
+import { ResolverSlots } from './resolver-slots.js';
 import { Limiter } from './limits.js';
 import { createLogger } from './logger.js';
 import { LookupQueue } from './lookups.js';
@@ -114,6 +115,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   });
   const tunnels = new TunnelTracker();
   const earlyData = new EarlyDataBudget();
+  const resolverSlots = new ResolverSlots();
   const feed = new ChangeFeed({
     databaseUrl: config.policy.databaseUrl,
     pollIntervalMs: config.cache.poll_interval_ms,
@@ -198,6 +200,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     },
     log,
     resolver: options.resolver ?? systemResolver,
+    resolverSlots,
     finished(request) {
       handlers.delete(request);
       if (handlers.size === 0) handlersEmptied?.();

@@ -12,6 +12,7 @@ import { after, before, test } from 'node:test';
 import { parseConfig } from '../../gateway/src/config.js';
 import { systemResolver, type ResolvedAddress } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
+import { LOOKUPS_PER_IDENTITY } from '../../gateway/src/resolver-slots.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { captureLogger } from '../helpers/logs.js';
 import { exchange, gatewaySession, request } from '../helpers/net.js';
@@ -158,4 +159,49 @@ test('a name that does not resolve is 502 destination_not_found', async () => {
   const gateway = await startGateway({});
   await grant('nx.test:443');
   assert.deepEqual(await connect(gateway, 'nx.test:443'), { status: 502, proxyStatus: 'agent-gateway; error=destination_not_found; details="dial_failed"' });
+});
+
+// Regression (egress review): getaddrinfo cannot be cancelled and holds one of libuv's threads
+// until the system resolver gives up; an agent authorised for a few names whose DNS never answers
+// took every thread, and every other agent's hostname CONNECT timed out behind them.
+test('one identity\'s lookups that never answer: at most LOOKUPS_PER_IDENTITY run, the rest never start, and another identity\'s lookup is not held up', async () => {
+  const other = await clientCredentials({ identity: 'agent-egress-other' });
+  const asked: string[] = [];
+  const stuck: (() => void)[] = [];
+  const gateway = createGateway(
+    parseConfig({
+      server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
+      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
+      observability: { log_level: 'info' },
+      limits: { dial_timeout_ms: 1500 },
+    }),
+    {
+      logger: captureLogger(lines),
+      resolver: (host) => {
+        asked.push(host);
+        if (!host.startsWith('dead')) return Promise.resolve([{ address: '10.0.0.9', family: 4 }]);
+        return new Promise((resolve) => stuck.push(() => resolve([{ address: '10.0.0.8', family: 4 }])));
+      },
+    },
+  );
+  gateways.push(gateway);
+  await gateway.listen();
+  const dead = Array.from({ length: 2 * LOOKUPS_PER_IDENTITY }, (_, i) => `dead${i}.test:443`);
+  for (const destination of dead) await grant(destination);
+  await world.fixture.delegate(world.alice.keyId, 'good.test:443').catch(() => undefined);
+  await world.fixture.permit(world.alice, { identity: 'agent-egress-other', spkiDer: other.spkiDer }, 'good.test:443');
+
+  const deadAsked = () => asked.filter((host) => host.startsWith('dead')).length;
+  const attempts = dead.map((destination) => connect(gateway, destination));
+  await until(() => deadAsked() === LOOKUPS_PER_IDENTITY, 5000, 'the first lookups started');
+  const started = performance.now();
+  const answer = await connect(gateway, 'good.test:443', other);
+  assert.deepEqual(answer, { status: 403, proxyStatus: FORBIDDEN }, 'the other identity\'s lookup ran at once (10.0.0.9 is refused)');
+  assert.ok(performance.now() - started < 1000, 'not held up behind the dead lookups');
+  for (const attempt of await Promise.all(attempts)) assert.equal(attempt.status, 502, 'each dead name times out at dial_timeout_ms');
+  assert.equal(deadAsked(), LOOKUPS_PER_IDENTITY, 'the waiting lookups never started');
+  // The dead lookups finally settle: the waiters' CONNECTs are long gone, so none starts now.
+  for (const release of stuck) release();
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.equal(deadAsked(), LOOKUPS_PER_IDENTITY, 'nothing started for CONNECTs that gave up');
 });
