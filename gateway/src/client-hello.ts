@@ -21,6 +21,7 @@ export type ClientHelloResult =
   | { readonly kind: 'client_hello'; readonly serverName: string | undefined };
 
 const HANDSHAKE = 0x16;
+const ALERT = 0x15;
 /** TLS record content types: change_cipher_spec (20) to heartbeat (24). */
 const FIRST_RECORD_TYPE = 0x14;
 const LAST_RECORD_TYPE = 0x18;
@@ -74,16 +75,31 @@ function concat(parts: Uint8Array[], total: number): Uint8Array {
   return out;
 }
 
+/**
+ * An SSLv2-format CLIENT-HELLO as OpenSSL reads one (the only server that still does): top bit of
+ * the 2-byte header set, message type 1, a 3.x version, and cipher-spec, session-id and
+ * challenge lengths that add up to the record's (OpenSSL refuses anything else with
+ * protocol_version or decode_error). The rest (an unframed Thrift compact call, 82 21 01 ...)
+ * is another protocol.
+ */
+function ssl2ClientHello(data: Uint8Array): ClientHelloResult {
+  if (data.length < 3) return INCOMPLETE;
+  if (data[2] !== SSL2_CLIENT_HELLO) return NOT_TLS;
+  if (data.length < 4) return INCOMPLETE;
+  if (data[3] !== 0x03) return NOT_TLS;
+  if (data.length < 11) return INCOMPLETE;
+  const length = ((data[0]! & 0x7f) << 8) | data[1]!;
+  const u16 = (at: number) => (data[at]! << 8) | data[at + 1]!;
+  return 9 + u16(5) + u16(7) + u16(9) === length ? SSL2_HELLO : NOT_TLS;
+}
+
 /** Parses the first bytes of a tunnel. */
 export function parseClientHello(data: Uint8Array): ClientHelloResult {
   if (data.length === 0) return INCOMPLETE;
   const first = data[0]!;
   // OpenSSL servers still take SSLv2's CLIENT-HELLO, which has no extensions: a ClientHello
   // without a server_name, not another protocol that `match` would let through.
-  if (first & 0x80) {
-    if (data.length < 3) return INCOMPLETE;
-    return data[2] === SSL2_CLIENT_HELLO ? SSL2_HELLO : NOT_TLS;
-  }
+  if (first & 0x80) return ssl2ClientHello(data);
   if (first < FIRST_RECORD_TYPE || first > LAST_RECORD_TYPE) return NOT_TLS;
   if (data.length < 2) return INCOMPLETE;
   // A TLS record of any type and version a server would read (OpenSSL reads major version 3, Go
@@ -91,6 +107,22 @@ export function parseClientHello(data: Uint8Array): ClientHelloResult {
   // it) or an empty change_cipher_spec (OpenSSL skips it), or an unusual record version, is
   // still TLS: passing it as another protocol would let the ClientHello behind it name any host.
   if (data[1]! >= 0x10) return NOT_TLS;
+  // Below 3.x only Go reads a first record (OpenSSL, BoringSSL and rustls refuse it), and only a
+  // 2-byte alert or a non-empty handshake record whose first byte starts a ClientHello. Anything
+  // else is another protocol that merely starts alike (a MySQL handshake response or a MongoDB
+  // message of 276 to 280 bytes): refusing it broke that protocol under `match` and kept nothing out.
+  if (data[1] !== 0x03) {
+    if (first !== HANDSHAKE && first !== ALERT) return NOT_TLS;
+    if (data.length < 5) return INCOMPLETE;
+    const length = (data[3]! << 8) | data[4]!;
+    if (first === ALERT) {
+      if (length !== 2) return NOT_TLS;
+    } else {
+      if (length === 0) return NOT_TLS;
+      if (data.length < 6) return INCOMPLETE;
+      if (data[5] !== CLIENT_HELLO) return NOT_TLS;
+    }
+  }
   const reassembled = handshakeBytes(data.length > MAX_CLIENT_HELLO_BYTES * 2 ? data.subarray(0, MAX_CLIENT_HELLO_BYTES * 2) : data);
   if ('kind' in reassembled) return reassembled;
   const hello = reassembled.bytes;

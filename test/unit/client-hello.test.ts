@@ -85,6 +85,50 @@ test('client hello: unusual record versions and records in front of the ClientHe
   assert.equal(parseClientHello(SSL2.subarray(0, 2)).kind, 'incomplete');
 });
 
+/**
+ * First messages of protocols that are not TLS, whose first bytes fall in the TLS record range
+ * (content type 20-24, a version byte below 16) or have the top bit set: a MySQL
+ * HandshakeResponse41 (3-byte little-endian length, sequence 1, client capabilities) of 276 to 280
+ * bytes, a MongoDB message (little-endian int32 length, request id 1) of 278 bytes, and an
+ * unframed Thrift compact call (protocol id 0x82, CALL, seqid 1, method "add").
+ */
+function mysqlResponse(length: number): Buffer {
+  const payload = Buffer.alloc(length, 0x61);
+  payload.writeUInt32LE(0x000fa68d, 0); // CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | ...
+  return Buffer.concat([Buffer.from([length & 0xff, length >> 8, 0x00, 0x01]), payload]);
+}
+const MONGO = (() => {
+  const out = Buffer.alloc(278, 0x62);
+  out.writeInt32LE(278, 0);
+  out.writeInt32LE(1, 4); // requestID
+  out.writeInt32LE(0, 8); // responseTo
+  out.writeInt32LE(2013, 12); // OP_MSG
+  return out;
+})();
+const THRIFT_COMPACT = Buffer.concat([Buffer.from([0x82, 0x21, 0x01, 0x03]), Buffer.from('add'), Buffer.from([0x15, 0x02, 0x15, 0x04, 0x00])]);
+
+// Regression: the reader took these for TLS records (or an SSLv2 CLIENT-HELLO) that were not a
+// ClientHello and refused them under `match`, although no TLS server reads them as one: OpenSSL,
+// BoringSSL and rustls take only record version 3.x; Go takes others, but only a non-empty
+// handshake record starting a ClientHello, or a 2-byte alert, first; OpenSSL takes an SSLv2
+// CLIENT-HELLO only for version 3.x and with its three lengths adding up to the record's.
+test('client hello: other protocols whose first bytes look like a TLS record or an SSLv2 hello are not TLS', () => {
+  for (let length = 276; length <= 280; length++) assert.equal(parseClientHello(mysqlResponse(length)).kind, 'not_tls', `MySQL handshake response of ${length} bytes`);
+  assert.equal(parseClientHello(MONGO).kind, 'not_tls', 'MongoDB message of 278 bytes');
+  assert.equal(parseClientHello(THRIFT_COMPACT).kind, 'not_tls', 'Thrift compact call');
+  const badVersion = Buffer.from(SSL2);
+  badVersion[3] = 0x00;
+  assert.equal(parseClientHello(badVersion).kind, 'not_tls', 'SSLv2 CLIENT-HELLO for version 0.x');
+  const badLengths = Buffer.from(SSL2);
+  badLengths[6] = badLengths[6]! + 3;
+  assert.equal(parseClientHello(badLengths).kind, 'not_tls', 'SSLv2 CLIENT-HELLO whose lengths do not add up');
+  // Still TLS: what Go reads before a ClientHello with another record version.
+  assert.equal(parseClientHello(withPrefix('15010000020101', DOCS)).kind, 'invalid', 'a 2-byte alert of version 1.0 first');
+  assert.equal(parseClientHello(withRecordVersion(DOCS, 1, 0)).kind, 'client_hello', 'record version 1.0');
+  assert.equal(parseClientHello(SSL2.subarray(0, 10)).kind, 'incomplete', 'SSLv2 lengths not all read yet');
+  assert.equal(parseClientHello(withRecordVersion(DOCS, 1, 0).subarray(0, 5)).kind, 'incomplete', 'record version 1.0, no handshake byte yet');
+});
+
 const CASES: readonly { name: string; data: Buffer; mode: 'match' | 'require'; host: string; ip?: boolean; ended?: boolean; verdict: string }[] = [
   { name: 'match: same name', data: DOCS, mode: 'match', host: 'docs.example.com', verdict: 'pass' },
   { name: 'match: case differs only', data: UPPER, mode: 'match', host: 'docs.example.com', verdict: 'pass' },
@@ -104,6 +148,9 @@ const CASES: readonly { name: string; data: Buffer; mode: 'match' | 'require'; h
   { name: 'match: a warning alert, then the same name', data: withPrefix('1503030002015a', DOCS), mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
   { name: 'match: an SSLv2 ClientHello (no server_name) for a hostname', data: SSL2, mode: 'match', host: 'docs.example.com', verdict: 'refuse' },
   { name: 'match: an SSLv2 ClientHello for an IP literal', data: SSL2, mode: 'match', host: '93.184.216.34', ip: true, verdict: 'pass' },
+  { name: 'match: a MySQL handshake response of 278 bytes (server spoke first)', data: mysqlResponse(278), mode: 'match', host: 'db.example.com', verdict: 'pass' },
+  { name: 'match: a MongoDB message of 278 bytes', data: MONGO, mode: 'match', host: 'db.example.com', verdict: 'pass' },
+  { name: 'require: a MySQL handshake response of 278 bytes', data: mysqlResponse(278), mode: 'require', host: 'db.example.com', verdict: 'refuse' },
   { name: 'require: nothing at all, then the client ends', data: Buffer.alloc(0), mode: 'require', host: 'docs.example.com', ended: true, verdict: 'refuse' },
 ];
 
