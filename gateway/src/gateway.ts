@@ -231,7 +231,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
           timeoutMs: () => limits.handshake_timeout_ms,
           handOff: (socket) => server.emit('connection', socket),
           refused: (reason) => metrics?.proxyProtocolRefused(reason),
-          stalled: () => handshakeFailed('timeout', 'ERR_TLS_HANDSHAKE_TIMEOUT', 'TLS handshake timeout'),
+          handshakeFailed,
           log,
         })
       : undefined;

@@ -21,10 +21,11 @@ export interface ProxyFrontOptions {
   readonly handOff: (socket: Socket) => void;
   readonly refused: (reason: ProxyRefusal) => void;
   /**
-   * A peer not in the list sent nothing by the deadline: no header was owed, so this is a TLS
-   * handshake that stalled, told as the TLS server tells one when no balancer is configured.
+   * A peer not in the list sent nothing by the deadline ('timeout') or closed first ('error'): no
+   * header was owed, so this is a TLS handshake that failed, told as the TLS server tells one when
+   * no balancer is configured.
    */
-  readonly stalled: () => void;
+  readonly handshakeFailed: (reason: 'timeout' | 'error', code: string, message: string) => void;
   readonly log: Logger;
 }
 
@@ -109,7 +110,19 @@ export class ProxyFront {
       if (rest.length > 0) socket.unshift(rest);
       this.#options.handOff(socket);
     };
-    const onEnd = () => refuse('truncated', `the peer closed after ${received.length} bytes`);
+    const onEnd = () => {
+      if (trusted) {
+        refuse('truncated', `the peer closed after ${received.length} bytes`);
+        return;
+      }
+      notTls('error', 'ECONNRESET', 'the peer closed before the TLS handshake');
+    };
+    const notTls = (reason: 'timeout' | 'error', code: string, message: string) => {
+      if (settled) return;
+      cleanup();
+      this.#options.handshakeFailed(reason, code, message);
+      socket.destroy();
+    };
     const onReadable = () => {
       let chunk: Buffer | null;
       while (!settled && (chunk = socket.read() as Buffer | null) !== null) {
@@ -144,9 +157,7 @@ export class ProxyFront {
         refuse(received.length > 0 ? 'truncated' : 'timeout', `no complete header within ${this.#options.timeoutMs()} ms`);
         return;
       }
-      cleanup();
-      this.#options.stalled();
-      socket.destroy();
+      notTls('timeout', 'ERR_TLS_HANDSHAKE_TIMEOUT', 'TLS handshake timeout');
     }, this.#options.timeoutMs());
     deadline.unref();
   }

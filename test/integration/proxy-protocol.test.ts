@@ -170,6 +170,29 @@ test('an untrusted peer that sends nothing is a stalled TLS handshake, not a PRO
   assert.equal(await metric('agent_gateway_tls_handshake_failures_total', 'timeout'), tlsTimeouts + 1);
 });
 
+// Regression: with a balancer configured, a direct peer that connected and closed (or reset) before
+// sending anything was counted as a PROXY protocol refusal ('truncated', debug) although it owed no
+// header; without a balancer the same peer is a failed TLS handshake ('error', info line).
+test('an untrusted peer that closes or resets before sending anything is a failed TLS handshake, not a PROXY protocol refusal', async () => {
+  const truncated = await metric('agent_gateway_proxy_protocol_refusals_total', 'truncated');
+  const tlsErrors = await metric('agent_gateway_tls_handshake_failures_total', 'error');
+  const before = lines.length;
+  const ended = await rawConnection('127.0.0.2');
+  ended.end();
+  await refused(ended);
+  const reset = await rawConnection('127.0.0.2');
+  reset.resetAndDestroy();
+  await until(async () => (await metric('agent_gateway_tls_handshake_failures_total', 'error')) === tlsErrors + 2, 3000, 'two more TLS handshake failures (error)');
+  assert.equal(await metric('agent_gateway_proxy_protocol_refusals_total', 'truncated'), truncated);
+  assert.equal(lines.slice(before).filter((l) => l.event === 'tls_handshake_failed' && l.reason === 'error').length, 2, 'each logged as a failed handshake');
+  // The balancer itself still owes a header: its closing without one stays a PROXY protocol refusal.
+  const balancer = await rawConnection('127.0.0.1');
+  balancer.end();
+  await refused(balancer);
+  await until(async () => (await metric('agent_gateway_proxy_protocol_refusals_total', 'truncated')) === truncated + 1, 3000, 'the balancer\'s silence refused as truncated');
+  assert.equal(await metric('agent_gateway_tls_handshake_failures_total', 'error'), tlsErrors + 2);
+});
+
 test('the trusted balancer must send a v2 header: none, v1 or a broken one is refused by reason', async () => {
   const cases: [Buffer, string][] = [
     [Buffer.from([0x16, 0x03, 0x01, 0x00, 0x10]), 'missing'],
