@@ -235,11 +235,13 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     const target = override ?? connectHost;
     let vetted: readonly ResolvedAddress[] | undefined;
     if (!override) {
-      const dialTimeoutMs = this.#deps.limits().dial_timeout_ms;
-      const giveUpAt = performance.now() + dialTimeoutMs;
       const { resolver, resolverSlots } = this.#deps;
-      const resolve: HostResolver = (host) => resolverSlots.run(identity.identity, () => resolver(host), () => !signal.aborted && performance.now() < giveUpAt);
-      const verdict = await resolveAndVet(target.host, config.egress.policy, resolve, dialTimeoutMs, signal);
+      // A lookup still waiting for its identity's slot when this CONNECT stops waiting (answer,
+      // timeout, reset) never starts.
+      let waiting = true;
+      const resolve: HostResolver = (host) => resolverSlots.run(identity.identity, () => resolver(host), () => waiting);
+      const verdict = await resolveAndVet(target.host, config.egress.policy, resolve, this.#deps.limits().dial_timeout_ms, signal);
+      waiting = false;
       if (!verdict.ok) {
         if (verdict.kind === 'aborted') return this.#cancelled();
         if (verdict.kind === 'forbidden') return { reason: 'destination_forbidden', detail: `${target.host} → ${verdict.address}: ${verdict.why}` };

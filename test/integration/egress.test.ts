@@ -194,10 +194,9 @@ test('one identity\'s lookups that never answer: at most LOOKUPS_PER_IDENTITY ru
   const deadAsked = () => asked.filter((host) => host.startsWith('dead')).length;
   const attempts = dead.map((destination) => connect(gateway, destination));
   await until(() => deadAsked() === LOOKUPS_PER_IDENTITY, 5000, 'the first lookups started');
-  const started = performance.now();
+  // Its lookup ran (10.0.0.9 is then refused): held behind the dead ones, it would be a 502 timeout.
   const answer = await connect(gateway, 'good.test:443', other);
-  assert.deepEqual(answer, { status: 403, proxyStatus: FORBIDDEN }, 'the other identity\'s lookup ran at once (10.0.0.9 is refused)');
-  assert.ok(performance.now() - started < 1000, 'not held up behind the dead lookups');
+  assert.deepEqual(answer, { status: 403, proxyStatus: FORBIDDEN }, 'the other identity\'s lookup was not held up');
   for (const attempt of await Promise.all(attempts)) assert.equal(attempt.status, 502, 'each dead name times out at dial_timeout_ms');
   assert.equal(deadAsked(), LOOKUPS_PER_IDENTITY, 'the waiting lookups never started');
   // The dead lookups finally settle: the waiters' CONNECTs are long gone, so none starts now.
