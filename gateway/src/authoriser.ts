@@ -10,6 +10,12 @@ export interface Decision {
   readonly cached: boolean;
   /** The feed generation when the lookup was asked; older than the feed's now means it may predate a change. */
   readonly generation: number;
+  /**
+   * performance.now() past which the row, its key or its delegation has expired. A tunnel's expiry
+   * is armed from this, not from `result.validForMs`: that was measured when the registry answered,
+   * and a cache hit (or a slow dial) comes later, so a timer armed from it would fire past not_after.
+   */
+  readonly expiresAt: number;
 }
 
 interface CachedDecision {
@@ -69,7 +75,7 @@ export class Authoriser {
     const hit = cache.get(decisionKey(request));
     if (hit && hit.generation === generation && performance.now() < hit.expiresAt) {
       this.#metrics?.cache('hit');
-      return { result: hit.result, cached: true, generation };
+      return { result: hit.result, cached: true, generation, expiresAt: hit.expiresAt };
     }
     this.#metrics?.cache('miss');
     return undefined;
@@ -80,9 +86,10 @@ export class Authoriser {
     const generation = this.#feed.generation;
     const cache = this.#cache;
     const result = await this.#lookups.authorize(request, signal, generation, asker);
+    const expiresAt = performance.now() + (result.allowed ? result.validForMs : 0);
     if (cache && result.allowed && result.validForMs > 0 && this.#feed.confirmed && this.#feed.generation === generation) {
-      cache.set(decisionKey(request), { result, generation, expiresAt: performance.now() + result.validForMs });
+      cache.set(decisionKey(request), { result, generation, expiresAt });
     }
-    return { result, cached: false, generation };
+    return { result, cached: false, generation, expiresAt };
   }
 }

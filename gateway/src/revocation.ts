@@ -61,7 +61,7 @@ export class PolicyEnforcer {
   /** A tunnel opened on `decision`: arm its key's expiry, and re-check it if a change may have overtaken it. */
   tunnelOpened(open: OpenTunnel, decision: Decision): void {
     const key = keyOf(open);
-    if (decision.result.allowed) this.#armExpiry(key, decision.result.validForMs);
+    if (decision.result.allowed) this.#armExpiry(key, decision.expiresAt);
     if (decision.generation !== this.#feed.generation) {
       this.#pending.add(key);
       this.#kick();
@@ -85,8 +85,8 @@ export class PolicyEnforcer {
     this.#pending.clear();
   }
 
-  #armExpiry(key: string, validForMs: number): void {
-    const at = performance.now() + validForMs;
+  /** `at`: performance.now() when the key's row, key or delegation expires. */
+  #armExpiry(key: string, at: number): void {
     const current = this.#expiry.get(key);
     if (current && current.at <= at) return;
     if (current) clearTimeout(current.timer);
@@ -94,7 +94,7 @@ export class PolicyEnforcer {
       this.#expiry.delete(key);
       this.#pending.add(key);
       this.#kick();
-    }, Math.min(Math.max(0, validForMs), MAX_TIMER_MS));
+    }, Math.min(Math.max(0, at - performance.now()), MAX_TIMER_MS));
     timer.unref();
     this.#expiry.set(key, { timer, at });
   }
@@ -132,7 +132,7 @@ export class PolicyEnforcer {
           }
           const result = decision.result;
           if (result.allowed) {
-            this.#armExpiry(key, result.validForMs);
+            this.#armExpiry(key, decision.expiresAt);
             return;
           }
           const detail = closeDetailFor(result.reason);

@@ -182,6 +182,28 @@ describe('live revocation', () => {
     assert.equal((await request(session, world.echoAuthority)).status, 403);
   });
 
+  test('a tunnel opened on a cached allow is closed at not_after, not at the cached decision’s age past it', async () => {
+    const notAfter = performance.now() + 4000;
+    const expiring = await agent({ notAfter: at(4000) });
+    const session = await sessionFor(gateway, expiring.client);
+    // The counter poll sees the grant too (a second change, which clears the cache): let it pass.
+    await sleep(700);
+    // These fill the cache and close again, taking their key's expiry timer with them.
+    for (let i = 0; i < 2; i++) {
+      const { status, stream } = await request(session, world.echoAuthority);
+      assert.equal(status, 200);
+      stream.close();
+    }
+    await until(() => !gateway.tunnels.snapshot().some((t) => (t as { identity: string }).identity === expiring.identity), 2000, 'the first tunnels gone');
+    await sleep(2000);
+    const [t] = await tunnels(session, 1);
+    const decisions = lines.filter((l) => l.event === 'connect_decision' && l.identity === expiring.identity);
+    assert.equal(decisions.at(-1)?.cached, true, 'the late tunnel was opened on the cached allow');
+    const late = (await t!.ended) - notAfter;
+    assert.ok(late <= 500, `closed at not_after, took ${late.toFixed(0)} ms past it`);
+    await until(() => closes('expired', expiring.identity).length === 1, 2000, 'tunnel_closed detail expired');
+  });
+
   test('a row granted again after its revocation works again', async () => {
     const regranted = await agent();
     const session = await sessionFor(gateway, regranted.client);
