@@ -2,8 +2,10 @@ import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { SpanKind, SpanStatusCode, type Context, type Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
+import type { AuthorizationRequest } from '../../registry/authorize.js';
 import { normaliseDestination, type Destination } from '../../registry/destination.js';
 import { RegistryUnavailableError } from '../../registry/errors.js';
+import { classifyDialError } from '../../core/errors.js';
 import type { GatewayConfig } from './config.js';
 import type { Limiter } from './limits.js';
 import type { Authoriser, Decision } from './authoriser.js';
@@ -186,45 +188,12 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     const identity = this.#session.identity!;
     const destination = this.facts.destination!;
     const signal = this.#abort.signal;
+    const request = { identity: identity.identity, spkiDer: identity.spkiDer, destination };
 
     this.stage = 'authorise';
-    if (signal.aborted) return this.#cancelled();
-    const lookupSpan = this.#childSpan('agent_gateway.registry_lookup', SpanKind.CLIENT, {
-      'db.system.name': 'postgresql',
-      'db.operation.name': 'SELECT',
-      'db.query.summary': 'SELECT permission_registry',
-      'agent_gateway.destination': destination,
-    });
-    const authStarted = performance.now();
-    let decision: Decision;
-    try {
-      const request = { identity: identity.identity, spkiDer: identity.spkiDer, destination };
-      decision = authoriser.cached(request) ?? (await authoriser.lookUp(request, signal, this.#session));
-      lookupSpan?.setAttribute('agent_gateway.cached', decision.cached);
-      lookupSpan?.end();
-    } catch (error) {
-      if (lookupSpan) {
-        lookupSpan.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
-        lookupSpan.end();
-      }
-      if (error instanceof LookupCancelledError) return this.#cancelled();
-      if (error instanceof RegistryUnavailableError) {
-        metrics?.authorization((performance.now() - authStarted) / 1000, 'unavailable');
-        return { reason: 'registry_unavailable', detail: error.message };
-      }
-      throw error;
-    }
-    const result = decision.result;
-    if (decision.cached) this.facts.cached = true;
-    else metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
-    if (!result.allowed) {
-      // The row that explains the denial, for operators (log, audit); the client sees not_authorized only.
-      const explaining = result.verdicts.find((v) => v.reason === result.reason)?.permissionId;
-      if (explaining) this.facts.permissionId = explaining;
-      return { reason: 'not_authorized', detail: result.reason };
-    }
-    this.facts.permissionId = result.permissionId;
-    this.facts.authorised = true;
+    const decided = await this.#authorise(request);
+    if (!('result' in decided)) return decided;
+    let decision = decided;
     if (signal.aborted) return this.#cancelled();
 
     this.stage = 'vet';
@@ -271,6 +240,35 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
       dialled.socket.destroy();
       return this.#cancelled();
     }
+    if (!authoriser.isCurrent(decision)) {
+      // A registry change arrived while the address was vetted or dialled: the decision may
+      // predate a revocation. Asked again before the answer, a revoked CONNECT gets no 200 and
+      // none of its early bytes reach the destination; the enforcer's re-check of an opened
+      // tunnel would come only after both (and, after a slow dial, past §9b's 1 s).
+      this.stage = 'authorise';
+      const socket = dialled.socket;
+      // dial() no longer listens for errors: a reset meanwhile must not go unhandled.
+      let lost: NodeJS.ErrnoException | undefined;
+      const onLost = (error: NodeJS.ErrnoException) => void (lost ??= error);
+      socket.on('error', onLost);
+      let again: Outcome | Decision;
+      try {
+        again = await this.#authorise(request);
+      } catch (error) {
+        socket.destroy();
+        throw error;
+      } finally {
+        socket.removeListener('error', onLost);
+      }
+      const gone = signal.aborted || this.#streamGone();
+      if (!('result' in again) || gone || socket.destroyed) {
+        socket.destroy();
+        if (!('result' in again)) return again;
+        if (gone) return this.#cancelled();
+        return { reason: 'dial_failed', dialError: classifyDialError(lost, false), detail: `destination closed while the registry was asked again: ${lost?.message ?? 'closed'}` };
+      }
+      decision = again;
+    }
     this.stage = 'tunnel';
     this.#stream.respond({ ':status': 200 });
     this.#session.answered(true, authoriser.isCurrent(decision));
@@ -283,6 +281,49 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
     const early = this.#early!.release();
     this.#early = undefined;
     return { tunnel: new Tunnel(this.#stream, dialled.socket, this.#deps.limits().idle_timeout_ms, this, guard, early), decision };
+  }
+
+  /** The decision for `request` (cached, or asked of the registry), or the outcome that answers the CONNECT instead. */
+  async #authorise(request: AuthorizationRequest): Promise<Outcome | Decision> {
+    const { authoriser, metrics } = this.#deps;
+    const signal = this.#abort.signal;
+    if (signal.aborted) return this.#cancelled();
+    const lookupSpan = this.#childSpan('agent_gateway.registry_lookup', SpanKind.CLIENT, {
+      'db.system.name': 'postgresql',
+      'db.operation.name': 'SELECT',
+      'db.query.summary': 'SELECT permission_registry',
+      'agent_gateway.destination': request.destination,
+    });
+    const authStarted = performance.now();
+    let decision: Decision;
+    try {
+      decision = authoriser.cached(request) ?? (await authoriser.lookUp(request, signal, this.#session));
+      lookupSpan?.setAttribute('agent_gateway.cached', decision.cached);
+      lookupSpan?.end();
+    } catch (error) {
+      if (lookupSpan) {
+        lookupSpan.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+        lookupSpan.end();
+      }
+      if (error instanceof LookupCancelledError) return this.#cancelled();
+      if (error instanceof RegistryUnavailableError) {
+        metrics?.authorization((performance.now() - authStarted) / 1000, 'unavailable');
+        return { reason: 'registry_unavailable', detail: error.message };
+      }
+      throw error;
+    }
+    const result = decision.result;
+    if (decision.cached) this.facts.cached = true;
+    else metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
+    if (!result.allowed) {
+      // The row that explains the denial, for operators (log, audit); the client sees not_authorized only.
+      const explaining = result.verdicts.find((v) => v.reason === result.reason)?.permissionId;
+      if (explaining) this.facts.permissionId = explaining;
+      return { reason: 'not_authorized', detail: result.reason };
+    }
+    this.facts.permissionId = result.permissionId;
+    this.facts.authorised = true;
+    return decision;
   }
 
   #openTunnel(tunnel: Tunnel, decision: Decision, slot: string | undefined): void {

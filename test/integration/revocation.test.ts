@@ -4,9 +4,12 @@
  */
 import assert from 'node:assert/strict';
 import type { ClientHttp2Session, ClientHttp2Stream } from 'node:http2';
+import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseConfig } from '../../gateway/src/config.js';
+import type { HostResolver } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
 import { captureLogger } from '../helpers/logs.js';
@@ -21,7 +24,7 @@ const sessions: ClientHttp2Session[] = [];
 const lines: Record<string, unknown>[] = [];
 let agentSeq = 0;
 
-async function startGateway(overrides: { cache?: Record<string, unknown>; limits?: Record<string, unknown>; audit?: Record<string, unknown> } = {}): Promise<Gateway> {
+async function startGateway(overrides: { cache?: Record<string, unknown>; limits?: Record<string, unknown>; audit?: Record<string, unknown> } = {}, resolver?: HostResolver): Promise<Gateway> {
   const gateway = createGateway(
     parseConfig({
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 200 },
@@ -34,7 +37,7 @@ async function startGateway(overrides: { cache?: Record<string, unknown>; limits
       cache: { poll_interval_ms: 300, ...overrides.cache },
       limits: { max_streams_per_session: 5000, ...overrides.limits },
     }),
-    { logger: captureLogger(lines) },
+    { logger: captureLogger(lines), ...(resolver ? { resolver } : {}) },
   );
   gateways.push(gateway);
   await gateway.listen();
@@ -247,6 +250,50 @@ describe('live revocation', () => {
     assert.match(String(mine.spki_fingerprint), /^sha256:[0-9a-f]{64}$/);
     assert.ok(Date.now() - Date.parse(String(mine.opened_at)) < 60_000);
     t!.stream.close();
+  });
+});
+
+describe('a revocation that overtakes a CONNECT in flight', () => {
+  test('committed while the CONNECT resolves its destination: refused, and no client byte reaches the destination', async () => {
+    const received: Buffer[] = [];
+    const sink = createServer((socket) => {
+      socket.on('data', (chunk: Buffer) => received.push(chunk));
+      socket.on('error', () => {});
+    });
+    sink.listen(0, '127.0.0.1');
+    await once(sink, 'listening');
+    const destination = `slow.test:${(sink.address() as AddressInfo).port}`;
+    await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+    let resolving!: () => void;
+    const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
+    // The window between the decision and the tunnel: a slow resolver here, a slow dial alike.
+    const gateway = await startGateway({}, async (host) => {
+      if (host !== 'slow.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+      resolving();
+      await sleep(1500);
+      return [{ address: '127.0.0.1', family: 4 }];
+    });
+    const identity = `agent-r${++agentSeq}`;
+    const client = await clientCredentials({ identity });
+    const permissionId = await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination);
+    const session = await sessionFor(gateway, client);
+    const stream = session.request({ ':method': 'CONNECT', ':authority': destination }, { endStream: false });
+    stream.on('error', () => {});
+    try {
+      const answered = new Promise<number>((resolve) => stream.once('response', (headers) => resolve(Number(headers[':status']))));
+      stream.write('sent before the answer');
+      await resolveStarted;
+      await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [permissionId]);
+      const status = await answered;
+      await sleep(300);
+      assert.equal(Buffer.concat(received).length, 0, `nothing reaches the destination after the revocation (answered ${status})`);
+      assert.equal(status, 403, 'a decision the revocation overtook opens no tunnel');
+      assert.equal(gateway.openTunnels, 0);
+    } finally {
+      stream.close();
+      sink.close();
+      sink.unref();
+    }
   });
 });
 
