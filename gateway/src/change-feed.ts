@@ -33,6 +33,11 @@ export class ChangeFeed extends EventEmitter {
   #listener: pg.Client | undefined;
   #listening = false;
   #lastPollOk = -Infinity;
+  /** When the LISTEN connection last answered a query (its heartbeat). */
+  #lastListenOk = -Infinity;
+  /** The LISTEN connection whose heartbeat is unanswered, and since when. */
+  #heartbeat: { client: pg.Client; since: number; down: (why: string) => void } | undefined;
+  #listenerDown: ((why: string) => void) | undefined;
   #pollTimer: NodeJS.Timeout | undefined;
   #retryTimer: NodeJS.Timeout | undefined;
   #attempt = 0;
@@ -58,9 +63,10 @@ export class ChangeFeed extends EventEmitter {
     return this.#listening;
   }
 
-  /** 0 while LISTEN is up; else seconds since the last successful poll (Infinity before any). */
+  /** 0 while LISTEN is up and answering; else seconds since the last successful poll (Infinity before any). */
   get lagSeconds(): number {
-    return this.#listening ? 0 : (performance.now() - this.#lastPollOk) / 1000;
+    const now = performance.now();
+    return this.#listening && now - this.#lastListenOk <= this.#staleAfterMs() ? 0 : (now - this.#lastPollOk) / 1000;
   }
 
   /**
@@ -72,15 +78,21 @@ export class ChangeFeed extends EventEmitter {
     return this.confirmed ? this.#known : undefined;
   }
 
-  /** Some path would tell us of a change now: the LISTEN connection, or a recent poll. */
+  /**
+   * Some path would tell us of a change now: the LISTEN connection, or a recent poll. The LISTEN
+   * connection counts only while it answers its heartbeat: across a partition that sends no FIN
+   * or RST it stays "up" for as long as TCP keepalive takes (hours), hearing nothing.
+   */
   get confirmed(): boolean {
     if (this.#closed) return false;
-    return this.#listening || performance.now() - this.#lastPollOk <= this.#staleAfterMs();
+    const now = performance.now();
+    const stale = this.#staleAfterMs();
+    return (this.#listening && now - this.#lastListenOk <= stale) || now - this.#lastPollOk <= stale;
   }
 
   async start(): Promise<void> {
     await this.#poll();
-    this.#pollTimer = setInterval(() => void this.#poll(), this.#options.pollIntervalMs);
+    this.#pollTimer = setInterval(() => this.#tick(), this.#options.pollIntervalMs);
     this.#pollTimer.unref();
     this.#connect();
   }
@@ -98,6 +110,35 @@ export class ChangeFeed extends EventEmitter {
   /** A poll that fails twice in a row, or is overdue by a whole interval, no longer confirms. */
   #staleAfterMs(): number {
     return 2 * this.#options.pollIntervalMs + 500;
+  }
+
+  #tick(): void {
+    void this.#poll();
+    this.#beat();
+    // Neither path has answered lately, though none has failed outright (a silent partition).
+    if (!this.confirmed) this.#lost();
+  }
+
+  /** A query on the LISTEN connection: an answer shows that notifications can still arrive on it. */
+  #beat(): void {
+    const client = this.#listener;
+    if (!client || !this.#listening) return;
+    const pending = this.#heartbeat;
+    if (pending?.client === client) {
+      // Unanswered past the stale bound: drop the connection, and listen again on a new one.
+      if (performance.now() - pending.since > this.#staleAfterMs()) pending.down('heartbeat unanswered');
+      return;
+    }
+    const down = this.#listenerDown!;
+    this.#heartbeat = { client, since: performance.now(), down };
+    client.query('SELECT 1').then(
+      () => {
+        if (this.#heartbeat?.client === client) this.#heartbeat = undefined;
+        if (this.#listener === client) this.#lastListenOk = performance.now();
+      },
+      // The connection's 'error' listener reports it down.
+      () => {},
+    );
   }
 
   #poll(): Promise<void> {
@@ -131,8 +172,10 @@ export class ChangeFeed extends EventEmitter {
       if (gone) return;
       gone = true;
       if (this.#listener === client) this.#listener = undefined;
+      if (this.#heartbeat?.client === client) this.#heartbeat = undefined;
       const was = this.#listening;
       this.#listening = false;
+      this.#lastListenOk = -Infinity;
       // Whatever LISTEN would have told us since the last poll is unknown: the cache waits for a
       // poll to confirm the counter again (started now).
       this.#lastPollOk = -Infinity;
@@ -147,6 +190,7 @@ export class ChangeFeed extends EventEmitter {
       this.#retryTimer = setTimeout(() => this.#connect(), delay);
       this.#retryTimer.unref();
     };
+    this.#listenerDown = down;
     client.on('error', (error) => down(error.message));
     client.on('end', () => down('connection ended'));
     client.on('notification', (message) => {
@@ -162,6 +206,7 @@ export class ChangeFeed extends EventEmitter {
       .then(async () => {
         if (gone || this.#closed) return;
         this.#listening = true;
+        this.#lastListenOk = performance.now();
         this.#lostSignalled = false;
         this.#attempt = 0;
         this.#options.log.info({ event: 'change_feed_up' }, 'listening for registry changes');

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import type { ClientHttp2Session, ClientHttp2Stream } from 'node:http2';
 import { once } from 'node:events';
-import { createServer, type AddressInfo } from 'node:net';
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseConfig } from '../../gateway/src/config.js';
@@ -24,11 +24,14 @@ const sessions: ClientHttp2Session[] = [];
 const lines: Record<string, unknown>[] = [];
 let agentSeq = 0;
 
-async function startGateway(overrides: { cache?: Record<string, unknown>; limits?: Record<string, unknown>; audit?: Record<string, unknown> } = {}, resolver?: HostResolver): Promise<Gateway> {
+async function startGateway(
+  overrides: { cache?: Record<string, unknown>; limits?: Record<string, unknown>; audit?: Record<string, unknown>; policy?: Record<string, unknown> } = {},
+  resolver?: HostResolver,
+): Promise<Gateway> {
   const gateway = createGateway(
     parseConfig({
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 200 },
-      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
+      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000, ...overrides.policy },
       observability: { log_level: 'info' },
       // The destinations here are loopback listeners: [egress] refuses loopback unless allowed.
       egress: { allow_cidrs: ['127.0.0.0/8', '::1/128'] },
@@ -297,7 +300,68 @@ describe('a revocation that overtakes a CONNECT in flight', () => {
   });
 });
 
+/**
+ * A TCP relay to PostgreSQL that can go silent: bytes stop crossing both ways while every
+ * connection stays open, as across a network partition that sends no FIN or RST.
+ */
+async function freezableRelay(target: URL): Promise<{ url: string; freeze(): void; close(): void }> {
+  let frozen = false;
+  const sockets = new Set<Socket>();
+  const relay = createServer((inbound) => {
+    sockets.add(inbound);
+    inbound.on('error', () => {});
+    if (frozen) return;
+    const outbound = connect(Number(target.port), target.hostname);
+    sockets.add(outbound);
+    outbound.on('error', () => inbound.destroy());
+    inbound.on('error', () => outbound.destroy());
+    inbound.on('close', () => outbound.destroy());
+    outbound.on('close', () => inbound.destroy());
+    inbound.on('data', (chunk: Buffer) => void (frozen || outbound.write(chunk)));
+    outbound.on('data', (chunk: Buffer) => void (frozen || inbound.write(chunk)));
+  });
+  relay.listen(0, '127.0.0.1');
+  await once(relay, 'listening');
+  const url = new URL(target);
+  url.hostname = '127.0.0.1';
+  url.port = String((relay.address() as AddressInfo).port);
+  return {
+    url: url.toString(),
+    freeze: () => void (frozen = true),
+    close: () => {
+      for (const socket of sockets) socket.destroy();
+      relay.close();
+    },
+  };
+}
+
 describe('the change feed', () => {
+  test('the path to PostgreSQL goes silent (no FIN, no RST), then a revocation: the cache is not used', async () => {
+    const relay = await freezableRelay(new URL(world.databaseUrl));
+    try {
+      const gateway = await startGateway({ cache: { poll_interval_ms: 300 }, policy: { database_url: relay.url } });
+      await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+      const victim = await agent();
+      const session = await sessionFor(gateway, victim.client);
+      await sleep(700);
+      for (let i = 0; i < 2; i++) {
+        const { status, stream } = await request(session, world.echoAuthority);
+        assert.equal(status, 200);
+        stream.close();
+      }
+      relay.freeze();
+      await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [victim.permissionId]);
+      // The poll fails (query_timeout_ms 500) and nothing answers on the LISTEN connection either.
+      await sleep(300 + 2 * 300 + 500 + 500);
+      const { status, stream } = await request(session, world.echoAuthority);
+      stream.close();
+      assert.notEqual(status, 200, 'a cached allow served while no change could be seen');
+      assert.equal(gateway.feed.confirmed, false);
+    } finally {
+      relay.close();
+    }
+  });
+
   test('LISTEN backend killed, then a revocation: the counter poll still catches it', async () => {
     const gateway = await startGateway({ cache: { poll_interval_ms: 300 } });
     await until(() => gateway.feed.listening, 3000, 'LISTEN up');
