@@ -240,11 +240,11 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
       dialled.socket.destroy();
       return this.#cancelled();
     }
-    if (!authoriser.isCurrent(decision)) {
-      // A registry change arrived while the address was vetted or dialled: the decision may
-      // predate a revocation. Asked again before the answer, a revoked CONNECT gets no 200 and
-      // none of its early bytes reach the destination; the enforcer's re-check of an opened
-      // tunnel would come only after both (and, after a slow dial, past §9b's 1 s).
+    if (!authoriser.isCurrent(decision) || performance.now() >= decision.expiresAt) {
+      // A registry change arrived, or not_after passed, while the address was vetted or dialled:
+      // the decision may no longer hold. Asked again before the answer, a revoked CONNECT gets no
+      // 200 and none of its early bytes reach the destination; the enforcer's re-check of an
+      // opened tunnel would come only after both (and, after a slow dial, past §9b's 1 s).
       this.stage = 'authorise';
       const socket = dialled.socket;
       // dial() no longer listens for errors: a reset meanwhile must not go unhandled.

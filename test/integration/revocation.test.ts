@@ -256,48 +256,55 @@ describe('live revocation', () => {
   });
 });
 
-describe('a revocation that overtakes a CONNECT in flight', () => {
-  test('committed while the CONNECT resolves its destination: refused, and no client byte reaches the destination', async () => {
-    const received: Buffer[] = [];
-    const sink = createServer((socket) => {
-      socket.on('data', (chunk: Buffer) => received.push(chunk));
-      socket.on('error', () => {});
+describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
+  const cases = [
+    { what: 'a revocation committed', expiresInMs: undefined },
+    { what: 'not_after reached', expiresInMs: 700 },
+  ];
+  for (const { what, expiresInMs } of cases) {
+    test(`${what} while the CONNECT resolves its destination: refused, and no client byte reaches the destination`, async () => {
+      const received: Buffer[] = [];
+      const sink = createServer((socket) => {
+        socket.on('data', (chunk: Buffer) => received.push(chunk));
+        socket.on('error', () => {});
+      });
+      sink.listen(0, '127.0.0.1');
+      await once(sink, 'listening');
+      const destination = `slow.test:${(sink.address() as AddressInfo).port}`;
+      await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+      let resolving!: () => void;
+      const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
+      // The window between the decision and the tunnel: a slow resolver here, a slow dial alike.
+      const gateway = await startGateway({}, async (host) => {
+        if (host !== 'slow.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+        resolving();
+        await sleep(1500);
+        return [{ address: '127.0.0.1', family: 4 }];
+      });
+      const identity = `agent-r${++agentSeq}`;
+      const client = await clientCredentials({ identity });
+      const validity = expiresInMs === undefined ? {} : { notBefore: at(-DAY), notAfter: at(expiresInMs) };
+      const permissionId = await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination, validity);
+      const session = await sessionFor(gateway, client);
+      const stream = session.request({ ':method': 'CONNECT', ':authority': destination }, { endStream: false });
+      stream.on('error', () => {});
+      try {
+        const answered = new Promise<number>((resolve) => stream.once('response', (headers) => resolve(Number(headers[':status']))));
+        stream.write('sent before the answer');
+        await resolveStarted;
+        if (expiresInMs === undefined) await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [permissionId]);
+        const status = await answered;
+        await sleep(300);
+        assert.equal(Buffer.concat(received).length, 0, `nothing reaches the destination (answered ${status})`);
+        assert.equal(status, 403, 'a decision overtaken before the answer opens no tunnel');
+        assert.equal(gateway.openTunnels, 0);
+      } finally {
+        stream.close();
+        sink.close();
+        sink.unref();
+      }
     });
-    sink.listen(0, '127.0.0.1');
-    await once(sink, 'listening');
-    const destination = `slow.test:${(sink.address() as AddressInfo).port}`;
-    await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
-    let resolving!: () => void;
-    const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
-    // The window between the decision and the tunnel: a slow resolver here, a slow dial alike.
-    const gateway = await startGateway({}, async (host) => {
-      if (host !== 'slow.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
-      resolving();
-      await sleep(1500);
-      return [{ address: '127.0.0.1', family: 4 }];
-    });
-    const identity = `agent-r${++agentSeq}`;
-    const client = await clientCredentials({ identity });
-    const permissionId = await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination);
-    const session = await sessionFor(gateway, client);
-    const stream = session.request({ ':method': 'CONNECT', ':authority': destination }, { endStream: false });
-    stream.on('error', () => {});
-    try {
-      const answered = new Promise<number>((resolve) => stream.once('response', (headers) => resolve(Number(headers[':status']))));
-      stream.write('sent before the answer');
-      await resolveStarted;
-      await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [permissionId]);
-      const status = await answered;
-      await sleep(300);
-      assert.equal(Buffer.concat(received).length, 0, `nothing reaches the destination after the revocation (answered ${status})`);
-      assert.equal(status, 403, 'a decision the revocation overtook opens no tunnel');
-      assert.equal(gateway.openTunnels, 0);
-    } finally {
-      stream.close();
-      sink.close();
-      sink.unref();
-    }
-  });
+  }
 });
 
 /**
