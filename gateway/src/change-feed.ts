@@ -14,6 +14,8 @@ export interface ChangeFeedOptions {
 }
 
 const BACKOFF_INITIAL_MS = 100;
+/** Announced counters kept for the next poll; past it they are forgotten and the poll re-checks. */
+const MAX_ANNOUNCED = 10_000;
 const BACKOFF_MAX_MS = 5000;
 
 /**
@@ -49,6 +51,12 @@ export class ChangeFeed extends EventEmitter {
   #known: bigint | undefined;
   /** Bumped when a change arrives whose counter is unknown: only a poll started later may re-learn it. */
   #epoch = 0;
+  /**
+   * Counters whose notification has been acted on, until a poll reads past them: a change both
+   * paths report is re-checked once, not twice. Only a payload that arrived on the LISTEN
+   * connection still up counts; a forged one saves at most a redundant re-check (see #poll).
+   */
+  readonly #announced = new Set<bigint>();
 
   constructor(options: ChangeFeedOptions) {
     super();
@@ -150,8 +158,9 @@ export class ChangeFeed extends EventEmitter {
         const wasConfirmed = this.confirmed;
         this.#lastPollOk = performance.now();
         this.#lostSignalled = false;
-        if (this.#counter !== undefined && counter !== this.#counter) this.#changed('poll');
+        if (this.#counter !== undefined && counter !== this.#counter && !this.#allAnnounced(BigInt(this.#counter), BigInt(counter))) this.#changed('poll');
         this.#counter = counter;
+        for (const seen of this.#announced) if (seen <= BigInt(counter)) this.#announced.delete(seen);
         if (!wasConfirmed) this.emit('state');
       } catch (error) {
         this.#options.log.debug({ event: 'change_feed_poll_failed', err: (error as Error).message }, 'registry change counter unreadable');
@@ -197,7 +206,11 @@ export class ChangeFeed extends EventEmitter {
       if (message.channel !== CHANGE_CHANNEL) return;
       const counter = payloadCounter(message.payload);
       if (counter === undefined) this.#forget();
-      else this.#learn(counter);
+      else {
+        this.#learn(counter);
+        if (this.#announced.size >= MAX_ANNOUNCED) this.#announced.clear();
+        this.#announced.add(counter);
+      }
       this.#changed('notify');
     });
     client
@@ -221,7 +234,20 @@ export class ChangeFeed extends EventEmitter {
     if (this.#known === undefined || counter > this.#known) this.#known = counter;
   }
 
+  /**
+   * Every change from `from` (exclusive) to `to` came with a notification already acted on, so
+   * the poll that read `to` has nothing new to re-check. A notification that never arrives is
+   * not announced, and the poll catches its change; one forged ahead of the real change (anyone
+   * may NOTIFY) is cleared with the connection it came on, or else the real one follows it.
+   */
+  #allAnnounced(from: bigint, to: bigint): boolean {
+    if (to <= from || to - from > BigInt(this.#announced.size)) return false;
+    for (let counter = from + 1n; counter <= to; counter++) if (!this.#announced.has(counter)) return false;
+    return true;
+  }
+
   #forget(): void {
+    this.#announced.clear();
     this.#known = undefined;
     this.#epoch++;
   }

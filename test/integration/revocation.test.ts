@@ -384,6 +384,21 @@ describe('the change feed', () => {
     await until(() => gateway.feed.listening, 5000, 'LISTEN back');
   });
 
+  test('one registry change is one re-check of each key, though both LISTEN and the counter poll see it', async () => {
+    const gateway = await startGateway({ cache: { poll_interval_ms: 200 } });
+    await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+    const agents = await Promise.all(Array.from({ length: 10 }, () => agent()));
+    const opened = await Promise.all(agents.map(async (a) => (await tunnels(await sessionFor(gateway, a.client), 1))[0]!));
+    // The grants above are changes too: let their re-checks and polls settle first.
+    await sleep(1000);
+    const before = gateway.enforcer.rechecks;
+    await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [agents[0]!.permissionId]);
+    await opened[0]!.ended;
+    await sleep(1000);
+    assert.equal(gateway.enforcer.rechecks - before, 10, 'each of the 10 keys re-checked once');
+    for (const t of opened.slice(1)) t.stream.close();
+  });
+
   test('cache bounds: max_entries evicts the least recently used decision', async () => {
     // Granted before the gateway starts: a grant's NOTIFY arriving mid-test would rightly empty
     // the cache and turn the hits counted below into misses (this failed once on a loaded machine).
