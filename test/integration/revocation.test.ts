@@ -385,16 +385,17 @@ describe('the change feed', () => {
   });
 
   test('one registry change is one re-check of each key, though both LISTEN and the counter poll see it', async () => {
-    const gateway = await startGateway({ cache: { poll_interval_ms: 200 } });
+    const gateway = await startGateway({ cache: { poll_interval_ms: 1000 } });
     await until(() => gateway.feed.listening, 3000, 'LISTEN up');
     const agents = await Promise.all(Array.from({ length: 10 }, () => agent()));
     const opened = await Promise.all(agents.map(async (a) => (await tunnels(await sessionFor(gateway, a.client), 1))[0]!));
     // The grants above are changes too: let their re-checks and polls settle first.
-    await sleep(1000);
+    await sleep(1500);
     const before = gateway.enforcer.rechecks;
     await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [agents[0]!.permissionId]);
     await opened[0]!.ended;
-    await sleep(1000);
+    // A poll within this reads the counter the notification already announced.
+    await sleep(1500);
     assert.equal(gateway.enforcer.rechecks - before, 10, 'each of the 10 keys re-checked once');
     for (const t of opened.slice(1)) t.stream.close();
   });
