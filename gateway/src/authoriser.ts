@@ -81,11 +81,14 @@ export class Authoriser {
     return undefined;
   }
 
-  /** Asks the registry (through the lookup queue), and caches an allowed answer that is still current. */
-  async lookUp(request: AuthorizationRequest, signal: AbortSignal, asker?: LookupAsker): Promise<Decision> {
+  /**
+   * Asks the registry (through the lookup queue), and caches an allowed answer that is still
+   * current. `recheck`: for open tunnels (LookupQueue.authorize).
+   */
+  async lookUp(request: AuthorizationRequest, signal: AbortSignal, asker?: LookupAsker, recheck = false): Promise<Decision> {
     const generation = this.#feed.generation;
     const cache = this.#cache;
-    const result = await this.#lookups.authorize(request, signal, generation, asker);
+    const result = await this.#lookups.authorize(request, signal, generation, asker, recheck);
     const expiresAt = performance.now() + (result.allowed ? result.validForMs : 0);
     if (cache && result.allowed && result.validForMs > 0 && this.#feed.confirmed && this.#feed.generation === generation) {
       cache.set(decisionKey(request), { result, generation, expiresAt });

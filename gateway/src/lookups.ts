@@ -255,9 +255,12 @@ export class LookupQueue {
    * feed `generation`. `asker`: the CONNECT's session (none for a re-check of an open tunnel,
    * which counts as vouched for). Rejects with LookupCancelledError when `signal` fires first,
    * RegistryUnavailableError when the queue (or strangers' share of it) is full, the wait too
-   * long or the registry cannot be asked.
+   * long or the registry cannot be asked. `recheck`: a re-check of open tunnels (DESIGN §9b), never
+   * refused for a full queue: there is at most one per key with open tunnels, and one refused
+   * would leave a revoked tunnel open until its retry, past the 1 s bound (a pass over 40 keys
+   * with lookup_queue_size 5 took 10 s).
    */
-  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, asker?: LookupAsker): Promise<AuthorizationResult> {
+  authorize(request: AuthorizationRequest, signal: AbortSignal, generation = 0, asker?: LookupAsker, recheck = false): Promise<AuthorizationResult> {
     /** The asking session, when the registry has not vouched for its peer. */
     const stranger = asker?.vouched === false ? asker : undefined;
     if (signal.aborted) return Promise.reject(new LookupCancelledError());
@@ -269,7 +272,7 @@ export class LookupQueue {
       // (review regression: with lookup_queue_size 1, one stranger waiting got a vouched-for
       // CONNECT a 503 beside the free connection kept for vouched-for lookups).
       const startsNow = this.#running < this.#options.concurrency && (!stranger || this.#runningStrangers < this.#maxRunningStrangers);
-      if (!startsNow && this.queued >= this.#options.maxQueued) {
+      if (!startsNow && !recheck && this.queued >= this.#options.maxQueued) {
         return Promise.reject(new RegistryUnavailableError(`registry lookup queue is full (${this.#options.maxQueued} waiting)`));
       }
       if (!startsNow && stranger && this.#waitingStrangers >= this.#maxQueuedStrangers) {

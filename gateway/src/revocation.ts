@@ -124,7 +124,7 @@ export class PolicyEnforcer {
           this.rechecks++;
           let decision: Decision;
           try {
-            decision = await this.#authoriser.lookUp({ identity: sample.identity, spkiDer: sample.spkiDer, destination: sample.destination }, NEVER_ABORTED);
+            decision = await this.#authoriser.lookUp({ identity: sample.identity, spkiDer: sample.spkiDer, destination: sample.destination }, NEVER_ABORTED, undefined, true);
           } catch (error) {
             if (!(error instanceof RegistryUnavailableError)) this.#log.error({ event: 'recheck_failed', err: (error as Error).stack }, 'unexpected error re-checking open tunnels');
             failed.push(key);
