@@ -14,9 +14,9 @@ export interface ChangeFeedOptions {
 }
 
 const BACKOFF_INITIAL_MS = 100;
+const BACKOFF_MAX_MS = 5000;
 /** Announced counters kept for the next poll; past it they are forgotten and the poll re-checks. */
 const MAX_ANNOUNCED = 10_000;
-const BACKOFF_MAX_MS = 5000;
 
 /**
  * The registry change feed (DESIGN §9b): LISTEN agent_gateway_registry on a dedicated connection
