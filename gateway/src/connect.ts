@@ -208,7 +208,7 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
       // A lookup still waiting for its identity's slot when this CONNECT stops waiting (answer,
       // timeout, reset) never starts.
       let waiting = true;
-      const resolve: HostResolver = (host) => resolverSlots.run(identity.identity, () => resolver(host), () => waiting);
+      const resolve: HostResolver = (host) => resolverSlots.run(identity.identity, host, () => resolver(host), () => waiting);
       const verdict = await resolveAndVet(target.host, config.egress.policy, resolve, this.#deps.limits().dial_timeout_ms, signal);
       waiting = false;
       if (!verdict.ok) {

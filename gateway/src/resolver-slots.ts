@@ -1,5 +1,6 @@
 /**
- * Hostname lookups an identity may have running at once. The system resolver (getaddrinfo) runs
+ * Names an identity may have being looked up at once (its CONNECTs to a name already being
+ * looked up share that lookup). The system resolver (getaddrinfo) runs
  * on libuv's thread pool and cannot be cancelled: a name whose DNS never answers holds a thread
  * until the system resolver gives up (resolv.conf's timeout × attempts × servers, often 10 s and
  * more), long after its CONNECT stopped waiting at dial_timeout_ms. Lookups of one name share one
@@ -21,29 +22,34 @@ export const GATEWAY_THREADPOOL_SIZE = 16;
 const PRUNE_AT = 64;
 
 interface Waiter {
+  readonly name: string;
   readonly start: () => void;
+  readonly join: (running: Promise<unknown>) => void;
   readonly wanted: () => boolean;
 }
 
 /**
- * At most `perKey` lookups running per key (an identity); further ones wait, in order, for one of
- * that key's own to settle, so one identity's dead names cost only that identity. A lookup keeps
- * its slot until the resolver itself settles, not until its CONNECT stops waiting (that is what
- * the thread does). A waiter whose CONNECT no longer wants the answer when its turn comes is
- * skipped without a lookup.
+ * At most `perKey` names being looked up per key (an identity); further ones wait, in order, for
+ * one of that key's own to settle, so one identity's dead names cost only that identity. Lookups
+ * of a name the key already has running share it and take no slot: they share its thread too
+ * (egress.ts `coalesced`), and counted apart, a few CONNECTs to one dead name took every slot and
+ * cut the identity off from all its other names. A lookup keeps its slot until the resolver
+ * itself settles, not until its CONNECT stops waiting (that is what the thread does). A waiter
+ * whose CONNECT no longer wants the answer when its turn comes is skipped without a lookup.
  */
 export class ResolverSlots {
   readonly #perKey: number;
-  readonly #running = new Map<string, number>();
+  /** Per key, the names being looked up and their shared lookup. */
+  readonly #running = new Map<string, Map<string, Promise<unknown>>>();
   readonly #waiting = new Map<string, Waiter[]>();
 
   constructor(perKey: number = LOOKUPS_PER_IDENTITY) {
     this.#perKey = perKey;
   }
 
-  /** Lookups running for `key` (tests). */
+  /** Names being looked up for `key` (tests). */
   running(key: string): number {
-    return this.#running.get(key) ?? 0;
+    return this.#running.get(key)?.size ?? 0;
   }
 
   /** Lookups waiting for a slot of `key` (tests). */
@@ -52,23 +58,27 @@ export class ResolverSlots {
   }
 
   /**
-   * Runs `lookup` in one of `key`'s slots, now or when one frees. `wanted` is asked when a waiter's
-   * turn comes; when it says no, the lookup never starts and the promise rejects (its CONNECT has
-   * stopped listening by then).
+   * Runs `lookup` of `name` in one of `key`'s slots, now or when one frees, or shares the one of
+   * `name` that `key` already has running. `wanted` is asked when a waiter's turn comes; when it
+   * says no, the lookup never starts and the promise rejects (its CONNECT has stopped listening).
    */
-  run<T>(key: string, lookup: () => Promise<T>, wanted: () => boolean): Promise<T> {
+  run<T>(key: string, name: string, lookup: () => Promise<T>, wanted: () => boolean): Promise<T> {
+    const shared = this.#running.get(key)?.get(name);
+    if (shared) return shared as Promise<T>;
     return new Promise<T>((resolve, reject) => {
       const start = () => {
-        this.#running.set(key, (this.#running.get(key) ?? 0) + 1);
         let settled: Promise<T>;
         try {
           settled = lookup();
         } catch (error) {
           settled = Promise.reject(error as Error);
         }
-        settled.then(resolve, reject).finally(() => this.#release(key));
+        let names = this.#running.get(key);
+        if (!names) this.#running.set(key, (names = new Map()));
+        names.set(name, settled);
+        settled.then(resolve, reject).finally(() => this.#release(key, name, settled));
       };
-      if ((this.#running.get(key) ?? 0) < this.#perKey) {
+      if ((this.#running.get(key)?.size ?? 0) < this.#perKey) {
         start();
         return;
       }
@@ -77,7 +87,9 @@ export class ResolverSlots {
       // as it grows, so an identity firing CONNECTs at dead names holds at most what still waits.
       if (queue.length >= PRUNE_AT) queue = queue.filter((waiter) => waiter.wanted());
       queue.push({
+        name,
         start,
+        join: (running) => void (running as Promise<T>).then(resolve, reject),
         wanted: () => {
           if (wanted()) return true;
           reject(new Error('no longer wanted'));
@@ -88,18 +100,23 @@ export class ResolverSlots {
     });
   }
 
-  #release(key: string): void {
-    const running = (this.#running.get(key) ?? 1) - 1;
-    if (running === 0) this.#running.delete(key);
-    else this.#running.set(key, running);
+  #release(key: string, name: string, settled: Promise<unknown>): void {
+    const names = this.#running.get(key);
+    if (names?.get(name) === settled) names.delete(name);
+    if (names?.size === 0) this.#running.delete(key);
     const queue = this.#waiting.get(key);
-    while (queue && queue.length > 0) {
-      const next = queue.shift()!;
-      if (queue.length === 0) this.#waiting.delete(key);
-      if (next.wanted()) {
-        next.start();
-        return;
-      }
+    if (!queue) return;
+    // In order: the unwanted dropped, those whose name is running (again) share it, and the
+    // rest start while slots are free.
+    const kept: Waiter[] = [];
+    for (const waiter of queue) {
+      if (!waiter.wanted()) continue;
+      const running = this.#running.get(key)?.get(waiter.name);
+      if (running) waiter.join(running);
+      else if ((this.#running.get(key)?.size ?? 0) < this.#perKey) waiter.start();
+      else kept.push(waiter);
     }
+    if (kept.length > 0) this.#waiting.set(key, kept);
+    else this.#waiting.delete(key);
   }
 }

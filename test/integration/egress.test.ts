@@ -10,7 +10,7 @@ import type { ClientHttp2Session } from 'node:http2';
 import { createServer, type AddressInfo, type Server } from 'node:net';
 import { after, before, test } from 'node:test';
 import { parseConfig } from '../../gateway/src/config.js';
-import { systemResolver, type ResolvedAddress } from '../../gateway/src/egress.js';
+import { coalesced, systemResolver, type ResolvedAddress } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { LOOKUPS_PER_IDENTITY } from '../../gateway/src/resolver-slots.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
@@ -203,4 +203,41 @@ test('one identity\'s lookups that never answer: at most LOOKUPS_PER_IDENTITY ru
   for (const release of stuck) release();
   await new Promise((resolve) => setTimeout(resolve, 100));
   assert.equal(deadAsked(), LOOKUPS_PER_IDENTITY, 'nothing started for CONNECTs that gave up');
+});
+
+// Regression (review3): the slots counted CONNECTs, not names. Lookups of one name share one
+// thread (coalesced, as systemResolver is), yet LOOKUPS_PER_IDENTITY CONNECTs to a single name
+// whose DNS never answers took all of that identity's slots, so every other name it was
+// authorised for timed out (502) until the dead lookup gave up; one flaky name cut the agent off.
+test('CONNECTs to one name whose DNS never answers hold one of the identity\'s slots, not all of them', async () => {
+  const asked: string[] = [];
+  const stuck: (() => void)[] = [];
+  const gateway = createGateway(
+    parseConfig({
+      server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
+      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
+      observability: { log_level: 'info' },
+      limits: { dial_timeout_ms: 1500 },
+    }),
+    {
+      logger: captureLogger(lines),
+      resolver: coalesced((host) => {
+        asked.push(host);
+        if (host !== 'onedead.test') return Promise.resolve([{ address: '10.0.0.9', family: 4 }]);
+        return new Promise((resolve) => stuck.push(() => resolve([{ address: '10.0.0.8', family: 4 }])));
+      }),
+    },
+  );
+  gateways.push(gateway);
+  await gateway.listen();
+  await grant('onedead.test:443');
+  await grant('alive.test:443');
+  const attempts = Array.from({ length: 2 * LOOKUPS_PER_IDENTITY }, () => connect(gateway, 'onedead.test:443'));
+  await until(() => asked.includes('onedead.test'), 5000, 'the dead lookup started');
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  // 10.0.0.9 is refused after its lookup: held behind the dead name it would be a 502 timeout.
+  assert.deepEqual(await connect(gateway, 'alive.test:443'), { status: 403, proxyStatus: FORBIDDEN }, 'the identity\'s other name was looked up');
+  for (const attempt of await Promise.all(attempts)) assert.equal(attempt.status, 502);
+  assert.equal(asked.filter((host) => host === 'onedead.test').length, 1, 'one lookup of the dead name');
+  for (const release of stuck) release();
 });

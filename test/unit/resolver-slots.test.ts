@@ -14,10 +14,10 @@ test('resolver slots: per key, a waiter starts when one of its own key settles; 
   const slots = new ResolverSlots(2);
   const lookups = [pending(), pending(), pending()];
   let started = 0;
-  const runs = lookups.map((lookup) => slots.run('a', () => (started++, lookup.promise), () => true));
+  const runs = lookups.map((lookup, i) => slots.run('a', `name${i}`, () => (started++, lookup.promise), () => true));
   assert.equal(started, 2);
   assert.deepEqual([slots.running('a'), slots.waiting('a')], [2, 1]);
-  assert.equal(await slots.run('b', async () => 'b answered', () => true), 'b answered', 'another key runs at once');
+  assert.equal(await slots.run('b', 'name2', async () => 'b answered', () => true), 'b answered', 'another key runs at once');
   lookups[0]!.settle('first');
   assert.equal(await runs[0], 'first');
   await new Promise((resolve) => setImmediate(resolve));
@@ -33,10 +33,10 @@ test('resolver slots: per key, a waiter starts when one of its own key settles; 
 test('resolver slots: a waiter no longer wanted at its turn never starts, and its promise rejects', async () => {
   const slots = new ResolverSlots(1);
   const first = pending();
-  void slots.run('a', () => first.promise, () => true);
+  void slots.run('a', 'name3', () => first.promise, () => true);
   let gone = false;
   let started = false;
-  const waiter = slots.run('a', () => ((started = true), Promise.resolve('late')), () => !gone);
+  const waiter = slots.run('a', 'name4', () => ((started = true), Promise.resolve('late')), () => !gone);
   gone = true;
   first.settle('done');
   await assert.rejects(waiter, /no longer wanted/);
@@ -46,19 +46,42 @@ test('resolver slots: a waiter no longer wanted at its turn never starts, and it
 
 test('resolver slots: a lookup that throws at once frees its slot', async () => {
   const slots = new ResolverSlots(1);
-  await assert.rejects(slots.run('a', () => { throw new Error('bad host'); }, () => true), /bad host/);
+  await assert.rejects(slots.run('a', 'name5', () => { throw new Error('bad host'); }, () => true), /bad host/);
   assert.equal(slots.running('a'), 0);
-  assert.equal(await slots.run('a', async () => 'next', () => true), 'next');
+  assert.equal(await slots.run('a', 'name6', async () => 'next', () => true), 'next');
 });
 
 test('resolver slots: a long queue is pruned of waiters no longer wanted', async () => {
   const slots = new ResolverSlots(1);
   const first = pending();
-  void slots.run('a', () => first.promise, () => true);
-  const abandoned = Array.from({ length: 64 }, () => slots.run('a', async () => 'never', () => false));
+  void slots.run('a', 'name7', () => first.promise, () => true);
+  const abandoned = Array.from({ length: 64 }, () => slots.run('a', 'name8', async () => 'never', () => false));
   for (const run of abandoned) run.catch(() => {});
-  void slots.run('a', async () => 'wanted', () => true);
+  void slots.run('a', 'name9', async () => 'wanted', () => true);
   assert.equal(slots.waiting('a'), 1, 'the 64 abandoned waiters were dropped when the 65th joined');
   await Promise.allSettled(abandoned);
   first.settle('done');
+});
+
+// Regression (review3): lookups of one name share a thread, so they share a slot too; counted
+// apart, CONNECTs to one dead name took every slot of their identity.
+test('resolver slots: lookups of a name already running share it and take no slot; waiters of one name start one lookup', async () => {
+  const slots = new ResolverSlots(2);
+  const dead = pending();
+  let started = 0;
+  const deadRuns = Array.from({ length: 5 }, () => slots.run('a', 'dead', () => (started++, dead.promise), () => true));
+  assert.deepEqual([started, slots.running('a'), slots.waiting('a')], [1, 1, 0]);
+  const other = pending();
+  const otherRun = slots.run('a', 'other', () => (started++, other.promise), () => true);
+  assert.equal(started, 2, 'the second slot went to another name');
+  const queued = Array.from({ length: 3 }, () => slots.run('a', 'third', () => (started++, Promise.resolve('third')), () => true));
+  assert.deepEqual([started, slots.waiting('a')], [2, 3]);
+  other.settle('other');
+  assert.equal(await otherRun, 'other');
+  assert.deepEqual(await Promise.all(queued), ['third', 'third', 'third']);
+  assert.equal(started, 3, 'the three waiters of one name started one lookup');
+  dead.settle('dead');
+  assert.deepEqual(await Promise.all(deadRuns), ['dead', 'dead', 'dead', 'dead', 'dead']);
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual([slots.running('a'), slots.waiting('a')], [0, 0], 'nothing kept');
 });
