@@ -313,8 +313,9 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
       throw error;
     }
     const result = decision.result;
-    if (decision.cached) this.facts.cached = true;
-    else metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
+    // Assigned, not only set: a CONNECT asked again (after a change) is decided by the second answer.
+    this.facts.cached = decision.cached;
+    if (!decision.cached) metrics?.authorization((performance.now() - authStarted) / 1000, result.allowed ? 'allowed' : 'denied');
     if (!result.allowed) {
       // The row that explains the denial, for operators (log, audit); the client sees not_authorized only.
       const explaining = result.verdicts.find((v) => v.reason === result.reason)?.permissionId;

@@ -322,6 +322,58 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
   }
 });
 
+describe('a CONNECT asked again before its answer', () => {
+  // Regression (review3): the log line of a CONNECT first decided from the cache and then, overtaken
+  // by a change, decided again by the registry still said "cached": true.
+  test('allowed again by the registry after a change: its decision line does not say cached', async () => {
+    const sink = createServer((socket) => socket.on('error', () => {}).resume());
+    sink.listen(0, '127.0.0.1');
+    await once(sink, 'listening');
+    const destination = `recheck.test:${(sink.address() as AddressInfo).port}`;
+    await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+    let slow = false;
+    let resolving!: () => void;
+    const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
+    const gateway = await startGateway({}, async (host) => {
+      if (host !== 'recheck.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+      if (slow) {
+        resolving();
+        await sleep(1000);
+      }
+      return [{ address: '127.0.0.1', family: 4 }];
+    });
+    await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+    const identity = `agent-r${++agentSeq}`;
+    const client = await clientCredentials({ identity });
+    await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination);
+    const session = await sessionFor(gateway, client);
+    // The grant's poll is a change too: let it pass before the cache is filled.
+    await sleep(700);
+    const decisions = () => lines.filter((l) => l.event === 'connect_decision' && l.identity === identity);
+    try {
+      for (let i = 0; i < 2; i++) {
+        const { status, stream } = await request(session, destination);
+        assert.equal(status, 200);
+        stream.close();
+      }
+      assert.equal(decisions().at(-1)?.cached, true, 'the second CONNECT was answered from the cache');
+      slow = true;
+      const answer = request(session, destination);
+      await resolveStarted;
+      const generation = gateway.feed.generation;
+      await agent(); // another agent's grant: a registry change that leaves this one allowed
+      await until(() => gateway.feed.generation > generation, 3000, 'the change reached the gateway');
+      const { status, stream } = await answer;
+      stream.close();
+      assert.equal(status, 200);
+      await until(() => decisions().length === 3, 2000, 'the third decision recorded');
+      assert.equal(decisions().at(-1)?.cached, undefined, 'decided by the registry when asked again, not by the cache');
+    } finally {
+      sink.close();
+    }
+  });
+});
+
 /**
  * A TCP relay to PostgreSQL that can go silent: bytes stop crossing both ways while every
  * connection stays open, as across a network partition that sends no FIN or RST.
