@@ -323,6 +323,52 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
 });
 
 describe('a CONNECT asked again before its answer', () => {
+  test('overtaken while the registry is unreachable: 503 registry_unavailable, and no client byte reaches the destination', async () => {
+    const received: Buffer[] = [];
+    const sink = createServer((socket) => {
+      socket.on('data', (chunk: Buffer) => received.push(chunk));
+      socket.on('error', () => {});
+    });
+    sink.listen(0, '127.0.0.1');
+    await once(sink, 'listening');
+    const destination = `unreach.test:${(sink.address() as AddressInfo).port}`;
+    await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+    const relay = await freezableRelay(new URL(world.databaseUrl));
+    let resolving!: () => void;
+    const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
+    try {
+      const gateway = await startGateway({ policy: { database_url: relay.url } }, async (host) => {
+        if (host !== 'unreach.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+        resolving();
+        await sleep(1500);
+        return [{ address: '127.0.0.1', family: 4 }];
+      });
+      const identity = `agent-r${++agentSeq}`;
+      const client = await clientCredentials({ identity });
+      // not_after passes during the resolution, so the CONNECT must be asked again, with the path to PostgreSQL silent.
+      await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination, { notBefore: at(-DAY), notAfter: at(1200) });
+      const session = await sessionFor(gateway, client);
+      const stream = session.request({ ':method': 'CONNECT', ':authority': destination }, { endStream: false });
+      stream.on('error', () => {});
+      const answered = new Promise<number>((resolve) => stream.once('response', (headers) => resolve(Number(headers[':status']))));
+      stream.write('sent before the answer');
+      await resolveStarted;
+      relay.freeze();
+      const status = await answered;
+      stream.close();
+      await sleep(200);
+      assert.equal(status, 503);
+      assert.equal(Buffer.concat(received).length, 0, 'nothing reaches the destination');
+      assert.equal(gateway.openTunnels, 0);
+      const decision = lines.findLast((l) => l.event === 'connect_decision' && l.identity === identity);
+      assert.equal(decision?.reason, 'registry_unavailable');
+      assert.equal(lines.filter((l) => l.event === 'connect_decision' && l.identity === identity).length, 1, 'one decision record');
+    } finally {
+      relay.close();
+      sink.close();
+    }
+  });
+
   // Regression (review3): the log line of a CONNECT first decided from the cache and then, overtaken
   // by a change, decided again by the registry still said "cached": true.
   test('allowed again by the registry after a change: its decision line does not say cached', async () => {
