@@ -10,6 +10,6 @@ if (!existsSync(entry)) {
 }
 // libuv's thread pool, read once when it first starts (so here, before anything uses it), unless
 // the operator chose a size: GATEWAY_THREADPOOL_SIZE in gateway/src/resolver-slots.ts says why
-// (hostname lookups that cannot be cancelled); test/integration/operations.test.ts checks it.
+// (hostname lookups that cannot be cancelled); test/integration/gateway-bin.test.ts checks it.
 process.env.UV_THREADPOOL_SIZE ??= '16';
 await import(entry.href);
