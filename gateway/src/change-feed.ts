@@ -57,6 +57,8 @@ export class ChangeFeed extends EventEmitter {
    * connection still up counts; a forged one saves at most a redundant re-check (see #poll).
    */
   readonly #announced = new Set<bigint>();
+  /** The counter of the last poll that reported a change (or of the first poll): notifications at or below it are re-checked already. */
+  #pollCovered: bigint | undefined;
 
   constructor(options: ChangeFeedOptions) {
     super();
@@ -158,7 +160,11 @@ export class ChangeFeed extends EventEmitter {
         const wasConfirmed = this.confirmed;
         this.#lastPollOk = performance.now();
         this.#lostSignalled = false;
-        if (this.#counter !== undefined && counter !== this.#counter && !this.#allAnnounced(BigInt(this.#counter), BigInt(counter))) this.#changed('poll');
+        if (this.#counter === undefined) this.#pollCovered = BigInt(counter);
+        else if (counter !== this.#counter && !this.#allAnnounced(BigInt(this.#counter), BigInt(counter))) {
+          this.#changed('poll');
+          this.#pollCovered = BigInt(counter);
+        }
         this.#counter = counter;
         for (const seen of this.#announced) if (seen <= BigInt(counter)) this.#announced.delete(seen);
         if (!wasConfirmed) this.emit('state');
@@ -208,6 +214,13 @@ export class ChangeFeed extends EventEmitter {
       if (counter === undefined) this.#forget();
       else {
         this.#learn(counter);
+        // A poll that reported a change at this counter or a later one has re-checked for it
+        // already (a poll can read the counter between the commit and its notification): a second
+        // pass would ask the registry once more for every open key. Only a poll that reported
+        // covers: one that stayed quiet because notifications had announced the counters (perhaps
+        // forged ahead of the real change) does not, so the real notification still re-checks.
+        // After a restore that lowers the counter, the next poll (which sees it go back) reports.
+        if (this.#pollCovered !== undefined && counter <= this.#pollCovered) return;
         if (this.#announced.size >= MAX_ANNOUNCED) this.#announced.clear();
         this.#announced.add(counter);
       }
