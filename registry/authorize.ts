@@ -1,4 +1,4 @@
-import type { KeyObject } from 'node:crypto';
+import { createHash, type KeyObject } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
 import { z } from 'zod';
 import { p256PublicKeyFromSpki, SIGNATURE_ALGORITHM, verifyP256Signature } from './ecdsa.js';
@@ -99,9 +99,42 @@ export interface AuthorizationRequest {
   readonly destination: string;
 }
 
-/** Parsed principal keys by SPKI, so a hot permission does not re-parse its key on every CONNECT. */
+/**
+ * Parsed principal keys by SPKI, so a hot permission does not re-parse its key on every CONNECT,
+ * and the signatures that verified, so a row asked again is not verified again: a re-check of
+ * open tunnels after a registry change reads back thousands of unchanged rows, and a P-256
+ * verification (65 µs here) was over half of that pass's CPU.
+ */
 export class PrincipalKeyCache {
   readonly #keys = new LRUCache<string, KeyObject | false>({ max: 1024 });
+  /**
+   * Digests of (principal SPKI, signed text, signature) that verified. Verification is a pure
+   * function of those three, and the row's signed text holds every signed field, so a changed
+   * field, signature or key is a miss. Revocation and validity are not signed: evaluateRow checks
+   * them on every lookup, before this. Failures are not kept (a bad row is rare, and a cache of
+   * them would only be room for an attacker).
+   */
+  readonly #verified = new LRUCache<string, true>({ max: 65_536 });
+
+  /** verifyP256Signature, remembering successes. */
+  verify(key: KeyObject, spkiDer: Buffer, message: Buffer, signature: Buffer): boolean {
+    const hash = createHash('sha256');
+    // Lengths first: no two different triples hash the same concatenation.
+    const lengths = Buffer.alloc(12);
+    lengths.writeUInt32BE(spkiDer.length, 0);
+    lengths.writeUInt32BE(message.length, 4);
+    lengths.writeUInt32BE(signature.length, 8);
+    const id = hash.update(lengths).update(spkiDer).update(message).update(signature).digest('base64');
+    if (this.#verified.get(id)) return true;
+    if (!verifyP256Signature(key, message, signature)) return false;
+    this.#verified.set(id, true);
+    return true;
+  }
+
+  /** Signatures remembered as verified (tests). */
+  get verifiedEntries(): number {
+    return this.#verified.size;
+  }
 
   get(spkiDer: Buffer): KeyObject | undefined {
     const id = spkiDer.toString('base64');
@@ -154,7 +187,7 @@ export function evaluateRow(raw: unknown, request: AuthorizationRequest, keys: P
   } catch {
     return deny('row_invalid');
   }
-  if (!verifyP256Signature(key, message, row.signature)) return deny('signature_invalid');
+  if (!keys.verify(key, row.key_spki_der, message, row.signature)) return deny('signature_invalid');
   return { permissionId: row.permission_id, allowed: true, reason: undefined };
 }
 

@@ -324,3 +324,47 @@ test('authorize: a cache shared across calls gives the same answers', () => {
     assert.equal(denied.reason, 'principal_key_invalid');
   }
 });
+
+test('a verified signature is remembered, and nothing about the row but its signed content and key is taken from that memory', () => {
+  const cache = new PrincipalKeyCache();
+  assert.equal(authorize([BASE], REQUEST, cache).allowed, true);
+  assert.equal(cache.verifiedEntries, 1);
+  assert.equal(authorize([BASE], REQUEST, cache).allowed, true);
+  assert.equal(cache.verifiedEntries, 1, 'the same row asked again is not verified again');
+  // Unsigned state is read from every lookup, before the signature.
+  const unsigned: [Partial<CandidateRow>, DenialReason][] = [
+    [{ permission_revoked: true }, 'permission_revoked'],
+    [{ permission_unexpired: false }, 'permission_expired'],
+    [{ key_revoked: true }, 'principal_key_revoked'],
+    [{ key_unexpired: false }, 'principal_key_expired'],
+    [{ delegation_revoked: true }, 'delegation_revoked'],
+    [{ delegation_exists: false, delegation_started: null, delegation_unexpired: null, delegation_revoked: null }, 'delegation_missing'],
+    [{ delegation_unexpired: false }, 'delegation_expired'],
+  ];
+  for (const [change, reason] of unsigned) {
+    const result = authorize([{ ...BASE, ...change }], REQUEST, cache);
+    assert.ok(!result.allowed, reason);
+    assert.equal(result.reason, reason);
+  }
+  // A changed signed field, signature or principal key is a different entry, and fails verification.
+  const flipped = Buffer.from(BASE.signature);
+  flipped[flipped.length - 1]! ^= 1;
+  const tampered: Row[] = [
+    { not_after: '2027-06-01T00:00:00.000000Z' },
+    { not_before: '2026-05-01T00:00:00.123457Z' },
+    { permission_id: 'perm-2' },
+    { signing_key_id: 'org-mallory' },
+    { signature: flipped },
+    { signature: BY_MALLORY.signature },
+    { key_spki_der: MALLORY.spki },
+  ];
+  for (const change of tampered) {
+    const result = authorize([{ ...BASE, ...change }], REQUEST, cache);
+    assert.ok(!result.allowed, JSON.stringify(Object.keys(change)));
+    assert.equal(result.reason, 'signature_invalid');
+  }
+  assert.equal(cache.verifiedEntries, 1, 'failures are not remembered');
+  // Mallory's own row verifies under Mallory's key: a second entry, not a confusion with Alice's.
+  assert.equal(authorize([{ ...BY_MALLORY, key_spki_der: MALLORY.spki }], REQUEST, cache).allowed, true);
+  assert.equal(cache.verifiedEntries, 2);
+});
