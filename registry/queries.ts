@@ -18,12 +18,12 @@ const active = (alias: string, nullableEnd: boolean) =>
   `(${alias}.revoked_at IS NULL AND ${alias}.not_before <= now() AND ${nullableEnd ? `(${alias}.not_after IS NULL OR now() < ${alias}.not_after)` : `now() < ${alias}.not_after`})`;
 
 /**
- * The one indexed lookup per CONNECT ($1 identity, $2 normalised destination, $3 SPKI DER).
- * Every time comparison is made here, in the database's clock; the verdict, including the
+ * The indexed lookup behind every decision, for the identity, normalised destination and SPKI
+ * DER given as SQL expressions (parameters, or a batch's columns). Every time comparison is made here, in the database's clock; the verdict, including the
  * signature check, is computed by registry/authorize.ts from these flags. Rows for other keys
  * are returned too (sorted last) so a denial can be explained in the log as a key mismatch.
  */
-export const CANDIDATE_ROWS_QUERY = `
+const candidateRowsSql = (identity: string, destination: string, spkiDer: string) => `
 SELECT p.permission_id,
        p.signing_key_id,
        p.subject_identity,
@@ -50,12 +50,27 @@ SELECT p.permission_id,
   FROM permission_registry p
   JOIN principal_signing_keys k ON k.key_id = p.signing_key_id
   LEFT JOIN principal_key_permissions d ON d.signing_key_id = p.signing_key_id AND d.destination = p.destination
- WHERE p.subject_identity = $1
-   AND p.destination = $2
- ORDER BY p.subject_public_key_spki_der = $3 DESC,
+ WHERE p.subject_identity = ${identity}
+   AND p.destination = ${destination}
+ ORDER BY p.subject_public_key_spki_der = ${spkiDer} DESC,
           coalesce(${active('p', false)} AND ${active('k', true)} AND ${active('d', true)}, false) DESC,
           p.not_after DESC
  LIMIT ${MAX_CANDIDATE_ROWS}`;
+
+/** The one lookup per CONNECT ($1 identity, $2 normalised destination, $3 SPKI DER). */
+export const CANDIDATE_ROWS_QUERY = candidateRowsSql('$1', '$2', '$3');
+
+/**
+ * The same lookup for many requests in one statement ($1 identities, $2 destinations, $3 SPKI
+ * DERs, element i one request): each row says which request it answers in `request_index`
+ * (1-based); a request without candidates has no row. A re-check of open tunnels after a change
+ * asks this once per batch of keys: one query per key, each a round trip on a pool of a few
+ * connections, took 0.3 ms a key, 3 s for 10,000 keys.
+ */
+export const CANDIDATE_ROWS_BATCH_QUERY = `
+SELECT r.i::int AS request_index, c.*
+  FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS r(identity, destination, spki_der, i)
+ CROSS JOIN LATERAL (${candidateRowsSql('r.identity', 'r.destination', 'r.spki_der')}) c`;
 
 /**
  * The candidate rows and the change counter in one statement, hence one snapshot (a standby,

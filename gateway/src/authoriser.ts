@@ -95,4 +95,17 @@ export class Authoriser {
     }
     return { result, cached: false, generation, expiresAt };
   }
+
+  /** Many re-checks of open tunnels as one registry query (LookupQueue.authorizeMany); decisions in the order asked, cached like lookUp's. */
+  async lookUpMany(requests: readonly AuthorizationRequest[]): Promise<Decision[]> {
+    const generation = this.#feed.generation;
+    const results = await this.#lookups.authorizeMany(requests);
+    const now = performance.now();
+    const current = this.#feed.confirmed && this.#feed.generation === generation;
+    return results.map((result, i) => {
+      const expiresAt = now + (result.allowed ? result.validForMs : 0);
+      if (this.#cache && current && result.allowed && result.validForMs > 0) this.#cache.set(decisionKey(requests[i]!), { result, generation, expiresAt });
+      return { result, cached: false, generation, expiresAt };
+    });
+  }
 }

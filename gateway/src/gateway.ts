@@ -108,11 +108,15 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
   const log = options.logger ?? createLogger({ filter: config.observability.log_level });
   // The feed and metrics are built below; these run only once lookups start.
   const registry: RegistryClient = new RegistryClient(config.policy, log, { knownCounter: (): bigint | undefined => feed.knownCounter, standbyOutcome: (outcome) => metrics?.standbyLookup(outcome) });
-  const lookups = new LookupQueue((request) => registry.authorize(request), {
-    concurrency: config.policy.max_connections,
-    maxQueued: config.policy.lookup_queue_size,
-    maxWaitMs: config.policy.pool_acquire_timeout_ms,
-  });
+  const lookups = new LookupQueue(
+    (request) => registry.authorize(request),
+    {
+      concurrency: config.policy.max_connections,
+      maxQueued: config.policy.lookup_queue_size,
+      maxWaitMs: config.policy.pool_acquire_timeout_ms,
+    },
+    (requests) => registry.authorizeMany(requests),
+  );
   const tunnels = new TunnelTracker();
   const earlyData = new EarlyDataBudget();
   const resolverSlots = new ResolverSlots();

@@ -18,6 +18,14 @@ export function decisionKey(request: AuthorizationRequest): string {
 /** What runs one lookup (RegistryClient.authorize, bound). */
 export type LookupFn = (request: AuthorizationRequest) => Promise<AuthorizationResult>;
 
+/** What runs many lookups as one query on one connection, answers in the order asked (RegistryClient.authorizeMany, bound). */
+export type LookupManyFn = (requests: readonly AuthorizationRequest[]) => Promise<AuthorizationResult[]>;
+
+/** A job's answer: one decision, or a batch's, in the order asked. */
+type JobResult = AuthorizationResult | readonly AuthorizationResult[];
+
+const NEVER_ABORTED = new AbortController().signal;
+
 export interface LookupQueueOptions {
   /** Lookups running at once: the pool size, so a started lookup never waits for a connection. */
   readonly concurrency: number;
@@ -39,7 +47,7 @@ export class LookupCancelledError extends Error {
 }
 
 interface Waiter {
-  readonly resolve: (result: AuthorizationResult) => void;
+  readonly resolve: (result: JobResult) => void;
   readonly reject: (error: unknown) => void;
   readonly signal: AbortSignal;
   readonly onAbort: () => void;
@@ -56,6 +64,8 @@ type JobState = 'waiting' | 'starting' | 'running' | 'done';
 interface Job {
   readonly key: string;
   readonly request: AuthorizationRequest;
+  /** A batch's requests (authorizeMany): `request` is then its first, and nobody shares the job. */
+  readonly batch?: readonly AuthorizationRequest[];
   readonly enqueuedAt: number;
   readonly waiters: Set<Waiter>;
   state: JobState;
@@ -187,6 +197,8 @@ class TurnFifo {
  */
 export class LookupQueue {
   readonly #lookup: LookupFn;
+  readonly #lookupMany: LookupManyFn;
+  #batches = 0;
   readonly #options: LookupQueueOptions;
   readonly #inFlight = new Map<string, Job>();
   readonly #vouched = new JobFifo();
@@ -206,9 +218,17 @@ export class LookupQueue {
   /** Queries actually sent (tests, metrics). */
   #started = 0;
 
-  constructor(lookup: LookupFn, options: LookupQueueOptions) {
+  /** `lookupMany`: without it a batch runs its lookups one after another on its one connection. */
+  constructor(lookup: LookupFn, options: LookupQueueOptions, lookupMany?: LookupManyFn) {
     this.#lookup = lookup;
     this.#options = options;
+    this.#lookupMany =
+      lookupMany ??
+      (async (requests) => {
+        const results: AuthorizationResult[] = [];
+        for (const request of requests) results.push(await lookup(request));
+        return results;
+      });
   }
 
   /** Lookups waiting for a connection that someone still waits for. */
@@ -299,7 +319,28 @@ export class LookupQueue {
       this.#vouched.push(job);
       this.#assign();
     }
-    const owner = job;
+    return this.#wait(job, signal) as Promise<AuthorizationResult>;
+  }
+
+  /**
+   * The decisions for many re-checks of open tunnels (DESIGN §9b) as one job: one connection and
+   * one query, however many keys, so a pass over thousands of keys is a few queries. Vouched for
+   * and never refused for a full queue (like `authorize(..., recheck)`), but bounded in wait like
+   * any job: RegistryUnavailableError when it waits past maxWaitMs or the registry cannot answer.
+   * Not shared with identical lookups in flight: a batch is asked once per pass.
+   */
+  authorizeMany(requests: readonly AuthorizationRequest[]): Promise<AuthorizationResult[]> {
+    if (requests.length === 0) return Promise.resolve([]);
+    const job: Job = { key: `batch\n${++this.#batches}`, request: requests[0]!, batch: requests, enqueuedAt: performance.now(), waiters: new Set(), state: 'waiting', vouched: true, asker: undefined };
+    this.#waiting++;
+    this.#vouched.push(job);
+    this.#assign();
+    if (job.state === 'waiting') this.#armExpiry();
+    return this.#wait(job, NEVER_ABORTED) as Promise<AuthorizationResult[]>;
+  }
+
+  /** Waits for `job`'s answer; when `signal` fires first, and nobody else waits, the job is let go. */
+  #wait(owner: Job, signal: AbortSignal): Promise<JobResult> {
     return new Promise((resolve, reject) => {
       const waiter: Waiter = {
         resolve,
@@ -367,7 +408,7 @@ export class LookupQueue {
       this.#starting.delete(job);
       job.state = 'running';
       this.#started++;
-      this.#lookup(job.request).then(
+      (job.batch ? this.#lookupMany(job.batch) : this.#lookup(job.request)).then(
         (result) => this.#settle(job, result, undefined),
         (error: unknown) => this.#settle(job, undefined, error),
       ).finally(() => {
@@ -434,7 +475,7 @@ export class LookupQueue {
     }, this.#options.maxWaitMs);
   }
 
-  #settle(job: Job, result: AuthorizationResult | undefined, error: unknown): void {
+  #settle(job: Job, result: JobResult | undefined, error: unknown): void {
     if (this.#inFlight.get(job.key) === job) this.#inFlight.delete(job.key);
     for (const waiter of job.waiters) {
       waiter.signal.removeEventListener('abort', waiter.onAbort);

@@ -3,7 +3,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { authorize, PrincipalKeyCache, type AuthorizationRequest, type AuthorizationResult } from '../../registry/authorize.js';
 import { RegistryUnavailableError, SchemaVersionError } from '../../registry/errors.js';
-import { CANDIDATE_ROWS_QUERY, CANDIDATE_ROWS_WITH_COUNTER_QUERY, CHANGE_COUNTER_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
+import { CANDIDATE_ROWS_BATCH_QUERY, CANDIDATE_ROWS_QUERY, CANDIDATE_ROWS_WITH_COUNTER_QUERY, CHANGE_COUNTER_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
 import type { GatewayConfig } from './config.js';
 import { redactUrl } from './logger.js';
 
@@ -150,6 +150,34 @@ export class RegistryClient {
   /** The spec's checks 3–5: one indexed query, then signature verification in process. */
   async authorize(request: AuthorizationRequest): Promise<AuthorizationResult> {
     return authorize(await this.candidateRows(request), request, this.#keys);
+  }
+
+  /**
+   * The decisions for many requests from one query (re-checks of open tunnels after a change),
+   * in the order asked. Always the primary: the change that set off the re-check was seen there,
+   * and a standby read would have to prove it has replayed it first.
+   */
+  async authorizeMany(requests: readonly AuthorizationRequest[]): Promise<AuthorizationResult[]> {
+    let rows: Record<string, unknown>[];
+    try {
+      const result = await this.#pool.query({
+        name: 'agent_gateway_candidate_rows_batch',
+        text: CANDIDATE_ROWS_BATCH_QUERY,
+        values: [requests.map((r) => r.identity), requests.map((r) => r.destination), requests.map((r) => Buffer.from(r.spkiDer))],
+      });
+      rows = result.rows as Record<string, unknown>[];
+    } catch (error) {
+      throw new RegistryUnavailableError(`registry lookup failed: ${(error as Error).message}`, { cause: error });
+    }
+    const byRequest: unknown[][] = requests.map(() => []);
+    for (const row of rows) {
+      const index = row.request_index;
+      if (typeof index !== 'number' || !Number.isInteger(index) || index < 1 || index > requests.length) {
+        throw new RegistryUnavailableError(`registry batch lookup returned request_index ${String(index)} for ${requests.length} requests`);
+      }
+      byRequest[index - 1]!.push(row);
+    }
+    return requests.map((request, i) => authorize(byRequest[i]!, request, this.#keys));
   }
 
   /** The registry change counter (migration 0002), as text: it is a bigint. */

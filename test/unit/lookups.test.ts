@@ -480,3 +480,64 @@ test('lookup queue: a lookup that gets a connection at once is never refused by 
   assert.deepEqual(await agent, ALLOWED);
   await Promise.all(strangers);
 });
+
+test('authorizeMany: a batch is one query on one connection, answers in the order asked, never refused by a full queue, and bounded in wait', async () => {
+  const { calls, lookup } = controlled();
+  const batches: { requests: readonly AuthorizationRequest[]; resolve: (r: AuthorizationResult[]) => void }[] = [];
+  const lookupMany = (requests: readonly AuthorizationRequest[]) => new Promise<AuthorizationResult[]>((resolve) => batches.push({ requests, resolve }));
+  const queue = new LookupQueue(lookup, { concurrency: 2, maxQueued: 1, maxWaitMs: 200 }, lookupMany);
+  const signal = new AbortController().signal;
+  const denied = (destination: string) => ({ allowed: false, reason: 'no_permission', verdicts: [], destination }) as unknown as AuthorizationResult;
+  const first = queue.authorizeMany([request('a:443'), request('b:443'), request('c:443')]);
+  const second = queue.authorizeMany([request('d:443'), request('e:443')]);
+  // Both connections held by the batches, the queue's one place taken by a CONNECT: a third batch still queues.
+  const connect = queue.authorize(request('f:443'), signal);
+  const third = queue.authorizeMany([request('g:443'), request('h:443')]);
+  await tick();
+  assert.equal(queue.running, 2);
+  assert.equal(queue.queued, 2);
+  assert.deepEqual(batches.map((b) => b.requests.map((r) => r.destination)), [['a:443', 'b:443', 'c:443'], ['d:443', 'e:443']]);
+  assert.equal(calls.length, 0, 'no per-key query');
+  batches[0]!.resolve(batches[0]!.requests.map((r) => denied(r.destination)));
+  assert.deepEqual((await first).map((r) => (r as unknown as { destination: string }).destination), ['a:443', 'b:443', 'c:443']);
+  await tick();
+  // The freed connection goes to the oldest waiting job, the CONNECT's.
+  assert.deepEqual(calls.map((c) => c.request.destination), ['f:443']);
+  calls[0]!.resolve(ALLOWED);
+  assert.equal(await connect, ALLOWED);
+  await tick();
+  assert.equal(batches.length, 3);
+  batches[1]!.resolve([ALLOWED, ALLOWED]);
+  batches[2]!.resolve([ALLOWED, ALLOWED]);
+  assert.deepEqual(await second, [ALLOWED, ALLOWED]);
+  assert.deepEqual(await third, [ALLOWED, ALLOWED]);
+  assert.equal(queue.started, 4);
+  await tick();
+  assert.equal(queue.running, 0);
+  assert.equal(queue.queued, 0);
+
+  // A batch that finds no connection within maxWaitMs fails as a whole: its keys are retried by the caller.
+  const stuck = queue.authorizeMany([request('i:443'), request('j:443')]);
+  const stuck2 = queue.authorizeMany([request('k:443'), request('l:443')]);
+  const late = queue.authorizeMany([request('m:443'), request('n:443')]);
+  await assert.rejects(late, RegistryUnavailableError);
+  assert.equal(batches.length, 5, 'the late batch was never sent');
+  assert.equal(queue.queued, 0);
+  batches[3]!.resolve([ALLOWED, ALLOWED]);
+  batches[4]!.resolve([ALLOWED, ALLOWED]);
+  await Promise.all([stuck, stuck2]);
+});
+
+test('authorizeMany without a batch function runs the lookups one after another on its one connection', async () => {
+  const { calls, lookup } = controlled();
+  const queue = new LookupQueue(lookup, { concurrency: 1, maxQueued: 10, maxWaitMs: 10_000 });
+  const answers = queue.authorizeMany([request('a:443'), request('b:443')]);
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['a:443']);
+  assert.equal(queue.running, 1);
+  calls[0]!.resolve(ALLOWED);
+  await tick();
+  assert.deepEqual(calls.map((c) => c.request.destination), ['a:443', 'b:443']);
+  calls[1]!.resolve(ALLOWED);
+  assert.deepEqual(await answers, [ALLOWED, ALLOWED]);
+});
