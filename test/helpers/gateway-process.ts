@@ -23,13 +23,14 @@ export interface GatewayProcess {
 
 /**
  * The gateway as operators run it: the compiled bin in its own process, from a TOML file. For
- * cases where a failure would take the test process down with it (a spinning event loop).
+ * cases where a failure would take the test process down with it (a spinning event loop), and
+ * for measuring the gateway's CPU alone. `bin`: another build's bin (bench A/B).
  */
-export async function startGatewayProcess(config: Record<string, unknown>, env: Record<string, string> = {}): Promise<GatewayProcess> {
+export async function startGatewayProcess(config: Record<string, unknown>, env: Record<string, string> = {}, bin = BIN): Promise<GatewayProcess> {
   const dir = mkdtempSync(join(tmpdir(), 'agw-proc-'));
   const path = join(dir, 'config.toml');
   writeFileSync(path, stringify(config));
-  const child = spawn(process.execPath, [BIN, '--config', path], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env, AGENT_GATEWAY_LOG_STDOUT: 'true' } });
+  const child = spawn(process.execPath, [bin, '--config', path], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env, AGENT_GATEWAY_LOG_STDOUT: 'true' } });
   const lines: Record<string, unknown>[] = [];
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
