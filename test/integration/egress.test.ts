@@ -10,7 +10,7 @@ import type { ClientHttp2Session } from 'node:http2';
 import { createServer, type AddressInfo, type Server } from 'node:net';
 import { after, before, test } from 'node:test';
 import { parseConfig } from '../../gateway/src/config.js';
-import { coalesced, systemResolver, type ResolvedAddress } from '../../gateway/src/egress.js';
+import { coalesced, systemResolver, type HostResolver, type ResolvedAddress } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { LOOKUPS_PER_IDENTITY } from '../../gateway/src/resolver-slots.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
@@ -37,7 +37,15 @@ const NAMES: Record<string, ResolvedAddress[]> = {
   'compat.test': [{ address: '::7f00:1', family: 6 }],
 };
 
-async function startGateway(egress: Record<string, unknown>, resolve: Record<string, string> = {}): Promise<Gateway> {
+/** NAMES, and localhost from /etc/hosts as in production. */
+const namesResolver: HostResolver = async (host) => {
+  if (host === 'localhost') return systemResolver(host);
+  const found = NAMES[host];
+  if (!found) throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+  return found;
+};
+
+async function startGateway(egress: Record<string, unknown>, resolve: Record<string, string> = {}, options: { resolver?: HostResolver; limits?: Record<string, unknown> } = {}): Promise<Gateway> {
   const gateway = createGateway(
     parseConfig({
       server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
@@ -46,16 +54,9 @@ async function startGateway(egress: Record<string, unknown>, resolve: Record<str
       audit: { enabled: true, flush_interval_ms: 50 },
       egress,
       resolve,
+      ...(options.limits ? { limits: options.limits } : {}),
     }),
-    {
-      logger: captureLogger(lines),
-      resolver: async (host) => {
-        if (host === 'localhost') return systemResolver(host); // /etc/hosts, as in production
-        const found = NAMES[host];
-        if (!found) throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
-        return found;
-      },
-    },
+    { logger: captureLogger(lines), resolver: options.resolver ?? namesResolver },
   );
   gateways.push(gateway);
   await gateway.listen();
@@ -168,24 +169,14 @@ test('one identity\'s lookups that never answer: at most LOOKUPS_PER_IDENTITY ru
   const other = await clientCredentials({ identity: 'agent-egress-other' });
   const asked: string[] = [];
   const stuck: (() => void)[] = [];
-  const gateway = createGateway(
-    parseConfig({
-      server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
-      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
-      observability: { log_level: 'info' },
-      limits: { dial_timeout_ms: 1500 },
-    }),
-    {
-      logger: captureLogger(lines),
-      resolver: (host) => {
-        asked.push(host);
-        if (!host.startsWith('dead')) return Promise.resolve([{ address: '10.0.0.9', family: 4 }]);
-        return new Promise((resolve) => stuck.push(() => resolve([{ address: '10.0.0.8', family: 4 }])));
-      },
+  const gateway = await startGateway({}, {}, {
+    limits: { dial_timeout_ms: 1500 },
+    resolver: (host) => {
+      asked.push(host);
+      if (!host.startsWith('dead')) return Promise.resolve([{ address: '10.0.0.9', family: 4 }]);
+      return new Promise((resolve) => stuck.push(() => resolve([{ address: '10.0.0.8', family: 4 }])));
     },
-  );
-  gateways.push(gateway);
-  await gateway.listen();
+  });
   const dead = Array.from({ length: 2 * LOOKUPS_PER_IDENTITY }, (_, i) => `dead${i}.test:443`);
   for (const destination of dead) await grant(destination);
   await world.fixture.delegate(world.alice.keyId, 'good.test:443').catch(() => undefined);
@@ -212,24 +203,14 @@ test('one identity\'s lookups that never answer: at most LOOKUPS_PER_IDENTITY ru
 test('CONNECTs to one name whose DNS never answers hold one of the identity\'s slots, not all of them', async () => {
   const asked: string[] = [];
   const stuck: (() => void)[] = [];
-  const gateway = createGateway(
-    parseConfig({
-      server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 100 },
-      policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl },
-      observability: { log_level: 'info' },
-      limits: { dial_timeout_ms: 1500 },
+  const gateway = await startGateway({}, {}, {
+    limits: { dial_timeout_ms: 1500 },
+    resolver: coalesced((host) => {
+      asked.push(host);
+      if (host !== 'onedead.test') return Promise.resolve([{ address: '10.0.0.9', family: 4 }]);
+      return new Promise((resolve) => stuck.push(() => resolve([{ address: '10.0.0.8', family: 4 }])));
     }),
-    {
-      logger: captureLogger(lines),
-      resolver: coalesced((host) => {
-        asked.push(host);
-        if (host !== 'onedead.test') return Promise.resolve([{ address: '10.0.0.9', family: 4 }]);
-        return new Promise((resolve) => stuck.push(() => resolve([{ address: '10.0.0.8', family: 4 }])));
-      }),
-    },
-  );
-  gateways.push(gateway);
-  await gateway.listen();
+  });
   await grant('onedead.test:443');
   await grant('alive.test:443');
   const attempts = Array.from({ length: 2 * LOOKUPS_PER_IDENTITY }, () => connect(gateway, 'onedead.test:443'));

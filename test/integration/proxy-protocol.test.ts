@@ -13,7 +13,7 @@ import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { connect as tlsConnect } from 'node:tls';
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
-import { parseConfig } from '../../gateway/src/config.js';
+import { parseConfig, type GatewayConfig } from '../../gateway/src/config.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
 import { encodeProxyV2, type ProxyHeader } from '../../gateway/src/proxy-protocol.js';
 import { startEchoRegistry, type EchoRegistry } from '../helpers/echo-registry.js';
@@ -30,18 +30,25 @@ const spans = new InMemorySpanExporter();
 
 const AGENT: ProxyHeader = { command: 'proxy', family: 'inet', source: { address: '198.51.100.23', port: 40404 }, destination: { address: '127.0.0.1', port: 8443 } };
 
+const LOOPBACK_EGRESS = { allow_cidrs: ['127.0.0.0/8'] };
+const QUIET_ADMIN = { listen_addr: '127.0.0.1:0', process_metrics: false };
+
+/** A gateway trusting 127.0.0.1's PROXY headers: `limits`, further sections and [server] keys on top. */
+function proxiedConfig(limits: Record<string, unknown>, sections: Record<string, unknown> = {}, server: Record<string, unknown> = {}): GatewayConfig {
+  return parseConfig({
+    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'], ...server },
+    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
+    observability: { log_level: 'info' },
+    limits,
+    ...sections,
+  });
+}
+
 before(async () => {
   world = await startEchoRegistry();
   agent = await clientCredentials({ identity: 'agent-proxied' });
   await world.fixture.permit(world.alice, { identity: 'agent-proxied', spkiDer: agent.spkiDer }, world.echoAuthority);
-  const config = parseConfig({
-    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
-    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
-    observability: { log_level: 'debug' },
-    egress: { allow_cidrs: ['127.0.0.0/8'] },
-    admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
-    limits: { handshake_timeout_ms: 1000 },
-  });
+  const config = proxiedConfig({ handshake_timeout_ms: 1000 }, { observability: { log_level: 'debug' }, egress: LOOPBACK_EGRESS, admin: QUIET_ADMIN });
   gateway = createGateway(config, { logger: captureLogger(lines), tracerProvider: new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(spans)] }) });
   await gateway.listen();
 });
@@ -249,14 +256,8 @@ test('hostile balancer-side peers: stall mid-header, huge length, TLV garbage, d
 });
 
 test('a balancer-side peer that resets mid-header is let go at once, not held until the handshake deadline (it was held, and counted as a stall, until then)', async () => {
-  const config = parseConfig({
-    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
-    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
-    observability: { log_level: 'info' },
-    admin: { listen_addr: '127.0.0.1:0', process_metrics: false },
-    // Far beyond the wait below: only letting go on the reset itself can pass.
-    limits: { handshake_timeout_ms: 120_000 },
-  });
+  // Far beyond the wait below: only letting go on the reset itself can pass.
+  const config = proxiedConfig({ handshake_timeout_ms: 120_000 }, { admin: QUIET_ADMIN });
   const patient = createGateway(config, { logger: captureLogger([]) });
   await patient.listen();
   try {
@@ -281,13 +282,7 @@ test('a balancer-side peer that resets mid-header is let go at once, not held un
 // one balancer port may hold connections to two of the gateway's addresses at once (a listener on
 // 0.0.0.0), and then both sessions took the header read last.
 test('two connections from one balancer port to two gateway addresses each keep their own header\'s client', async () => {
-  const config = parseConfig({
-    server: { listen_addr: '0.0.0.0:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
-    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
-    observability: { log_level: 'info' },
-    egress: { allow_cidrs: ['127.0.0.0/8'] },
-    limits: { handshake_timeout_ms: 3000 },
-  });
+  const config = proxiedConfig({ handshake_timeout_ms: 3000 }, { egress: LOOPBACK_EGRESS }, { listen_addr: '0.0.0.0:0' });
   const decisions: Record<string, unknown>[] = [];
   const wide = createGateway(config, { logger: captureLogger(decisions) });
   await wide.listen();
@@ -327,13 +322,7 @@ test('two connections from one balancer port to two gateway addresses each keep 
 });
 
 test('max_connections counts connections whose header is still pending: past it they are refused at accept, and served again once the stalled ones are reaped', async () => {
-  const config = parseConfig({
-    server: { listen_addr: '127.0.0.1:0', tls_cert_path: world.tls.certPath, tls_key_path: world.tls.keyPath, shutdown_grace_ms: 500, proxy_protocol_from: ['127.0.0.1/32'] },
-    policy: { client_ext_oid: TEST_OID, database_url: world.databaseUrl, connect_timeout_ms: 2000 },
-    observability: { log_level: 'info' },
-    egress: { allow_cidrs: ['127.0.0.0/8'] },
-    limits: { handshake_timeout_ms: 1500, max_connections: 5 },
-  });
+  const config = proxiedConfig({ handshake_timeout_ms: 1500, max_connections: 5 }, { egress: LOOPBACK_EGRESS });
   const capped = createGateway(config, { logger: captureLogger([]) });
   await capped.listen();
   const port = capped.address!.port;

@@ -109,6 +109,46 @@ async function stillEchoes(stream: ClientHttp2Stream, payload = Buffer.from('sti
   assert.deepEqual(Buffer.concat(chunks), payload);
 }
 
+
+/** A destination that keeps every byte it receives, at `name`:port (delegated to alice). */
+async function recordingSink(name: string): Promise<{ destination: string; received: Buffer[]; close(): void }> {
+  const received: Buffer[] = [];
+  const sink = createServer((socket) => {
+    socket.on('data', (chunk: Buffer) => received.push(chunk));
+    socket.on('error', () => {});
+  });
+  sink.listen(0, '127.0.0.1');
+  await once(sink, 'listening');
+  const destination = `${name}:${(sink.address() as AddressInfo).port}`;
+  await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+  return {
+    destination,
+    received,
+    close: () => {
+      sink.close();
+      sink.unref();
+    },
+  };
+}
+
+/**
+ * A resolver answering only `name` (127.0.0.1), taking `delayMs` while `slow()` says so:
+ * the window between a CONNECT's decision and its tunnel (a slow dial alike). `started`
+ * resolves when the first slow resolution begins.
+ */
+function slowResolver(name: string, delayMs: number, slow: () => boolean = () => true): { resolver: HostResolver; started: Promise<void> } {
+  let begin!: () => void;
+  const started = new Promise<void>((resolve) => (begin = resolve));
+  const resolver: HostResolver = async (host) => {
+    if (host !== name) throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+    if (slow()) {
+      begin();
+      await sleep(delayMs);
+    }
+    return [{ address: '127.0.0.1', family: 4 }];
+  };
+  return { resolver, started };
+}
 function closes(detail: string, identity: string): Record<string, unknown>[] {
   return lines.filter((l) => l.event === 'tunnel_closed' && l.detail === detail && l.identity === identity);
 }
@@ -327,24 +367,9 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
   ];
   for (const { what, expiresInMs } of cases) {
     test(`${what} while the CONNECT resolves its destination: refused, and no client byte reaches the destination`, async () => {
-      const received: Buffer[] = [];
-      const sink = createServer((socket) => {
-        socket.on('data', (chunk: Buffer) => received.push(chunk));
-        socket.on('error', () => {});
-      });
-      sink.listen(0, '127.0.0.1');
-      await once(sink, 'listening');
-      const destination = `slow.test:${(sink.address() as AddressInfo).port}`;
-      await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
-      let resolving!: () => void;
-      const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
-      // The window between the decision and the tunnel: a slow resolver here, a slow dial alike.
-      const gateway = await startGateway({}, async (host) => {
-        if (host !== 'slow.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
-        resolving();
-        await sleep(1500);
-        return [{ address: '127.0.0.1', family: 4 }];
-      });
+      const { destination, received, close } = await recordingSink('slow.test');
+      const { resolver, started: resolveStarted } = slowResolver('slow.test', 1500);
+      const gateway = await startGateway({}, resolver);
       const identity = `agent-r${++agentSeq}`;
       const client = await clientCredentials({ identity });
       const validity = expiresInMs === undefined ? {} : { notBefore: at(-DAY), notAfter: at(expiresInMs) };
@@ -364,8 +389,7 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
         assert.equal(gateway.openTunnels, 0);
       } finally {
         stream.close();
-        sink.close();
-        sink.unref();
+        close();
       }
     });
   }
@@ -373,25 +397,11 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
 
 describe('a CONNECT asked again before its answer', () => {
   test('overtaken while the registry is unreachable: 503 registry_unavailable, and no client byte reaches the destination', async () => {
-    const received: Buffer[] = [];
-    const sink = createServer((socket) => {
-      socket.on('data', (chunk: Buffer) => received.push(chunk));
-      socket.on('error', () => {});
-    });
-    sink.listen(0, '127.0.0.1');
-    await once(sink, 'listening');
-    const destination = `unreach.test:${(sink.address() as AddressInfo).port}`;
-    await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+    const { destination, received, close } = await recordingSink('unreach.test');
     const relay = await freezableRelay(new URL(world.databaseUrl));
-    let resolving!: () => void;
-    const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
+    const { resolver, started: resolveStarted } = slowResolver('unreach.test', 1500);
     try {
-      const gateway = await startGateway({ policy: { database_url: relay.url } }, async (host) => {
-        if (host !== 'unreach.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
-        resolving();
-        await sleep(1500);
-        return [{ address: '127.0.0.1', family: 4 }];
-      });
+      const gateway = await startGateway({ policy: { database_url: relay.url } }, resolver);
       const identity = `agent-r${++agentSeq}`;
       const client = await clientCredentials({ identity });
       // not_after passes during the resolution, so the CONNECT must be asked again, with the path to PostgreSQL silent.
@@ -414,29 +424,17 @@ describe('a CONNECT asked again before its answer', () => {
       assert.equal(lines.filter((l) => l.event === 'connect_decision' && l.identity === identity).length, 1, 'one decision record');
     } finally {
       relay.close();
-      sink.close();
+      close();
     }
   });
 
   // Regression (review3): the log line of a CONNECT first decided from the cache and then, overtaken
   // by a change, decided again by the registry still said "cached": true.
   test('allowed again by the registry after a change: its decision line does not say cached', async () => {
-    const sink = createServer((socket) => socket.on('error', () => {}).resume());
-    sink.listen(0, '127.0.0.1');
-    await once(sink, 'listening');
-    const destination = `recheck.test:${(sink.address() as AddressInfo).port}`;
-    await world.fixture.delegate(world.alice.keyId, destination, { notBefore: at(-DAY) });
+    const { destination, close } = await recordingSink('recheck.test');
     let slow = false;
-    let resolving!: () => void;
-    const resolveStarted = new Promise<void>((resolve) => (resolving = resolve));
-    const gateway = await startGateway({}, async (host) => {
-      if (host !== 'recheck.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
-      if (slow) {
-        resolving();
-        await sleep(1000);
-      }
-      return [{ address: '127.0.0.1', family: 4 }];
-    });
+    const { resolver, started: resolveStarted } = slowResolver('recheck.test', 1000, () => slow);
+    const gateway = await startGateway({}, resolver);
     await until(() => gateway.feed.listening, 3000, 'LISTEN up');
     const identity = `agent-r${++agentSeq}`;
     const client = await clientCredentials({ identity });
@@ -464,7 +462,7 @@ describe('a CONNECT asked again before its answer', () => {
       await until(() => decisions().length === 3, 2000, 'the third decision recorded');
       assert.equal(decisions().at(-1)?.cached, undefined, 'decided by the registry when asked again, not by the cache');
     } finally {
-      sink.close();
+      close();
     }
   });
 });
