@@ -127,9 +127,13 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     readCounter: () => registry.changeCounter(),
     log,
   });
-  /** CONNECTs not over yet (answered and, if allowed, their tunnel closed and recorded). */
-  const handlers = new Set<ConnectRequest>();
-  /** Set while close() waits for `handlers` to empty. */
+  /**
+   * CONNECTs not over yet (answered and, if allowed, their tunnel closed and recorded). A count,
+   * not a Set of them: a Set churned at the CONNECT rate gets its members promoted to the old
+   * generation (bag.ts says why).
+   */
+  let handlers = 0;
+  /** Set while close() waits for `handlers` to reach 0. */
   let handlersEmptied: (() => void) | undefined;
   let limits = config.limits;
   let serverPaths = { cert: config.server.tls_cert_path, key: config.server.tls_key_path };
@@ -205,9 +209,9 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     log,
     resolver: options.resolver ?? systemResolver,
     resolverSlots,
-    finished(request) {
-      handlers.delete(request);
-      if (handlers.size === 0) handlersEmptied?.();
+    finished() {
+      handlers--;
+      if (handlers === 0) handlersEmptied?.();
     },
   };
 
@@ -282,7 +286,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     }
     sessions.streamOpened(session, stream);
     const request = new ConnectRequest(deps, peer, stream, headers);
-    handlers.add(request);
+    handlers++;
     request.run().catch((error: unknown) => log.error({ event: 'connect_error', err: (error as Error)?.stack ?? String(error) }, 'CONNECT handler failed'));
   });
 
@@ -353,7 +357,7 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
     if (wasListening) await serverClosed;
     clearTimeout(deadline);
     // Let handlers record their tunnel_closed rows before the audit queue is flushed.
-    if (handlers.size > 0) {
+    if (handlers > 0) {
       let timer: NodeJS.Timeout | undefined;
       await new Promise<void>((resolve) => {
         handlersEmptied = resolve;

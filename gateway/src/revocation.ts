@@ -128,7 +128,7 @@ export class PolicyEnforcer {
       let unavailable: string | undefined;
       const asked: { key: string; sample: OpenTunnel }[] = [];
       for (const key of keys) {
-        const sample = this.#tunnels.byAuthorisationKey().get(key)?.values().next().value;
+        const sample = this.#tunnels.byAuthorisationKey().get(key)?.any();
         if (sample) asked.push({ key, sample });
       }
       this.rechecks += asked.length;
@@ -171,7 +171,7 @@ export class PolicyEnforcer {
     }
     const detail = closeDetailFor(result.reason);
     let closed = 0;
-    for (const open of [...(this.#tunnels.byAuthorisationKey().get(key) ?? [])]) {
+    for (const open of this.#tunnels.byAuthorisationKey().get(key) ?? []) {
       if (!open.tunnel.close(detail)) continue;
       this.#metrics?.policyClose(detail);
       closed++;

@@ -1,3 +1,4 @@
+import { Bag, type BagSlot } from './bag.js';
 import type { Tunnel, TunnelCloseDetail } from './tunnel.js';
 
 /** One open tunnel as the gateway knows it: who, where, under which row. */
@@ -15,7 +16,21 @@ export interface OpenTunnel {
   /** Bytes already added to the metrics counters (metrics.ts reads and advances these). */
   reportedUp: number;
   reportedDown: number;
+  /** The tracker's bookkeeping: this tunnel's positions in its bags (bag.ts). */
+  allSlot?: number;
+  keySlot?: number;
+  permissionSlot?: number;
 }
+
+/** A read-only view of the tunnels under one key or row. */
+export interface TunnelGroup extends Iterable<OpenTunnel> {
+  readonly size: number;
+  any(): OpenTunnel | undefined;
+}
+
+const ALL_SLOT: BagSlot<OpenTunnel> = { get: (open) => open.allSlot, set: (open, position) => (open.allSlot = position) };
+const KEY_SLOT: BagSlot<OpenTunnel> = { get: (open) => open.keySlot, set: (open, position) => (open.keySlot = position) };
+const PERMISSION_SLOT: BagSlot<OpenTunnel> = { get: (open) => open.permissionSlot, set: (open, position) => (open.permissionSlot = position) };
 
 /** The authorisation a tunnel stands on: re-checking one key re-checks all its tunnels. */
 export function authorisationKey(identity: string, spkiFingerprint: string, destination: string): string {
@@ -26,16 +41,19 @@ export function authorisationKey(identity: string, spkiFingerprint: string, dest
  * Every open tunnel, indexed by what policy changes address: the (identity, key, destination)
  * it was authorised for and the permission row that allowed it. The one place that knows how
  * many tunnels are open: the gauge, /tunnels, shutdown and revocation all read it.
+ *
+ * Tunnels are kept in bags, not Sets (bag.ts says why); the Maps below gain and lose a key only
+ * when its first tunnel opens or its last one closes, and then hold an empty bag.
  */
 export class TunnelTracker {
-  readonly #all = new Set<OpenTunnel>();
-  readonly #byKey = new Map<string, Set<OpenTunnel>>();
-  readonly #byPermission = new Map<string, Set<OpenTunnel>>();
+  readonly #all = new Bag<OpenTunnel>(ALL_SLOT);
+  readonly #byKey = new Map<string, Bag<OpenTunnel>>();
+  readonly #byPermission = new Map<string, Bag<OpenTunnel>>();
 
   add(open: OpenTunnel): void {
-    this.#all.add(open);
-    index(this.#byKey, authorisationKey(open.identity, open.spkiFingerprint, open.destination), open);
-    index(this.#byPermission, open.permissionId, open);
+    if (!this.#all.add(open)) return;
+    index(this.#byKey, KEY_SLOT, authorisationKey(open.identity, open.spkiFingerprint, open.destination), open);
+    index(this.#byPermission, PERMISSION_SLOT, open.permissionId, open);
   }
 
   delete(open: OpenTunnel): boolean {
@@ -49,16 +67,17 @@ export class TunnelTracker {
     return this.#all.size;
   }
 
+  /** The tunnels open at this moment (a tunnel closing during the walk is still visited). */
   [Symbol.iterator](): IterableIterator<OpenTunnel> {
-    return this.#all.values();
+    return this.#all[Symbol.iterator]();
   }
 
   /** Distinct authorisation keys of open tunnels, each with its tunnels. */
-  byAuthorisationKey(): ReadonlyMap<string, ReadonlySet<OpenTunnel>> {
+  byAuthorisationKey(): ReadonlyMap<string, TunnelGroup> {
     return this.#byKey;
   }
 
-  byPermission(permissionId: string): ReadonlySet<OpenTunnel> {
+  byPermission(permissionId: string): TunnelGroup {
     return this.#byPermission.get(permissionId) ?? EMPTY;
   }
 
@@ -77,9 +96,12 @@ export class TunnelTracker {
 
   /** Closes every open tunnel (shutdown): each ends with END_STREAM, not a reset. */
   closeAll(detail: TunnelCloseDetail): number {
-    const all = [...this.#all];
-    for (const open of all) open.tunnel.close(detail);
-    return all.length;
+    let closed = 0;
+    for (const open of this.#all) {
+      open.tunnel.close(detail);
+      closed++;
+    }
+    return closed;
   }
 
   /** The admin `GET /tunnels` view (DESIGN §9b). */
@@ -97,17 +119,17 @@ export class TunnelTracker {
   }
 }
 
-const EMPTY: ReadonlySet<OpenTunnel> = new Set();
+const EMPTY: TunnelGroup = { size: 0, any: () => undefined, [Symbol.iterator]: () => [][Symbol.iterator]() };
 
-function index(map: Map<string, Set<OpenTunnel>>, key: string, open: OpenTunnel): void {
-  let set = map.get(key);
-  if (!set) map.set(key, (set = new Set()));
-  set.add(open);
+function index(map: Map<string, Bag<OpenTunnel>>, slot: BagSlot<OpenTunnel>, key: string, open: OpenTunnel): void {
+  let bag = map.get(key);
+  if (!bag) map.set(key, (bag = new Bag(slot)));
+  bag.add(open);
 }
 
-function unindex(map: Map<string, Set<OpenTunnel>>, key: string, open: OpenTunnel): void {
-  const set = map.get(key);
-  if (!set) return;
-  set.delete(open);
-  if (set.size === 0) map.delete(key);
+function unindex(map: Map<string, Bag<OpenTunnel>>, key: string, open: OpenTunnel): void {
+  const bag = map.get(key);
+  if (!bag) return;
+  bag.delete(open);
+  if (bag.size === 0) map.delete(key);
 }
