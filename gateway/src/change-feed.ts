@@ -15,18 +15,23 @@ export interface ChangeFeedOptions {
 
 const BACKOFF_INITIAL_MS = 100;
 const BACKOFF_MAX_MS = 5000;
-/** Announced counters kept for the next poll; past it they are forgotten and the poll re-checks. */
-const MAX_ANNOUNCED = 10_000;
 
 /**
  * The registry change feed (DESIGN §9b): LISTEN agent_gateway_registry on a dedicated connection
  * (reconnected with back-off) for changes as they commit, and the change counter polled every
  * `pollIntervalMs`, so a notification lost while that connection was down is still seen.
  *
- * `generation` advances on every change the gateway learns of; a decision read at an older
- * generation may predate the change and is never trusted as fresh. `confirmed` is false when
- * neither the LISTEN connection is up nor a poll has succeeded recently: then nothing cached may
- * be used (fail closed). Emits 'change' (coalesced) and 'state'.
+ * A notification is only a cue to read the counter at once: anyone who can connect may NOTIFY
+ * (PostgreSQL has no privilege for it) with any payload, so neither its arrival nor its payload is
+ * taken as proof that a change committed or was re-checked. A change is reported ('change') when a
+ * read of the counter finds it moved, whichever path asked for the read: the read starts after the
+ * notification arrived, so it sees that notification's commit, and the re-check it starts comes
+ * after that commit. One read answers every notification heard before it started.
+ *
+ * `generation` advances on every notification and every change the gateway learns of; a decision
+ * read at an older generation may predate the change and is never trusted as fresh. `confirmed` is
+ * false when neither the LISTEN connection is up nor a poll has succeeded recently: then nothing
+ * cached may be used (fail closed). Emits 'change' (coalesced) and 'state'.
  */
 export class ChangeFeed extends EventEmitter {
   readonly #options: ChangeFeedOptions;
@@ -46,19 +51,21 @@ export class ChangeFeed extends EventEmitter {
   #closed = false;
   #changeScheduled = false;
   #polling: Promise<void> | undefined;
+  /** A notification arrived while a read was in flight (it may predate that commit): read again after it. */
+  #notifiedDuringPoll = false;
   #lostSignalled = false;
-  /** The highest change counter learnt from a poll or a notification's payload; undefined while unknown. */
+  /**
+   * The newest change counter known, for standby freshness only: the last read's, raised at once
+   * by any notification's payload (a forged one sends reads to the primary until the next read
+   * lowers it back; never the other way). Undefined while unknown.
+   */
   #known: bigint | undefined;
   /** Bumped when a change arrives whose counter is unknown: only a poll started later may re-learn it. */
   #epoch = 0;
-  /**
-   * Counters whose notification has been acted on, until a poll reads past them: a change both
-   * paths report is re-checked once, not twice. Only a payload that arrived on the LISTEN
-   * connection still up counts; a forged one saves at most a redundant re-check (see #poll).
-   */
-  readonly #announced = new Set<bigint>();
-  /** The counter of the last poll that reported a change (or of the first poll): notifications at or below it are re-checked already. */
-  #pollCovered: bigint | undefined;
+  /** The highest payload counter heard since the last read started (undefined: none). */
+  #heard: bigint | undefined;
+  /** A payload above the counter was logged at warn once; later ones at debug. */
+  #aheadWarned = false;
 
   constructor(options: ChangeFeedOptions) {
     super();
@@ -151,31 +158,62 @@ export class ChangeFeed extends EventEmitter {
     );
   }
 
-  #poll(): Promise<void> {
-    this.#polling ??= (async () => {
+  /**
+   * Reads the counter and reports a change when it moved since the last read. `notified`: asked by
+   * a notification, which the report (or, if the counter cannot be read, a re-check regardless)
+   * answers. A read already in flight may have started before the notification's commit: another
+   * read follows it.
+   */
+  #poll(notified = false): Promise<void> {
+    if (this.#polling) {
+      if (notified) this.#notifiedDuringPoll = true;
+      return this.#polling;
+    }
+    this.#polling = (async () => {
       const epoch = this.#epoch;
+      // Payloads heard before this read started: a true one is at or below what it returns.
+      const heardBefore = this.#heard;
+      this.#heard = undefined;
       try {
-        const counter = await this.#options.readCounter();
-        if (epoch === this.#epoch) this.#learn(BigInt(counter));
+        const read = await this.#options.readCounter();
+        const counter = BigInt(read);
+        if (heardBefore !== undefined && heardBefore > counter) this.#ahead(heardBefore, counter);
+        // Payloads heard while reading may be true changes newer than the read: keep the higher.
+        if (epoch === this.#epoch) this.#known = this.#heard !== undefined && this.#heard > counter ? this.#heard : counter;
         const wasConfirmed = this.confirmed;
         this.#lastPollOk = performance.now();
         this.#lostSignalled = false;
-        if (this.#counter === undefined) this.#pollCovered = BigInt(counter);
-        else if (counter !== this.#counter && !this.#allAnnounced(BigInt(this.#counter), BigInt(counter))) {
-          this.#changed('poll');
-          this.#pollCovered = BigInt(counter);
-        }
-        this.#counter = counter;
-        for (const seen of this.#announced) if (seen <= BigInt(counter)) this.#announced.delete(seen);
+        // The one place a change is reported: the counter read from the database moved (or, with
+        // no earlier read to compare, a notification asked).
+        if (this.#counter === undefined ? notified : read !== this.#counter) this.#changed(notified ? 'notify' : 'poll');
+        this.#counter = read;
         if (!wasConfirmed) this.emit('state');
       } catch (error) {
         this.#options.log.debug({ event: 'change_feed_poll_failed', err: (error as Error).message }, 'registry change counter unreadable');
+        // A notification that no read could confirm still re-checks (the next read that
+        // succeeds reports the change again if the counter moved: a second pass, never none).
+        if (notified) this.#changed('notify');
         if (!this.confirmed) this.#lost();
       }
     })().finally(() => {
       this.#polling = undefined;
+      if (this.#notifiedDuringPoll && !this.#closed) {
+        this.#notifiedDuringPoll = false;
+        void this.#poll(true);
+      }
     });
     return this.#polling;
+  }
+
+  /** A payload counter the database had not reached when read after it: forged (or from another database). */
+  #ahead(payload: bigint, counter: bigint): void {
+    const fields = { event: 'change_feed_payload_ahead', payload_counter: payload.toString(), counter: counter.toString() };
+    const message = 'a registry notification announced a change counter the database has not reached: ignored (anyone who can connect may NOTIFY)';
+    if (this.#aheadWarned) this.#options.log.debug(fields, message);
+    else {
+      this.#aheadWarned = true;
+      this.#options.log.warn(fields, message);
+    }
   }
 
   #connect(): void {
@@ -210,21 +248,17 @@ export class ChangeFeed extends EventEmitter {
     client.on('end', () => down('connection ended'));
     client.on('notification', (message) => {
       if (message.channel !== CHANGE_CHANNEL) return;
+      // Decisions read before now may predate the change: not fresh, from this moment.
+      this.#generation++;
+      // The payload only raises the counter a standby must reach (fail-safe: the primary answers).
       const counter = payloadCounter(message.payload);
       if (counter === undefined) this.#forget();
       else {
         this.#learn(counter);
-        // A poll that reported a change at this counter or a later one has re-checked for it
-        // already (a poll can read the counter between the commit and its notification): a second
-        // pass would ask the registry once more for every open key. Only a poll that reported
-        // covers: one that stayed quiet because notifications had announced the counters (perhaps
-        // forged ahead of the real change) does not, so the real notification still re-checks.
-        // After a restore that lowers the counter, the next poll (which sees it go back) reports.
-        if (this.#pollCovered !== undefined && counter <= this.#pollCovered) return;
-        if (this.#announced.size >= MAX_ANNOUNCED) this.#announced.clear();
-        this.#announced.add(counter);
+        if (this.#heard === undefined || counter > this.#heard) this.#heard = counter;
       }
-      this.#changed('notify');
+      // Whether anything changed, and so whether to re-check, the counter read says.
+      void this.#poll(true);
     });
     client
       .connect()
@@ -247,21 +281,9 @@ export class ChangeFeed extends EventEmitter {
     if (this.#known === undefined || counter > this.#known) this.#known = counter;
   }
 
-  /**
-   * Every change from `from` (exclusive) to `to` came with a notification already acted on, so
-   * the poll that read `to` has nothing new to re-check. A notification that never arrives is
-   * not announced, and the poll catches its change; one forged ahead of the real change (anyone
-   * may NOTIFY) is cleared with the connection it came on, or else the real one follows it.
-   */
-  #allAnnounced(from: bigint, to: bigint): boolean {
-    if (to <= from || to - from > BigInt(this.#announced.size)) return false;
-    for (let counter = from + 1n; counter <= to; counter++) if (!this.#announced.has(counter)) return false;
-    return true;
-  }
-
   #forget(): void {
-    this.#announced.clear();
     this.#known = undefined;
+    this.#heard = undefined;
     this.#epoch++;
   }
 

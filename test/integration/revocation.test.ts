@@ -8,6 +8,7 @@ import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
 import { parseConfig } from '../../gateway/src/config.js';
 import type { HostResolver } from '../../gateway/src/egress.js';
 import { createGateway, type Gateway } from '../../gateway/src/gateway.js';
@@ -542,6 +543,57 @@ describe('the change feed', () => {
     console.log(`# revocation while LISTEN was down: tunnel closed after ${took.toFixed(0)} ms (poll_interval_ms 300)`);
     assert.ok(took <= 300 + 1000, `closed within the poll interval + 1 s, took ${took.toFixed(0)} ms`);
     await until(() => gateway.feed.listening, 5000, 'LISTEN back');
+  });
+
+  test('a forged NOTIFY announcing the next counter does not hide the real change from the poll', async () => {
+    // poll_interval_ms 1000: the poll must catch the change within it, well before the LISTEN
+    // heartbeat gives up on the silent connection (2 × 1000 + 500 ms) and re-checks anyway.
+    const pollMs = 1000;
+    const gateway = await startGateway({ cache: { poll_interval_ms: pollMs } });
+    await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+    const victim = await agent();
+    const [t] = await tunnels(await sessionFor(gateway, victim.client), 1);
+    // The grant is a change too: let its notification, re-check and polls settle first.
+    await sleep(pollMs + 500);
+    // Any role that may connect may NOTIFY (PostgreSQL has no privilege for it): this one has no grant.
+    const forger = `forger_${process.pid}_${agentSeq}`;
+    await world.fixture.db.query(`CREATE ROLE ${forger} LOGIN`);
+    const url = new URL(world.databaseUrl);
+    url.username = forger;
+    url.password = '';
+    const attacker = new pg.Client({ connectionString: url.toString() });
+    await attacker.connect();
+    const stopped: number[] = [];
+    try {
+      const { rows } = await world.fixture.db.query<{ counter: string }>('SELECT counter::text AS counter FROM registry_changes WHERE id = 1');
+      const next = Number(rows[0]!.counter) + 1;
+      const generation = gateway.feed.generation;
+      const rechecks = gateway.enforcer.rechecks;
+      await attacker.query(`SELECT pg_notify('agent_gateway_registry', $1)`, [JSON.stringify({ counter: next })]);
+      await until(() => gateway.feed.generation > generation, 2000, 'the forged notification heard');
+      await sleep(100);
+      const rechecksOnForgery = gateway.enforcer.rechecks - rechecks;
+      // The real change's notification is lost: the LISTEN backend stops delivering (a silent
+      // partition alike) while the gateway counts the connection up until its heartbeat fails.
+      const feeds = await world.fixture.db.query<{ pid: number }>(`SELECT pid FROM pg_stat_activity WHERE application_name = 'agent-gateway-feed' AND datname = current_database()`);
+      assert.ok(feeds.rowCount! >= 1);
+      for (const { pid } of feeds.rows) {
+        process.kill(pid, 'SIGSTOP');
+        stopped.push(pid);
+      }
+      const revoked = await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [victim.permissionId]);
+      assert.equal(revoked.rowCount, 1);
+      const committed = performance.now();
+      const closedAt = await Promise.race([t!.ended, sleep(pollMs + 1000).then(() => undefined)]);
+      assert.ok(closedAt !== undefined, `the revoked tunnel is still open ${pollMs + 1000} ms after the commit: the poll took the forged announcement for the real change`);
+      const took = closedAt - committed;
+      console.log(`# revocation after a forged NOTIFY, its own notification lost: tunnel closed after ${took.toFixed(0)} ms (poll_interval_ms ${pollMs})`);
+      assert.ok(lines.some((l) => l.event === 'change_feed_payload_ahead' && l.payload_counter === String(next)), 'the forged payload is logged');
+      assert.equal(rechecksOnForgery, 0, 'a forged notification (the counter did not move) re-checks nothing');
+    } finally {
+      for (const pid of stopped) process.kill(pid, 'SIGCONT');
+      await attacker.end();
+    }
   });
 
   test('one registry change is one re-check of each key, though both LISTEN and the counter poll see it', async () => {
