@@ -1,5 +1,6 @@
 import { pino, type DestinationStream, type Logger } from 'pino';
 import { logDestination } from '../../core/log-destination.js';
+import { isoTimeOncePerMs } from '../../core/log-time.js';
 import { GATEWAY_TARGET, levelForTargets, type LogLevel } from '../../core/log-filter.js';
 
 /**
@@ -28,7 +29,7 @@ export function createLogger(options: LoggerOptions): Logger {
       name: options.name ?? 'agent_gateway',
       level: level === 'off' || quiet ? 'silent' : level,
       base: { pid: process.pid },
-      timestamp: pino.stdTimeFunctions.isoTime,
+      timestamp: isoTimeOncePerMs,
       redact: { paths: ['databaseUrl', '*.databaseUrl', 'database_url', '*.database_url', 'pin', '*.pin', 'userPin', 'soPin'], censor: '[redacted]' },
     },
     options.destination ?? logDestination(process.stdout.fd ?? 1),

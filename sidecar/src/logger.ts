@@ -1,5 +1,6 @@
 import { pino, type DestinationStream, type Logger } from 'pino';
 import { logDestination } from '../../core/log-destination.js';
+import { isoTimeOncePerMs } from '../../core/log-time.js';
 import { GATEWAY_TARGET, levelForTargets, SIDECAR_TARGET, type LogLevel } from '../../core/log-filter.js';
 
 export { LOG_LEVELS, type LogLevel } from '../../core/log-filter.js';
@@ -27,7 +28,7 @@ export function createSidecarLogger(options: SidecarLoggerOptions): Logger {
       name: 'agent_gateway_sidecar',
       level: options.level === 'off' || options.quiet ? 'silent' : options.level,
       base: { pid: process.pid },
-      timestamp: pino.stdTimeFunctions.isoTime,
+      timestamp: isoTimeOncePerMs,
       // Nothing here logs a PIN; this is the net under that rule.
       redact: { paths: ['pin', '*.pin', 'userPin', 'soPin', '*.userPin', '*.soPin', 'pins', '*.pins'], censor: '[redacted]' },
     },
