@@ -127,8 +127,18 @@ export function parseProxyV2(bytes: Buffer): ParseResult {
   const length = PROXY_V2_FIXED_BYTES + payload;
   if (bytes.length < length) return { done: false };
   const header = bytes.subarray(0, length);
+  if (command === 'local') {
+    // A LOCAL naming a family may or may not send its addresses, and with 12 bytes or more of
+    // TLVs the length cannot tell which: either framing that holds is accepted.
+    try {
+      checkTlvs(header, PROXY_V2_FIXED_BYTES + block);
+    } catch (error) {
+      if (block === 0) throw error;
+      checkTlvs(header, PROXY_V2_FIXED_BYTES);
+    }
+    return { done: true, header: { command: 'local' }, length };
+  }
   checkTlvs(header, PROXY_V2_FIXED_BYTES + block);
-  if (command === 'local') return { done: true, header: { command: 'local' }, length };
   const at = PROXY_V2_FIXED_BYTES;
   const inet = family === FAMILY_INET;
   const size = inet ? 4 : 16;

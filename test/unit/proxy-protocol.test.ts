@@ -57,6 +57,22 @@ test('parses IPv4 and IPv6 PROXY headers, a hand-written example and LOCAL, leav
   }
 });
 
+test('LOCAL naming IPv4 with no addresses but 12 or more bytes of TLVs is accepted (regression: its TLVs were read from byte 12 and refused)', () => {
+  for (const size of [9, 10, 20, 33]) {
+    // One NOOP TLV of 3 + size bytes, at least the 12 an IPv4 address block would take.
+    const bytes = withByte(encodeProxyV2({ command: 'local' }, [{ type: 0x04, value: Buffer.alloc(size, 0xab) }]), 13, 0x11);
+    assert.deepEqual(parseProxyV2(bytes), { done: true, length: 16 + 3 + size, header: { command: 'local' } }, `${size}-byte TLV`);
+  }
+  // With the addresses sent, its TLVs still read after them.
+  const withAddresses = encodeProxyV2(V4, [{ type: 0x04, value: Buffer.alloc(12) }]);
+  withAddresses[12] = 0x20;
+  assert.deepEqual(parseProxyV2(withAddresses), { done: true, length: withAddresses.length, header: { command: 'local' } });
+  // Framing that holds neither way is still refused.
+  const neither = withByte(encodeProxyV2({ command: 'local' }, [{ type: 0x04, value: Buffer.alloc(12, 0xff) }]), 13, 0x11);
+  neither[18] = 0x40; // from byte 0 the TLV now claims 64 bytes; from byte 12, type 0xff claims 65,535
+  assert.equal(refusal(neither), 'bad_tlv');
+});
+
 test('an IPv4-mapped IPv6 source reads as Node writes a dual-stack peer (::ffff:a.b.c.d), not in hex groups', () => {
   const mapped = encodeProxyV2({ command: 'proxy', family: 'inet6', source: { address: '::ffff:c633:6417', port: 1 }, destination: { address: '::1', port: 2 } });
   const result = parseProxyV2(mapped);
