@@ -56,8 +56,8 @@ export class ChangeFeed extends EventEmitter {
   #lostSignalled = false;
   /**
    * The newest change counter known, for standby freshness only: the last read's, raised at once
-   * by any notification's payload (a forged one sends reads to the primary until the next read
-   * lowers it back; never the other way). Undefined while unknown.
+   * by any notification's payload while known (a forged one sends reads to the primary until the
+   * next read lowers it back; never the other way). Undefined while unknown; only a read sets it.
    */
   #known: bigint | undefined;
   /** Bumped when a change arrives whose counter is unknown: only a poll started later may re-learn it. */
@@ -277,8 +277,14 @@ export class ChangeFeed extends EventEmitter {
       .catch((error: unknown) => down((error as Error).message));
   }
 
+  /**
+   * A payload only raises a counter already known. While it is unknown (after #forget: a
+   * payload-less notification, which anyone may send, or the feed lost), only a counter read may
+   * set it: a forged payload learnt from nothing (`{"counter": 0}`) would let any standby, however
+   * far behind, pass the freshness check until that read came back (review).
+   */
   #learn(counter: bigint): void {
-    if (this.#known === undefined || counter > this.#known) this.#known = counter;
+    if (this.#known !== undefined && counter > this.#known) this.#known = counter;
   }
 
   #forget(): void {
