@@ -5,7 +5,7 @@ import type { Authoriser, Decision } from './authoriser.js';
 import type { ChangeFeed } from './change-feed.js';
 import type { GatewayMetrics } from './metrics.js';
 import type { TunnelCloseDetail } from './tunnel.js';
-import { authorisationKey, type OpenTunnel, type TunnelTracker } from './tunnels.js';
+import { keyOf, type OpenTunnel, type TunnelTracker } from './tunnels.js';
 
 /** setTimeout's longest delay; a longer validity is re-checked when it fires, then re-armed. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -194,6 +194,3 @@ export class PolicyEnforcer {
   }
 }
 
-function keyOf(open: OpenTunnel): string {
-  return authorisationKey(open.identity, open.spkiFingerprint, open.destination);
-}

@@ -16,6 +16,8 @@ export interface OpenTunnel {
   /** Bytes already added to the metrics counters (metrics.ts reads and advances these). */
   reportedUp: number;
   reportedDown: number;
+  /** authorisationKey() of this tunnel, made once (keyOf). */
+  key?: string;
   /** The tracker's bookkeeping: this tunnel's positions in its bags (bag.ts). */
   allSlot?: number;
   keySlot?: number;
@@ -37,6 +39,11 @@ export function authorisationKey(identity: string, spkiFingerprint: string, dest
   return `${identity}\n${spkiFingerprint}\n${destination}`;
 }
 
+/** The authorisation key of an open tunnel, built once: the tracker and the enforcer each need it on open and on close. */
+export function keyOf(open: OpenTunnel): string {
+  return (open.key ??= authorisationKey(open.identity, open.spkiFingerprint, open.destination));
+}
+
 /**
  * Every open tunnel, indexed by what policy changes address: the (identity, key, destination)
  * it was authorised for and the permission row that allowed it. The one place that knows how
@@ -52,13 +59,13 @@ export class TunnelTracker {
 
   add(open: OpenTunnel): void {
     if (!this.#all.add(open)) return;
-    index(this.#byKey, KEY_SLOT, authorisationKey(open.identity, open.spkiFingerprint, open.destination), open);
+    index(this.#byKey, KEY_SLOT, keyOf(open), open);
     index(this.#byPermission, PERMISSION_SLOT, open.permissionId, open);
   }
 
   delete(open: OpenTunnel): boolean {
     if (!this.#all.delete(open)) return false;
-    unindex(this.#byKey, authorisationKey(open.identity, open.spkiFingerprint, open.destination), open);
+    unindex(this.#byKey, keyOf(open), open);
     unindex(this.#byPermission, open.permissionId, open);
     return true;
   }
