@@ -15,6 +15,15 @@ export interface ChangeFeedOptions {
 
 const BACKOFF_INITIAL_MS = 100;
 const BACKOFF_MAX_MS = 5000;
+/**
+ * How long a notification waits for the counter read that answers it before decisions read until
+ * then stop counting as fresh anyway: well inside DESIGN §9b's 100 ms, so a read held up by a busy
+ * pool still keeps a revocation within it, while notifications the reads find no change behind
+ * (duplicates, or a flood of forged ones: anyone who can connect may NOTIFY) leave the cache warm.
+ */
+export const NOTIFY_CONFIRM_MS = 40;
+/** Reads asked by notifications start at most this often: a flood costs one read per gap. */
+const NOTIFY_READ_GAP_MS = 10;
 
 /**
  * The registry change feed (DESIGN §9b): LISTEN agent_gateway_registry on a dedicated connection
@@ -28,8 +37,9 @@ const BACKOFF_MAX_MS = 5000;
  * notification arrived, so it sees that notification's commit, and the re-check it starts comes
  * after that commit. One read answers every notification heard before it started.
  *
- * `generation` advances on every notification and every change the gateway learns of; a decision
- * read at an older generation may predate the change and is never trusted as fresh. `confirmed` is
+ * `generation` advances on every change the gateway learns of, and when a notification's read has
+ * not answered within NOTIFY_CONFIRM_MS; a decision read at an older generation may predate the
+ * change and is never trusted as fresh. `confirmed` is
  * false when neither the LISTEN connection is up nor a poll has succeeded recently: then nothing
  * cached may be used (fail closed). Emits 'change' (coalesced) and 'state'.
  */
@@ -53,6 +63,15 @@ export class ChangeFeed extends EventEmitter {
   #polling: Promise<void> | undefined;
   /** A notification arrived while a read was in flight (it may predate that commit): read again after it. */
   #notifiedDuringPoll = false;
+  /** When the oldest notification no read has answered yet arrived (a read answers those heard before it started). */
+  #unansweredSince: number | undefined;
+  /** When the first notification since the current read started arrived: the read does not answer it. */
+  #heardSinceReadStart: number | undefined;
+  /** Advances the generation when #unansweredSince is NOTIFY_CONFIRM_MS old. */
+  #confirmTimer: NodeJS.Timeout | undefined;
+  /** A read for notifications waiting out NOTIFY_READ_GAP_MS. */
+  #nextRead: NodeJS.Timeout | undefined;
+  #lastReadStartedAt = -Infinity;
   #lostSignalled = false;
   /**
    * The newest change counter known, for standby freshness only: the last read's, raised at once
@@ -118,6 +137,8 @@ export class ChangeFeed extends EventEmitter {
     this.#closed = true;
     clearInterval(this.#pollTimer);
     clearTimeout(this.#retryTimer);
+    clearTimeout(this.#confirmTimer);
+    clearTimeout(this.#nextRead);
     const listener = this.#listener;
     this.#listener = undefined;
     this.#listening = false;
@@ -169,6 +190,8 @@ export class ChangeFeed extends EventEmitter {
       if (notified) this.#notifiedDuringPoll = true;
       return this.#polling;
     }
+    this.#lastReadStartedAt = performance.now();
+    this.#heardSinceReadStart = undefined;
     this.#polling = (async () => {
       const epoch = this.#epoch;
       // Payloads heard before this read started: a true one is at or below what it returns.
@@ -187,6 +210,9 @@ export class ChangeFeed extends EventEmitter {
         // no earlier read to compare, a notification asked).
         if (this.#counter === undefined ? notified : read !== this.#counter) this.#changed(notified ? 'notify' : 'poll');
         this.#counter = read;
+        // Every notification heard before this read started is answered (by a change, or by none).
+        this.#unansweredSince = this.#heardSinceReadStart;
+        this.#armConfirm();
         if (!wasConfirmed) this.emit('state');
       } catch (error) {
         this.#options.log.debug({ event: 'change_feed_poll_failed', err: (error as Error).message }, 'registry change counter unreadable');
@@ -199,10 +225,46 @@ export class ChangeFeed extends EventEmitter {
       this.#polling = undefined;
       if (this.#notifiedDuringPoll && !this.#closed) {
         this.#notifiedDuringPoll = false;
-        void this.#poll(true);
+        this.#readForNotification();
       }
     });
     return this.#polling;
+  }
+
+  /** (Re)arms the deadline of the oldest unanswered notification, if any. */
+  #armConfirm(): void {
+    clearTimeout(this.#confirmTimer);
+    this.#confirmTimer = undefined;
+    const since = this.#unansweredSince;
+    if (since === undefined || this.#closed) return;
+    this.#confirmTimer = setTimeout(() => {
+      this.#confirmTimer = undefined;
+      // Late: whatever was read before now no longer counts as fresh, which is all a notification
+      // asks of the cache (decisions read after it arrived were read after its commit).
+      this.#unansweredSince = undefined;
+      this.#heardSinceReadStart = undefined;
+      this.#generation++;
+    }, Math.max(0, since + NOTIFY_CONFIRM_MS - performance.now()));
+    this.#confirmTimer.unref();
+  }
+
+  /** A read answering the notifications heard so far: now, after the one in flight, or once the gap since the last read has passed. */
+  #readForNotification(): void {
+    if (this.#closed || this.#nextRead) return;
+    if (this.#polling) {
+      this.#notifiedDuringPoll = true;
+      return;
+    }
+    const wait = this.#lastReadStartedAt + NOTIFY_READ_GAP_MS - performance.now();
+    if (wait <= 0) {
+      void this.#poll(true);
+      return;
+    }
+    this.#nextRead = setTimeout(() => {
+      this.#nextRead = undefined;
+      this.#readForNotification();
+    }, wait);
+    this.#nextRead.unref();
   }
 
   /** A payload counter the database had not reached when read after it: forged (or from another database). */
@@ -248,8 +310,14 @@ export class ChangeFeed extends EventEmitter {
     client.on('end', () => down('connection ended'));
     client.on('notification', (message) => {
       if (message.channel !== CHANGE_CHANNEL) return;
-      // Decisions read before now may predate the change: not fresh, from this moment.
-      this.#generation++;
+      // Decisions read before now may predate a change: unless a read answers within
+      // NOTIFY_CONFIRM_MS, they stop counting as fresh then.
+      const now = performance.now();
+      this.#heardSinceReadStart ??= now;
+      if (this.#unansweredSince === undefined) {
+        this.#unansweredSince = now;
+        this.#armConfirm();
+      }
       // The payload only raises the counter a standby must reach (fail-safe: the primary answers).
       const counter = payloadCounter(message.payload);
       if (counter === undefined) this.#forget();
@@ -258,7 +326,7 @@ export class ChangeFeed extends EventEmitter {
         if (this.#heard === undefined || counter > this.#heard) this.#heard = counter;
       }
       // Whether anything changed, and so whether to re-check, the counter read says.
-      void this.#poll(true);
+      this.#readForNotification();
     });
     client
       .connect()

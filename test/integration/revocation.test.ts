@@ -545,6 +545,19 @@ describe('the change feed', () => {
     await until(() => gateway.feed.listening, 5000, 'LISTEN back');
   });
 
+  /** A connection as a new role with no grant at all: any role that may connect may NOTIFY (PostgreSQL has no privilege for it). */
+  let roles = 0;
+  async function roleWithoutGrants(prefix: string): Promise<pg.Client> {
+    const role = `${prefix}_${process.pid}_${++roles}`;
+    await world.fixture.db.query(`CREATE ROLE ${role} LOGIN`);
+    const url = new URL(world.databaseUrl);
+    url.username = role;
+    url.password = '';
+    const client = new pg.Client({ connectionString: url.toString() });
+    await client.connect();
+    return client;
+  }
+
   test('a forged NOTIFY announcing the next counter does not hide the real change from the poll', async () => {
     // poll_interval_ms 1000: the poll must catch the change within it, well before the LISTEN
     // heartbeat gives up on the silent connection (2 × 1000 + 500 ms) and re-checks anyway.
@@ -555,22 +568,15 @@ describe('the change feed', () => {
     const [t] = await tunnels(await sessionFor(gateway, victim.client), 1);
     // The grant is a change too: let its notification, re-check and polls settle first.
     await sleep(pollMs + 500);
-    // Any role that may connect may NOTIFY (PostgreSQL has no privilege for it): this one has no grant.
-    const forger = `forger_${process.pid}_${agentSeq}`;
-    await world.fixture.db.query(`CREATE ROLE ${forger} LOGIN`);
-    const url = new URL(world.databaseUrl);
-    url.username = forger;
-    url.password = '';
-    const attacker = new pg.Client({ connectionString: url.toString() });
-    await attacker.connect();
+    const attacker = await roleWithoutGrants('forger');
     const stopped: number[] = [];
     try {
       const { rows } = await world.fixture.db.query<{ counter: string }>('SELECT counter::text AS counter FROM registry_changes WHERE id = 1');
       const next = Number(rows[0]!.counter) + 1;
-      const generation = gateway.feed.generation;
       const rechecks = gateway.enforcer.rechecks;
       await attacker.query(`SELECT pg_notify('agent_gateway_registry', $1)`, [JSON.stringify({ counter: next })]);
-      await until(() => gateway.feed.generation > generation, 2000, 'the forged notification heard');
+      // Heard, and answered by a counter read that found the database behind the payload.
+      await until(() => lines.some((l) => l.event === 'change_feed_payload_ahead' && l.payload_counter === String(next)), 2000, 'the forged notification heard');
       await sleep(100);
       const rechecksOnForgery = gateway.enforcer.rechecks - rechecks;
       // The real change's notification is lost: the LISTEN backend stops delivering (a silent
@@ -593,6 +599,69 @@ describe('the change feed', () => {
     } finally {
       for (const pid of stopped) process.kill(pid, 'SIGCONT');
       await attacker.end();
+    }
+  });
+
+  test('a flood of NOTIFYs from a role without grants leaves the cache in use (regression: each one made every cached decision stale)', async () => {
+    const gateway = await startGateway({ cache: { poll_interval_ms: 1000 } });
+    await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+    const a = await agent();
+    const session = await sessionFor(gateway, a.client);
+    (await request(session, world.echoAuthority)).stream.close(); // cached from here on
+    // The grant is a change too: let its notification, re-check and polls settle first.
+    await sleep(1500);
+    const attacker = await roleWithoutGrants('flooder');
+    try {
+      const { rows } = await world.fixture.db.query<{ counter: string }>('SELECT counter::text AS counter FROM registry_changes WHERE id = 1');
+      const payloads = [JSON.stringify({ counter: Number(rows[0]!.counter) }), JSON.stringify({ counter: Number(rows[0]!.counter) + 1000 }), ''];
+      let flooding = true;
+      let sent = 0;
+      const flood = (async () => {
+        while (flooding) {
+          await attacker.query(`SELECT pg_notify('agent_gateway_registry', $1)`, [payloads[sent++ % payloads.length]]);
+        }
+      })();
+      const lookups = gateway.lookups.started;
+      const rechecks = gateway.enforcer.rechecks;
+      const decided = lines.length;
+      for (let i = 0; i < 20; i++) {
+        const { status, stream } = await request(session, world.echoAuthority);
+        assert.equal(status, 200);
+        stream.close();
+        await sleep(25);
+      }
+      flooding = false;
+      await flood;
+      const cached = lines.slice(decided).filter((l) => l.event === 'connect_decision' && l.identity === a.identity && l.cached === true).length;
+      console.log(`# ${sent} forged notifications during 20 CONNECTs: ${cached} served from the cache, ${gateway.lookups.started - lookups} registry lookups`);
+      assert.ok(sent >= 100, `the flood sent only ${sent} notifications`);
+      // A counter read slower than NOTIFY_CONFIRM_MS on a loaded machine may cost a miss or two.
+      assert.ok(cached >= 15, `only ${cached} of 20 CONNECTs served from the cache during the flood`);
+      assert.equal(gateway.enforcer.rechecks - rechecks, 0, 'no change committed: nothing re-checked');
+    } finally {
+      await attacker.end();
+    }
+  });
+
+  test('a notification whose counter read is held up still makes cached decisions stale within 100 ms', async () => {
+    const gateway = await startGateway({ cache: { poll_interval_ms: 1000 } });
+    await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+    await sleep(200);
+    // The counter row locked: every read of it waits (as behind a saturated pool) until released.
+    const locker = new pg.Client({ connectionString: world.databaseUrl });
+    await locker.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query('LOCK TABLE registry_changes IN ACCESS EXCLUSIVE MODE');
+      const generation = gateway.feed.generation;
+      await world.fixture.db.query(`SELECT pg_notify('agent_gateway_registry', '')`);
+      const heard = performance.now();
+      await until(() => gateway.feed.generation > generation, 1000, 'decisions made stale while the read waits');
+      const took = performance.now() - heard;
+      assert.ok(took < 100, `stale after ${took.toFixed(0)} ms`);
+    } finally {
+      await locker.query('ROLLBACK');
+      await locker.end();
     }
   });
 
