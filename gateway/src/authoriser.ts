@@ -50,6 +50,11 @@ export class Authoriser {
     feed.on('change', () => this.#cache?.clear());
   }
 
+  /** Settles once the registry notifications heard so far are answered (ChangeFeed.notificationsAnswered); undefined when none waits. */
+  notificationsAnswered(): Promise<void> | undefined {
+    return this.#feed.notificationsAnswered();
+  }
+
   /** The decision was read at the feed's current generation: no registry change has overtaken it. */
   isCurrent(decision: Decision): boolean {
     return decision.generation === this.#feed.generation;

@@ -13,6 +13,11 @@ export interface ChangeFeedOptions {
   readonly log: Logger;
 }
 
+interface AnswerWaiter {
+  readonly upTo: number;
+  readonly resolve: () => void;
+}
+
 const BACKOFF_INITIAL_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 /**
@@ -69,6 +74,11 @@ export class ChangeFeed extends EventEmitter {
   #heardSinceReadStart: number | undefined;
   /** Advances the generation when #unansweredSince is NOTIFY_CONFIRM_MS old. */
   #confirmTimer: NodeJS.Timeout | undefined;
+  /** Notifications heard, and how many of the first ones are answered (by a read started after them, or by the deadline). */
+  #heardCount = 0;
+  #answeredCount = 0;
+  /** Waiting for #answeredCount to reach `upTo` (notificationsAnswered). */
+  #answerWaiters: AnswerWaiter[] = [];
   /** A read for notifications waiting out NOTIFY_READ_GAP_MS. */
   #nextRead: NodeJS.Timeout | undefined;
   #lastReadStartedAt = -Infinity;
@@ -139,6 +149,7 @@ export class ChangeFeed extends EventEmitter {
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#confirmTimer);
     clearTimeout(this.#nextRead);
+    this.#answered(Infinity);
     const listener = this.#listener;
     this.#listener = undefined;
     this.#listening = false;
@@ -192,6 +203,7 @@ export class ChangeFeed extends EventEmitter {
     }
     this.#lastReadStartedAt = performance.now();
     this.#heardSinceReadStart = undefined;
+    const covers = this.#heardCount;
     this.#polling = (async () => {
       const epoch = this.#epoch;
       // Payloads heard before this read started: a true one is at or below what it returns.
@@ -213,6 +225,7 @@ export class ChangeFeed extends EventEmitter {
         // Every notification heard before this read started is answered (by a change, or by none).
         this.#unansweredSince = this.#heardSinceReadStart;
         this.#armConfirm();
+        this.#answered(covers);
         if (!wasConfirmed) this.emit('state');
       } catch (error) {
         this.#options.log.debug({ event: 'change_feed_poll_failed', err: (error as Error).message }, 'registry change counter unreadable');
@@ -231,6 +244,31 @@ export class ChangeFeed extends EventEmitter {
     return this.#polling;
   }
 
+  /**
+   * Settles once every notification heard so far is answered: by the counter read it asked for
+   * (which, if it found a change, has advanced the generation) or, at the latest, by the
+   * NOTIFY_CONFIRM_MS deadline (which advances it anyway). Undefined when none is waiting. A
+   * CONNECT about to be answered waits for this before it checks that its decision is current,
+   * so a change whose notification came in while it dialled still has it asked again.
+   */
+  notificationsAnswered(): Promise<void> | undefined {
+    if (this.#answeredCount >= this.#heardCount || this.#closed) return undefined;
+    const upTo = this.#heardCount;
+    return new Promise((resolve) => this.#answerWaiters.push({ upTo, resolve }));
+  }
+
+  #answered(upTo: number): void {
+    if (upTo <= this.#answeredCount) return;
+    this.#answeredCount = Math.min(upTo, this.#heardCount);
+    if (this.#answerWaiters.length === 0) return;
+    const waiting: AnswerWaiter[] = [];
+    for (const waiter of this.#answerWaiters) {
+      if (waiter.upTo <= this.#answeredCount || this.#closed) waiter.resolve();
+      else waiting.push(waiter);
+    }
+    this.#answerWaiters = waiting;
+  }
+
   /** (Re)arms the deadline of the oldest unanswered notification, if any. */
   #armConfirm(): void {
     clearTimeout(this.#confirmTimer);
@@ -244,6 +282,7 @@ export class ChangeFeed extends EventEmitter {
       this.#unansweredSince = undefined;
       this.#heardSinceReadStart = undefined;
       this.#generation++;
+      this.#answered(this.#heardCount);
     }, Math.max(0, since + NOTIFY_CONFIRM_MS - performance.now()));
     this.#confirmTimer.unref();
   }
@@ -313,6 +352,7 @@ export class ChangeFeed extends EventEmitter {
       // Decisions read before now may predate a change: unless a read answers within
       // NOTIFY_CONFIRM_MS, they stop counting as fresh then.
       const now = performance.now();
+      this.#heardCount++;
       this.#heardSinceReadStart ??= now;
       if (this.#unansweredSince === undefined) {
         this.#unansweredSince = now;

@@ -236,6 +236,10 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
       if (dialled.type === 'aborted') return this.#cancelled();
       return { reason: 'dial_failed', dialError: dialled.type, detail: `${dialled.type}: ${dialled.message}` };
     }
+    // A notification heard meanwhile may be a change this decision predates: its counter read
+    // (at most NOTIFY_CONFIRM_MS) tells, and advances the generation if so.
+    const answering = authoriser.notificationsAnswered();
+    if (answering) await answering;
     if (signal.aborted || this.#streamGone()) {
       dialled.socket.destroy();
       return this.#cancelled();

@@ -361,6 +361,16 @@ describe('live revocation', () => {
   });
 });
 
+/** A CONNECT that sends client bytes before its answer; `answered` resolves with the status. */
+async function connectWithEarlyBytes(gateway: Awaited<ReturnType<typeof startGateway>>, client: Parameters<typeof sessionFor>[1], destination: string) {
+  const session = await sessionFor(gateway, client);
+  const stream = session.request({ ':method': 'CONNECT', ':authority': destination }, { endStream: false });
+  stream.on('error', () => {});
+  const answered = new Promise<number>((resolve) => stream.once('response', (headers) => resolve(Number(headers[':status']))));
+  stream.write('sent before the answer');
+  return { stream, answered };
+}
+
 describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
   const cases = [
     { what: 'a revocation committed', expiresInMs: undefined },
@@ -375,12 +385,8 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
       const client = await clientCredentials({ identity });
       const validity = expiresInMs === undefined ? {} : { notBefore: at(-DAY), notAfter: at(expiresInMs) };
       const permissionId = await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination, validity);
-      const session = await sessionFor(gateway, client);
-      const stream = session.request({ ':method': 'CONNECT', ':authority': destination }, { endStream: false });
-      stream.on('error', () => {});
+      const { stream, answered } = await connectWithEarlyBytes(gateway, client, destination);
       try {
-        const answered = new Promise<number>((resolve) => stream.once('response', (headers) => resolve(Number(headers[':status']))));
-        stream.write('sent before the answer');
         await resolveStarted;
         if (expiresInMs === undefined) await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [permissionId]);
         const status = await answered;
@@ -394,6 +400,54 @@ describe('a revocation or not_after that overtakes a CONNECT in flight', () => {
       }
     });
   }
+});
+
+describe('a revocation whose counter read is slow overtakes a CONNECT in flight', () => {
+  test('the CONNECT finishing its resolution just after the notification is refused, and no client byte reaches the destination', async () => {
+    const { destination, received, close } = await recordingSink('gated.test');
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let begin!: () => void;
+    const resolveStarted = new Promise<void>((resolve) => (begin = resolve));
+    const resolver: HostResolver = async (host) => {
+      if (host !== 'gated.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
+      begin();
+      await gate;
+      return [{ address: '127.0.0.1', family: 4 }];
+    };
+    const gateway = await startGateway({ cache: { poll_interval_ms: 1000 } }, resolver);
+    await until(() => gateway.feed.listening, 3000, 'LISTEN up');
+    const identity = `agent-r${++agentSeq}`;
+    const client = await clientCredentials({ identity });
+    const permissionId = await world.fixture.permit(world.alice, { identity, spkiDer: client.spkiDer }, destination);
+    // The grant is a change too: let its notification and reads settle first.
+    await sleep(300);
+    // The counter read answers 30 ms late (a busy pool: what NOTIFY_CONFIRM_MS is there for).
+    const registry = gateway.registry;
+    const read = registry.changeCounter.bind(registry);
+    const reads: number[] = [];
+    registry.changeCounter = async () => {
+      reads.push(performance.now());
+      await sleep(30);
+      return read();
+    };
+    const { stream, answered } = await connectWithEarlyBytes(gateway, client, destination);
+    try {
+      await resolveStarted;
+      await world.fixture.db.query('UPDATE permission_registry SET revoked_at = now() WHERE permission_id = $1', [permissionId]);
+      const committed = performance.now();
+      // The notification has arrived once it has asked for its counter read.
+      while (!reads.some((t) => t >= committed)) await sleep(1);
+      release();
+      const status = await answered;
+      await sleep(300);
+      assert.equal(Buffer.concat(received).length, 0, `nothing reaches the destination (answered ${status})`);
+      assert.equal(status, 403, 'a decision overtaken before the answer opens no tunnel');
+    } finally {
+      stream.close();
+      close();
+    }
+  });
 });
 
 describe('a CONNECT asked again before its answer', () => {
