@@ -197,10 +197,8 @@ export class ChangeFeed extends EventEmitter {
    * read follows it.
    */
   #poll(notified = false): Promise<void> {
-    if (this.#polling) {
-      if (notified) this.#notifiedDuringPoll = true;
-      return this.#polling;
-    }
+    // A read asked by notifications never joins one in flight (#readForNotification).
+    if (this.#polling) return this.#polling;
     this.#lastReadStartedAt = performance.now();
     this.#heardSinceReadStart = undefined;
     const covers = this.#heardCount;

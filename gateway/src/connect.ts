@@ -50,7 +50,7 @@ export interface ConnectDeps {
   /** Lookups each identity may have running (resolver-slots.ts). */
   readonly resolverSlots: ResolverSlots;
   /** Called once per CONNECT when it is over: answered and, if it opened a tunnel, the tunnel closed and recorded. */
-  finished(request: ConnectRequest): void;
+  finished(): void;
 }
 
 /** The stages a CONNECT walks through, in DESIGN §3's order; the first failure answers. */
@@ -150,7 +150,7 @@ export class ConnectRequest implements TunnelOwner, EarlyDataOwner {
   #finish(): void {
     if (this.#finished) return;
     this.#finished = true;
-    this.#deps.finished(this);
+    this.#deps.finished();
   }
 
   /** Method, authority, identity, shutdown, limits: everything decided without I/O. */

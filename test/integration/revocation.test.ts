@@ -137,14 +137,15 @@ async function recordingSink(name: string): Promise<{ destination: string; recei
  * the window between a CONNECT's decision and its tunnel (a slow dial alike). `started`
  * resolves when the first slow resolution begins.
  */
-function slowResolver(name: string, delayMs: number, slow: () => boolean = () => true): { resolver: HostResolver; started: Promise<void> } {
+/** Resolves `name` to 127.0.0.1 after `wait` (milliseconds, or until the promise settles); `started` says the lookup began. */
+function slowResolver(name: string, wait: number | Promise<void>, slow: () => boolean = () => true): { resolver: HostResolver; started: Promise<void> } {
   let begin!: () => void;
   const started = new Promise<void>((resolve) => (begin = resolve));
   const resolver: HostResolver = async (host) => {
     if (host !== name) throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
     if (slow()) {
       begin();
-      await sleep(delayMs);
+      await (typeof wait === 'number' ? sleep(wait) : wait);
     }
     return [{ address: '127.0.0.1', family: 4 }];
   };
@@ -406,15 +407,7 @@ describe('a revocation whose counter read is slow overtakes a CONNECT in flight'
   test('the CONNECT finishing its resolution just after the notification is refused, and no client byte reaches the destination', async () => {
     const { destination, received, close } = await recordingSink('gated.test');
     let release!: () => void;
-    const gate = new Promise<void>((resolve) => (release = resolve));
-    let begin!: () => void;
-    const resolveStarted = new Promise<void>((resolve) => (begin = resolve));
-    const resolver: HostResolver = async (host) => {
-      if (host !== 'gated.test') throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' });
-      begin();
-      await gate;
-      return [{ address: '127.0.0.1', family: 4 }];
-    };
+    const { resolver, started: resolveStarted } = slowResolver('gated.test', new Promise<void>((resolve) => (release = resolve)));
     const gateway = await startGateway({ cache: { poll_interval_ms: 1000 } }, resolver);
     await until(() => gateway.feed.listening, 3000, 'LISTEN up');
     const identity = `agent-r${++agentSeq}`;
