@@ -66,6 +66,20 @@ function missingSubcommand(command: Command): string {
   return `\`${command.name()}\` needs one of its commands: ${names} (see \`agent-gateway-registry ${command.name()} --help\`)`;
 }
 
+/**
+ * Refuses an option given an empty value, as `--principal "$KEY"` with KEY unset gives: the
+ * commands read an empty value as "not given", so a narrowing filter would silently widen
+ * (`delete-permission --principal ""` revoked the identity's rows of every principal).
+ */
+function refuseEmptyOptions(command: Command): void {
+  for (let at: Command | null = command; at; at = at.parent) {
+    for (const option of at.options) {
+      const value: unknown = at.getOptionValue(option.attributeName());
+      if (value === '' || (Array.isArray(value) && value.includes(''))) throw new UsageError(`${option.long ?? option.flags} must not be empty`);
+    }
+  }
+}
+
 type Loader<A extends unknown[]> = (context: CommandContext, ...args: A) => Promise<CommandResult>;
 
 function timeOptions(command: Command, what: string): Command {
@@ -111,6 +125,7 @@ export function buildProgram(io: CliIo, output: Output, state: RunState): Comman
   const run = <A extends unknown[]>(load: () => Promise<Loader<A>>) =>
     async (...args: unknown[]) => {
       const command = args.at(-1) as Command;
+      refuseEmptyOptions(command);
       const globals = command.optsWithGlobals<{ json?: boolean; databaseUrlEnv?: string }>();
       output.json = Boolean(globals.json);
       const context: CommandContext = { env: io.env, output, databaseUrlEnv: globals.databaseUrlEnv };

@@ -125,3 +125,27 @@ test('an identity argument that is not valid UTF-8 (Node reads U+FFFD) is refuse
   }
   assert.equal(await permissionRows(), before);
 });
+
+test('an empty option value (--principal "" from an unset variable) is a usage error, not a filter dropped: delete-permission revoked every principal\'s rows', async () => {
+  const alice = await fixture.principal('org-empty-a');
+  const bob = await fixture.principal('org-empty-b');
+  const agent = await clientCredentials({ identity: 'agent-empty' });
+  for (const principal of [alice, bob]) {
+    await fixture.delegate(principal.keyId, 'docstore:443');
+    await fixture.permit(principal, { identity: 'agent-empty', spkiDer: agent.spkiDer }, 'docstore:443');
+  }
+  const before = await permissionRows();
+  for (const args of [
+    ['delete-permission', '--identity', 'agent-empty', '--principal', ''],
+    ['delete-permission', '--identity', 'agent-empty', '--principal='],
+    ['list', '--principal', ''],
+    ['list', 'permissions', '--identity', ''],
+    ['audit', '--identity', ''],
+  ]) {
+    const run = await runCli(['--json', ...args], { env });
+    assert.equal(run.status, 2, describeRun(run));
+    assert.equal(run.json.error.code, 'ERR_USAGE', describeRun(run));
+    assert.match(run.json.error.message, /^--(?:principal|identity) must not be empty/, describeRun(run));
+  }
+  assert.equal(await permissionRows(), before);
+});
