@@ -17,19 +17,26 @@ export interface ConnectOptions {
 /** One admin connection for one CLI run. pg's defaults never time out, so every wait is bounded here. */
 export async function connect(target: DatabaseTarget, options: ConnectOptions = {}): Promise<pg.Client> {
   const timeout = options.statementTimeoutMs === undefined ? STATEMENT_TIMEOUT_MS : options.statementTimeoutMs;
-  const client = new pg.Client({
-    connectionString: target.url,
-    connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
-    application_name: 'agent-gateway-registry',
-    ...(timeout === null ? {} : { statement_timeout: timeout, query_timeout: timeout + 5_000 }),
-  });
+  const failed = (error: unknown) => new DatabaseError(`cannot connect to the registry database ${redactDatabaseUrl(target.url)} (from ${target.variable}): ${(error as Error).message}`, { cause: error });
+  let client: pg.Client;
+  try {
+    // pg reads the files a URL names (sslcert, sslkey, sslrootcert) here, synchronously.
+    client = new pg.Client({
+      connectionString: target.url,
+      connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+      application_name: 'agent-gateway-registry',
+      ...(timeout === null ? {} : { statement_timeout: timeout, query_timeout: timeout + 5_000 }),
+    });
+  } catch (error) {
+    throw failed(error);
+  }
   // A server that goes away between queries emits here; the next query reports it.
   client.on('error', () => {});
   try {
     await client.connect();
   } catch (error) {
     await client.end().catch(() => {});
-    throw new DatabaseError(`cannot connect to the registry database ${redactDatabaseUrl(target.url)} (from ${target.variable}): ${(error as Error).message}`, { cause: error });
+    throw failed(error);
   }
   return client;
 }

@@ -71,3 +71,15 @@ test('a connection failure names the database without its password, on stderr an
     }
   }
 });
+
+test('a database URL naming a TLS file that cannot be read (sslcert, sslkey, sslrootcert) is ERR_DATABASE naming the database, not a crash with a stack trace', async () => {
+  for (const parameter of ['sslcert', 'sslkey', 'sslrootcert']) {
+    const url = `postgres://admin:hunter2-s3cret@127.0.0.1:${await freePort()}/registry?${parameter}=/nonexistent/agw-${parameter}.pem`;
+    const run = await runCli(['--json', 'list'], { env: { ...process.env, AGENT_GATEWAY_DATABASE_URL: url } });
+    assert.equal(run.status, 1, describeRun(run));
+    assert.equal(run.json.error.code, 'ERR_DATABASE', describeRun(run));
+    assert.match(run.json.error.message, /cannot connect to the registry database postgres:\/\/admin:redacted@.* ENOENT.*agw-ssl/, describeRun(run));
+    assert.doesNotMatch(run.stderr, /\n\s+at /, 'no stack trace');
+    assert.ok(!`${run.stdout}${run.stderr}`.includes('hunter2'), `the password leaked: ${describeRun(run)}`);
+  }
+});
