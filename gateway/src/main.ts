@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { exitCodeFor } from '../../core/errors.js';
+import { EXIT, exitCodeFor } from '../../core/errors.js';
 import { tuneHeapForBytePath } from '../../core/heap-tuning.js';
 import { AgentGatewayError } from '../../registry/errors.js';
 import { loadConfig } from './config.js';
@@ -13,6 +13,8 @@ const program = new Command()
   .description('mTLS HTTP/2 CONNECT gateway authorised by the signed PostgreSQL registry')
   .requiredOption('-c, --config <path>', 'TOML configuration file (see config.example.toml)')
   .showHelpAfterError()
+  // A usage error is a configuration error: exit 2 as a bad config file does (systemd does not restart it), not commander's 1.
+  .exitOverride((error) => process.exit(error.exitCode === 0 ? EXIT.ok : EXIT.usage))
   .parse();
 
 const { config: configPath } = program.opts<{ config: string }>();

@@ -84,3 +84,12 @@ test('serves CONNECT against a migrated database, then SIGTERM exits 0', async (
   assert.match(output, /"event":"connect_decision".*"status":403/);
   assert.match(output, /"event":"stopped"/);
 });
+
+test('a command-line usage error (no --config, an unknown option) exits 2 like a bad config, so systemd does not restart it in a loop', () => {
+  for (const args of [[], ['--config'], ['--config', join(dir, 'nope.toml'), '--bogus'], ['--config', join(dir, 'nope.toml'), 'extra']]) {
+    const result = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8' });
+    assert.equal(result.status, 2, `${args.join(' ')}: ${result.stderr}`);
+    assert.match(result.stderr, /error: /);
+  }
+  assert.equal(spawnSync(process.execPath, [BIN, '--help'], { encoding: 'utf8' }).status, 0);
+});
