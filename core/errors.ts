@@ -267,6 +267,7 @@ export const ERROR_CODES = {
 
   // The gateway.
   ERR_ADMIN_LISTEN: { exit: EXIT.runtime, hint: 'choose a free [admin] listen_addr (port 0 picks one), or stop what holds the port' },
+  ERR_SERVER_LISTEN: { exit: EXIT.runtime, hint: 'choose a free [server] listen_addr (port 0 picks one) that is not [admin] listen_addr, or stop what holds the port' },
 
   // The sidecar.
   ERR_LISTEN: { exit: EXIT.runtime, hint: 'choose a free --listen-port / --health-port (0 picks one) or another --listen-socket, or stop what holds it' },

@@ -4,7 +4,7 @@ import type { AddressInfo, Server } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
-import { ConfigError } from '../../registry/errors.js';
+import { AgentGatewayError, ConfigError } from '../../registry/errors.js';
 import { MAX_SESSION_MEMORY_MB } from '../../registry/flow-control.js';
 import { SCHEMA_VERSION } from '../../registry/queries.js';
 import { startAdminServer, type AdminServer, type Readiness } from './admin.js';
@@ -390,9 +390,11 @@ export function createGateway(config: GatewayConfig, options: GatewayOptions = {
         await feed.start();
         const { host, port } = parseListenAddress(config.server.listen_addr);
         await new Promise<void>((resolve, reject) => {
-          listener.once('error', reject);
+          // Named like the admin listener's failure: a raw EADDRINUSE stack names no field.
+          const failed = (error: Error) => reject(new AgentGatewayError('ERR_SERVER_LISTEN', `server.listen_addr ${config.server.listen_addr}: cannot listen (${error.message})`, { cause: error }));
+          listener.once('error', failed);
           listener.listen(port, host, () => {
-            listener.removeListener('error', reject);
+            listener.removeListener('error', failed);
             resolve();
           });
         });

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -92,4 +93,21 @@ test('a command-line usage error (no --config, an unknown option) exits 2 like a
     assert.match(result.stderr, /error: /);
   }
   assert.equal(spawnSync(process.execPath, [BIN, '--help'], { encoding: 'utf8' }).status, 0);
+});
+
+test('server.listen_addr already in use: exits 1 naming the field, without a stack trace', async () => {
+  const url = await createDatabase(pgServer.url);
+  const holder = createServer();
+  await new Promise<void>((resolveListen) => holder.listen(0, '127.0.0.1', resolveListen));
+  const { port } = holder.address() as { port: number };
+  try {
+    const path = configFile(url);
+    writeFileSync(path, readFileSync(path, 'utf8').replace('listen_addr = "127.0.0.1:0"', `listen_addr = "127.0.0.1:${port}"`));
+    const result = spawnSync(process.execPath, [BIN, '--config', path], { encoding: 'utf8', env: process.env });
+    assert.equal(result.status, 1, result.stderr);
+    assert.match(result.stderr, new RegExp(`agent-gateway: server\\.listen_addr 127\\.0\\.0\\.1:${port}: cannot listen \\(.*EADDRINUSE`), result.stderr);
+    assert.doesNotMatch(result.stderr, /\n\s+at /, 'no stack trace');
+  } finally {
+    holder.close();
+  }
 });
