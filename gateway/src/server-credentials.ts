@@ -1,5 +1,5 @@
 import { constants as cryptoConstants, createPrivateKey, X509Certificate } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { createSecureContext, type SecureContextOptions } from 'node:tls';
 import { ConfigError } from '../../registry/errors.js';
 
@@ -57,12 +57,28 @@ export interface ServerCredentials {
   readonly notAfter: Date;
 }
 
+/**
+ * A regular file's bytes. Reads are synchronous (start-up and SIGHUP), so a FIFO or a device
+ * would block the whole gateway, tunnels and probes included, or read without end: opened
+ * without blocking and refused unless fstat says it is a regular file.
+ */
 function read(path: string, field: string): Buffer {
+  let fd: number;
   try {
-    return readFileSync(path);
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code;
     throw new ConfigError(`${field}: cannot read ${path} (${code === 'ENOENT' ? 'no such file' : code ?? (error as Error).message})`);
+  }
+  try {
+    if (!fstatSync(fd).isFile()) throw new ConfigError(`${field}: ${path} is not a regular file`);
+    return readFileSync(fd);
+  } catch (error) {
+    if (error instanceof ConfigError) throw error;
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new ConfigError(`${field}: cannot read ${path} (${code ?? (error as Error).message})`);
+  } finally {
+    closeSync(fd);
   }
 }
 

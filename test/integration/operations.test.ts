@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import type { ClientHttp2Session, ClientHttp2Stream } from 'node:http2';
 import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -503,6 +503,26 @@ describe('reload', () => {
       assert.equal(sample(text, 'agent_gateway_reloads_total{result="success"}'), 1);
       assert.equal(sample(text, 'agent_gateway_reloads_total{result="failure"}'), 4);
     } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  // Regression: the key was read with readFileSync, so a reload naming a FIFO (or /dev/stdin)
+  // blocked the event loop, every tunnel and probe with it, until something wrote to it.
+  test('reload(): a certificate or key path that is a FIFO or a device is refused at once, without blocking the gateway', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'agw-reload-fifo-'));
+    const fifo = join(dir, 'key.fifo');
+    const writer = spawn('sh', ['-c', `mkfifo "$0" && sleep 3 && echo junk > "$0"`, fifo], { stdio: 'ignore' });
+    try {
+      await until(() => existsSync(fifo));
+      const gateway = await startGateway();
+      for (const [field, path] of [['tls_key_path', fifo], ['tls_cert_path', fifo], ['tls_key_path', '/dev/zero']] as const) {
+        const started = performance.now();
+        await assert.rejects(gateway.reload(parseConfig(rawConfig({ server: { [field]: path } }))), { code: 'ERR_CONFIG', message: new RegExp(`server\\.${field}: .* is not a regular file`) }, `${field} ${path}`);
+        assert.ok(performance.now() - started < 1000, `${field} ${path}: refused at once`);
+      }
+    } finally {
+      writer.kill();
       rmSync(dir, { recursive: true, force: true });
     }
   });
