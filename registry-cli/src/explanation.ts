@@ -1,6 +1,7 @@
 import { authorize, candidateRowSchema, evaluateRow, PrincipalKeyCache, type AuthorizationRequest, type CandidateRow, type DenialReason, type RowVerdict } from '../../registry/authorize.js';
 import { normaliseAuthority } from '../../registry/destination.js';
 import { spkiFingerprint } from '../../registry/ecdsa.js';
+import { encodeIdentityExtensionValue } from '../../registry/identity.js';
 import type { CertificateIdentity } from './subject-key.js';
 
 /**
@@ -145,11 +146,24 @@ export interface ExplainInput {
   readonly oid: string;
 }
 
+/** Why the gateway could never read this identity from a certificate, or undefined when it could. */
+function unusableIdentity(identity: string): string | undefined {
+  try {
+    encodeIdentityExtensionValue(identity);
+    return undefined;
+  } catch (error) {
+    return (error as Error).message;
+  }
+}
+
 /** The checks before the registry: the identity extension and the destination. */
 export function preliminaryChecks(input: ExplainInput): { identity: CheckResult; destination: CheckResult; normalised: string | undefined } {
   let identity: CheckResult;
   const certificate = input.certificate;
-  if (!certificate) identity = skipped('identity_extension', `no certificate given: identity ${JSON.stringify(input.identity)} taken from the argument`);
+  const unusable = certificate ? undefined : unusableIdentity(input.identity);
+  // An argument no certificate could carry gets the gateway's identity_invalid, never a registry lookup (whose text would print it raw).
+  if (unusable !== undefined) identity = { check: 'identity_extension', status: 'fail', detail: `identity ${JSON.stringify(input.identity)} taken from the argument: ${unusable}` };
+  else if (!certificate) identity = skipped('identity_extension', `no certificate given: identity ${JSON.stringify(input.identity)} taken from the argument`);
   else if (certificate.status === 'valid') identity = { check: 'identity_extension', status: 'pass', detail: `the certificate carries identity ${JSON.stringify(certificate.identity)} at ${input.oid}` };
   else identity = { check: 'identity_extension', status: 'fail', detail: certificate.status === 'absent' ? `no identity extension ${input.oid}` : certificate.reason };
   let normalised: string | undefined;

@@ -258,4 +258,17 @@ describe('explain on the command line', { concurrency: true }, () => {
     assert.equal(other.status, 2, describeRun(other));
     assert.match(other.stderr, /the certificate carries identity "agent-dest", not "agent-other"/);
   });
+
+  test('an identity argument no certificate could carry (empty, a newline, over 255 bytes) fails identity_extension as the gateway would, and no control character reaches the output', async () => {
+    const spki = newP256Key().spkiDer.toString('hex');
+    for (const identity of ['', 'agent-a\nb -> forged:443', 'agent-\u001b[2J', 'a'.repeat(256)]) {
+      const [human, json] = await Promise.all([
+        runCli(['explain', identity, echoAuthority, '--spki', spki], { env: envFor() }),
+        runCli(['--json', 'explain', identity, echoAuthority, '--spki', spki], { env: envFor() }),
+      ]);
+      assert.equal(human.status, 3, describeRun(human));
+      assert.deepEqual([json.json.verdict.details, json.json.verdict.failed_check, json.json.checks[0].status], ['identity_invalid', 'identity_extension', 'fail'], describeRun(json));
+      assert.doesNotMatch(human.stdout, /[\u0000-\u0009\u000b-\u001f\u007f-\u009f]|\nb -> forged/, describeRun(human));
+    }
+  });
 });
