@@ -149,3 +149,26 @@ test('an empty option value (--principal "" from an unset variable) is a usage e
   }
   assert.equal(await permissionRows(), before);
 });
+
+test('grant-permission refuses a window, a destination or a principal the gateway would deny (exit 3) before the TPM is asked, so a TPM that is down does not hide the typo', async () => {
+  const carol = await fixture.principal('org-typo-carol');
+  await fixture.delegate(carol.keyId, 'docstore:443');
+  await fixture.principal('org-typo-revoked');
+  await fixture.delegate('org-typo-revoked', 'docstore:443');
+  await fixture.db.query(`UPDATE principal_signing_keys SET revoked_at = now() WHERE key_id = 'org-typo-revoked'`);
+  const agent = await clientCredentials({ identity: 'agent-typo' });
+  const grant = ['--json', 'grant-permission', '--allow-unattested', '--identity', 'agent-typo', '--spki', agent.spkiDer.toString('hex')];
+  const before = await permissionRows();
+  for (const [args, code] of [
+    [['--principal', 'org-typo-carol', '--not-before', '2030-01-01T00:00:00Z', '--not-after', '2029-01-01T00:00:00Z', 'docstore'], 'ERR_REFUSED_VALIDITY'],
+    [['--principal', 'org-typo-carol', '--not-after', '2020-01-01T00:00:00Z', 'docstore'], 'ERR_REFUSED_VALIDITY'],
+    [['--principal', 'org-typo-carol', 'docstore', 'messaging'], 'ERR_REFUSED_OUT_OF_SCOPE'],
+    [['--principal', 'org-typo-revoked', 'docstore'], 'ERR_REFUSED_PRINCIPAL_INACTIVE'],
+  ] as const) {
+    const run = await runCli([...grant, ...args], { env });
+    assert.equal(run.status, 3, describeRun(run));
+    assert.equal(run.json.error.code, code, describeRun(run));
+    assert.doesNotMatch(run.stderr, /TPM|PKCS/, describeRun(run));
+  }
+  assert.equal(await permissionRows(), before);
+});

@@ -81,8 +81,14 @@ export async function grantPermission(context: CommandContext, destinationArgs: 
   if (certificateWarning) context.output.warn(certificateWarning);
 
   return withRegistry(registryTarget(context), async (db) => {
-    // An unregistered principal is a typo or a missing step, not a TPM problem: say so before the TPM is asked.
-    if (!(await findPrincipalKey(db, keyId))) checkSigningAuthority(keyId, undefined, Buffer.alloc(0), destinations, []);
+    // What the registry alone refuses (a bad window, an unknown or inactive principal, a destination
+    // out of scope) is a typo or a missing step, not a TPM problem: say so before the TPM is asked.
+    // The signing transaction checks it all again, with the TPM's key, under its locks.
+    const early = await registryNow(db);
+    const earlyNotBefore = requestedNotBefore ?? early;
+    checkValidityWindow({ notBefore: earlyNotBefore, notAfter: requestedNotAfter ?? defaultNotAfter(earlyNotBefore) }, early, 'permission');
+    const known = await findPrincipalKey(db, keyId);
+    checkSigningAuthority(keyId, known, known?.publicKeySpkiDer ?? Buffer.alloc(0), destinations, known ? await listDelegations(db, { signingKeyId: keyId, destinations }) : []);
     const attested = await requireAttestedAgentKey(db, context, subject, options, { key: 'agent key', enrol: 'agent-gateway-registry enrol-agent-key', doing: 'granting' });
     // The TPM comes first: a wrong PIN or a missing key fails before any transaction starts.
     const tpm = await openPrincipalToken(context, options, { create: false });
