@@ -172,3 +172,31 @@ test('grant-permission refuses a window, a destination or a principal the gatewa
   }
   assert.equal(await permissionRows(), before);
 });
+
+test('rotate-key refuses a rotation with nothing to rotate, or out of the principal\'s scope, (exit 3) before the TPM is asked', async () => {
+  const dave = await fixture.principal('org-typo-dave');
+  await fixture.delegate(dave.keyId, 'docstore:443');
+  const old = await clientCredentials({ identity: 'agent-rot' });
+  const next = await clientCredentials({ identity: 'agent-rot' });
+  await fixture.permit(dave, { identity: 'agent-rot', spkiDer: old.spkiDer }, 'docstore:443');
+  const fromCert = join(scratch, 'rot-old.pem');
+  const toCert = join(scratch, 'rot-new.pem');
+  writeFileSync(fromCert, old.certPem);
+  writeFileSync(toCert, next.certPem);
+  const rotate = (identity: string) => runCli(['--json', 'rotate-key', '--allow-unattested', '--principal', 'org-typo-dave', '--identity', identity, '--from-cert', fromCert, '--to-cert', toCert], { env });
+  const before = await permissionRows();
+  const typo = await rotate('agent-rto');
+  assert.equal(typo.status, 3, describeRun(typo));
+  assert.equal(typo.json.error.code, 'ERR_REFUSED_IDENTITY_MISMATCH', describeRun(typo));
+  await fixture.db.query(`UPDATE principal_key_permissions SET revoked_at = now() WHERE signing_key_id = 'org-typo-dave'`);
+  const outOfScope = await rotate('agent-rot');
+  assert.equal(outOfScope.status, 3, describeRun(outOfScope));
+  assert.equal(outOfScope.json.error.code, 'ERR_REFUSED_OUT_OF_SCOPE', describeRun(outOfScope));
+  assert.doesNotMatch(outOfScope.stderr, /error: .*(?:TPM|PKCS)/, describeRun(outOfScope));
+  await fixture.db.query(`UPDATE permission_registry SET revoked_at = now() WHERE signing_key_id = 'org-typo-dave'`);
+  const nothing = await rotate('agent-rot');
+  assert.equal(nothing.status, 3, describeRun(nothing));
+  assert.equal(nothing.json.error.code, 'ERR_REFUSED_NOTHING_TO_ROTATE', describeRun(nothing));
+  assert.doesNotMatch(nothing.stderr, /error: .*(?:TPM|PKCS)/, describeRun(nothing));
+  assert.equal(await permissionRows(), before.replace(/\/\d+$/, (m) => `/${Number(m.slice(1)) + 1}`));
+});

@@ -50,22 +50,32 @@ export async function rotateKey(context: CommandContext, options: RotateKeyOptio
   return withRegistry(registryTarget(context), async (db) => {
     // The new key is granted like any agent key: only once its TPM attestation is recorded (DESIGN §9e).
     await requireAttestedAgentKey(db, context, to, options, { key: 'the new agent key', enrol: `agent-gateway-registry enrol-agent-key --cert ${options.toCert} --key-label LABEL`, doing: 'rotating' });
+    /** The principal's rows for the old key that the new key inherits; refused when there are none. */
+    const toRotate = async () => {
+      const old = (await listPermissions(db, { identity, spkiDer: from.spkiDer })).filter(inherited);
+      const mine = old.filter((row) => row.signingKeyId === keyId);
+      const others = [...new Set(old.filter((row) => row.signingKeyId !== keyId).map((row) => row.signingKeyId))];
+      if (mine.length === 0) {
+        throw new RefusedError(
+          'ERR_REFUSED_NOTHING_TO_ROTATE',
+          `principal ${keyId} signed no active or not-yet-valid permission for ${identity} with key ${from.fingerprint}${others.length > 0 ? ` (rows by ${others.join(', ')} exist: rotate with --principal)` : ''}; nothing was written`,
+        );
+      }
+      return { mine, others, destinations: [...new Set(mine.map((row) => row.destination))] };
+    };
+    // What the registry alone refuses (nothing to rotate, an unknown or inactive principal, a
+    // destination out of its scope) is said before the TPM is asked, as grant-permission does; the
+    // transaction checks it again, with the TPM's key, under its locks.
+    const early = await toRotate();
+    const known = await findPrincipalKey(db, keyId);
+    checkSigningAuthority(keyId, known, known?.publicKeySpkiDer ?? Buffer.alloc(0), early.destinations, known ? await listDelegations(db, { signingKeyId: keyId, destinations: early.destinations }) : []);
     const tpm = await openPrincipalToken(context, options, { create: false });
     try {
       const key = tpm.findKey(keyId);
       const signer = tpm.permissionSigner(key, keyId);
       const result = await transaction(db, async () => {
         const now = await registryNow(db);
-        const old = (await listPermissions(db, { identity, spkiDer: from.spkiDer })).filter(inherited);
-        const mine = old.filter((row) => row.signingKeyId === keyId);
-        const others = [...new Set(old.filter((row) => row.signingKeyId !== keyId).map((row) => row.signingKeyId))];
-        if (mine.length === 0) {
-          throw new RefusedError(
-            'ERR_REFUSED_NOTHING_TO_ROTATE',
-            `principal ${keyId} signed no active or not-yet-valid permission for ${identity} with key ${from.fingerprint}${others.length > 0 ? ` (rows by ${others.join(', ')} exist: rotate with --principal)` : ''}; nothing was written`,
-          );
-        }
-        const destinations = [...new Set(mine.map((row) => row.destination))];
+        const { mine, others, destinations } = await toRotate();
         const registered = await findPrincipalKey(db, keyId, { lock: 'share' });
         const delegations = await listDelegations(db, { signingKeyId: keyId, destinations, lock: 'share' });
         checkSigningAuthority(keyId, registered, key.publicKeySpkiDer, destinations, delegations);
