@@ -254,7 +254,24 @@ export const configSchema = z.strictObject({
   cache: cacheSchema.prefault({}),
   egress: egressSchema.prefault({}),
   resolve: resolveSchema.default({}),
-});
+})
+  .superRefine((file, ctx) => {
+    // Both listeners on one address: the second bind fails at start, after the first is up. Said here, naming the field.
+    const admin = file.admin;
+    if (!admin?.enabled) return;
+    const key = (text: string) => {
+      try {
+        const { host, port } = parseListenAddress(text);
+        return port === 0 ? undefined : `${host.toLowerCase()}:${port}`;
+      } catch {
+        return undefined; // the field's own check names it
+      }
+    };
+    const server = key(file.server.listen_addr);
+    if (server !== undefined && server === key(admin.listen_addr)) {
+      ctx.addIssue({ code: 'custom', path: ['admin', 'listen_addr'], message: `same address as server.listen_addr (${file.server.listen_addr})` });
+    }
+  });
 
 export type ConfigFile = z.infer<typeof configSchema>;
 

@@ -130,6 +130,7 @@ const errors: { name: string; text: string | null; message: RegExp }[] = [
   { name: 'unknown [limits] key', text: `${valid}\n[limits]\nrate = 5\n`, message: /limits\.rate: unknown key/ },
   { name: 'bad admin address', text: `${valid}\n[admin]\nlisten_addr = "9090"\n`, message: /admin\.listen_addr: must be host:port/ },
   { name: 'admin flag not a boolean', text: `${valid}\n[admin]\nper_identity_metrics = "yes"\n`, message: /admin\.per_identity_metrics/ },
+  { name: 'admin on the server address', text: `${valid}\n[admin]\nlisten_addr = "127.0.0.1:8443"\n`, message: /admin\.listen_addr: same address as server\.listen_addr \(127\.0\.0\.1:8443\)/ },
   { name: 'unknown [admin] key', text: `${valid}\n[admin]\nport = 9090\n`, message: /admin\.port: unknown key/ },
   { name: 'audit URL and env both', text: `${valid}\n[audit]\ndatabase_url = "postgres://a@b/c"\ndatabase_url_env = "X"\n`, message: /audit\.database_url_env: set only one/ },
   { name: 'audit URL not postgres', text: `${valid}\n[audit]\ndatabase_url = "mysql://a@b/c"\n`, message: /audit\.database_url: must be a postgres/ },
