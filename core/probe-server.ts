@@ -44,7 +44,9 @@ export async function startProbeServer(options: ProbeServerOptions): Promise<Pro
     const route = Object.hasOwn(options.routes, path) ? options.routes[path] : undefined;
     send(res, route ? await route() : { status: 404, json: { error: 'not_found' } }, head);
   };
-  const server: Server = createServer((req, res) => {
+  // Node enforces headersTimeout and requestTimeout only when it checks its connections, every
+  // 30 s by default: a client trickling header lines held a socket for up to 35 s.
+  const server: Server = createServer({ connectionsCheckingInterval: 1_000 }, (req, res) => {
     const path = (req.url ?? '/').split('?')[0]!;
     handle(req, res, path).catch((error: unknown) => {
       options.onError?.(error, path);

@@ -234,6 +234,24 @@ describe('admin endpoints', () => {
     assert.equal(sample(text, 'agent_gateway_tls_handshake_failures_total{reason="error"}'), 0);
   });
 
+  // Regression: Node enforces headersTimeout only on its connection check, every 30 s by default,
+  // so a client that stopped mid-headers held an admin socket for up to 35 s, not 5.
+  test('a client that stops sending mid-headers to the admin port is cut off within about 6 s (headersTimeout 5 s)', async () => {
+    const gateway = await startGateway();
+    const raw = netConnect(gateway.adminAddress!.port, '127.0.0.1');
+    raw.on('error', () => {});
+    raw.write('GET /healthz HTTP/1.1\r\nHost: x\r\nx-slow: 1\r\n');
+    raw.resume(); // read the 408, so that 'close' can follow it
+    const started = Date.now();
+    try {
+      await Promise.race([once(raw, 'close'), sleep(9000)]);
+      assert.ok(raw.destroyed, `still open after ${Date.now() - started} ms`);
+      assert.ok(Date.now() - started < 7000, `closed after ${Date.now() - started} ms`);
+    } finally {
+      raw.destroy();
+    }
+  });
+
   test('[admin] enabled = false: no admin listener and no metrics kept', async () => {
     const gateway = await startGateway({ admin: { enabled: false } });
     assert.equal(gateway.adminAddress, undefined);
