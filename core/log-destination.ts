@@ -23,8 +23,17 @@ export const LOG_BUFFER_BYTES = 16 * 1024 * 1024;
  */
 export const EXIT_FLUSH_MS = 2000;
 
-/** The largest piece of a turn handed to sonic-boom at once: its own largest write (maxWrite). */
-const TURN_PIECE_BYTES = 16 * 1024;
+/**
+ * The largest piece handed to sonic-boom at once: its own largest write (maxWrite). A write under
+ * way when the process exits is lost from where it stopped, so no write may be larger.
+ */
+const PIECE_BYTES = 16 * 1024;
+
+/**
+ * How long a line may wait for its piece to fill before the piece is written anyway (`coalesce`).
+ * The operator's view of a line is that much late at most; the audit trail is the record.
+ */
+export const LOG_HOLD_MS = 10;
 
 let droppedLines = 0;
 let exitDeadline: number | undefined;
@@ -48,13 +57,15 @@ export interface LogDestinationOptions {
   /** Past this many bytes waiting for the reader, lines are dropped and counted. */
   readonly maxBytes?: number;
   /**
-   * The lines of one turn of the event loop leave together in one write at its end (a line waits
-   * no longer than that). Written one by one, the gateway's two lines per CONNECT were two writes
-   * each, handed to libuv's thread pool, which runs on the cores the tunnels need: 11% of its CPU
-   * per CONNECT. Off for a process that also prints on another stream (the sidecar's port line on
-   * stdout): a line logged before that print must not reach its reader after it.
+   * Lines are encoded into a piece of PIECE_BYTES as they come and the piece is written when it is
+   * full or LOG_HOLD_MS after its first line. Written a turn of the event loop at a time, the
+   * gateway's two lines per CONNECT cost a write, and a hand-off to libuv's thread pool and back,
+   * every turn or two; held as strings across turns, they outlived young-generation collections
+   * (bench/README.md). Encoded at once, a line's string dies young and a write carries ~16 CONNECTs.
+   * Off for a process that also prints on another stream (the sidecar's port line on stdout): a
+   * line logged before that print must not reach its reader after it.
    */
-  readonly coalesceTurn?: boolean;
+  readonly coalesce?: boolean;
 }
 
 /**
@@ -64,58 +75,71 @@ export interface LogDestinationOptions {
  */
 export function logDestination(fd: number, options: LogDestinationOptions = {}): DestinationStream {
   const maxBytes = options.maxBytes ?? LOG_BUFFER_BYTES;
+  const coalesce = options.coalesce !== false;
   const stream = pino.destination({
     dest: fd,
     sync: false,
     maxLength: maxBytes,
+    // Pieces are Buffers (coalesce); otherwise pino's lines go to sonic-boom as they are.
+    ...(coalesce ? { contentMode: 'buffer' as const } : {}),
     // Retry a full pipe for as long as the process runs (the buffer is bounded); at exit, until the deadline.
     retryEAGAIN: () => exitDeadline === undefined || Date.now() < exitDeadline,
   });
-  // A dropped write may be a whole turn's lines.
+  // A dropped write may be a whole piece of lines.
   stream.on('drop', (data: string | Buffer) => (droppedLines += Math.max(1, linesIn(data))));
-
-  // The lines of the current turn (coalesceTurn), handed over when it ends, in pieces of at most
-  // TURN_PIECE_BYTES: a write under way when the process exits is lost from where it stopped, so
-  // no write may be larger than sonic-boom's own (16 KiB).
-  const write = stream.write.bind(stream);
-  let turn: string[] = [];
-  let scheduled = false;
-  const endOfTurn = () => {
-    scheduled = false;
-    if (turn.length === 0) return;
-    const lines = turn;
-    turn = [];
-    if ((stream as unknown as { destroyed: boolean }).destroyed) {
-      droppedLines += lines.length;
-      return;
-    }
-    let piece = '';
-    let bytes = 0;
-    for (const line of lines) {
-      const size = Buffer.byteLength(line);
-      if (bytes > 0 && bytes + size > TURN_PIECE_BYTES) {
-        write(piece);
-        piece = '';
-        bytes = 0;
-      }
-      piece += line;
-      bytes += size;
-    }
-    write(piece);
+  const write = stream.write.bind(stream) as unknown as (data: Buffer) => boolean;
+  const destroyed = () => (stream as unknown as { destroyed: boolean }).destroyed;
+  const piece = Buffer.allocUnsafeSlow(coalesce ? PIECE_BYTES : 0);
+  let used = 0;
+  /** Pieces filled in this turn: written when it ends (or by flushSync if the process exits first). */
+  let full: Buffer[] = [];
+  let timer: NodeJS.Timeout | undefined;
+  let turnEnd: NodeJS.Immediate | undefined;
+  const close = () => {
+    if (used === 0) return;
+    // A copy of what is used, the piece itself reused: sonic-boom counts bytes toward maxBytes,
+    // so a stalled reader fed a line every LOG_HOLD_MS must not make it keep 16 KiB for each.
+    full.push(Buffer.from(piece.subarray(0, used)));
+    used = 0;
   };
-  if (options.coalesceTurn !== false) {
+  // Not within the turn that filled them: a write started then would be under way if the same
+  // turn called process.exit(), and sonic-boom's flushSync skips a write under way (what the pipe
+  // had no room for would be lost).
+  const release = () => {
+    if (timer !== undefined) clearTimeout(timer);
+    if (turnEnd !== undefined) clearImmediate(turnEnd);
+    timer = turnEnd = undefined;
+    close();
+    const pieces = full;
+    full = [];
+    for (const data of pieces) {
+      if (destroyed()) droppedLines += linesIn(data);
+      else write(data);
+    }
+  };
+  if (coalesce) {
     stream.write = (line: string) => {
-      turn.push(line);
-      if (!scheduled) {
-        scheduled = true;
-        setImmediate(endOfTurn);
+      // A UTF-16 unit is at most 3 bytes of UTF-8: the exact length only when it may not fit.
+      if (used + line.length * 3 > PIECE_BYTES) {
+        const size = Buffer.byteLength(line);
+        if (used + size > PIECE_BYTES) {
+          close();
+          turnEnd ??= setImmediate(release);
+        }
+        if (size > PIECE_BYTES) {
+          // A line larger than a piece (rare: a long error) is a piece of its own.
+          full.push(Buffer.from(line));
+          return true;
+        }
       }
+      used += piece.write(line, used);
+      timer ??= setTimeout(release, LOG_HOLD_MS).unref();
       return true;
     };
   }
   const flush = stream.flush.bind(stream);
   stream.flush = (cb?: (error?: Error) => void) => {
-    endOfTurn();
+    release();
     flush(cb);
   };
   const flushSync = stream.flushSync.bind(stream);
@@ -123,12 +147,12 @@ export function logDestination(fd: number, options: LogDestinationOptions = {}):
   // Past the deadline flushSync throws; what it could not write is lost, and the exit goes on.
   stream.flushSync = () => {
     try {
-      // The turn is only buffered here: handed over as usual, its first piece would start an
+      // The pieces are only buffered here: handed over as usual, the first would start an
       // asynchronous write, which sonic-boom's flushSync skips (and nothing is left to finish it).
       const minLength = buffered.minLength;
       buffered.minLength = Number.MAX_SAFE_INTEGER;
       try {
-        endOfTurn();
+        release();
       } finally {
         buffered.minLength = minLength;
       }

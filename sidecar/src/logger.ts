@@ -35,6 +35,6 @@ export function createSidecarLogger(options: SidecarLoggerOptions): Logger {
     // Stderr, bounded: a stalled reader costs lines, never the sidecar's event loop; the last
     // lines before an exit (a fatal error, shutdown) are still flushed, within a deadline. Line by
     // line: its port line goes to stdout, and what was logged before it must be there first.
-    options.destination ?? logDestination(2, { coalesceTurn: false }),
+    options.destination ?? logDestination(2, { coalesce: false }),
   );
 }

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pino } from 'pino';
-import { droppedLogLines, EXIT_FLUSH_MS, logDestination } from '../../core/log-destination.js';
+import { droppedLogLines, EXIT_FLUSH_MS, LOG_HOLD_MS, logDestination } from '../../core/log-destination.js';
 import { until } from '../helpers/wait.js';
 
 const MODULE = new URL('../../core/log-destination.ts', import.meta.url).pathname;
@@ -62,8 +62,8 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
     if (i % 100 === 0) await new Promise((resolve) => setImmediate(resolve));
   }
   const elapsed = performance.now() - started;
-  // The last turn's lines reach the bound (and are counted) when that turn ends.
-  await new Promise((resolve) => setImmediate(resolve));
+  // The last lines reach the bound (and are counted) once they are held no longer.
+  await new Promise((resolve) => setTimeout(resolve, LOG_HOLD_MS + 20));
   const dropped = droppedLogLines() - before;
   // ~2 MB offered; the pipe holds 64 KiB and the destination at most `bound` more.
   assert.ok(dropped > 1000, `most lines past the bound are dropped (${dropped} of 2000)`);
@@ -80,44 +80,57 @@ test('log destination: a reader that stops costs dropped lines past the bound, c
 });
 
 // Each line used to be its own write (two per CONNECT, on libuv's thread pool): 11% of the
-// gateway's CPU per CONNECT (bench/compare.ts --phases connect, same run).
-test('log destination: the lines of one turn of the event loop leave in one write, and a lone line leaves at the end of its turn', async () => {
+// gateway's CPU per CONNECT; then one write per turn of the event loop, still a write and a
+// thread-pool hand-off every CONNECT or two (bench/compare.ts --phases connect, same run).
+test('log destination: lines leave in pieces of at most 16 KiB whatever the turns, and a lone line leaves within LOG_HOLD_MS', async () => {
   const { dir, path: fifo, reader, writer } = fifoPair();
   const writer2 = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
-  // Count the writes to each fd (sonic-boom calls fs.write through the module object).
+  // Count the writes to each fd, and their sizes (sonic-boom calls fs.write through the module object).
   const writesTo = new Map<number, number>();
+  const sizes: number[] = [];
   const write = fs.write;
-  fs.write = ((fd: number, ...rest: unknown[]) => {
+  fs.write = ((fd: number, data: Buffer | string, ...rest: unknown[]) => {
     writesTo.set(fd, (writesTo.get(fd) ?? 0) + 1);
-    return (write as (...args: unknown[]) => void)(fd, ...rest);
+    if (fd === writer) sizes.push(Buffer.byteLength(data));
+    return (write as (...args: unknown[]) => void)(fd, data, ...rest);
   }) as typeof fs.write;
   const writes = () => writesTo.get(writer) ?? 0;
   const destination = logDestination(writer);
   const log = pino({ level: 'info' }, destination);
   try {
-    // 20 turns of 10 lines each (about 250 bytes a line, under the pipe's 64 KiB in all), as a
-    // session read carrying several CONNECTs logs several decisions in one turn.
+    // 20 turns of 10 lines each (about 250 bytes a line, ~50 KB in all, under the pipe's 64 KiB),
+    // as session reads carrying several CONNECTs log several decisions in one turn; one line in
+    // each turn is multi-byte UTF-8.
     for (let turn = 0; turn < 20; turn++) {
-      for (let i = 0; i < 10; i++) log.info({ i: turn * 10 + i, line: 'y'.repeat(150) }, 'burst');
+      for (let i = 0; i < 10; i++) log.info({ i: turn * 10 + i, line: (i === 0 ? 'é€😀' : '').padEnd(150, 'y') }, 'burst');
       await new Promise((resolve) => setImmediate(resolve));
       await new Promise((resolve) => setImmediate(resolve));
     }
     const burst = await drain(reader, 300);
     const lines = burst.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { i: number });
     assert.deepEqual(lines.map((l) => l.i), Array.from({ length: 200 }, (_, i) => i), 'every line, whole and in order');
-    assert.ok(writes() <= 20, `${writes()} writes for 200 lines in 20 turns: at most one per turn`);
+    assert.ok(writes() <= 5, `${writes()} writes for 200 lines (~50 KB) in 20 turns: a write per 16 KiB piece, not per turn`);
+    assert.ok(Math.max(...sizes) <= 16 * 1024, `no write above 16 KiB (${Math.max(...sizes)})`);
+    assert.ok(burst.includes('é€😀'), 'multi-byte characters arrive whole');
 
-    // A lone line does not wait for company: it leaves when its turn ends.
+    // A lone line does not wait for company beyond LOG_HOLD_MS.
     const before = writes();
     log.info({ lone: true }, 'alone');
-    assert.equal(writes(), before, 'not written within the turn');
     await new Promise((resolve) => setImmediate(resolve));
-    assert.equal(writes(), before + 1, 'written at the end of the turn');
+    assert.equal(writes(), before, 'held past the end of its turn');
+    await new Promise((resolve) => setTimeout(resolve, LOG_HOLD_MS + 20));
+    assert.equal(writes(), before + 1, 'written once LOG_HOLD_MS passed');
     const lone = await drain(reader, 50);
     assert.match(lone, /"lone":true/);
 
-    // coalesceTurn: false (the sidecar, whose port line goes to another stream): at once.
-    const direct = logDestination(writer2, { coalesceTurn: false });
+    // A line larger than a piece leaves whole, after what was held before it.
+    log.info({ order: 1 }, 'before the long one');
+    log.info({ long: 'z'.repeat(40_000) }, 'long');
+    const long = (await drain(reader, 100)).split('\n').filter(Boolean).map((l) => JSON.parse(l) as { order?: number; long?: string });
+    assert.deepEqual(long.map((l) => l.order ?? l.long?.length), [1, 40_000], 'in order, whole');
+
+    // coalesce: false (the sidecar, whose port line goes to another stream): at once.
+    const direct = logDestination(writer2, { coalesce: false });
     pino({ level: 'info' }, direct).info({ direct: true }, 'at once');
     assert.equal(writesTo.get(writer2), 1, 'written within the turn');
     assert.match(await drain(reader, 50), /"direct":true/);
