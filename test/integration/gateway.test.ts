@@ -258,6 +258,11 @@ describe('identity extension problems → 403 identity_invalid', () => {
     { name: 'newline inside the identity', make: () => clientCredentials({ rawIdentityValue: Buffer.from([0x0c, 0x0d, ...Buffer.from('agent\nalpha!!')]) }) },
     { name: 'empty UTF8String', make: () => clientCredentials({ rawIdentityValue: Buffer.from([0x0c, 0x00]) }) },
     { name: 'invalid UTF-8', make: () => clientCredentials({ rawIdentityValue: Buffer.from([0x0c, 0x02, 0xc3, 0x28]) }) },
+    { name: 'over 255 bytes', make: () => clientCredentials({ rawIdentityValue: Buffer.concat([Buffer.from([0x0c, 0x82, 0x01, 0x00]), Buffer.alloc(256, 0x61)]) }) },
+    { name: 'C1 control character (U+0085)', make: () => clientCredentials({ rawIdentityValue: Buffer.from([0x0c, 0x07, ...Buffer.from('agent\u0085', 'utf8')]) }) },
+    { name: 'DEL inside the identity', make: () => clientCredentials({ rawIdentityValue: Buffer.from([0x0c, 0x06, ...Buffer.from('agent\u007f')]) }) },
+    // DESIGN §3: the extension is non-critical; a critical one is refused, not trusted.
+    { name: 'extension marked critical', make: () => clientCredentials({ extraExtensions: [new x509.Extension(TEST_OID, true, utf8('agent-alpha'))] }) },
     {
       name: 'extension present twice',
       make: () => clientCredentials({ identity: 'agent-alpha', extraExtensions: [new x509.Extension(TEST_OID, false, utf8('agent-alpha'))] }),
@@ -309,7 +314,7 @@ describe('request errors', () => {
     assert.equal((await request(session, 'bad_host:443')).status, 400);
   });
 
-  for (const method of ['GET', 'POST', 'PUT']) {
+  for (const method of ['GET', 'POST', 'PUT', 'HEAD', 'OPTIONS', 'DELETE']) {
     test(`${method} → 405 with allow: CONNECT`, async () => {
       const { status, headers } = await request(session, echoAuthority, method);
       assert.equal(status, 405);
@@ -317,6 +322,15 @@ describe('request errors', () => {
       assert.equal(headers['proxy-status'], 'agent-gateway; error=http_request_error; details="method_not_allowed"');
     });
   }
+
+  test('a method other than CONNECT is refused before the authority and the identity are looked at (405 beats 400 and 403)', async () => {
+    // A certificate without the identity extension, and no certificate at all.
+    for (const client of [await clientCredentials({}), {}]) {
+      const { status, headers } = await request(await sessionFor(client), 'bad_host:443', 'GET');
+      assert.equal(status, 405);
+      assert.equal(headers['proxy-status'], 'agent-gateway; error=http_request_error; details="method_not_allowed"');
+    }
+  });
 
   test('a malformed authority is refused before the identity is looked at (400 beats 403)', async () => {
     const { status } = await connectStatus(await clientCredentials({}), 'bad_host:443');
