@@ -171,7 +171,7 @@ function refuse(agent: Socket, answer: Refusal): void {
 
 /** Answers a plain request with a refusal; the connection closes after it. */
 function refuseRequest(res: ServerResponse, answer: Refusal): void {
-  if (res.headersSent) {
+  if (res.headersSent || res.destroyed) {
     res.destroy();
     return;
   }
@@ -435,6 +435,16 @@ export class LocalProxy {
       refuseRequest(res, refusal(method, authority, tunnel.status, tunnel.headers['proxy-status'] as string | undefined));
       return;
     }
+    // The agent left before its answer was all written (or before the tunnel was up): the tunnel
+    // ends as an abandoned one. Otherwise a destination that never answers kept the stream, and its
+    // place in the session, for as long as it liked (stranger pass).
+    if (res.destroyed) {
+      abandon(tunnel.stream, this.#resets);
+      return;
+    }
+    res.once('close', () => {
+      if (!res.writableFinished) abandon(tunnel.stream, this.#resets);
+    });
     const headers = endToEndHeaders(req.headers);
     const upstream = httpRequest({
       createConnection: () => tunnel.stream as unknown as Socket,

@@ -1266,6 +1266,25 @@ describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
     }
   });
 
+  // Regression (stranger pass): a plain-HTTP request (`GET http://…`) whose agent left before the
+  // destination answered kept its tunnel, and its place in the session, for as long as the
+  // destination liked: 20 such agents held 20 streams for good.
+  test('20 plain-HTTP requests whose agents leave before a destination that never answers: their tunnels end after the linger', async () => {
+    const { gateway, sidecar } = await gatewayWithSidecar(100);
+    try {
+      for (let i = 0; i < 20; i++) {
+        const socket = netConnect({ host: '127.0.0.1', port: sidecar.port });
+        socket.on('error', () => {});
+        socket.write(`GET http://${stall.authority}/slow HTTP/1.1\r\nhost: ${stall.authority}\r\n\r\n`);
+        await until(() => gateway.openTunnels === i + 1, 2000, `tunnel ${i + 1}`);
+        socket.destroy();
+      }
+      await until(() => gateway.openTunnels === 0, ABANDON_LINGER_MS + 3000, 'the tunnels of agents that left ended');
+    } finally {
+      await sidecar.close();
+    }
+  });
+
   test('2,000 tunnels through one sidecar closed at once by the gateway: the sidecar keeps its session', async () => {
     const { gateway, sidecar, handshakes } = await gatewayWithSidecar(5000);
     try {
