@@ -3,6 +3,7 @@ import { createServer, request as httpRequest, STATUS_CODES, type IncomingHttpHe
 import { constants as h2, type ClientHttp2Stream } from 'node:http2';
 import { chmodSync, lstatSync, rmSync } from 'node:fs';
 import { connect as netConnect, type AddressInfo, type Socket } from 'node:net';
+import { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { sidecarReasonForError } from '../../core/errors.js';
 import { pipeFramesToSocket } from '../../core/frame-pipe.js';
@@ -146,6 +147,37 @@ function relay(agent: Socket, stream: ClientHttp2Stream, budget: ResetBudget): v
     // destroyed, or sent its FIN and then vanished mid-download).
     if (!stream.closed && (!stream.writableEnded || !stream.readableEnded)) abandon(stream, budget);
   });
+}
+
+/**
+ * The tunnel of a plain request as the socket node:http's client writes to. The client destroys
+ * its socket when an answer is not HTTP (a TLS port, an echo) or is cut short; on the stream
+ * itself that was a RST_STREAM each, and ~1,000 of them cost the sidecar its session and every
+ * other agent's tunnel (stranger pass). Destroyed here, the stream ends as an abandoned one.
+ */
+function tunnelSocket(stream: ClientHttp2Stream, budget: ResetBudget): Duplex {
+  const onData = (chunk: Buffer) => {
+    if (!socket.push(chunk)) stream.pause();
+  };
+  const socket = new Duplex({
+    write: (chunk: Buffer, _encoding, callback) => void stream.write(chunk, callback),
+    final: (callback) => void stream.end(callback),
+    read: () => void stream.resume(),
+    destroy: (error, callback) => {
+      stream.removeListener('data', onData);
+      if (stream.closed) stream.destroy(); // nothing is sent for a closed stream
+      else if (!stream.writableEnded || !stream.readableEnded) abandon(stream, budget);
+      callback(error);
+    },
+  });
+  stream.on('data', onData);
+  stream.on('end', () => socket.push(null));
+  stream.on('error', (error) => socket.destroy(error));
+  // Reset by the gateway (the destination failed): the client sees its connection reset.
+  stream.on('close', () => {
+    if (stream.rstCode !== 0) socket.destroy(new Error(`stream reset (code ${stream.rstCode})`));
+  });
+  return socket;
 }
 
 function writeHead(agent: Socket, status: number, headers: Record<string, string | undefined>): void {
@@ -442,12 +474,13 @@ export class LocalProxy {
       abandon(tunnel.stream, this.#resets);
       return;
     }
+    const socket = tunnelSocket(tunnel.stream, this.#resets);
     res.once('close', () => {
-      if (!res.writableFinished) abandon(tunnel.stream, this.#resets);
+      if (!res.writableFinished) socket.destroy();
     });
     const headers = endToEndHeaders(req.headers);
     const upstream = httpRequest({
-      createConnection: () => tunnel.stream as unknown as Socket,
+      createConnection: () => socket as Socket,
       method: req.method,
       path: `${target.pathname}${target.search}`,
       headers: { ...headers, host: target.host, connection: 'close' },

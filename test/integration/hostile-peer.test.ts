@@ -1057,6 +1057,38 @@ describe('the sidecar never trips the gateway rapid-reset defence', () => {
       await sidecar.close();
     }
   });
+
+  // Regression (stranger pass): a plain-HTTP request whose destination answered something that is
+  // not HTTP (the echo server, a TLS port) had its tunnel destroyed by node:http's client, a
+  // RST_STREAM each: 1,500 of them cost the sidecar its session and every tunnel on it.
+  test('1,500 plain-HTTP requests to a destination that does not answer HTTP: 502 each, and the session (and an open tunnel on it) survive', async () => {
+    const { sidecar, handshakes } = await gatewayWithSidecar(1000);
+    try {
+      const tunnel = await localConnect(sidecar.port, world.echoAuthority);
+      assert.equal(tunnel.status, 200);
+      const plain = () =>
+        new Promise<string>((resolve) => {
+          const socket = netConnect({ host: '127.0.0.1', port: sidecar.port });
+          let answer = '';
+          socket.on('error', () => {});
+          socket.on('data', (chunk: Buffer) => (answer += chunk.toString('latin1')));
+          socket.once('close', () => resolve(answer.slice(0, answer.indexOf('\r\n'))));
+          socket.write(`GET http://${world.echoAuthority}/not-http HTTP/1.1\r\nhost: ${world.echoAuthority}\r\n\r\n`);
+        });
+      let failed = 0;
+      for (let batch = 0; batch < 15; batch++) {
+        for (const status of await Promise.all(Array.from({ length: 100 }, plain))) if (status === 'HTTP/1.1 502 Bad Gateway') failed++;
+      }
+      assert.equal(handshakes(), 1, 'one TLS session throughout');
+      assert.equal(failed, 1500);
+      tunnel.socket.write('after 1500 plain requests');
+      const [echoed] = (await once(tunnel.socket, 'data')) as [Buffer];
+      assert.equal(echoed.toString(), 'after 1500 plain requests');
+      tunnel.socket.destroy();
+    } finally {
+      await sidecar.close();
+    }
+  });
 });
 
 describe('bulk closes stay clear of the peer\'s rapid-reset defence', () => {
