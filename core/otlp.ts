@@ -1,5 +1,6 @@
 import type { TracerProvider } from '@opentelemetry/api';
 import type { Logger } from 'pino';
+import { redactUrl } from './redact-url.js';
 
 /** How long shutdown waits for the last spans to reach the collector. */
 const SHUTDOWN_TIMEOUT_MS = 3000;
@@ -26,7 +27,7 @@ export async function createOtlpTracerProvider(endpoint: string, serviceName: st
     // Batches leave on a timer; a slow or absent collector costs dropped spans, never CONNECT latency.
     spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter({ url: endpoint }))],
   });
-  log.info({ event: 'tracing', otlp_endpoint: endpoint }, 'exporting traces over OTLP gRPC');
+  log.info({ event: 'tracing', otlp_endpoint: redactUrl(endpoint) }, 'exporting traces over OTLP gRPC');
   return {
     provider: sdk,
     // Bounded: an unreachable collector must not hold up the process's exit.

@@ -35,14 +35,3 @@ export function createLogger(options: LoggerOptions): Logger {
     options.destination ?? logDestination(process.stdout.fd ?? 1),
   );
 }
-
-/** Removes the password from a database URL before it reaches a message. */
-export function redactUrl(url: string): string {
-  try {
-    const parsed = new URL(url);
-    if (parsed.password) parsed.password = 'redacted';
-    return parsed.toString();
-  } catch {
-    return '[unparseable url]';
-  }
-}

@@ -5,7 +5,7 @@ import { authorize, PrincipalKeyCache, type AuthorizationRequest, type Authoriza
 import { RegistryUnavailableError, SchemaVersionError } from '../../registry/errors.js';
 import { CANDIDATE_ROWS_BATCH_QUERY, CANDIDATE_ROWS_QUERY, CANDIDATE_ROWS_WITH_COUNTER_QUERY, CHANGE_COUNTER_QUERY, SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
 import type { GatewayConfig } from './config.js';
-import { redactUrl } from './logger.js';
+import { redactUrl } from '../../core/redact-url.js';
 
 /**
  * What became of a lookup meant for the standby (metric label): `served` by it; sent to the

@@ -17,7 +17,7 @@ export interface CommandResult {
   readonly exitCode?: ExitCode;
 }
 
-/** The registry URL for this run (printed only through redactDatabaseUrl). */
+/** The registry URL for this run (printed only through redactUrl (core/redact-url.ts)). */
 export function registryTarget(context: CommandContext): DatabaseTarget {
   return databaseTarget(context.env, context.databaseUrlEnv);
 }

@@ -1,7 +1,8 @@
 import pg from 'pg';
 import { AgentGatewayError, SchemaVersionError } from '../../registry/errors.js';
 import { SCHEMA_VERSION, SCHEMA_VERSION_QUERY } from '../../registry/queries.js';
-import { redactDatabaseUrl, type DatabaseTarget } from './environment.js';
+import { redactUrl } from '../../core/redact-url.js';
+import type { DatabaseTarget } from './environment.js';
 import { DatabaseError } from './errors.js';
 
 const CONNECT_TIMEOUT_MS = 10_000;
@@ -17,7 +18,7 @@ export interface ConnectOptions {
 /** One admin connection for one CLI run. pg's defaults never time out, so every wait is bounded here. */
 export async function connect(target: DatabaseTarget, options: ConnectOptions = {}): Promise<pg.Client> {
   const timeout = options.statementTimeoutMs === undefined ? STATEMENT_TIMEOUT_MS : options.statementTimeoutMs;
-  const failed = (error: unknown) => new DatabaseError(`cannot connect to the registry database ${redactDatabaseUrl(target.url)} (from ${target.variable}): ${(error as Error).message}`, { cause: error });
+  const failed = (error: unknown) => new DatabaseError(`cannot connect to the registry database ${redactUrl(target.url)} (from ${target.variable}): ${(error as Error).message}`, { cause: error });
   let client: pg.Client;
   try {
     // pg reads the files a URL names (sslcert, sslkey, sslrootcert) here, synchronously.

@@ -53,20 +53,6 @@ function checkUrl(target: DatabaseTarget): DatabaseTarget {
   return target;
 }
 
-/** The URL without its password, for messages. */
-export function redactDatabaseUrl(url: string): string {
-  try {
-    const parsed = new URL(url);
-    if (parsed.password) parsed.password = 'redacted';
-    for (const name of ['password', 'sslpassword']) {
-      if (parsed.searchParams.has(name)) parsed.searchParams.set(name, 'redacted');
-    }
-    return parsed.toString();
-  } catch {
-    return '[unparseable url]';
-  }
-}
-
 /**
  * `scheme://user:password@` and `password=...` / `sslpassword=...` (URL query or libpq keyword
  * form) with the password replaced by `redacted`, wherever they occur in a text: for error

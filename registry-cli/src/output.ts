@@ -17,7 +17,7 @@ export interface CliIo {
  * go to stderr in both modes.
  *
  * Secrets are kept out at their source: PINs are never put into messages, and a database URL is
- * printed only through redactDatabaseUrl. Results are printed exactly as the command made them
+ * printed only through redactUrl (core/redact-url.ts). Results are printed exactly as the command made them
  * (a value that happens to contain a PIN's digits is still that value). Only the text of warnings
  * and errors, which may quote a third-party library, is filtered (errorText): passwords of URLs and
  * `password=` settings written in it are replaced, and control characters are escaped.

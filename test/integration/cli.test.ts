@@ -62,6 +62,16 @@ test('a database that cannot be reached within connect_timeout_ms: exits 1 with 
   assert.match(result.stderr, /agent-gateway: .+/);
 });
 
+// Regression: the gateway's own redaction replaced only the userinfo password, so a password
+// given as a libpq query parameter was printed in this message.
+test('a database that cannot be reached: no password of its URL (userinfo, ?password=, ?sslpassword=) is printed', () => {
+  const url = 'postgres://nobody:s3cret-userinfo@127.0.0.1:1/none?password=s3cret-query&sslpassword=s3cret-ssl';
+  const result = spawnSync(process.execPath, [BIN, '--config', configFile(url)], { encoding: 'utf8', env: process.env });
+  assert.equal(result.status, 1);
+  assert.match(result.stderr, /cannot reach the registry database postgres:\/\/nobody:redacted@127\.0\.0\.1:1\/none\?password=redacted&sslpassword=redacted/);
+  assert.doesNotMatch(result.stderr + result.stdout, /s3cret/);
+});
+
 test('serves CONNECT against a migrated database, then SIGTERM exits 0', async () => {
   const url = await createDatabase(pgServer.url);
   const child = spawn(process.execPath, [BIN, '--config', configFile(url)], { env: process.env, stdio: ['ignore', 'pipe', 'pipe'] });

@@ -11,7 +11,8 @@ import { checkTextField, checkValidityWindow, durationOption, normaliseDestinati
 import { runCli } from '../../registry-cli/src/cli.js';
 import { delegationAction } from '../../registry-cli/src/commands/grant-scope.js';
 import { checkCertificateIdentity, checkSigningAuthority } from '../../registry-cli/src/commands/grant-permission.js';
-import { databaseTarget, readPins, redactDatabaseUrl, redactUrlPasswords } from '../../registry-cli/src/environment.js';
+import { redactUrl } from '../../core/redact-url.js';
+import { databaseTarget, readPins, redactUrlPasswords } from '../../registry-cli/src/environment.js';
 import { DatabaseError, EXIT, exitCodeFor, MigrationError, RefusedError, UsageError } from '../../registry-cli/src/errors.js';
 import { errorText, Output } from '../../registry-cli/src/output.js';
 import { checkIdentity, readSubjectKey } from '../../registry-cli/src/subject-key.js';
@@ -102,7 +103,7 @@ describe('environment and output', () => {
     assert.equal(databaseTarget(env, 'OTHER').url, 'postgresql://c@h/c');
     assert.equal(refusal(() => databaseTarget({ DATABASE_URL: 'mysql://x@h/x' })), 'ERR_USAGE');
     assert.equal(refusal(() => databaseTarget(env, 'NOT_SET')), 'ERR_USAGE');
-    assert.equal(redactDatabaseUrl('postgres://admin:s3cret@db:5432/registry?sslmode=require'), 'postgres://admin:redacted@db:5432/registry?sslmode=require');
+    assert.equal(redactUrl('postgres://admin:s3cret@db:5432/registry?sslmode=require'), 'postgres://admin:redacted@db:5432/registry?sslmode=require');
   });
 
   test('PINs: files win over the environment, one trailing newline is dropped, none is an error', () => {

@@ -5,7 +5,7 @@ import type pg from 'pg';
 import { SCHEMA_VERSION } from '../../../registry/queries.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
 import { connect, databaseFailure } from '../database.js';
-import { redactDatabaseUrl } from '../environment.js';
+import { redactUrl } from '../../../core/redact-url.js';
 import { MigrationError } from '../errors.js';
 import { baselineFor, planMigrations, readMigrationFiles, type AppliedMigration, type MigrationFile } from '../migration-plan.js';
 
@@ -116,13 +116,13 @@ export async function migrate(context: CommandContext, options: MigrateOptions):
     const already = plan.applied.map((f) => f.filename).filter((name) => !baselined.includes(name));
     const verb = options.dryRun ? 'would apply' : 'applied';
     const human = [
-      `database ${redactDatabaseUrl(target.url)}, migrations from ${dir}`,
+      `database ${redactUrl(target.url)}, migrations from ${dir}`,
       ...baselined.map((name) => `${options.dryRun ? 'would record' : 'recorded'} ${name} as already applied (database migrated with psql; baseline)`),
       ...applied.map((name) => `${verb} ${name}`),
       applied.length === 0 ? `up to date (${files.length} migration${files.length === 1 ? '' : 's'} applied; schema_version ${schemaVersion ?? 'missing'})` : `schema_version ${schemaVersion ?? 'missing'}`,
     ];
     return {
-      data: { database: redactDatabaseUrl(target.url), dir, dry_run: Boolean(options.dryRun), baselined, applied, already_applied: already, schema_version: schemaVersion },
+      data: { database: redactUrl(target.url), dir, dry_run: Boolean(options.dryRun), baselined, applied, already_applied: already, schema_version: schemaVersion },
       human,
     };
   } catch (error) {
