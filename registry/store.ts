@@ -5,7 +5,7 @@ import type { SignedPermission } from './signing.js';
 import { sqlCanonicalTimestamp, type CanonicalTimestamp } from './timestamp.js';
 
 /** Registry writes, shared by the registry CLI and the tests. Callers pass an admin connection. */
-type Queryable = Pick<pg.ClientBase, 'query'>;
+export type Queryable = Pick<pg.ClientBase, 'query'>;
 
 export interface PrincipalKeyInput {
   readonly keyId: string;

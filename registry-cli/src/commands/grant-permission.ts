@@ -1,6 +1,6 @@
 import { spkiFingerprint } from '../../../registry/ecdsa.js';
 import { DEFAULT_PERMISSION_LIFETIME_MS, permissionFields, signPermission } from '../../../registry/signing.js';
-import { findPrincipalKey, insertPermission, listDelegations, registryNow, type DelegationRow, type PrincipalKeyRow } from '../../../registry/store.js';
+import { findPrincipalKey, insertPermission, listDelegations, registryNow, type DelegationRow, type PrincipalKeyRow, type Queryable } from '../../../registry/store.js';
 import { formatTimestampMicros, parseTimestampMicros, type CanonicalTimestamp } from '../../../registry/timestamp.js';
 import { checkTextField, checkValidityWindow, normaliseDestinations, timestampOption } from '../arguments.js';
 import { registryTarget, type CommandContext, type CommandResult } from '../context.js';
@@ -60,6 +60,17 @@ export function checkSigningAuthority(keyId: string, principal: PrincipalKeyRow 
   return principal;
 }
 
+/**
+ * checkSigningAuthority on the registry's rows alone, before the TPM is asked (grant-permission,
+ * rotate-key): an unknown or inactive principal or a destination out of its scope is a typo or a
+ * missing step, not a TPM problem. The registered key stands in for the TPM's, which is compared
+ * later, inside the signing transaction, where everything is checked again under its locks.
+ */
+export async function checkSigningAuthorityBeforeTpm(db: Queryable, keyId: string, destinations: readonly string[]): Promise<void> {
+  const known = await findPrincipalKey(db, keyId);
+  checkSigningAuthority(keyId, known, known?.publicKeySpkiDer ?? Buffer.alloc(0), destinations, known ? await listDelegations(db, { signingKeyId: keyId, destinations }) : []);
+}
+
 function defaultNotAfter(notBefore: CanonicalTimestamp): CanonicalTimestamp {
   return formatTimestampMicros(parseTimestampMicros(notBefore) + BigInt(DEFAULT_PERMISSION_LIFETIME_MS) * 1000n);
 }
@@ -87,8 +98,7 @@ export async function grantPermission(context: CommandContext, destinationArgs: 
     const early = await registryNow(db);
     const earlyNotBefore = requestedNotBefore ?? early;
     checkValidityWindow({ notBefore: earlyNotBefore, notAfter: requestedNotAfter ?? defaultNotAfter(earlyNotBefore) }, early, 'permission');
-    const known = await findPrincipalKey(db, keyId);
-    checkSigningAuthority(keyId, known, known?.publicKeySpkiDer ?? Buffer.alloc(0), destinations, known ? await listDelegations(db, { signingKeyId: keyId, destinations }) : []);
+    await checkSigningAuthorityBeforeTpm(db, keyId, destinations);
     const attested = await requireAttestedAgentKey(db, context, subject, options, { key: 'agent key', enrol: 'agent-gateway-registry enrol-agent-key', doing: 'granting' });
     // The TPM comes first: a wrong PIN or a missing key fails before any transaction starts.
     const tpm = await openPrincipalToken(context, options, { create: false });

@@ -9,7 +9,7 @@ import { requireAttestedAgentKey } from '../attestation.js';
 import { RefusedError } from '../errors.js';
 import { checkKeyLabel, openPrincipalToken, type TokenOptions } from '../principal-token.js';
 import { checkIdentity, checkOid, readSubjectKey } from '../subject-key.js';
-import { checkCertificateIdentity, checkSigningAuthority } from './grant-permission.js';
+import { checkCertificateIdentity, checkSigningAuthority, checkSigningAuthorityBeforeTpm } from './grant-permission.js';
 
 export interface RotateKeyOptions extends TokenOptions {
   readonly principal?: string;
@@ -66,9 +66,7 @@ export async function rotateKey(context: CommandContext, options: RotateKeyOptio
     // What the registry alone refuses (nothing to rotate, an unknown or inactive principal, a
     // destination out of its scope) is said before the TPM is asked, as grant-permission does; the
     // transaction checks it again, with the TPM's key, under its locks.
-    const early = await toRotate();
-    const known = await findPrincipalKey(db, keyId);
-    checkSigningAuthority(keyId, known, known?.publicKeySpkiDer ?? Buffer.alloc(0), early.destinations, known ? await listDelegations(db, { signingKeyId: keyId, destinations: early.destinations }) : []);
+    await checkSigningAuthorityBeforeTpm(db, keyId, (await toRotate()).destinations);
     const tpm = await openPrincipalToken(context, options, { create: false });
     try {
       const key = tpm.findKey(keyId);
